@@ -1,0 +1,228 @@
+"""The student loader on a tiny store + tiny shards built here: exact view replay, bad inputs, coverage."""
+import io
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from labelstore import (LabelerSpec, LabelStore, SchemaMismatch, ViewSpec, decode_image, draw_views, encode_topk,
+                        render)
+from trainer.data_config import DataConfig
+from trainer.loader import build_eval_loader, build_labeler_loader, build_student_loader, token_chunk_rows
+from trainer.rows import MissingRow
+from trainer.view_choice import choose_view
+
+NUM_SHARDS, PER_SHARD, C, S, K, GRID, SIZE = 4, 5, 10, 3, 3, (4, 4), (32, 32)
+CORRUPT = (1, 2)  # (shard, sample): bytes broken after labelling, row still valid in the store
+INVALID = (2, 0)  # the labeler marked this row invalid
+
+
+def _jpeg(rng, h, w):
+    b = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(b, "JPEG", quality=90)
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    samples, urls = {}, []
+    for s in range(NUM_SHARDS):
+        url = str(root / f"train-{s:06d}.tar")
+        urls.append(url)
+        with wds.TarWriter(url) as w:
+            for i in range(PER_SHARD):
+                key = f"s{s}_{i:03d}"
+                img = _jpeg(rng, int(rng.integers(36, 60)), int(rng.integers(36, 60)))
+                samples[key] = (img, (s * PER_SHARD + i) % C)
+                data = b"broken jpeg bytes" if (s, i) == CORRUPT else img
+                w.write({"__key__": key, "jpg": data, "cls": samples[key][1]})
+    store = LabelStore.create(str(root / "labels.zarr"), seed=11, rows_per_chunk=8)
+    infos = store.register_shards([(u, PER_SHARD) for u in urls])
+    vs = ViewSpec(size=SIZE)
+    lab = store.add_labeler(LabelerSpec(name="tl", arch="test", num_classes=C, input_size=SIZE, grid=GRID,
+                                        mean=(0.5,) * 3, std=(0.5,) * 3, view_spec=vs, views=S, topk=K))
+    dense = store.add_labeler(LabelerSpec(name="dense", arch="test", num_classes=C, input_size=SIZE, grid=GRID,
+                                          mean=(0.5,) * 3, std=(0.5,) * 3, view_spec=vs, views=S, topk=0))
+    for s, info in enumerate(infos):
+        keys = [f"s{s}_{i:03d}" for i in range(PER_SHARD)]
+        hw = np.array([decode_image(samples[k][0]).size[::-1] for k in keys], np.int32)
+        params = np.stack([draw_views(vs, store.seed, info.first_row + i, S, tuple(hw[i])) for i in range(PER_SHARD)])
+        tokens = encode_topk(rng.normal(size=(PER_SHARD, S, GRID[0] * GRID[1], C)).astype(np.float32), K)
+        cls = encode_topk(rng.normal(size=(PER_SHARD, S, C)).astype(np.float32), K)
+        valid = np.array([(s, i) != INVALID for i in range(PER_SHARD)])
+        lab.write_shard(s, keys=keys, labels=[samples[k][1] for k in keys], image_hw=hw, valid=valid,
+                        params=params, tokens=tokens, cls=cls)
+        dense.write_shard(s, keys=keys, labels=[samples[k][1] for k in keys], image_hw=hw, valid=valid,
+                          params=params, tokens=encode_topk(rng.normal(size=(PER_SHARD, S, 16, C)), 0),
+                          cls=encode_topk(rng.normal(size=(PER_SHARD, S, C)), 0))
+    return {"root": root, "urls": urls, "samples": samples, "store": str(root / "labels.zarr")}
+
+
+def _cfg(tiny, **kw):
+    base = dict(shards=tuple(tiny["urls"]), batch_size=4, workers=0, seed=5, student_augs=False, shuffle_buffer=3)
+    return DataConfig(**{**base, **kw})
+
+
+def _rows(batches):
+    return [int(r) for b in batches for r in b["row"]]
+
+
+def test_replay_equals_render_of_stored_params(tiny):
+    loader = build_student_loader(_cfg(tiny), labels=tiny["store"], labeler="tl", num_classes=C)
+    store = LabelStore.open(tiny["store"])
+    lab = store.labeler("tl")
+    spec = lab.spec.view_spec
+    chunk = token_chunk_rows(lab)
+    loader.set_epoch(2)
+    batches = list(loader)
+    log = loader.view_choices(2)
+    assert sum(len(b["row"]) for b in batches) == NUM_SHARDS * PER_SHARD - 2
+    for b in batches:
+        assert b["image"].dtype == torch.uint8 and b["image"].shape[1:] == (3, *SIZE)
+        assert b["image"].is_contiguous(memory_format=torch.channels_last)
+        for j, row in enumerate(b["row"].tolist()):
+            key = str(store.samples.key[row])
+            view = int(b["view"][j])
+            assert view == choose_view(5, 2, row // chunk, S) == log["views"][row // chunk]
+            stored = lab.read(slice(row, row + 1), view)
+            expect = render(decode_image(tiny["samples"][key][0]), stored["params"][0], spec)
+            assert np.array_equal(b["image"][j].permute(1, 2, 0).numpy(), expect), key
+            assert np.array_equal(b["token_logit"][j].numpy(), stored["tokens"].logit[0])
+            assert np.array_equal(b["token_class"][j].numpy(), stored["tokens"].cls[0])
+            assert np.array_equal(b["token_tail"][j].numpy(), stored["tokens"].tail_lse[0])
+            assert int(b["label"][j]) == tiny["samples"][key][1]
+
+
+def test_corrupt_and_invalid_skipped_and_counted(tiny):
+    loader = build_student_loader(_cfg(tiny), labels=tiny["store"], labeler="tl")
+    loader.set_epoch(0)
+    rows = _rows(loader)
+    assert len(rows) == len(set(rows)) == NUM_SHARDS * PER_SHARD - 2
+    assert loader.num_skipped == 2 and loader.samples_seen == len(rows)
+    reasons = {s["key"]: s["reason"] for s in loader.skipped}
+    assert "cannot decode" in reasons["s1_002"] and "invalid" in reasons["s2_000"]
+    assert loader.position() == {"epoch": 0, "done_shards": [0, 1, 2, 3]}
+
+
+def test_student_augs_change_pixels_not_shapes(tiny):
+    plain = build_student_loader(_cfg(tiny), labels=tiny["store"], labeler="tl")
+    aug = build_student_loader(_cfg(tiny, student_augs=True, rand_augment="rand-m9-n3-mstd0.5-inc1"),
+                               labels=tiny["store"], labeler="tl")
+    a, b = list(plain), list(aug)
+    assert _rows(a) == _rows(b)
+    diff = [not torch.equal(x, y) for p, q in zip(a, b) for x, y in zip(p["image"], q["image"])]
+    assert any(diff)
+    again = list(build_student_loader(_cfg(tiny, student_augs=True, rand_augment="rand-m9-n3-mstd0.5-inc1"),
+                                      labels=tiny["store"], labeler="tl"))
+    assert all(torch.equal(p["image"], q["image"]) for p, q in zip(b, again))  # seeded per (seed, epoch, row)
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_two_workers_cover_each_sample_once(tiny, monkeypatch):
+    rows, skipped, done = [], [], []
+    for rank in (0, 1):
+        loader = build_student_loader(_cfg(tiny, workers=2), labels=tiny["store"], labeler="tl",
+                                      rank=rank, world_size=2)
+        loader.set_epoch(1)
+        rows += _rows(loader)
+        skipped += [s["key"] for s in loader.skipped]
+        done += loader.position()["done_shards"]
+    assert len(rows) == len(set(rows)) == NUM_SHARDS * PER_SHARD - 2
+    assert sorted(skipped) == ["s1_002", "s2_000"] and sorted(done) == [0, 1, 2, 3]
+    monkeypatch.setenv("RANK", "1")  # no explicit rank: webdataset's split_by_node reads the environment
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    env_loader = build_student_loader(_cfg(tiny), labels=tiny["store"], labeler="tl")
+    explicit = build_student_loader(_cfg(tiny), labels=tiny["store"], labeler="tl", rank=1, world_size=2)
+    assert _rows(env_loader) == _rows(explicit)
+
+
+def test_resume_skips_done_shards_and_order_follows_epoch(tiny):
+    loader = build_student_loader(_cfg(tiny, shuffle_buffer=0), labels=tiny["store"], labeler="tl")
+    loader.set_epoch(0)
+    full = _rows(loader)
+    order = loader.stream.order()
+    loader.set_epoch(0, skip_shards=[0, 1])
+    rest = _rows(loader)
+    done_urls = {order[0], order[1]}
+    store = LabelStore.open(tiny["store"])
+    shard_of = {s.url: s for s in store.shards}
+    assert set(rest) == {r for r in full if not any(shard_of[u].first_row <= r < shard_of[u].stop for u in done_urls)}
+    assert loader.position()["done_shards"] == [0, 1, 2, 3]
+    loader.set_epoch(1)
+    assert loader.stream.order() != order or NUM_SHARDS < 3
+
+
+def test_bad_inputs_fail_clearly(tiny, tmp_path):
+    with pytest.raises(SchemaMismatch, match="no labeler 'nope'.*'tl'"):
+        build_student_loader(_cfg(tiny), labels=tiny["store"], labeler="nope")
+    with pytest.raises(SchemaMismatch, match="10 classes.*1000"):
+        build_student_loader(_cfg(tiny), labels=tiny["store"], labeler="tl", num_classes=1000)
+    with pytest.raises(SchemaMismatch, match="input_size"):
+        build_student_loader(_cfg(tiny, input_size=64), labels=tiny["store"], labeler="tl")
+    other = str(tmp_path / "other-000000.tar")
+    with wds.TarWriter(other) as w:
+        w.write({"__key__": "x", "jpg": tiny["samples"]["s0_000"][0], "cls": 1})
+    with pytest.raises(SchemaMismatch, match="other-000000.tar.*another shard list"):
+        build_student_loader(_cfg(tiny, shards=(other,)), labels=tiny["store"], labeler="tl")
+    moved = tmp_path / "train-000000.tar"  # same file name, other contents: a key the store never saw
+    with wds.TarWriter(str(moved)) as w:
+        w.write({"__key__": "stranger", "jpg": tiny["samples"]["s0_000"][0], "cls": 1})
+    loader = build_student_loader(_cfg(tiny, shards=(str(moved),)), labels=tiny["store"], labeler="tl")
+    with pytest.raises(MissingRow, match="'stranger'.*train-000000.tar"):
+        list(loader)
+
+
+def test_truncated_shard_counts_missing_samples(tiny, tmp_path):
+    data = open(tiny["urls"][3], "rb").read()
+    cut = tmp_path / "train-000003.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    loader = build_student_loader(_cfg(tiny, shards=(str(cut),)), labels=tiny["store"], labeler="tl")
+    with pytest.warns(UserWarning):
+        rows = _rows(loader)
+    missing = [s for s in loader.skipped if "missing from the tar" in s["reason"]]
+    assert len(rows) + len(missing) == PER_SHARD and missing and loader.position()["done_shards"] == [0]
+
+
+def test_labeler_and_eval_loaders(tiny):
+    cfg = _cfg(tiny, input_size=24, shuffle_buffer=0)
+    lab = build_labeler_loader(cfg)
+    batches = list(lab)
+    assert sum(len(b["label"]) for b in batches) == NUM_SHARDS * PER_SHARD - 1  # only the corrupt one is lost
+    assert batches[0]["image"].dtype == torch.uint8 and batches[0]["image"].shape[1:] == (3, 24, 24)
+    assert lab.num_skipped == 1 and lab.skipped[0]["key"] == "s1_002"
+    again = list(build_labeler_loader(cfg))
+    assert all(torch.equal(p["image"], q["image"]) for p, q in zip(batches, again))
+    ev = build_eval_loader(cfg)
+    keys = [k for b in ev for k in b["key"]]
+    assert keys == [f"s{s}_{i:03d}" for s in range(NUM_SHARDS) for i in range(PER_SHARD) if (s, i) != CORRUPT]
+
+
+def test_loader_batch_through_target_builder(tiny):
+    from trainer.data_config import TokenLabelConfig
+    from trainer.target_builder import TargetBuilder
+
+    loader = build_student_loader(_cfg(tiny, student_augs=True), labels=tiny["store"], labeler="tl", num_classes=C)
+    tb = TargetBuilder(num_classes=C, data=loader.stream.pipeline.cfg, tokens=TokenLabelConfig(),
+                       store_grid=loader.store_grid, student_grid=(2, 2))
+    batch = next(iter(loader))
+    images, cls_t, tok_t = tb(batch, step=0)
+    b = len(batch["label"])
+    assert images.shape == (b, 3, *SIZE) and cls_t.shape == (b, C) and tok_t.shape == (b, 4, C)
+    assert loader.store_grid == GRID and loader.input_size == SIZE and loader.num_classes == C
+    assert loader.num_samples == NUM_SHARDS * PER_SHARD - 1 and loader.batches_per_epoch(2) == 3
+
+
+def test_dense_store_batches(tiny):
+    from trainer.data_config import TokenLabelConfig
+    from trainer.target_builder import TargetBuilder
+
+    loader = build_student_loader(_cfg(tiny), labels=tiny["store"], labeler="dense", num_classes=C)
+    batch = next(iter(loader))
+    assert batch["token_logit"].shape[1:] == (16, C) and "token_class" not in batch
+    tb = TargetBuilder(num_classes=C, data=_cfg(tiny), tokens=TokenLabelConfig(mode="softmax"),
+                       store_grid=loader.store_grid)
+    assert tb(batch, step=1)[2].shape == (len(batch["label"]), 16, C)

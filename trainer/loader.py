@@ -1,0 +1,347 @@
+"""Streaming loaders over WebDataset shards: the student (stored views + token labels), the stage-1
+labeler (timm's full train transform, no store) and evaluation (resize + centre crop).
+
+Sharding: this epoch's shard list is shuffled by (run seed, epoch) here — webdataset's own shard
+shuffle is seeded once and repeats every epoch (API-NOTES §3) — then split by rank
+(`wds.split_by_node`, or an explicit rank/world size) and by DataLoader worker
+(`wds.split_by_worker`), so over ranks × workers every shard, hence every sample, is read once per
+epoch. Ranks may get different numbers of batches (shards differ in size): a DDP loop must stop
+together (e.g. all-reduce a "have a batch" flag, or torch.distributed.algorithms.Join).
+
+Position in the epoch (exact resume "to the shard"): each batch reports the shards fully consumed
+by its worker; the loader keeps their union (`done_shards`, positions in this epoch's shard order).
+Resuming with `set_epoch(epoch, skip_shards=done_shards)` re-reads only the shards not finished;
+gather the sets of all ranks for DDP. Skipped samples (corrupt image, invalid row, truncated tar)
+are counted in `skipped`, never dropped silently.
+
+Workers are not persistent: each `iter()` starts them with the epoch set by `set_epoch`.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from itertools import islice
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from labelstore import ImageDecodeError, LabelStore, SchemaMismatch, decode_image
+from trainer.data_config import DataConfig
+from trainer.epoch_ledger import EpochLedger
+from trainer.rows import RowIndex
+from trainer.stages import (
+    LabelJoin, augment_views, batch_samples, collate_student, enter_samples, image_field, join_labels,
+    lookup_rows, replay_views, tar_label, track_shards,
+)
+from trainer.student_augment import StudentAugment, sample_seed, seeded_global_random
+
+_SHARD_ORDER_TAG = 0x5348_5244  # "SHRD"
+_SHUFFLE_TAG = 0x5348_5546  # "SHUF"
+
+
+def expand_shards(shards: str | Sequence[str]) -> list[str]:
+    """Brace patterns → URLs in order, duplicates removed (webdataset's expansion)."""
+    items = [shards] if isinstance(shards, str) else list(shards)
+    urls: list[str] = []
+    for item in items:
+        urls.extend(wds.shardlists.expand_urls(item))
+    urls = list(dict.fromkeys(u for u in urls if u))
+    if not urls:
+        raise ValueError(f"data.shards names no shard: {shards!r}")
+    return urls
+
+
+def epoch_shard_order(urls: Sequence[str], seed: int, epoch: int, shuffle: bool = True) -> list[str]:
+    """This epoch's shard order: a permutation drawn from (run seed, epoch), identical on every rank."""
+    if not shuffle:
+        return list(urls)
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(_SHARD_ORDER_TAG, int(epoch))))
+    return [urls[i] for i in rng.permutation(len(urls))]
+
+
+def _keep_going(exn: Exception) -> bool:
+    # A shard that cannot be opened or ends early: go on with the next one. The samples it did not
+    # deliver are recorded as skipped by `enter_samples` (against the store's keys where we have them).
+    import warnings
+
+    warnings.warn(f"webdataset: {type(exn).__name__}: {exn}", stacklevel=2)
+    return True
+
+
+class ShardStream(IterableDataset):
+    """One epoch of batches from shards: order by (seed, epoch), split by rank then worker, then `pipeline`."""
+
+    def __init__(self, urls: Sequence[str], pipeline, *, seed: int, shuffle_shards: bool = True,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        self.urls, self.pipeline, self.seed, self.shuffle_shards = list(urls), pipeline, int(seed), shuffle_shards
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither (then RANK/WORLD_SIZE or torch.distributed)")
+        if rank is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.skip_shards = 0, frozenset()
+
+    def set_epoch(self, epoch: int, skip_shards: Iterable[int] = ()) -> None:
+        self.epoch, self.skip_shards = int(epoch), frozenset(int(p) for p in skip_shards)
+
+    def order(self) -> list[str]:
+        return epoch_shard_order(self.urls, self.seed, self.epoch, self.shuffle_shards)
+
+    def _split_by_rank(self, items):
+        if self.rank is None:
+            return wds.split_by_node(items)
+        return islice(items, self.rank, None, self.world_size)
+
+    def __iter__(self):
+        order = self.order()
+        positions = {u: i for i, u in enumerate(order)}
+        items = iter([{"url": u, "__pos__": i} for i, u in enumerate(order) if i not in self.skip_shards])
+        items = wds.split_by_worker(self._split_by_rank(items))
+        ledger = EpochLedger()
+        samples = wds.tariterators.tarfile_samples(track_shards(items, ledger), handler=_keep_going)
+        info = torch.utils.data.get_worker_info()
+        stream_id = (self.rank if self.rank is not None else wds.utils.pytorch_worker_info()[0],
+                     info.id if info is not None else 0)
+        yield from self.pipeline(samples, ledger, positions, self.epoch, stream_id)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decode/render workers: one thread each, the cores go to the workers
+
+
+class StreamLoader:
+    """Iterates a ShardStream through a torch DataLoader (batches collated in the workers)."""
+
+    def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool = False, prefetch_factor: int = 2):
+        self.stream, self.workers, self.pin_memory, self.prefetch_factor = stream, int(workers), pin_memory, prefetch_factor
+        self.done_shards: set[int] = set()
+        self.skipped: list[dict] = []
+        self.samples_seen = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.stream.urls)
+
+    def set_epoch(self, epoch: int, skip_shards: Iterable[int] = ()) -> None:
+        """Select the epoch (shard order, view choice, aug seeds) and the shards already consumed in it."""
+        self.stream.set_epoch(epoch, skip_shards)
+        self.done_shards = set(self.stream.skip_shards)
+        self.skipped, self.samples_seen = [], 0
+
+    def position(self) -> dict:
+        """What a checkpoint stores to resume this rank's epoch at shard granularity."""
+        return {"epoch": self.epoch, "done_shards": sorted(self.done_shards)}
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __iter__(self):
+        kw = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init) if self.workers > 0 else {}
+        dl = DataLoader(self.stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+                        persistent_workers=False, **kw)
+        for item in dl:
+            meta = item.pop("meta")
+            self.done_shards.update(meta["done_shards"])
+            self.skipped.extend(meta["skipped"])
+            if "image" in item:
+                self.samples_seen += len(item["image"])
+                yield item
+
+
+# --- student: stored views + token labels -----------------------------------------------------------
+
+class StudentPipeline:
+    """The student stages for one worker's samples (picklable: the store opens lazily)."""
+
+    def __init__(self, cfg: DataConfig, index: RowIndex, labeler_store, view_spec, rows_per_chunk: int,
+                 num_rows: int, num_views: int):
+        self.cfg, self.index, self.labeler_store, self.view_spec = cfg, index, labeler_store, view_spec
+        self.rows_per_chunk, self.num_rows, self.num_views = rows_per_chunk, num_rows, num_views
+        self.aug = (StudentAugment(cfg.rand_augment, tuple(view_spec.fill))
+                    if cfg.student_augs and cfg.rand_augment else None)
+
+    def __call__(self, samples, ledger: EpochLedger, positions: dict, epoch: int, stream_id: tuple[int, int]):
+        cfg = self.cfg
+        s = enter_samples(samples, ledger, positions, expected_keys=lambda url: self.index.shard_rows(url).keys)
+        s = lookup_rows(s, self.index, ledger)
+        join = LabelJoin(self.labeler_store, self.rows_per_chunk, self.num_rows, self.num_views,
+                         cfg.seed, epoch, cfg.view_choice)
+        s = join_labels(s, join, self.index)
+        if cfg.shuffle_buffer > 0:
+            seed = np.random.SeedSequence(cfg.seed, spawn_key=(_SHUFFLE_TAG, epoch, *stream_id)).generate_state(1)[0]
+            s = wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, seed=int(seed))(s)
+        s = replay_views(s, self.view_spec, ledger)
+        s = augment_views(s, self.aug, cfg.seed, epoch)
+        return batch_samples(s, cfg.batch_size, ledger, collate_student, cfg.drop_last)
+
+
+class StudentLoader(StreamLoader):
+    """Batches: image uint8 (B,3,H,W) channels_last, label, row, view, token_logit (B,T,K|C) f16,
+    token_class (B,T,K) int, token_tail (B,T) f16 (the last two absent for a dense store)."""
+
+    def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool, labeler_spec, num_samples: int):
+        super().__init__(stream, workers=workers, pin_memory=pin_memory)
+        self.labeler_spec = labeler_spec
+        self.num_samples = num_samples  # labelled (valid) rows of the given shards: one epoch, all ranks
+
+    @property
+    def store_grid(self) -> tuple[int, int]:
+        return tuple(self.labeler_spec.grid)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labeler_spec.num_classes)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.labeler_spec.view_spec.size)
+
+    def view_choices(self, epoch: int) -> dict:
+        """The epoch's view per store chunk of the streamed shards (deterministic; for the run log)."""
+        pipe = self.stream.pipeline
+        rpc, shards = pipe.rows_per_chunk, pipe.index.store.shards
+        used = set(pipe.index.shard_of_url.values())
+        chunks = sorted({c for s in shards if s.index in used
+                         for c in range(s.first_row // rpc, (s.stop - 1) // rpc + 1) if s.num_samples})
+        join = LabelJoin(None, rpc, pipe.num_rows, pipe.num_views, pipe.cfg.seed, epoch, pipe.cfg.view_choice)
+        return {"epoch": int(epoch), "seed": pipe.cfg.seed, "rows_per_chunk": rpc, "view_choice": pipe.cfg.view_choice,
+                "views": {int(c): join.view_of_chunk(c) for c in chunks}}
+
+    def batches_per_epoch(self, world_size: int = 1) -> int:
+        """An estimate for schedules and progress bars (exact when shards split evenly over ranks)."""
+        bs = self.stream.pipeline.cfg.batch_size
+        return max(1, math.ceil(self.num_samples / max(1, world_size) / bs))
+
+
+def token_chunk_rows(labeler_store) -> int:
+    """Rows of one read chunk (one view) of the token array: the unit of the view choice (DESIGN.md)."""
+    path = "tokens/logits" if labeler_store.spec.dense else "tokens/topk_logit"
+    return int(labeler_store.array(path).chunks[0])
+
+
+def open_labels(labels, labeler: str, *, num_classes: int | None = None, input_size=None):
+    """Open a store read-only and check it can label this run: labeler present, classes and view size match."""
+    store = labels if isinstance(labels, LabelStore) else LabelStore.open(str(labels), mode="r")
+    names = list(store.labelers())
+    if labeler not in names:
+        raise SchemaMismatch(f"label store {getattr(store, 'path', labels)!s} has no labeler {labeler!r} "
+                             f"(it has: {', '.join(map(repr, names)) or 'none'})")
+    lab = store.labeler(labeler)
+    spec = lab.spec
+    if num_classes is not None and int(num_classes) != int(spec.num_classes):
+        raise SchemaMismatch(f"labeler {labeler!r} in {getattr(store, 'path', labels)!s} has {spec.num_classes} "
+                             f"classes, the student is built for {num_classes}")
+    if input_size is not None and tuple(input_size) != tuple(spec.view_spec.size):
+        raise SchemaMismatch(f"labeler {labeler!r} stored {tuple(spec.view_spec.size)} views, but "
+                             f"data.input_size is {tuple(input_size)}: the student must see the views the teacher saw")
+    return store, lab
+
+
+def build_student_loader(cfg: DataConfig, *, labels, labeler: str, num_classes: int | None = None,
+                         rank: int | None = None, world_size: int | None = None,
+                         pin_memory: bool = False) -> StudentLoader:
+    """The stage-2 loader: stream `cfg.shards`, join each sample to its stored row, replay the stored view.
+
+    Raises SchemaMismatch (clear message) for a missing labeler, another class count, another view
+    size, shards that are not in the store, or shards the labeler has not finished.
+    """
+    urls = expand_shards(cfg.shards)
+    store, lab = open_labels(labels, labeler, num_classes=num_classes, input_size=cfg.input_size)
+    index = RowIndex(store, urls)
+    done = np.asarray(lab.done_mask(), dtype=bool)
+    unfinished = [u for u in urls if not done[index.shard_of_url[u]]]
+    if unfinished:
+        raise SchemaMismatch(f"labeler {labeler!r} has no labels yet for {len(unfinished)} shard(s), e.g. "
+                             f"{unfinished[0]!r}: finish `stl-labels generate` first")
+    valid = np.asarray(store.samples["valid"][:], dtype=bool)
+    num_samples = sum(int(valid[s.first_row:s.first_row + s.num_samples].sum())
+                      for i, s in enumerate(store.shards) if i in set(index.shard_of_url.values()))
+    spec = lab.spec
+    pipeline = StudentPipeline(cfg, index, lab, spec.view_spec, token_chunk_rows(lab), store.num_rows,
+                               int(spec.views))
+    stream = ShardStream(urls, pipeline, seed=cfg.seed, rank=rank, world_size=world_size)
+    return StudentLoader(stream, workers=cfg.workers, pin_memory=pin_memory, labeler_spec=spec,
+                         num_samples=num_samples)
+
+
+# --- stage 1 (labeler training) and evaluation: timm transforms, no store ------------------------------
+
+def decode_and_transform(samples, ledger: EpochLedger, transform, run_seed: int, epoch: int):
+    """Decode (labelstore's decode path) and apply a timm transform, seeded per (seed, epoch, shard, key)."""
+    for s in samples:
+        ext = image_field(s)
+        label = tar_label(s)
+        reason = None if ext is not None else "no image field"
+        if reason is None and label < 0:
+            reason = "no class label (cls/json field)"
+        if reason is None:
+            try:
+                img = decode_image(s[ext], name=f"{s['__url__']}:{s['__key__']}.{ext}")
+            except ImageDecodeError as e:
+                reason = str(e)
+        if reason is not None:
+            ledger.skip(s["__pos__"], s["__url__"], s["__key__"], reason)
+            continue
+        with seeded_global_random(sample_seed(run_seed, epoch, s["__pos__"], zlib.crc32(s["__key__"].encode())),
+                                  torch_cpu=True):
+            image = transform(img)
+        yield {"__url__": s["__url__"], "__key__": s["__key__"], "__pos__": s["__pos__"], "image": image,
+               "label": label}
+
+
+def collate_plain(samples: list[dict]) -> dict:
+    return {"image": torch.stack([s["image"] for s in samples]),
+            "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+            "key": [s["__key__"] for s in samples]}
+
+
+class TransformPipeline:
+    def __init__(self, cfg: DataConfig, transform, drop_last: bool, shuffle_buffer: int):
+        self.cfg, self.transform, self.drop_last, self.shuffle_buffer = cfg, transform, drop_last, shuffle_buffer
+
+    def __call__(self, samples, ledger, positions, epoch, stream_id):
+        s = enter_samples(samples, ledger, positions)
+        if self.shuffle_buffer > 0:
+            seed = np.random.SeedSequence(self.cfg.seed, spawn_key=(_SHUFFLE_TAG, epoch, *stream_id)).generate_state(1)[0]
+            s = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=int(seed))(s)
+        s = decode_and_transform(s, ledger, self.transform, self.cfg.seed, epoch)
+        return batch_samples(s, self.cfg.batch_size, ledger, collate_plain, self.drop_last)
+
+
+def build_labeler_loader(cfg: DataConfig, *, rank: int | None = None, world_size: int | None = None,
+                         pin_memory: bool = False) -> StreamLoader:
+    """Stage 1: timm's standard full-augmentation train transform (random-resized crop, flip, RandAugment
+    with its geometric ops); erasing and mixup/cutmix happen on the device (TargetBuilder), as timm's
+    prefetcher does. Batches: image uint8 (B,3,H,W), label, key."""
+    from timm.data import create_transform
+
+    size = cfg.input_size or (224, 224)
+    transform = create_transform(size, is_training=True, auto_augment=cfg.rand_augment or None,
+                                 interpolation="bicubic", mean=cfg.mean, std=cfg.std, re_prob=0.0,
+                                 use_prefetcher=True)
+    stream = ShardStream(expand_shards(cfg.shards), TransformPipeline(cfg, transform, cfg.drop_last, cfg.shuffle_buffer),
+                         seed=cfg.seed, rank=rank, world_size=world_size)
+    return StreamLoader(stream, workers=cfg.workers, pin_memory=pin_memory)
+
+
+def build_eval_loader(cfg: DataConfig, shards=None, *, rank: int | None = None, world_size: int | None = None,
+                      pin_memory: bool = False) -> StreamLoader:
+    """Evaluation: resize to size / crop_pct (bicubic) + centre crop, shards in order, nothing dropped."""
+    from timm.data import create_transform
+
+    size = cfg.input_size or (224, 224)
+    transform = create_transform(size, is_training=False, interpolation="bicubic", crop_pct=cfg.crop_pct,
+                                 mean=cfg.mean, std=cfg.std, use_prefetcher=True)
+    stream = ShardStream(expand_shards(shards if shards is not None else cfg.shards),
+                         TransformPipeline(cfg, transform, drop_last=False, shuffle_buffer=0),
+                         seed=cfg.seed, shuffle_shards=False, rank=rank, world_size=world_size)
+    return StreamLoader(stream, workers=cfg.workers, pin_memory=pin_memory)

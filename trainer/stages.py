@@ -1,0 +1,213 @@
+"""The student data path as plain generator stages (each one testable on a Python list).
+
+    shard urls ─► track_shards ─► tar samples ─► enter_samples ─► lookup_rows ─► join_labels
+        ─► (shuffle) ─► replay_views ─► augment_views ─► batch_samples
+
+A sample is a dict: the tar fields plus `__url__`/`__key__` from webdataset, then `__pos__` (the
+shard's index in this epoch's shard order), `__row__`, `label`, `view`, `params`, `token_*`, and
+finally `image` (the rendered view, HWC uint8). Skips always go through the ledger with a reason.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from labelstore import ImageDecodeError, decode_image, render
+from trainer.epoch_ledger import EpochLedger
+from trainer.student_augment import StudentAugment, sample_seed
+from trainer.view_choice import choose_view
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the fields the labeler reads, in the same order
+LABEL_FIELDS = ("label", "cls", "class", "class_id")
+_KEPT = ("label", "view", "params", "token_logit", "token_class", "token_tail")  # what replay_views passes on
+
+
+def image_field(sample: dict) -> str | None:
+    return next((ext for ext in IMAGE_EXTS if sample.get(ext) is not None), None)
+
+
+def tar_label(sample: dict) -> int:
+    """Class id from a `cls` field (text int) or a `json` field ({"label": n} or n); −1 when absent."""
+    try:
+        if sample.get("cls") is not None:
+            return int(bytes(sample["cls"]).decode("utf-8").strip())
+        if sample.get("json") is not None:
+            meta = json.loads(bytes(sample["json"]).decode("utf-8"))
+            if isinstance(meta, int) and not isinstance(meta, bool):
+                return meta
+            if isinstance(meta, dict):
+                for name in LABEL_FIELDS:
+                    if isinstance(meta.get(name), int) and not isinstance(meta.get(name), bool):
+                        return meta[name]
+    except (ValueError, UnicodeDecodeError):
+        return -1
+    return -1
+
+
+def track_shards(items: Iterable[dict], ledger: EpochLedger) -> Iterator[dict]:
+    """Shard items {url, __pos__}: a shard is closed when the next one is asked for (tars are read lazily)."""
+    for item in items:
+        ledger.opened(item["__pos__"], item["url"])
+        yield item
+        ledger.closed(item["__pos__"])
+
+
+def enter_samples(samples: Iterable[dict], ledger: EpochLedger, positions: dict[str, int],
+                  expected_keys: Callable[[str], Iterable[str]] | None = None) -> Iterator[dict]:
+    """Count samples into the ledger and tag them with `__pos__`.
+
+    When a shard is over, the keys the store expects but the tar never delivered (a truncated or
+    unreadable shard ends silently in webdataset) are recorded as skipped, so nothing goes missing
+    unnoticed; then the shard is finished in the ledger.
+    """
+    def finish(before: int | None = None) -> None:
+        for pos, url in ledger.closed_unfinished(before):
+            if expected_keys is not None:
+                seen = ledger.seen_keys.get(pos, set())
+                for key in expected_keys(url):
+                    if key not in seen:
+                        ledger.skip(pos, url, key, "missing from the tar stream (truncated or unreadable shard)",
+                                    entered=False)
+            ledger.finished(pos)
+
+    current = None
+    for s in samples:
+        pos = positions[s["__url__"]]
+        if pos != current:
+            finish(before=pos)
+            current = pos
+        ledger.entered(pos, s["__key__"])
+        yield {**s, "__pos__": pos}
+    finish()
+
+
+def lookup_rows(samples: Iterable[dict], index, ledger: EpochLedger) -> Iterator[dict]:
+    """Attach `__row__` (joined by key inside the shard's row range) and `label`; skip rows marked invalid
+    and samples without a class label (recorded)."""
+    for s in samples:
+        rows = index.shard_rows(s["__url__"])
+        row = rows.row(s["__key__"])  # MissingRow names shard and key: the shards differ from the labelled ones
+        if not rows.is_valid(row):
+            ledger.skip(s["__pos__"], s["__url__"], s["__key__"], "marked invalid in the label store")
+            continue
+        label = rows.label(row)
+        if label < 0:
+            label = tar_label(s)
+        if label < 0:
+            ledger.skip(s["__pos__"], s["__url__"], s["__key__"], "no class label (neither in the store nor the tar)")
+            continue
+        yield {**s, "__row__": row, "__shard__": rows.shard_index, "label": label}
+
+
+class LabelJoin:
+    """Reads stored view params + encoded token logits for a row, one store chunk (rows × one view) at a time.
+
+    Rows of a shard arrive in order, so caching the last chunk read means each chunk is read once
+    per epoch and all of it is used (DESIGN.md: view choice per row-chunk).
+    """
+
+    def __init__(self, labeler_store, rows_per_chunk: int, num_rows: int, num_views: int,
+                 run_seed: int, epoch: int, view_choice: str = "chunk"):
+        self.reader, self.rows_per_chunk, self.num_rows = labeler_store, int(rows_per_chunk), int(num_rows)
+        self.num_views, self.run_seed, self.epoch, self.view_choice = int(num_views), run_seed, epoch, view_choice
+        self._chunk: tuple[int, int, dict] | None = None
+
+    def view_of_chunk(self, chunk: int) -> int:
+        return 0 if self.view_choice == "first" else choose_view(self.run_seed, self.epoch, chunk, self.num_views)
+
+    def __call__(self, row: int, shard_first: int, shard_stop: int) -> dict:
+        """The chosen view's data for `row`; reads the rows of its chunk that belong to its shard."""
+        chunk = row // self.rows_per_chunk
+        if self._chunk is None or self._chunk[0] != chunk:
+            start = max(chunk * self.rows_per_chunk, shard_first)
+            stop = min((chunk + 1) * self.rows_per_chunk, shard_stop, self.num_rows)  # no padding rows
+            view = self.view_of_chunk(chunk)
+            self._chunk = (chunk, start, {"view": view, **self.reader.read(slice(start, stop), view)})
+        _, start, data = self._chunk
+        i = row - start
+        tokens = data["tokens"]
+        out = {"view": data["view"], "params": np.asarray(data["params"][i]),
+               "token_logit": np.asarray(tokens.logit[i])}
+        if tokens.cls is not None:
+            out["token_class"] = np.asarray(tokens.cls[i])
+            out["token_tail"] = np.asarray(tokens.tail_lse[i])
+        return out
+
+
+def join_labels(samples: Iterable[dict], join: LabelJoin, index) -> Iterator[dict]:
+    """Attach the chunk's view index, the stored view params and the encoded token logits."""
+    for s in samples:
+        rows = index.shard_rows(s["__url__"])
+        yield {**s, **join(s["__row__"], rows.first_row, rows.stop)}
+
+
+def replay_views(samples: Iterable[dict], spec, ledger: EpochLedger) -> Iterator[dict]:
+    """Decode with labelstore's one decode path and render the STORED view params (never re-sampled).
+
+    A corrupt image is skipped and recorded, not a crash. The encoded fields are dropped here.
+    """
+    for s in samples:
+        ext = image_field(s)
+        if ext is None:
+            ledger.skip(s["__pos__"], s["__url__"], s["__key__"], f"no image field ({'/'.join(IMAGE_EXTS)})")
+            continue
+        try:
+            img = decode_image(s[ext], name=f"{s['__url__']}:{s['__key__']}.{ext}")
+        except ImageDecodeError as e:
+            ledger.skip(s["__pos__"], s["__url__"], s["__key__"], str(e))
+            continue
+        out = {k: v for k, v in s.items() if k.startswith("__") or k in _KEPT}
+        out["image"] = render(img, s["params"], spec)
+        yield out
+
+
+
+def augment_views(samples: Iterable[dict], aug: StudentAugment | None, run_seed: int, epoch: int) -> Iterator[dict]:
+    """Student photometric RandAugment, seeded per (run seed, epoch, row); `aug=None` passes through."""
+    for s in samples:
+        if aug is not None:
+            img = aug(Image.fromarray(s["image"]), sample_seed(run_seed, epoch, s["__row__"]))
+            s = {**s, "image": np.asarray(img)}
+        yield s
+
+
+def collate_student(samples: list[dict]) -> dict:
+    """Stack a list of samples into tensors; images stay uint8 and NHWC in memory (= channels_last NCHW)."""
+    images = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2)
+    batch = {
+        "image": images,
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+        "row": torch.tensor([s["__row__"] for s in samples], dtype=torch.int64),
+        "view": torch.tensor([s["view"] for s in samples], dtype=torch.int64),
+        "token_logit": torch.from_numpy(np.stack([s["token_logit"] for s in samples])),
+    }
+    if "token_class" in samples[0]:
+        batch["token_class"] = torch.from_numpy(np.stack([s["token_class"] for s in samples]))
+        batch["token_tail"] = torch.from_numpy(np.stack([s["token_tail"] for s in samples]))
+    return batch
+
+
+def batch_samples(samples: Iterable[dict], batch_size: int, ledger: EpochLedger, collate: Callable[[list], dict],
+                  drop_last: bool = False) -> Iterator[dict]:
+    """Batches with a `meta` entry (shards newly done, samples newly skipped); always ends with a
+    meta-only item so the last shard's completion and the last skips reach the main process."""
+    buf: list[dict] = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch_size:
+            for b in buf:
+                ledger.left(b["__pos__"])
+            yield {**collate(buf), "meta": ledger.drain()}
+            buf = []
+    if buf and drop_last:
+        for b in buf:
+            ledger.skip(b["__pos__"], b["__url__"], b["__key__"], "dropped with the last partial batch (drop_last)")
+    elif buf:
+        for b in buf:
+            ledger.left(b["__pos__"])
+        yield {**collate(buf), "meta": ledger.drain()}
+    yield {"meta": ledger.drain()}

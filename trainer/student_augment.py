@@ -1,0 +1,89 @@
+"""Student-only augmentation: photometric RandAugment (per sample, in the data workers) and random
+erasing (per batch, on the training device).
+
+The geometric RandAugment ops (rotate, shear, translate) are part of the stored view the teacher
+saw, so the student gets only the colour ops here; timm's RandAugment does the work, given an
+explicit transform list. timm's ops draw from the global `random` / `np.random`; we reseed both
+from (run seed, epoch, row) around each call and put the caller's state back, so a sample's
+augmentation is the same whatever worker or rank draws it, and replayable on resume.
+"""
+from __future__ import annotations
+
+import random
+import re
+from contextlib import contextmanager
+
+import numpy as np
+from PIL import Image
+
+# Colour/tone ops of timm's RandAugment sets; geometric ones (Rotate, ShearX/Y, TranslateX/YRel)
+# are deliberately absent: they are in the view.
+PHOTOMETRIC_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd",
+                   "Color", "Contrast", "Brightness", "Sharpness")
+PHOTOMETRIC_OPS_INCREASING = ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing",
+                              "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+                              "BrightnessIncreasing", "SharpnessIncreasing")
+
+_AUG_TAG = 0x4155_4732  # "AUG2": separates this stream from the view choice on the same run seed
+
+
+@contextmanager
+def seeded_global_random(seed_seq: np.random.SeedSequence, torch_cpu: bool = False):
+    """Run timm code that uses the global `random` / `np.random` (and, with torch_cpu, torch's CPU
+    generator: torchvision's flips) with a private, reproducible seed; the caller's state comes back."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    a, b, c = seed_seq.generate_state(3)
+    if torch_cpu:
+        import torch
+
+        torch_state = torch.get_rng_state()
+        torch.manual_seed(int(c))
+    random.seed(int(a))
+    np.random.seed(int(b))
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        if torch_cpu:
+            torch.set_rng_state(torch_state)
+
+
+def sample_seed(run_seed: int, epoch: int, *ids: int) -> np.random.SeedSequence:
+    """The seed of one sample's augmentation in one epoch (ids: its store row, or shard + key hash)."""
+    return np.random.SeedSequence(int(run_seed), spawn_key=(_AUG_TAG, int(epoch), *(int(i) for i in ids)))
+
+
+def photometric_ops(config_str: str) -> tuple[str, ...]:
+    """The op list matching the config's `inc` flag (timm picks the *Increasing variants for inc1)."""
+    m = re.search(r"-inc(\d+)", config_str)
+    return PHOTOMETRIC_OPS_INCREASING if m and int(m.group(1)) else PHOTOMETRIC_OPS
+
+
+class StudentAugment:
+    """Photometric RandAugment on a rendered view (PIL RGB in, PIL RGB out)."""
+
+    def __init__(self, config_str: str, fill: tuple[int, int, int] = (124, 116, 104)):
+        from timm.data import rand_augment_transform
+
+        self.config_str = config_str
+        self.ops = photometric_ops(config_str)
+        # img_mean: fill colour for ops that need one (none of the photometric ones, kept for safety).
+        self._ra = rand_augment_transform(config_str, {"img_mean": tuple(int(v) for v in fill)},
+                                          transforms=list(self.ops))
+
+    def __call__(self, img: Image.Image, seed_seq: np.random.SeedSequence) -> Image.Image:
+        with seeded_global_random(seed_seq):
+            return self._ra(img)
+
+    def __repr__(self) -> str:
+        return f"StudentAugment({self.config_str!r}, ops={list(self.ops)})"
+
+
+def build_random_erasing(probability: float, mode: str, device):
+    """timm's RandomErasing for a normalised (B, 3, H, W) batch on `device`; None when disabled."""
+    if probability <= 0:
+        return None
+    from timm.data.random_erasing import RandomErasing  # not exported by timm.data
+
+    return RandomErasing(probability=probability, mode=mode, max_count=1, num_splits=0, device=str(device))

@@ -1,0 +1,82 @@
+"""The one call the training loop makes per step: a collated batch → (images, class target, token target).
+
+On the training device: uint8 → float normalised, random erasing, token targets from the stored
+logits (Gumbel/softmax/argmax, grid resampling, smoothing), then Mixup/CutMix of images, class
+targets and (token_mix=follow) token targets. All randomness comes from (seed, step), so a resumed
+run draws what the uninterrupted one drew.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trainer.data_config import DataConfig, TokenLabelConfig
+from trainer.mixing import MixParams, draw_mix, mix_class_targets, mix_images, mix_token_targets
+from trainer.student_augment import build_random_erasing, seeded_global_random
+from trainer.token_targets import token_targets
+
+_STEP_TAG = 0x5354_4550  # "STEP"
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, H, W) in [0, 255] → float32 (x/255 − mean)/std, memory format kept."""
+    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return images.float().sub_(m).div_(s)
+
+
+class TargetBuilder:
+    """Build (images float normalised (B,3,H,W), cls_target (B,C), token_target (B,T,C) | None).
+
+    store_grid: the labeler's token grid (the loader's `store_grid`); student_grid: the student's
+    (`labeler.models.token_grid(model, input_size)`), default = store grid. token_target is None
+    when the batch carries no token logits (stage 1) or `tokens` is None.
+    train=False: no erasing, no mixing, class target = one-hot (no smoothing).
+    """
+
+    def __init__(self, *, num_classes: int, data: DataConfig, tokens: TokenLabelConfig | None = None,
+                 store_grid: tuple[int, int] | None = None, student_grid: tuple[int, int] | None = None,
+                 device: torch.device | str = "cpu", seed: int | None = None, train: bool = True):
+        self.num_classes, self.data, self.tokens, self.train = int(num_classes), data, tokens, train
+        self.store_grid = tuple(store_grid) if store_grid is not None else None
+        self.student_grid = tuple(student_grid) if student_grid is not None else self.store_grid
+        self.device = torch.device(device)
+        self.seed = int(data.seed if seed is None else seed)
+        self.erase = (build_random_erasing(data.reprob, data.remode, self.device)
+                      if train and data.student_augs else None)
+        self.last_mix = MixParams()
+
+    def _seeds(self, step: int) -> tuple[int, int, int]:
+        return tuple(int(x) for x in np.random.SeedSequence(self.seed, spawn_key=(_STEP_TAG, int(step)))
+                     .generate_state(3, dtype=np.uint64) >> np.uint64(1))
+
+    def __call__(self, batch: dict, step: int):
+        gen_seed, mix_seed, erase_seed = self._seeds(step)
+        images = normalize(batch["image"].to(self.device, non_blocking=True), self.data.mean, self.data.std)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        if self.erase is not None:
+            with seeded_global_random(np.random.SeedSequence(erase_seed)):  # timm erases with global `random`
+                images = self.erase(images)
+
+        token_target = None
+        if self.tokens is not None and "token_logit" in batch:
+            if self.store_grid is None:
+                raise ValueError("TargetBuilder needs store_grid (the loader's store_grid) for token targets")
+            gen = torch.Generator(device=self.device).manual_seed(gen_seed)
+            logit, topk_class, tail = (batch[k].to(self.device, non_blocking=True) if k in batch else None
+                                       for k in ("token_logit", "token_class", "token_tail"))
+            token_target = token_targets(logit, topk_class, tail,
+                                         num_classes=self.num_classes, cfg=self.tokens, src_grid=self.store_grid,
+                                         dst_grid=self.student_grid, generator=gen)
+
+        if not self.train:
+            self.last_mix = MixParams()
+            return images, mix_class_targets(labels, self.num_classes, self.last_mix, 0.0), token_target
+        grid = self.student_grid or tuple(images.shape[-2:])  # stage 1: CutMix box in pixels
+        mix = draw_mix(self.data, grid, np.random.default_rng(mix_seed))
+        self.last_mix = mix
+        images = mix_images(images, mix, grid, inplace=True)  # our own fresh tensors: no copies
+        cls_target = mix_class_targets(labels, self.num_classes, mix, self.data.label_smoothing)
+        if token_target is not None:
+            token_target = mix_token_targets(token_target, mix, self.student_grid, self.tokens.token_mix, inplace=True)
+        return images, cls_target, token_target
