@@ -1,0 +1,25 @@
+"""Label store: the contract between the labeling job and the trainers (numpy, zarr, Pillow only).
+
+See docs/internals.md for the seams and README "Label store format" for the on-disk layout.
+"""
+from .codec import EncodedLogits, class_id_dtype, encode_topk, topk_log_probs
+from .errors import (ImageDecodeError, InvalidLabels, SchemaMismatch, ShardCapacityError, ShardConflict,
+                     StoreCorrupt, StoreError, ViewSpecError)
+from .images import decode_image, to_rgb
+from .labeler_store import LabelerStore
+from .sampling import sample_token_labels
+from .schema import LabelerSpec, ShardInfo
+from .store import LabelStore
+from .verify import verify_store
+from .views import (NUM_PARAMS, PARAM_FIELDS, ViewSpec, crop_box, draw_view_params, draw_views, reduce_factor,
+                    render, render_mask, view_matrix)
+
+__all__ = [
+    "ViewSpec", "PARAM_FIELDS", "NUM_PARAMS", "draw_view_params", "draw_views", "view_matrix", "render",
+    "render_mask", "crop_box", "reduce_factor",
+    "LabelStore", "LabelerSpec", "ShardInfo", "LabelerStore",
+    "EncodedLogits", "encode_topk", "topk_log_probs", "class_id_dtype",
+    "sample_token_labels", "decode_image", "to_rgb",
+    "StoreError", "SchemaMismatch", "StoreCorrupt", "InvalidLabels", "ShardCapacityError", "ShardConflict",
+    "ViewSpecError", "ImageDecodeError", "verify_store",
+]

@@ -1,0 +1,306 @@
+"""`LabelStore`: one Zarr v3 store, a shared `samples/` index and any number of `labelers/<name>/`.
+
+Handles are lazy and picklable (only the path and mode travel), so DataLoader workers and Ray actors
+each open their own. Opened read-only by default. Shard registration rewrites group metadata and must
+come from one process (the job driver); shard writes may run in parallel, one writer per shard.
+"""
+from __future__ import annotations
+
+import datetime
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from .errors import SchemaMismatch, ShardConflict, StoreCorrupt, StoreError
+from .schema import (DEFAULT_ROWS_PER_CHUNK, DONE, ERRORS, FORMAT, SCHEMA_VERSION, LabelerSpec, ShardInfo,
+                     inner_chunk_rows, labeler_arrays, spec_diff)
+
+DATA_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+
+
+def _tool_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("stl-token-labels")
+    except Exception:  # not installed (e.g. run from a source tree): the version is informational only
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class SampleArrays:
+    """The shared per-row sample index (zarr arrays): key (str), label (int32, -1 unknown), image_hw, valid."""
+
+    key: Any
+    label: Any
+    image_hw: Any
+    valid: Any
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+class LabelStore:
+    """A label store on disk (any path or URL zarr understands). Use `create` or `open`."""
+
+    def __init__(self, path: str, mode: str = "r") -> None:
+        if mode not in ("r", "r+"):
+            raise StoreError(f"LabelStore mode must be 'r' or 'r+', got {mode!r}")
+        self.path, self.mode = str(path), mode
+        self._root: zarr.Group | None = None
+        self._shards: list[ShardInfo] | None = None
+        self._key_cache: dict[int, dict[str, int]] = {}
+        self._samples: SampleArrays | None = None
+        self._generation = 0  # bumped whenever array shapes change, so cached handles are dropped
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str, *, seed: int, rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
+               exist_ok: bool = False) -> "LabelStore":
+        """Create an empty store; with exist_ok, open an existing one after checking seed and rows_per_chunk."""
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise StoreError(f"store seed must be an int >= 0, got {seed!r}")
+        if isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, (int, np.integer)) or rows_per_chunk < 1:
+            raise StoreError(f"rows_per_chunk must be an int >= 1, got {rows_per_chunk!r}")
+        try:
+            root = zarr.open_group(str(path), mode="w-")
+        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as e:
+            if not exist_ok:
+                raise StoreError(f"{path}: a store already exists (open it, or pass exist_ok=True)") from e
+            store = cls.open(path, mode="r+")
+            diff = spec_diff({"seed": store.seed, "rows_per_chunk": store.rows_per_chunk},
+                             {"seed": int(seed), "rows_per_chunk": int(rows_per_chunk)})
+            if diff:
+                raise SchemaMismatch(f"{path}: existing store differs:\n" + "\n".join(diff))
+            return store
+        root.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION, "seed": int(seed),
+                           "rows_per_chunk": int(rows_per_chunk), "tool_version": _tool_version(),
+                           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        samples = root.create_group("samples")
+        samples.attrs["shards"] = []
+        rpc = int(rows_per_chunk)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr flags variable-length strings as not yet in the v3 spec
+            samples.create_array("key", shape=(0,), chunks=(rpc,), dtype=str)
+        samples.create_array("label", shape=(0,), chunks=(rpc,), dtype="int32", fill_value=-1)
+        samples.create_array("image_hw", shape=(0, 2), chunks=(rpc, 2), dtype="int32", fill_value=0)
+        samples.create_array("valid", shape=(0,), chunks=(rpc,), dtype="bool", fill_value=False)
+        root.create_group("labelers")
+        return cls(str(path), "r+")
+
+    @classmethod
+    def open(cls, path: str, mode: str = "r") -> "LabelStore":
+        """Open lazily; the format and schema version are checked at once."""
+        store = cls(str(path), mode)
+        store._group()
+        return store
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "mode": self.mode}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["mode"])
+
+    def __repr__(self) -> str:
+        return f"LabelStore({self.path!r}, mode={self.mode!r})"
+
+    def _group(self) -> zarr.Group:
+        if self._root is None:
+            try:
+                root = zarr.open_group(self.path, mode=self.mode)
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+                raise StoreError(f"{self.path}: no label store here") from e
+            attrs = dict(root.attrs)
+            if attrs.get("format") != FORMAT:
+                raise StoreError(f"{self.path}: not a label store (attrs format={attrs.get('format')!r}, expected {FORMAT!r})")
+            if attrs.get("schema_version") != SCHEMA_VERSION:
+                raise SchemaMismatch(f"{self.path}: schema_version {attrs.get('schema_version')!r} != "
+                                     f"{SCHEMA_VERSION} understood by this code")
+            self._root = root
+        return self._root
+
+    def _require_writable(self) -> None:
+        if self.mode != "r+":
+            raise StoreError(f"{self.path}: opened read-only; open with mode='r+' to write")
+
+    def refresh(self) -> None:
+        """Forget cached metadata (shards, key index) so the next access re-reads it."""
+        self._root, self._shards, self._key_cache, self._samples = None, None, {}, None
+        self._generation += 1
+
+    # -- store-level facts -------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._group().attrs)
+
+    @property
+    def seed(self) -> int:
+        return int(self._group().attrs["seed"])
+
+    @property
+    def rows_per_chunk(self) -> int:
+        return int(self._group().attrs["rows_per_chunk"])
+
+    @property
+    def shards(self) -> list[ShardInfo]:
+        if self._shards is None:
+            rpc = self.rows_per_chunk
+            raw = self._group()["samples"].attrs.get("shards", [])
+            self._shards = [ShardInfo(i, s["url"], int(s["first_row"]), int(s["num_samples"]), rpc)
+                            for i, s in enumerate(raw)]
+        return self._shards
+
+    def shard(self, index: int) -> ShardInfo:
+        shards = self.shards
+        if not 0 <= int(index) < len(shards):
+            raise StoreError(f"{self.path}: shard index {index} out of range (store has {len(shards)} shards)")
+        return shards[int(index)]
+
+    @property
+    def num_rows(self) -> int:
+        return self.shards[-1].end if self.shards else 0
+
+    @property
+    def samples(self) -> SampleArrays:
+        if self._samples is None:
+            g = self._group()["samples"]
+            self._samples = SampleArrays(*(g[name] for name in ("key", "label", "image_hw", "valid")))
+        return self._samples
+
+    def read_samples(self, rows: slice | np.ndarray) -> dict[str, np.ndarray]:
+        """key, label, image_hw, valid for a row slice or an int array of rows."""
+        s = self.samples
+        if isinstance(rows, slice):
+            return {n: np.asarray(s[n][rows]) for n in ("key", "label", "image_hw", "valid")}
+        rows = np.asarray(rows, np.int64)
+        return {n: np.asarray(s[n].oindex[rows] if n != "image_hw" else s[n].oindex[rows, :])
+                for n in ("key", "label", "image_hw", "valid")}
+
+    def shard_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Shard index of each row (-1 for padding rows beyond a shard's samples)."""
+        rows = np.asarray(rows, np.int64)
+        firsts = np.array([s.first_row for s in self.shards], np.int64)
+        stops = np.array([s.stop for s in self.shards], np.int64)
+        if not len(firsts):
+            return np.full(rows.shape, -1, np.int64)
+        idx = np.searchsorted(firsts, rows, side="right") - 1
+        ok = (idx >= 0) & (rows < stops[np.clip(idx, 0, None)])
+        return np.where(ok, idx, -1)
+
+    # -- shards ------------------------------------------------------------------------------------
+    def register_shards(self, items: Iterable[tuple[str, int]]) -> list[ShardInfo]:
+        """Register input shards in order; each starts on a write-unit boundary. Idempotent per url."""
+        self._require_writable()
+        self._shards = None
+        known = {s.url: s for s in self.shards}
+        raw = [s.to_dict() for s in self.shards]
+        out, end, rpc = [], self.num_rows, self.rows_per_chunk
+        for url, num_samples in items:
+            if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+                raise StoreError(f"shard {url!r}: num_samples must be an int >= 1, got {num_samples!r}")
+            if url in known:
+                if known[url].num_samples != num_samples:
+                    raise ShardConflict(f"{self.path}: shard {url!r} is registered with {known[url].num_samples} "
+                                        f"samples, not {num_samples}")
+                out.append(known[url])
+                continue
+            info = ShardInfo(len(raw), str(url), end, int(num_samples), rpc)
+            raw.append(info.to_dict())
+            known[url], end = info, info.end
+            out.append(info)
+        if len(raw) != len(self.shards):
+            self._grow(end, len(raw))
+            self._samples, self._generation = None, self._generation + 1
+            self._group()["samples"].attrs["shards"] = raw  # after the arrays grew: readers never see rows missing
+            self._shards = None
+        return out
+
+    def _grow(self, num_rows: int, num_shards: int) -> None:
+        g = self._group()
+        for name in ("key", "label", "valid"):
+            g["samples"][name].resize((num_rows,))
+        g["samples"]["image_hw"].resize((num_rows, 2))
+        for name in self.labelers():
+            lg = g["labelers"][name]
+            for path, arr in _walk_arrays(lg):
+                if path == DONE:
+                    arr.resize((num_shards,))
+                else:
+                    arr.resize((num_rows,) + arr.shape[1:])
+
+    # -- samples join ------------------------------------------------------------------------------
+    def find_rows(self, shard_index: int, keys: Iterable[str]) -> np.ndarray:
+        """Rows of `keys` inside a shard's row range (join by webdataset `__key__`); -1 where absent."""
+        index = self._key_cache.get(int(shard_index))
+        if index is None:
+            info = self.shard(shard_index)
+            stored = np.asarray(self.samples.key[info.first_row:info.stop])
+            index = {str(k): info.first_row + i for i, k in enumerate(stored) if k != ""}
+            if len(self._key_cache) >= 16:
+                self._key_cache.pop(next(iter(self._key_cache)))
+            self._key_cache[int(shard_index)] = index
+        return np.array([index.get(str(k), -1) for k in keys], np.int64)
+
+    # -- labelers ----------------------------------------------------------------------------------
+    def labelers(self) -> list[str]:
+        return sorted(self._group()["labelers"].group_keys())
+
+    def labeler(self, name: str, expect: "LabelerSpec | Mapping[str, Any] | None" = None) -> "LabelerStore":
+        """Open labeler `name`; with `expect` (a spec, or a mapping of the fields to check) fail on any difference."""
+        from .labeler_store import LabelerStore
+
+        if name not in self.labelers():
+            raise StoreError(f"{self.path}: no labeler {name!r}; available: {self.labelers()}")
+        lab = LabelerStore(self, name)
+        if expect is not None:
+            want = expect.to_dict() if isinstance(expect, LabelerSpec) else dict(expect)
+            if isinstance(expect, LabelerSpec) and expect.seed is None:
+                want.pop("seed")
+            unknown = set(want) - set(lab.spec.to_dict())
+            if unknown:
+                raise StoreError(f"labeler {name!r}: unknown fields in expect: {sorted(unknown)}")
+            diff = spec_diff(lab.spec.to_dict(), want)
+            if diff:
+                raise SchemaMismatch(f"{self.path}: labeler {name!r} differs from what is expected:\n" + "\n".join(diff))
+        return lab
+
+    def add_labeler(self, spec: LabelerSpec) -> "LabelerStore":
+        """Create labelers/<spec.name>/ (or open it after checking it matches `spec`)."""
+        import dataclasses
+
+        self._require_writable()
+        if spec.seed is None:
+            spec = dataclasses.replace(spec, seed=self.seed)
+        if spec.name in self.labelers():
+            return self.labeler(spec.name, expect=spec)
+        rpc, rows, num_shards = self.rows_per_chunk, self.num_rows, len(self.shards)
+        g = self._group()["labelers"].create_group(spec.name)
+        for path, (tail, dtype, fill) in labeler_arrays(spec).items():
+            view_bytes = int(np.prod(tail)) * dtype.itemsize
+            inner = inner_chunk_rows(rpc, view_bytes)
+            g.create_array(path, shape=(rows, spec.views) + tail, dtype=dtype, fill_value=fill,
+                           chunks=(inner, 1) + tail, shards=(rpc, spec.views) + tail, compressors=DATA_COMPRESSOR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g.create_array(ERRORS, shape=(rows,), chunks=(rpc,), dtype=str)
+        g.create_array(DONE, shape=(num_shards,), chunks=(1,), dtype="uint8", fill_value=0)
+        g.attrs.update(spec.to_dict())  # attrs last: a labeler without attrs is treated as corrupt
+        return self.labeler(spec.name)
+
+    def labeler_spec(self, name: str) -> LabelerSpec:
+        attrs = dict(self._group()["labelers"][name].attrs)
+        if not attrs:
+            raise StoreCorrupt(f"{self.path}: labelers/{name} has no spec attrs (creation was interrupted)")
+        return LabelerSpec.from_dict(attrs)
+
+
+def _walk_arrays(group: zarr.Group, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for name, arr in group.arrays():
+        out.append((prefix + name, arr))
+    for name, sub in group.groups():
+        out += _walk_arrays(sub, prefix + name + "/")
+    return out

@@ -1,0 +1,331 @@
+"""Views: the one definition of the spatial transform the teacher saw, replayed exactly by the trainer.
+
+A view is random-resized-crop → horizontal flip → geometric RandAugment ops (rotate, shear-x/y,
+translate-x/y; timm semantics), drawn once from `SeedSequence(store_seed, spawn_key=(row, view))`
+into a fixed float32 record (`PARAM_FIELDS`) that the store keeps. Readers never re-sample.
+
+Pixel convention (the only one used anywhere): pixel i spans [i, i+1); a 2×3 matrix maps *output*
+pixel coordinates to *source* coordinates, exactly Pillow's AFFINE `data`.
+
+Rendering, in this order (every backend must do the same):
+  1. `crop_box(params)`: the integer crop box (x0, y0, x1, y1) in the RGB source image;
+  2. `reduce_factor(params, src_hw, spec)` = k: box-reduce that crop by k (Pillow `Image.reduce(k, box)`)
+     so large downscales do not alias; k depends only on the params and the output size;
+  3. `view_matrix(params, src_hw, spec)`: affine from output pixels into the *reduced crop*
+     (size ceil(w/k) × ceil(h/k)); samples outside it take `spec.fill`.
+Geometric ops are applied in a fixed canonical order (rotate, shear-x, shear-y, translate-x,
+translate-y) and an op drawn twice adds up, which keeps the record fixed-size; timm draws the order
+at random, a difference in the view distribution only, not in replay.
+Any change to drawing or rendering must bump ALGO_VERSION (golden tests pin both).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import ViewSpecError
+from .images import DEFAULT_FILL, to_rgb
+
+ALGO_VERSION = 1
+
+PARAM_FIELDS = (
+    "crop_x", "crop_y", "crop_w", "crop_h",  # integer crop box in source pixels (x0, y0, width, height)
+    "flip",  # 1.0 = mirrored left-right after the crop
+    "rotate",  # degrees, counter-clockwise (Pillow's Image.rotate sign), about the output centre
+    "shear_x", "shear_y",  # shear factors (timm ShearX/ShearY)
+    "translate_x", "translate_y",  # fractions of the output width/height (timm TranslateXRel/YRel)
+)
+NUM_PARAMS = len(PARAM_FIELDS)
+_IDX = {name: i for i, name in enumerate(PARAM_FIELDS)}
+
+GEO_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+_LEVEL_DENOM = 10.0  # timm: level = magnitude / 10, so magnitude 10 gives the op's maximum
+_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+             "bicubic": Image.Resampling.BICUBIC}
+
+
+def _pair(value: Any, name: str, kind: type) -> tuple:
+    try:
+        out = tuple(kind(v) for v in value)
+    except (TypeError, ValueError) as e:
+        raise ViewSpecError(f"ViewSpec.{name} must be a pair of {kind.__name__}, got {value!r}") from e
+    if len(out) != 2:
+        raise ViewSpecError(f"ViewSpec.{name} must have 2 values, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How views are drawn and rendered. Frozen, validated, JSON round-trip."""
+
+    size: tuple[int, int] = (224, 224)  # output (h, w)
+    scale: tuple[float, float] = (0.08, 1.0)  # crop area fraction (torchvision RandomResizedCrop)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect w/h
+    hflip: float = 0.5  # probability of a horizontal flip
+    geo_ops: tuple[str, ...] = GEO_OPS
+    geo_num_ops: int = 2  # op slots per view (ops drawn with replacement, as timm RandAugment)
+    geo_prob: float = 0.5  # probability that a drawn op is applied
+    geo_magnitude: float = 9.0  # RandAugment m
+    geo_magnitude_std: float = 0.5  # magnitude ~ N(m, std), clipped to [0, geo_magnitude_max]
+    geo_magnitude_max: float = 10.0
+    rotate_max_deg: float = 30.0  # value at level 1 (magnitude 10)
+    shear_max: float = 0.3
+    translate_max: float = 0.45  # fraction of the output size
+    fill: tuple[int, int, int] = DEFAULT_FILL
+    interpolation: str = "bilinear"
+    algo_version: int = ALGO_VERSION
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise JSON lists)
+        set_("size", _pair(self.size, "size", int))
+        set_("scale", _pair(self.scale, "scale", float))
+        set_("ratio", _pair(self.ratio, "ratio", float))
+        set_("geo_ops", tuple(str(o) for o in self.geo_ops))
+        try:
+            set_("fill", tuple(int(v) for v in self.fill))
+        except (TypeError, ValueError) as e:
+            raise ViewSpecError(f"ViewSpec.fill must be 3 ints in 0..255, got {self.fill!r}") from e
+        for name in ("hflip", "geo_prob", "geo_magnitude", "geo_magnitude_std", "geo_magnitude_max",
+                     "rotate_max_deg", "shear_max", "translate_max"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0:
+                raise ViewSpecError(f"ViewSpec.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+            set_(name, v)
+        checks = [
+            (min(self.size) >= 1, f"size must be positive (h, w), got {self.size}"),
+            (0 < self.scale[0] <= self.scale[1] <= 1, f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}"),
+            (0 < self.ratio[0] <= self.ratio[1] and math.isfinite(self.ratio[1]),
+             f"ratio must satisfy 0 < lo <= hi, got {self.ratio}"),
+            (self.hflip <= 1, f"hflip is a probability, got {self.hflip}"),
+            (self.geo_prob <= 1, f"geo_prob is a probability, got {self.geo_prob}"),
+            (set(self.geo_ops) <= set(GEO_OPS) and len(set(self.geo_ops)) == len(self.geo_ops),
+             f"geo_ops must be distinct names from {GEO_OPS}, got {self.geo_ops}"),
+            (isinstance(self.geo_num_ops, int) and self.geo_num_ops >= 0,
+             f"geo_num_ops must be an int >= 0, got {self.geo_num_ops!r}"),
+            (len(self.fill) == 3 and all(0 <= v <= 255 for v in self.fill), f"fill must be 3 ints in 0..255, got {self.fill}"),
+            (self.interpolation in _RESAMPLE, f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ViewSpecError(f"ViewSpec.{msg}")
+        if self.algo_version != ALGO_VERSION:
+            raise ViewSpecError(f"ViewSpec.algo_version {self.algo_version} cannot be replayed by this code "
+                                f"(view algorithm version {ALGO_VERSION}); relabel or use the matching release")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ViewSpec":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ViewSpecError(f"unknown ViewSpec keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "ViewSpec":
+        return cls.from_dict(json.loads(s))
+
+    def max_abs(self, op: str) -> float:
+        """Largest |value| of a param field that all op slots together can reach (for range checks)."""
+        if op not in self.geo_ops:
+            return 0.0
+        level = self.geo_magnitude_max / _LEVEL_DENOM  # magnitudes are clipped to [0, max]
+        per_op = {"rotate": self.rotate_max_deg, "shear_x": self.shear_max, "shear_y": self.shear_max,
+                  "translate_x": self.translate_max, "translate_y": self.translate_max}[op]
+        return self.geo_num_ops * level * per_op
+
+
+# --- drawing -------------------------------------------------------------------------------------
+
+def _draw_crop(rng: np.random.Generator, spec: ViewSpec, height: int, width: int) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params semantics (10 tries, then a ratio-clamped centre crop)."""
+    area = height * width
+    log_ratio = (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(spec.scale[0], spec.scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            y = int(rng.integers(0, height - h + 1))
+            x = int(rng.integers(0, width - w + 1))
+            return x, y, w, h
+    in_ratio = width / height
+    if in_ratio < spec.ratio[0]:
+        w, h = width, int(round(width / spec.ratio[0]))
+    elif in_ratio > spec.ratio[1]:
+        h, w = height, int(round(height * spec.ratio[1]))
+    else:
+        w, h = width, height
+    w, h = max(1, min(w, width)), max(1, min(h, height))
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def draw_view_params(spec: ViewSpec, store_seed: int, row: int, view: int, image_hw: tuple[int, int]) -> np.ndarray:
+    """Draw one view's params (NUM_PARAMS,) float32 from SeedSequence(store_seed, spawn_key=(row, view))."""
+    height, width = (int(v) for v in image_hw)
+    if height < 1 or width < 1:
+        raise ViewSpecError(f"row {row}: image size must be positive, got (h, w) = {tuple(image_hw)}")
+    if min(int(store_seed), int(row), int(view)) < 0:
+        raise ViewSpecError(f"store_seed, row and view must be >= 0, got {(store_seed, row, view)}")
+    rng = np.random.default_rng(np.random.SeedSequence(int(store_seed), spawn_key=(int(row), int(view))))
+    p = np.zeros(NUM_PARAMS, np.float64)
+    p[0:4] = _draw_crop(rng, spec, height, width)
+    p[_IDX["flip"]] = float(rng.random() < spec.hflip)
+    per_op = {"rotate": spec.rotate_max_deg, "shear_x": spec.shear_max, "shear_y": spec.shear_max,
+              "translate_x": spec.translate_max, "translate_y": spec.translate_max}
+    for _ in range(spec.geo_num_ops if spec.geo_ops else 0):
+        # Four draws per slot whether or not the op applies, so the stream layout is fixed.
+        op = spec.geo_ops[int(rng.integers(len(spec.geo_ops)))]
+        applied = rng.random() < spec.geo_prob
+        m = rng.normal(spec.geo_magnitude, spec.geo_magnitude_std) if spec.geo_magnitude_std > 0 else spec.geo_magnitude
+        negate = rng.random() < 0.5
+        if applied:
+            value = min(max(m, 0.0), spec.geo_magnitude_max) / _LEVEL_DENOM * per_op[op]
+            p[_IDX[op]] += -value if negate else value
+    return p.astype(np.float32)
+
+
+def draw_views(spec: ViewSpec, store_seed: int, row: int, num_views: int, image_hw: tuple[int, int]) -> np.ndarray:
+    """All views of one row: (num_views, NUM_PARAMS) float32."""
+    out = np.empty((num_views, NUM_PARAMS), np.float32)
+    for v in range(num_views):
+        out[v] = draw_view_params(spec, store_seed, row, v, image_hw)
+    return out
+
+
+# --- geometry (pure) -----------------------------------------------------------------------------
+
+def _as_params(params: Any) -> np.ndarray:
+    # Always compute from the float32 record as stored, so writer and reader get the same matrix.
+    p = np.asarray(params, dtype=np.float32)
+    if p.shape != (NUM_PARAMS,):
+        raise ViewSpecError(f"view params must have shape ({NUM_PARAMS},) {PARAM_FIELDS}, got {p.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ViewSpecError(f"view params contain NaN/inf: {p.tolist()}")
+    return p.astype(np.float64)
+
+
+def crop_box(params: Any) -> tuple[int, int, int, int]:
+    """Integer crop box (x0, y0, x1, y1) in source pixels."""
+    p = _as_params(params)
+    x, y, w, h = (int(round(v)) for v in p[0:4])
+    return x, y, x + w, y + h
+
+
+def _check_box(box: tuple[int, int, int, int], src_hw: tuple[int, int]) -> None:
+    x0, y0, x1, y1 = box
+    h, w = (int(v) for v in src_hw)
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ViewSpecError(f"crop box {box} does not fit in the source image (h, w) = {(h, w)}")
+
+
+def reduce_factor(params: Any, src_hw: tuple[int, int], spec: ViewSpec) -> int:
+    """Integer box-reduction factor k applied to the crop before warping (k >= 1).
+
+    k = floor(min(crop_w / out_w, crop_h / out_h)): the remaining bilinear warp then shrinks by less
+    than 2, where it no longer aliases visibly. A pure function of the params, so every backend agrees.
+    """
+    x0, y0, x1, y1 = crop_box(params)
+    _check_box((x0, y0, x1, y1), src_hw)
+    out_h, out_w = spec.size
+    return max(1, int(math.floor(min((x1 - x0) / out_w, (y1 - y0) / out_h))))
+
+
+def _matrix(p: np.ndarray, spec: ViewSpec, k: int) -> np.ndarray:
+    out_h, out_w = spec.size
+    cx, cy = out_w / 2.0, out_h / 2.0
+
+    def affine(a, b, c, d, e, f):
+        return np.array([[a, b, c], [d, e, f], [0.0, 0.0, 1.0]])
+
+    # Each op's matrix maps its output coords to its input coords; a chain applied as op1 then op2
+    # maps output → source by A1 @ A2. Chain: reduce ∘ crop-resize ∘ flip ∘ rotate ∘ shear ∘ translate.
+    to_reduced = affine(1.0 / k, 0, 0, 0, 1.0 / k, 0)
+    crop_resize = affine(p[2] / out_w, 0, 0, 0, p[3] / out_h, 0)  # crop-local coords
+    flip = affine(-1.0, 0, out_w, 0, 1.0, 0) if p[_IDX["flip"]] >= 0.5 else np.eye(3)
+    a = -math.radians(p[_IDX["rotate"]])  # Pillow's Image.rotate: counter-clockwise about the centre
+    ca, sa = math.cos(a), math.sin(a)
+    rotate = affine(ca, sa, cx - ca * cx - sa * cy, -sa, ca, cy + sa * cx - ca * cy)
+    shear_x = affine(1.0, p[_IDX["shear_x"]], 0, 0, 1.0, 0)
+    shear_y = affine(1.0, 0, 0, p[_IDX["shear_y"]], 1.0, 0)
+    translate = affine(1.0, 0, p[_IDX["translate_x"]] * out_w, 0, 1.0, p[_IDX["translate_y"]] * out_h)
+    return to_reduced @ crop_resize @ flip @ rotate @ shear_x @ shear_y @ translate
+
+
+def view_matrix(params: Any, src_hw: tuple[int, int], spec: ViewSpec) -> np.ndarray:
+    """(2, 3) float64: output pixel coords → coords in the crop reduced by `reduce_factor` (Pillow `data`)."""
+    k = reduce_factor(params, src_hw, spec)
+    return _matrix(_as_params(params), spec, k)[:2].copy()
+
+
+def check_view_params(params: Any, image_hw: tuple[int, int], spec: ViewSpec) -> list[str]:
+    """Problems with one stored params record (empty list = fine); used by `verify`."""
+    p = np.asarray(params, np.float32)
+    if p.shape != (NUM_PARAMS,):
+        return [f"shape {p.shape} != ({NUM_PARAMS},)"]
+    if not np.all(np.isfinite(p)):
+        return ["NaN/inf in view params"]
+    problems = []
+    if np.any(p[0:4] != np.round(p[0:4])):
+        problems.append(f"crop box is not integer: {p[0:4].tolist()}")
+    try:
+        _check_box(crop_box(p), image_hw)
+    except ViewSpecError as e:
+        problems.append(str(e))
+    if p[_IDX["flip"]] not in (0.0, 1.0):
+        problems.append(f"flip must be 0 or 1, got {p[_IDX['flip']]}")
+    for op in GEO_OPS:
+        v, lim = abs(float(p[_IDX[op]])), spec.max_abs(op)
+        if v > lim * (1 + 1e-5) + 1e-6:
+            problems.append(f"{op} = {float(p[_IDX[op]]):.6g} outside ±{lim:.6g}")
+    return problems
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+def render(image: Image.Image | np.ndarray, params: Any, spec: ViewSpec) -> np.ndarray:
+    """Render one view: (h, w, 3) uint8. Same params + same decoded image ⇒ byte-identical pixels."""
+    img = to_rgb(image, spec.fill)
+    src_hw = (img.height, img.width)
+    k = reduce_factor(params, src_hw, spec)
+    box = crop_box(params)
+    src = img.reduce(k, box=box) if k > 1 else img.crop(box)
+    m = _matrix(_as_params(params), spec, k)[:2]
+    out_h, out_w = spec.size
+    out = src.transform((out_w, out_h), Image.Transform.AFFINE, data=tuple(float(v) for v in m.ravel()),
+                        resample=_RESAMPLE[spec.interpolation], fillcolor=spec.fill)
+    return np.asarray(out)
+
+
+def render_mask(mask: np.ndarray, params: Any, spec: ViewSpec, fill: int = 0) -> np.ndarray:
+    """Warp an integer (H, W) mask with the view's geometry: nearest neighbour, no box reduction."""
+    a = np.asarray(mask)
+    if a.ndim != 2:
+        raise ViewSpecError(f"render_mask expects an (H, W) mask, got shape {a.shape}")
+    if a.dtype == np.bool_ or a.dtype == np.uint8:
+        img, back = Image.fromarray(a.astype(np.uint8), "L"), a.dtype
+    elif np.issubdtype(a.dtype, np.integer):
+        if a.size and (a.min() < -(2**31) or a.max() >= 2**31):
+            raise ViewSpecError("render_mask: mask values must fit in int32")
+        img, back = Image.fromarray(a.astype(np.int32), "I"), a.dtype
+    else:
+        raise ViewSpecError(f"render_mask expects an integer or bool mask, got dtype {a.dtype}")
+    box = crop_box(params)
+    _check_box(box, a.shape)
+    m = _matrix(_as_params(params), spec, 1)[:2]
+    out_h, out_w = spec.size
+    out = img.crop(box).transform((out_w, out_h), Image.Transform.AFFINE, data=tuple(float(v) for v in m.ravel()),
+                                  resample=Image.Resampling.NEAREST, fillcolor=int(fill))
+    return np.asarray(out).astype(back)

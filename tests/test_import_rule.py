@@ -1,0 +1,88 @@
+"""The one import rule (DESIGN "Packages and the one import rule"), checked two ways:
+statically (AST of every module, lazy imports included) and at run time in clean subprocesses."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("labelstore", "labeler", "trainer", "pipelines")
+
+
+def modules_of(package: str) -> list[Path]:
+    return sorted((REPO / package).rglob("*.py"))
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every absolute module name imported anywhere in a file (top level or inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def offenders(paths: list[Path], forbidden) -> list[str]:
+    return [f"{p.relative_to(REPO)}: {n}" for p in paths for n in sorted(imported_names(p)) if forbidden(p, n)]
+
+
+def top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def test_static_import_rule():
+    heavy = {"torch", "ray", "typer", "timm", "webdataset", "torchvision", "labeler", "trainer", "pipelines"}
+    assert offenders(modules_of("labelstore"), lambda p, n: top(n) in heavy) == []
+    assert offenders(modules_of("labeler") + modules_of("trainer"),
+                     lambda p, n: top(n) in {"ray", "typer", "pipelines"}) == []
+    assert offenders(modules_of("labeler"), lambda p, n: top(n) == "trainer") == []
+    # trainer may use labeler.models only (never teacher inference or the torch renderer)
+    assert offenders(modules_of("trainer"), lambda p, n: top(n) == "labeler" and not (
+        n == "labeler.models" or n.startswith("labeler.models."))) == []
+    everything = [p for pkg in PACKAGES for p in modules_of(pkg)]
+    assert offenders(everything, lambda p, n: top(n) == "ray" and p != REPO / "pipelines/ray_jobs.py") == []
+    assert offenders(everything, lambda p, n: top(n) == "typer" and not (
+        p.parent == REPO / "pipelines" and p.name.startswith("cli_"))) == []
+
+
+def loaded_after(code: str) -> dict:
+    """Run `code` in a clean interpreter; return which packages it loaded and where ours resolve."""
+    probe = code + "\nimport sys, json\n" + (
+        "print(json.dumps({'mods': sorted({m.split('.')[0] for m in sys.modules}), "
+        "'files': {p: getattr(sys.modules.get(p), '__file__', None) for p in %r}}))" % (PACKAGES,))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd="/", timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_labelstore_loads_no_torch_or_ray():
+    got = loaded_after("import labelstore")
+    assert not {"torch", "ray", "typer", "timm", "webdataset"} & set(got["mods"])
+    assert Path(got["files"]["labelstore"]).resolve().is_relative_to(REPO)
+
+
+def test_stl_labels_help_loads_no_ray_or_torch():
+    code = ("import sys\nfrom pipelines.cli_labels import app\nsys.argv = ['stl-labels', '--help']\n"
+            "try:\n    app()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n")
+    got = loaded_after(code)
+    assert not {"ray", "torch"} & set(got["mods"])
+    assert Path(got["files"]["pipelines"]).resolve().is_relative_to(REPO)
+
+
+@pytest.mark.parametrize("package", ["labeler", "trainer"])
+def test_labeler_and_trainer_load_no_ray(package):
+    subs = [p for p in modules_of(package) if p.name != "__init__.py"]
+    if not subs:
+        pytest.skip(f"{package}/ has no modules yet")
+    names = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in subs]
+    got = loaded_after("import importlib\n" + "".join(f"importlib.import_module({n!r})\n" for n in names))
+    assert "ray" not in got["mods"]
+    assert Path(got["files"][package]).resolve().is_relative_to(REPO)
