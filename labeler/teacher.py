@@ -1,0 +1,97 @@
+"""Teacher inference: a batch of rendered views → encoded top-k token and class logits.
+
+A callable class (load once in `__init__`, one batch per `__call__`), so it runs the same inside a
+Ray actor and in a plain test. The top-k and the log-sum-exp of the tail are computed on the device,
+so only K values + one float per token cross to the host (DESIGN "Store layout").
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, class ids, tail log-sum-exp) of the top `k` logits along the last axis, in float32.
+
+    tail = log Σ exp(logit) over the classes outside the top-k (−inf when k = C), so exact top-k
+    log-probabilities are `value − logaddexp(lse(values), tail)`.
+    """
+    logits = logits.float()
+    values, ids = logits.topk(k, dim=-1, largest=True, sorted=True)
+    tail = logits.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
+    return values, ids, tail
+
+
+class Teacher:
+    """Frozen token-labeler in eval mode: uint8 views (N, h, w, 3) → (tokens, cls) `EncodedLogits`.
+
+    `model(x)` must return `(cls_logits (N, C), token_logits (N, T, C))` (labeler.models contract).
+    BatchNorm lives inside FAN blocks, so eval mode is not optional.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        topk: int,
+        device: torch.device | str = "cpu",
+        amp: str = "none",
+        compile: bool = False,
+    ):
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        if topk < 0:
+            raise ValueError(f"topk must be >= 0 (0 = dense logits), got {topk}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean/std must be 3 values with std > 0, got mean={mean} std={std}")
+        self.device = torch.device(device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.forward_fn = torch.compile(self.model) if compile else self.model
+        self.topk = int(topk)
+        self.amp = amp
+        # Normalise in 0..255 units so uint8 views go straight in: (x/255 − mean)/std.
+        self._scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, 3, 1, 1).to(self.device)
+        self._shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(1, 3, 1, 1).to(self.device)
+
+    def normalize(self, views: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 (N, h, w, 3) → float32 (N, 3, h, w) normalised, on the teacher's device."""
+        x = torch.as_tensor(views).to(self.device, non_blocking=True)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"Teacher expects uint8 views (N, h, w, 3), got {tuple(x.shape)} {x.dtype}")
+        return x.permute(0, 3, 1, 2).float().mul_(self._scale).sub_(self._shift)
+
+    @torch.inference_mode()
+    def forward(self, views: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw logits on the device: (cls (N, C), tokens (N, T, C)), float32."""
+        x = self.normalize(views)
+        dtype = AMP_DTYPES[self.amp]
+        with torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            cls_logits, token_logits = self.forward_fn(x)
+        return cls_logits.float(), token_logits.float()
+
+    @torch.inference_mode()
+    def encode(self, logits: torch.Tensor):
+        """Device logits (..., C) → `labelstore.EncodedLogits` on the host (float16 values)."""
+        from labelstore import EncodedLogits, class_id_dtype
+
+        num_classes = logits.shape[-1]
+        if self.topk == 0:
+            return EncodedLogits(logit=logits.half().cpu().numpy(), cls=None, tail_lse=None)
+        if self.topk > num_classes:
+            raise ValueError(f"topk={self.topk} exceeds the teacher's {num_classes} classes")
+        values, ids, tail = topk_with_tail(logits, self.topk)
+        return EncodedLogits(
+            logit=values.half().cpu().numpy(),
+            cls=ids.cpu().numpy().astype(class_id_dtype(num_classes)),
+            tail_lse=tail.half().cpu().numpy(),
+        )
+
+    def __call__(self, views: torch.Tensor | np.ndarray):
+        """uint8 views (N, h, w, 3) → (tokens EncodedLogits (N, T, ·), cls EncodedLogits (N, ·))."""
+        cls_logits, token_logits = self.forward(views)
+        return self.encode(token_logits), self.encode(cls_logits)

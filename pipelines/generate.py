@@ -1,0 +1,254 @@
+"""`stl-labels generate`: label every shard not yet done with one labeler, resumably.
+
+Order of work (nothing is written to the store before the settings and the shards check out):
+ 1. settings → LabelerSpec (arch, classes, grid from the model, mean/std, ViewSpec, S, K, checkpoint sha256);
+ 2. create the store, or open it and check seed and labeler spec (SchemaMismatch: a readable diff);
+ 3. count the samples of shards not yet registered (every tar member is read, so a truncated shard is
+    reported now, with its URL) and register the readable ones;
+ 4. skip shards already done (logged), label the rest on Ray (pipelines/ray_jobs.py), summarise.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.label_shard import FaultInjection, ShardOutcome, WorkerSettings
+
+AMP_CHOICES = ("none", "bf16", "fp16")
+
+
+def default_view_settings() -> dict[str, Any]:
+    """ViewSpec fields a config may set under `view.` (size comes from `input_size`)."""
+    from labelstore import ViewSpec
+
+    d = ViewSpec().to_dict()
+    d.pop("size")
+    d.pop("algo_version")
+    return d
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """Everything `stl-labels generate` needs; YAML presets and `--set` fill the same fields."""
+
+    shards: list = field(default_factory=list)  # URLs or brace patterns
+    store: str = ""
+    name: str = ""
+    model: str = ""
+    checkpoint: str | None = None
+    num_classes: int = 1000
+    views: int = 32
+    topk: int = 10
+    seed: int = 0  # store seed: view params come from SeedSequence(seed, (row, view))
+    rows_per_chunk: int = 256  # write unit (only used when the store is created)
+    input_size: list | None = None  # (h, w); None = the model's default input size
+    mean: list | None = None  # None = the model's pretrained_cfg mean
+    std: list | None = None
+    view: dict = field(default_factory=default_view_settings)
+    batch_size: int = 256
+    amp: str = "bf16"
+    compile: bool = False
+    address: str | None = None  # None = local Ray sized to the machine; "auto" or "ray://host:port"
+    cpus_per_worker: float = 1.0  # CPU workers only (GPU workers get the node's CPUs per GPU)
+    decode_threads: int = 2
+    render_backend: str = "auto"
+    device: str = "auto"
+    dump_views_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        missing = [f for f in ("store", "name", "model") if not getattr(self, f)]
+        if not self.shards:
+            missing.insert(0, "shards")
+        if missing:
+            raise ValueError(f"generate: missing settings {missing} (give --{missing[0]} or set it in --config)")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"generate: amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        for name, low in (("views", 1), ("topk", 0), ("batch_size", 1), ("num_classes", 1), ("rows_per_chunk", 1), ("seed", 0)):
+            if int(getattr(self, name)) < low:
+                raise ValueError(f"generate: {name} must be >= {low}, got {getattr(self, name)}")
+        if self.topk > self.num_classes:
+            raise ValueError(f"generate: topk {self.topk} exceeds num_classes {self.num_classes}")
+        if self.checkpoint and not Path(self.checkpoint).is_file():
+            raise ValueError(f"generate: checkpoint {self.checkpoint} does not exist")
+
+    def worker_settings(self) -> WorkerSettings:
+        return WorkerSettings(checkpoint=self.checkpoint, batch_size=self.batch_size, amp=self.amp, compile=self.compile,
+                              device=self.device, render_backend=self.render_backend,
+                              decode_threads=self.decode_threads, dump_views_dir=self.dump_views_dir)
+
+
+@dataclass
+class GenerateResult:
+    outcomes: list[ShardOutcome]
+    unreadable: dict[str, str]  # url → why it could not be counted/registered
+    skipped_done: list[str]
+    seconds: float
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        return sorted(self.unreadable.items()) + [(o.url, o.error or "") for o in self.outcomes if not o.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def views(self) -> int:
+        return sum(o.views for o in self.outcomes if o.ok)
+
+    def summary(self) -> str:
+        done = [o for o in self.outcomes if o.ok]
+        rate = self.views / self.seconds if self.seconds > 0 else 0.0
+        return (f"labelled {len(done)} shards ({sum(o.num_samples for o in done)} samples, {self.views} views, "
+                f"{sum(o.num_invalid for o in done)} invalid samples recorded) in {self.seconds:.1f} s = {rate:.1f} views/s; "
+                f"{_human_bytes(sum(o.bytes_written for o in done))} of labels written (before compression); "
+                f"skipped {len(self.skipped_done)} done shards; {len(self.failed)} shards failed")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def labeler_spec_for(settings: GenerateSettings):
+    """The LabelerSpec these settings produce; builds the model on CPU (grid, mean/std, checkpoint check)."""
+    import labeler.models as models
+    from labeler.models.checkpoint import load_checkpoint
+    from labelstore import LabelerSpec, ViewSpec
+
+    model = models.create_token_model(settings.model, num_classes=settings.num_classes, pretrained=False)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = tuple(settings.input_size or cfg.get("input_size", (3, 224, 224))[1:])
+    sha = load_checkpoint(model, settings.checkpoint, prefer_ema=True) if settings.checkpoint else ""
+    return LabelerSpec(
+        name=settings.name, arch=settings.model, num_classes=settings.num_classes, input_size=size,
+        grid=models.token_grid(model, size), mean=tuple(settings.mean or cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(settings.std or cfg.get("std", (0.229, 0.224, 0.225))),
+        view_spec=ViewSpec(size=size, **settings.view), views=settings.views, topk=settings.topk,
+        checkpoint_sha256=sha)
+
+
+def open_store(settings: GenerateSettings, spec):
+    """Create or open the store and the labeler; SchemaMismatch (a readable diff) when they differ.
+
+    `rows_per_chunk` only applies to a new store; an existing store keeps its own.
+    """
+    from labelstore import LabelStore, SchemaMismatch, StoreError
+
+    try:
+        store = LabelStore.create(settings.store, seed=settings.seed, rows_per_chunk=settings.rows_per_chunk)
+    except StoreError:
+        store = LabelStore.open(settings.store, mode="r+")
+        if store.seed != settings.seed:
+            raise SchemaMismatch(f"{settings.store}: existing store differs:\n  seed: store has {store.seed}, "
+                                 f"expected {settings.seed}") from None
+    return store, store.add_labeler(spec)
+
+
+def run_with_progress(settings: GenerateSettings) -> GenerateResult:
+    """`run_generate` with a rich progress bar (shards, views/s, ETA) and log lines on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    state: dict[str, Any] = {}
+
+    def on_start(num_shards: int, views: int) -> None:
+        progress.start()
+        state.update(task=progress.add_task("label", total=num_shards, rate=""), start=time.perf_counter(), views=0)
+
+    def on_outcome(outcome: ShardOutcome) -> None:
+        state["views"] += outcome.views
+        rate = state["views"] / max(time.perf_counter() - state["start"], 1e-9)
+        progress.update(state["task"], advance=1, rate=f"{rate:,.0f} views/s")
+
+    try:
+        return run_generate(settings, log=lambda line: console.print(line, markup=False, highlight=False),
+                            on_outcome=on_outcome, on_start=on_start)
+    finally:
+        progress.stop()
+
+
+def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
+                 on_outcome: Callable[[ShardOutcome], None] | None = None,
+                 on_start: Callable[[int, int], None] | None = None) -> GenerateResult:
+    """Label all shards of `settings` that are not done yet; see the module docstring for the order."""
+    from pipelines import ray_jobs
+    from pipelines.shard_reader import expand_shard_urls
+
+    start = time.perf_counter()
+    fault = FaultInjection.from_env()
+    # Local paths are stored absolute: workers (other cwd, other nodes on a shared filesystem) open them as is.
+    urls = [u if "://" in u or u.startswith("pipe:") else os.path.abspath(u) for u in expand_shard_urls(settings.shards)]
+    spec = labeler_spec_for(settings)
+    store, labels = open_store(settings, spec)
+    known = {s.url for s in store.shards}
+    new_urls = [u for u in urls if u not in known]
+    unreadable: dict[str, str] = {}
+    outcomes: list[ShardOutcome] = []
+    with contextlib.ExitStack() as ray_context:
+        started: list[bool] = []
+
+        def ensure_ray() -> None:  # a re-run with nothing to do never starts Ray
+            if not started:
+                ray_context.enter_context(ray_jobs.ray_session(settings.address))
+                started.append(True)
+
+        if new_urls:
+            ensure_ray()
+            log(f"counting samples in {len(new_urls)} new shard(s)")
+            counts = ray_jobs.count_shards(new_urls)
+            unreadable = {u: c for u, c in counts.items() if isinstance(c, str)}
+            store.register_shards([(u, counts[u]) for u in new_urls if not isinstance(counts[u], str)])
+        for url, why in sorted(unreadable.items()):
+            log(f"FAILED {url}: {why}")
+        wanted = set(urls)
+        done = labels.done_mask()
+        selected = [s for s in store.shards if s.url in wanted]
+        skipped = [s.url for s in selected if done[s.index]]
+        todo = [(s.index, s.url) for s in selected if not done[s.index]]
+        if skipped:
+            log(f"skipping {len(skipped)} shard(s) already done: {', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
+        if todo:
+            ensure_ray()
+            plan = ray_jobs.plan_workers(len(todo), settings.cpus_per_worker)
+            log(f"labelling {len(todo)} shard(s) with {plan.describe()}; {spec.views} views/sample, top-{spec.topk}")
+            if on_start:
+                on_start(len(todo), spec.views)
+            outcomes = ray_jobs.label_shards(store.path, spec.name, settings.worker_settings(), todo, plan,
+                                             on_outcome=on_outcome or (lambda o: None), fault=fault)
+            for o in outcomes:
+                if not o.ok:
+                    log(f"FAILED {o.url}: {o.error}")
+        elif not unreadable:
+            log("nothing to do: every shard is already labelled")
+    return GenerateResult(outcomes, unreadable, skipped, time.perf_counter() - start)
+
+
+def settings_from_config(config: dict) -> GenerateSettings:
+    """A merged config dict (defaults ← preset ← flags ← --set) → validated settings."""
+    from labelstore import ViewSpec
+
+    view = dict(config.get("view") or {})
+    unknown = set(view) - set(default_view_settings())
+    if unknown:
+        raise ValueError(f"generate: unknown view settings {sorted(unknown)}; known: {sorted(default_view_settings())}")
+    ViewSpec(**view)  # validate early, naming the bad field
+    return GenerateSettings(**config)
+
+
+def default_config() -> dict:
+    """The config dict every preset and override is checked against (placeholders for required fields)."""
+    return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(GenerateSettings)}
+

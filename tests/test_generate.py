@@ -1,0 +1,345 @@
+"""`stl-labels generate` end to end on tiny shards with the tiny FAN config, on a local 2-CPU Ray.
+
+One Ray session for the module; the store built once (`built`) serves several assertions. The
+in-process tests (no Ray) cover the work unit's error paths directly.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from typer.testing import CliRunner
+
+from labelstore import LabelStore, SchemaMismatch, decode_image, render
+from labelstore.verify import verify_store
+from pipelines.generate import GenerateSettings, labeler_spec_for, open_store, run_generate
+from pipelines.label_shard import ShardLabeler
+from pipelines.shard_reader import iter_shard
+
+MODEL = "fan_test_p4_hybrid_token"
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def odd_images(rng: np.random.Generator) -> dict[str, tuple[str, bytes]]:
+    """Every image mode the decoder must handle, plus one that cannot be decoded."""
+    rgb = rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:1800, 0:2400]
+    large = np.stack([(xx // 9) % 256, (yy // 7) % 256, ((xx + yy) // 11) % 256], -1).astype(np.uint8)
+    palette = Image.fromarray(rgb).convert("P")
+    palette.info["transparency"] = 0
+    return {
+        "gray": ("jpg", encode(Image.fromarray(rgb[..., 0], "L"), "JPEG")),
+        "cmyk": ("jpg", encode(Image.fromarray(rgb).convert("CMYK"), "JPEG")),
+        "rgba": ("png", encode(Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"), "PNG")),
+        "sixteen": ("png", encode(Image.fromarray((rng.integers(0, 65535, (20, 24))).astype(np.uint16)), "PNG")),
+        "tiny": ("png", encode(Image.fromarray(rgb[:8, :8]), "PNG")),
+        "palette": ("png", encode(palette, "PNG")),
+        "corrupt": ("jpg", b"\xff\xd8\xff\xe0 this is not a jpeg"),
+        "large": ("jpg", encode(Image.fromarray(large), "JPEG")),
+    }
+
+
+def write_shards(root) -> list[str]:
+    rng = np.random.default_rng(0)
+    paths = [str(root / f"s-{i:06d}.tar") for i in range(3)]
+    with wds.TarWriter(paths[0]) as w:
+        for i in range(5):
+            img = Image.fromarray(rng.integers(0, 256, (40 + 9 * i, 52, 3), dtype=np.uint8))
+            w.write({"__key__": f"a{i}", "jpg": encode(img, "JPEG"), "cls": i})
+    with wds.TarWriter(paths[1]) as w:
+        for i, (key, (ext, data)) in enumerate(odd_images(rng).items()):
+            w.write({"__key__": key, ext: data, "cls": i % 10})
+    with wds.TarWriter(paths[2]) as w:
+        for i in range(3):
+            img = Image.fromarray(rng.integers(0, 256, (33, 29, 3), dtype=np.uint8))
+            w.write({"__key__": f"c{i}", "webp": encode(img, "WEBP"), "json": json.dumps({"label": 9 - i}).encode()})
+    return paths
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    paths = write_shards(root)
+    torch.manual_seed(0)
+    import labeler.models as models
+
+    torch.save(models.create_token_model(MODEL, num_classes=10).state_dict(), root / "teacher.pth")
+    return root, paths
+
+
+def settings(root, store: str, shards, **kw) -> GenerateSettings:
+    base = dict(shards=shards, store=store, name="fan_t", model=MODEL, checkpoint=str(root / "teacher.pth"),
+                num_classes=10, views=3, topk=4, rows_per_chunk=8, batch_size=8, amp="none",
+                render_backend="torch", decode_threads=1)
+    return GenerateSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def built(ray_cluster, data, tmp_path_factory):
+    root, paths = data
+    out = tmp_path_factory.mktemp("built")
+    s = settings(root, str(out / "labels.zarr"), [str(root / "s-{000000..000002}.tar")], dump_views_dir=str(out / "views"))
+    return run_generate(s, log=lambda line: None), s
+
+
+def read_all(store_path: str) -> dict[str, np.ndarray]:
+    store = LabelStore.open(store_path)
+    lab = store.labeler("fan_t")
+    out = {name: np.asarray(store.samples[name][:]) for name in ("key", "label", "image_hw", "valid")}
+    for path in lab.array_paths:
+        out[path] = np.asarray(lab.array(path)[:])
+    return out
+
+
+def assert_same_labels(a: dict, b: dict) -> None:
+    for name in a:
+        if name == "errors":  # reasons name the shard file, which lives in another folder here
+            strip = np.vectorize(lambda text: re.sub(r"\S*/", "", str(text)))
+            np.testing.assert_array_equal(strip(a[name]), strip(b[name]))
+        elif "logit" in name or "tail" in name:  # float16 storage: equal within its rounding
+            np.testing.assert_allclose(a[name].astype(np.float32), b[name].astype(np.float32), rtol=2e-3, atol=2e-3)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.timeout(240)
+def test_store_is_complete_and_verifies(built):
+    result, s = built
+    assert result.ok and len(result.outcomes) == 3 and result.skipped_done == []
+    assert verify_store(s.store) == []
+    store = LabelStore.open(s.store)
+    lab = store.labeler("fan_t")
+    assert lab.done_mask().all() and [sh.num_samples for sh in store.shards] == [5, 8, 3]
+    assert result.views == (5 + 7 + 3) * 3
+
+
+@pytest.mark.timeout(240)
+def test_odd_images_handled_and_corrupt_one_recorded(built, data):
+    _, s = built
+    store = LabelStore.open(s.store)
+    rows = store.shards[1].rows
+    got = store.read_samples(rows)
+    keys = list(got["key"])
+    assert keys == list(odd_images(np.random.default_rng(0)))
+    assert got["valid"].tolist() == [k != "corrupt" for k in keys]
+    hw = dict(zip(keys, got["image_hw"].tolist()))
+    assert hw["tiny"] == [8, 8] and hw["large"] == [1800, 2400] and hw["sixteen"] == [20, 24] and hw["corrupt"] == [0, 0]
+    errors = store.labeler("fan_t").errors()
+    assert [(e["shard"], e["key"]) for e in errors] == [(1, "corrupt")] and "cannot decode" in errors[0]["reason"]
+    labels = store.read_samples(store.shards[2].rows)["label"]
+    assert labels.tolist() == [9, 8, 7]  # from the json member
+
+
+@pytest.mark.timeout(240)
+def test_stored_params_rerender_the_pixels_the_teacher_saw(built, data):
+    from labeler.render_torch import render_views
+
+    _, s = built
+    store = LabelStore.open(s.store)
+    lab = store.labeler("fan_t")
+    for shard in store.shards[:2]:
+        seen = np.load(os.path.join(s.dump_views_dir, f"shard-{shard.index:06d}.npy"))
+        samples = {x.key: x for x in iter_shard(shard.url)}
+        got = store.read_samples(shard.rows)
+        for pos, (key, valid) in enumerate(zip(got["key"], got["valid"])):
+            if not valid:
+                continue
+            image = decode_image(samples[key].image)
+            params = np.stack([lab.read(slice(shard.first_row + pos, shard.first_row + pos + 1), v)["params"][0]
+                               for v in range(s.views)])
+            np.testing.assert_array_equal(render_views(image, params, lab.spec.view_spec).numpy(), seen[pos])
+            reference = np.stack([render(image, p, lab.spec.view_spec) for p in params])  # what the trainer renders
+            assert np.abs(reference.astype(int) - seen[pos]).max() <= 1
+
+
+@pytest.mark.timeout(300)
+def test_resume_truncated_shard_fails_then_rerun_retries(built, data, tmp_path):
+    from pipelines.cli_labels import app
+
+    root, paths = data
+    work = tmp_path / "shards"
+    work.mkdir()
+    for p in paths:
+        shutil.copy(p, work)
+    bad = work / "s-000003.tar"
+    bad.write_bytes(open(paths[2], "rb").read()[:3000])  # cut mid-archive
+    s = settings(root, str(tmp_path / "labels.zarr"), [str(work / "s-{000000..000002}.tar")])
+    spec = labeler_spec_for(s)
+    store, _ = open_store(s, spec)
+    store.register_shards([(str(work / "s-000000.tar"), 5)])
+    ShardLabeler(s.store, "fan_t", s.worker_settings())(0)  # the part a crashed run had finished
+
+    args = ["generate", "--shards", str(work / "s-{000000..000003}.tar"), "--store", s.store, "--name", "fan_t",
+            "--model", MODEL, "--checkpoint", s.checkpoint, "--num-classes", "10", "--views", "3", "--topk", "4",
+            "--batch-size", "8", "--amp", "none", "--set", "rows_per_chunk=8", "--set", "render_backend=torch",
+            "--set", "decode_threads=1", "--set", "cpus_per_worker=2"]  # one actor: faster start
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 1, first.output
+    assert "skipping 1 shard(s) already done" in first.output and "labelled 2 shards" in first.output
+    assert f"failed: {bad}" in first.output and "truncated" in first.output
+
+    bad.write_bytes(open(paths[2], "rb").read())  # repaired: the re-run labels only that shard
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert "skipping 3 shard(s) already done" in second.output and "labelled 1 shards" in second.output
+    assert verify_store(s.store) == []
+    resumed, reference = read_all(s.store), read_all(built[1].store)
+    n = reference["key"].shape[0]  # the first three shards sit on the same rows in both stores
+    assert_same_labels({k: v[:n] for k, v in resumed.items() if k != "done"},
+                       {k: v for k, v in reference.items() if k != "done"})
+
+    third = CliRunner().invoke(app, args)
+    assert third.exit_code == 0 and "nothing to do" in third.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_worker_killed_mid_shard_is_retried_and_store_equals_uninterrupted(built, data, tmp_path, monkeypatch):
+    root, _ = data
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("STL_FAULT_KILL_AFTER", "3")
+    monkeypatch.setenv("STL_FAULT_MARKER", str(marker))
+    s = settings(root, str(tmp_path / "labels.zarr"), [str(root / "s-{000000..000002}.tar")])
+    result = run_generate(s, log=lambda line: None)
+    assert marker.exists() and "killed pid" in marker.read_text()  # the kill happened
+    assert result.ok, result.failed
+    assert verify_store(s.store) == []
+    assert_same_labels(read_all(s.store), read_all(built[1].store))
+
+
+# --- in-process (no Ray): the work unit's error paths ---------------------------------------------
+
+def prepared_store(data, tmp_path, shard_paths, **kw):
+    root, _ = data
+    s = settings(root, str(tmp_path / "labels.zarr"), shard_paths, **kw)
+    store, _ = open_store(s, labeler_spec_for(s))
+    return s, store
+
+
+@pytest.mark.timeout(120)
+def test_shard_over_capacity_is_refused_before_writing(data, tmp_path):
+    _, paths = data
+    path = tmp_path / "grow.tar"
+    shutil.copy(paths[0], path)
+    s, store = prepared_store(data, tmp_path, [str(path)])
+    store.register_shards([(str(path), 5)])
+    with wds.TarWriter(str(path)) as w:  # the file grows after registration: 9 samples for 5 rows
+        for i in range(9):
+            w.write({"__key__": f"g{i}", "png": encode(Image.new("RGB", (9, 9)), "PNG"), "cls": 1})
+    outcome = ShardLabeler(s.store, "fan_t", s.worker_settings())(0)
+    assert not outcome.ok and "ShardCapacityError" in outcome.error and "grow.tar" in outcome.error
+    assert "5 rows" in outcome.error
+    lab = LabelStore.open(s.store).labeler("fan_t")
+    assert not lab.done_mask()[0] and (np.asarray(LabelStore.open(s.store).samples.key[:8]) == "").all()
+
+
+@pytest.mark.timeout(120)
+def test_shard_truncated_after_registration_fails_with_url(data, tmp_path):
+    _, paths = data
+    path = tmp_path / "cut.tar"
+    shutil.copy(paths[0], path)
+    s, store = prepared_store(data, tmp_path, [str(path)])
+    store.register_shards([(str(path), 5)])
+    data_bytes = open(paths[0], "rb").read()
+    path.write_bytes(data_bytes[: len(data_bytes) // 2])
+    outcome = ShardLabeler(s.store, "fan_t", s.worker_settings())(0)
+    assert not outcome.ok and "cut.tar" in outcome.error and "truncated" in outcome.error
+    assert not LabelStore.open(s.store).labeler("fan_t").done_mask()[0]
+
+
+@pytest.mark.timeout(120)
+def test_pillow_backend_renders_exactly_the_reference_views(data, tmp_path):
+    _, paths = data
+    s, store = prepared_store(data, tmp_path, [paths[2]], render_backend="pillow", dump_views_dir=str(tmp_path / "v"))
+    store.register_shards([(paths[2], 3)])
+    assert ShardLabeler(s.store, "fan_t", s.worker_settings())(0).ok
+    lab = LabelStore.open(s.store).labeler("fan_t")
+    seen = np.load(tmp_path / "v" / "shard-000000.npy")
+    for pos, sample in enumerate(iter_shard(paths[2])):
+        for v in range(s.views):
+            params = lab.read(slice(pos, pos + 1), v)["params"][0]
+            np.testing.assert_array_equal(render(decode_image(sample.image), params, lab.spec.view_spec), seen[pos, v])
+
+
+@pytest.mark.timeout(120)
+def test_changed_settings_are_refused_with_a_diff(data, tmp_path):
+    _, paths = data
+    s, _ = prepared_store(data, tmp_path, [paths[2]])
+    changed = settings(data[0], s.store, [paths[2]], topk=5, views=4)
+    with pytest.raises(SchemaMismatch) as err:
+        run_generate(changed, log=lambda line: None)
+    assert "topk: store has 4, expected 5" in str(err.value) and "views: store has 3, expected 4" in str(err.value)
+    with pytest.raises(SchemaMismatch, match="seed"):
+        run_generate(settings(data[0], s.store, [paths[2]], seed=1), log=lambda line: None)
+
+
+@pytest.mark.timeout(120)
+def test_duplicate_key_gets_an_invalid_row_and_a_record(data, tmp_path):
+    path = tmp_path / "dup.tar"
+    with wds.TarWriter(str(path)) as w:
+        for key in ("x", "y", "x"):
+            w.write({"__key__": key, "png": encode(Image.new("RGB", (12, 10), (9, 9, 9)), "PNG"), "cls": 2})
+    s, store = prepared_store(data, tmp_path, [str(path)])
+    store.register_shards([(str(path), 3)])
+    assert ShardLabeler(s.store, "fan_t", s.worker_settings())(0).ok
+    store = LabelStore.open(s.store)
+    got = store.read_samples(store.shards[0].rows)
+    assert got["key"].tolist() == ["x", "y", "x#duplicate-at-2"] and got["valid"].tolist() == [True, True, False]
+    assert store.find_rows(0, ["x"]).tolist() == [0]
+    assert "duplicate key 'x'" in store.labeler("fan_t").errors()[0]["reason"]
+
+
+@pytest.mark.timeout(120)
+def test_bench_generate_prints_pipeline_forward_and_stages(data):
+    from pipelines.cli_labels import app
+
+    _, paths = data
+    result = CliRunner().invoke(app, ["bench", "generate", "--shards", paths[2], "--model", MODEL, "--batch-size", "6",
+                                      "--amp", "none", "--views", "2", "--num-classes", "10", "--topk", "3"])
+    assert result.exit_code == 0, result.output
+    assert "pipeline" in result.stdout and "(6 views in" in result.stdout  # 3 samples × 2 views
+    assert "bare forward" in result.stdout and "pipeline / bare forward = " in result.stdout
+    for stage in ("read", "decode", "render", "forward", "topk", "write"):
+        assert f"  {stage} " in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_generate_cli_rejects_bad_settings_before_work(data, tmp_path):
+    from pipelines.cli_labels import app
+
+    root, paths = data
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"model: {MODEL}\nnum_classes: 10\nview:\n  scael: [0.5, 1.0]\n")
+    base = ["generate", "--shards", paths[0], "--store", str(tmp_path / "l.zarr"), "--name", "x"]
+    bad_key = CliRunner().invoke(app, base + ["--config", str(preset)])
+    assert bad_key.exit_code == 2 and "unknown key 'view.scael'" in bad_key.output and "p.yaml" in bad_key.output
+    bad_type = CliRunner().invoke(app, base + ["--model", MODEL, "--set", "views=many"])
+    assert bad_type.exit_code == 2 and "views" in bad_type.output
+    missing = CliRunner().invoke(app, ["generate", "--store", str(tmp_path / "l.zarr")])
+    assert missing.exit_code == 2 and "missing settings ['shards', 'name', 'model']" in missing.output
+    assert not (tmp_path / "l.zarr").exists()
