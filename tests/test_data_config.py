@@ -38,3 +38,21 @@ def test_unknown_keys_are_errors():
         DataConfig.from_dict({"batchsize": 3})
     with pytest.raises(ValueError, match="temperature"):
         TokenLabelConfig.from_dict({"temperature": 3})
+
+
+def test_default_rand_augment_never_asks_pillow_for_zero_bit_posterize():
+    # Pillow >= 13 raises on posterize(0); the default string must cap the magnitude below 10.
+    import numpy as np
+    from PIL import Image
+    from timm.data import rand_augment_transform
+
+    from trainer.student_augment import PHOTOMETRIC_OPS_INCREASING
+
+    ra = rand_augment_transform(DataConfig(shards="x-{0..1}.tar").rand_augment, {},
+                                transforms=["PosterizeIncreasing"])
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    import random
+    random.seed(0); np.random.seed(0)
+    for _ in range(400):
+        ra(img)
+    assert "PosterizeIncreasing" in PHOTOMETRIC_OPS_INCREASING

@@ -1,0 +1,158 @@
+"""Training loop: learns a tiny task, resumes exactly, stops cleanly on NaN loss and on SIGTERM."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from train_toy import ToySource, ToyTokenModel, make_targets
+from trainer.checkpoint import EXPORT, LAST, load_checkpoint_file
+from trainer.config import load_train_config
+from trainer.loop import NonFiniteLoss, train
+from trainer.losses import student_loss
+
+torch.set_num_threads(1)
+
+
+def config(epochs=2, **sets):
+    base = {"schedule.epochs": epochs, "schedule.warmup_epochs": 1, "schedule.cooldown_epochs": 0,
+            "optim.lr": 0.02, "optim.lr_base_batch": 16, "optim.weight_decay": 0.01, "data.batch_size": 16,
+            "run.amp": "none", "run.ema_decay": 0.9, "run.log_every": 1, "run.device": "cpu",
+            "run.tensorboard": False, "run.progress_bar": False, "model.channels_last": False,
+            "model.name": "toy"}
+    base.update(sets)
+    return load_train_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def loss_fn(cls_logits, token_logits, cls_target, token_target):
+    return student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0)
+
+
+def run(tmp_path, cfg, source, targets=make_targets, resume=None, seed=0):
+    torch.manual_seed(seed)
+    model = ToyTokenModel()
+    return train(model=model, arch="toy", cfg=cfg, out_dir=tmp_path, epoch_batches=source.epoch_batches,
+                 make_targets=targets, compute_loss=loss_fn, steps_per_epoch=source.shards, resume=resume)
+
+
+def records(tmp_path, kind="train"):
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_loss_decreases_on_a_learnable_task(tmp_path):
+    cfg = config(epochs=7, **{"schedule.warmup_epochs": 1})
+    result = run(tmp_path, cfg, ToySource(shards=6))
+    losses = [r["loss"] for r in records(tmp_path)]
+    assert result.status == "finished" and len(losses) == 48
+    assert sum(losses[-6:]) / 6 < 0.6 * sum(losses[:6]) / 6, losses
+    assert (tmp_path / LAST).exists() and (tmp_path / EXPORT).exists()
+    export = torch.load(tmp_path / EXPORT, weights_only=True)
+    assert set(export["state_dict"]) == set(export["state_dict_ema"])  # what `generate --checkpoint` loads
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = config(epochs=2, **{"optim.clip_grad": 1.0})
+    full = run(tmp_path / "full", cfg, ToySource())
+    # Interrupt in the middle of epoch 1 (after update 6 of 12 (1 warmup + 2 epochs), at a shard boundary) by a stop request.
+    calls = {"n": 0}
+
+    def stopping_targets(batch, device, step):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler turns it into a checkpoint + return
+        return make_targets(batch, device, step)
+
+    part = run(tmp_path / "part", cfg, ToySource(), targets=stopping_targets)
+    assert part.status == "stopped" and part.global_update == 6
+    ck = load_checkpoint_file(tmp_path / "part" / LAST)
+    assert ck["epoch"] == 1 and ck["data_position"] == {"steps": 2, "ranks": [{"shards_done": 2}]}
+    resumed = run(tmp_path / "part", cfg, ToySource(), resume=tmp_path / "part" / LAST, seed=123)
+    assert resumed.status == "finished" and resumed.global_update == full.global_update == 12
+    a, b = load_checkpoint_file(full.last_checkpoint), load_checkpoint_file(resumed.last_checkpoint)
+    for key in ("state_dict", "state_dict_ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+    assert resumed.last_loss == full.last_loss
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = config(epochs=3)
+    calls = {"n": 0}
+
+    def poisoned(batch, device, step):
+        calls["n"] += 1
+        images, cls_t, tok_t = make_targets(batch, device, step)
+        if calls["n"] == 7:  # epoch 1, step 3
+            images = images * float("nan")
+        return images, cls_t, tok_t
+
+    with pytest.raises(NonFiniteLoss, match=r"epoch 1, step 2.*last good checkpoint is kept at .*last\.pth"):
+        run(tmp_path, cfg, ToySource(), targets=poisoned)
+    ck = load_checkpoint_file(tmp_path / LAST)
+    assert ck["epoch"] == 1 and ck["global_update"] == 4  # end of epoch 0: untouched by the NaN step
+    assert all(torch.isfinite(t).all() for t in ck["state_dict"].values())
+    assert records(tmp_path, "stop")
+
+
+def test_nan_in_the_first_epoch_says_no_checkpoint_yet(tmp_path):
+    def poisoned(batch, device, step):
+        images, cls_t, tok_t = make_targets(batch, device, step)
+        return images, cls_t * float("inf"), tok_t
+
+    with pytest.raises(NonFiniteLoss, match="none written yet"):
+        run(tmp_path, config(), ToySource(), targets=poisoned)
+    assert not (tmp_path / LAST).exists()
+
+
+def test_accumulation_bf16_autocast_and_csv_metrics(tmp_path):
+    cfg = config(epochs=1, **{"optim.accumulation_steps": 2, "run.amp": "bf16", "run.metrics_format": "csv",
+                              "schedule.warmup_epochs": 0, "model.channels_last": True})
+    result = run(tmp_path, cfg, ToySource(shards=5))
+    assert result.global_update == 3  # 5 micro-batches, accumulation 2: the epoch's remainder still updates
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("kind,epoch,update,loss") and len(rows) == 1 + 2 + 1  # header, 2 full updates, the epoch line
+
+
+def test_fp16_uses_a_grad_scaler_and_resume_restores_it(tmp_path):
+    cfg = config(epochs=1, **{"run.amp": "fp16", "schedule.warmup_epochs": 0})
+    run(tmp_path, cfg, ToySource(shards=2))
+    assert load_checkpoint_file(tmp_path / LAST)["scaler"]["scale"] > 0
+
+
+def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):
+    from trainer.checkpoint import atomic_save
+
+    atomic_save({"a": torch.ones(2)}, tmp_path / "ck.pth")
+    with pytest.raises(Exception):
+        atomic_save({"a": lambda: None}, tmp_path / "ck.pth")  # cannot be pickled: fails mid-write
+    assert torch.load(tmp_path / "ck.pth", weights_only=True)["a"].equal(torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]  # no temp file left behind
+
+
+def test_resume_into_another_model_or_from_a_bad_file_is_a_clear_error(tmp_path):
+    from trainer.checkpoint import CheckpointError
+
+    run(tmp_path, config(epochs=1, **{"schedule.warmup_epochs": 0}), ToySource(shards=1))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth cannot be read"):
+        run(tmp_path / "b", config(), ToySource(), resume=tmp_path / "junk.pth")
+
+    class Wider(ToyTokenModel):
+        def __init__(self):
+            super().__init__(dim=48)
+
+    with pytest.raises(CheckpointError, match="does not fit"):
+        train(model=Wider(), arch="toy", cfg=config(), out_dir=tmp_path / "c", epoch_batches=ToySource().epoch_batches,
+              make_targets=make_targets, compute_loss=loss_fn, steps_per_epoch=4, resume=tmp_path / LAST)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torch_compile_trains_and_checkpoints_plain_keys(tmp_path):
+    result = run(tmp_path, config(epochs=1, **{"model.compile": True, "schedule.warmup_epochs": 0}), ToySource(shards=3))
+    assert result.status == "finished" and result.global_update == 3
+    keys = load_checkpoint_file(tmp_path / LAST)["state_dict"]
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)

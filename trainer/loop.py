@@ -1,0 +1,245 @@
+"""The training loop of both STL stages, reading top to bottom in phases.
+
+`train()` takes explicit arguments (never a parsed-args object): the model, the resolved config, and three
+callables that make it stage-agnostic —
+- `epoch_batches(epoch, position)` yields `(batch, rank_position_after)` for one epoch on this rank, starting
+  after `position` = `{}` (start of the epoch) or what a mid-epoch checkpoint saved: `{"steps": micro-batches
+  done, "ranks": [rank_position of each rank]}`,
+- `make_targets(batch, device, step)` (step = epoch · 2^24 + micro-batch index, for seeding) returns `(images, cls_target (B,C), token_target (B,T,C) | None)` on the device,
+- `compute_loss(cls_logits, token_logits, cls_target, token_target)` returns `trainer.losses.LossTerms`
+  (paper Eq. 2 for the labeler, Eq. 5 for the student).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.utils import ModelEmaV3, dispatch_clip_grad
+
+from trainer.checkpoint import (
+    EXPORT, LAST, StopRequest, TrainState, export_for_labeling, load_checkpoint_file, restore_checkpoint,
+    save_checkpoint,
+)
+from trainer.config import TrainConfig, config_to_dict
+from trainer.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
+from trainer.losses import LossTerms
+from trainer.optim import create_optimizer, create_scheduler
+from trainer.run_log import RunLog
+
+EpochBatches = Callable[[int, dict], Iterable[tuple[Any, dict]]]
+MakeTargets = Callable[[Any, torch.device, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+ComputeLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None], LossTerms]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; training stopped without writing over the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a `train()` call ended."""
+
+    status: str  # "finished" | "stopped" (SIGTERM: checkpoint written, resume with --resume)
+    epoch: int  # epochs fully done
+    global_update: int
+    last_checkpoint: Path | None
+    export: Path | None  # EMA export for `stl-labels generate --checkpoint` (when finished)
+    last_loss: float
+
+
+def split_outputs(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token models return (cls_logits, token_logits); plain models return cls_logits only."""
+    if isinstance(out, (tuple, list)):
+        return out[0], (out[1] if len(out) > 1 else None)
+    return out, None
+
+
+def amp_context(device: torch.device, amp: str):
+    """bf16 / fp16 autocast on the run's device, or nothing."""
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def gather_positions(position: dict, info: DistInfo) -> list[dict]:
+    """Every rank's data position (each rank reads its own shards), rank order."""
+    if not info.distributed:
+        return [position]
+    out: list = [None] * info.world_size
+    torch.distributed.all_gather_object(out, position)
+    return out
+
+
+def _next_or_none(it: Iterator) -> Any:
+    try:
+        return next(it)
+    except StopIteration:
+        return None
+
+
+def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str | Path,
+          epoch_batches: EpochBatches, make_targets: MakeTargets, compute_loss: ComputeLoss,
+          steps_per_epoch: int, info: DistInfo | None = None, resume: str | Path | None = None,
+          log: RunLog | None = None, stop: StopRequest | None = None) -> TrainResult:
+    """Train `model` for `cfg.schedule.total_epochs`; checkpoints every epoch and on SIGTERM."""
+    info = info or DistInfo()
+    out_dir = Path(out_dir)
+    device = info.device
+    log = log or (RunLog(out_dir, cfg.run.metrics_format, cfg.run.tensorboard, cfg.run.progress_bar)
+                  if info.is_main else RunLog.disabled())
+    accum = cfg.optim.accumulation_steps
+    if cfg.schedule.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.schedule.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError("steps_per_epoch must be >= 1: the data yields no batch (check data.shards/batch_size)")
+    updates_per_epoch = math.ceil(steps_per_epoch / accum)
+    total_epochs = cfg.schedule.total_epochs
+
+    # ---- phase 1: model on the device; optimizer, schedule, EMA and scaler from the unwrapped model ----
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    global_batch = cfg.data.batch_size * info.world_size * accum
+    optimizer = create_optimizer(model, cfg.optim, lr=cfg.optim.scaled_lr(global_batch))
+    scheduler = create_scheduler(optimizer, cfg.schedule, updates_per_epoch)
+    ema = (ModelEmaV3(model, decay=cfg.run.ema_decay, use_warmup=cfg.run.ema_warmup)
+           if cfg.run.ema_decay is not None else None)
+    scaler = torch.amp.GradScaler(device.type) if cfg.run.amp == "fp16" else None  # bf16 needs no scaling
+    state = TrainState()
+
+    # ---- phase 2: resume (model, optimizer, scheduler, EMA, scaler, RNGs, epoch, data position) ----------
+    if resume is not None:
+        ckpt = load_checkpoint_file(resume)
+        state = restore_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                                   scaler=scaler, source=str(resume))
+        log.message(f"resumed from {resume}: epoch {state.epoch}, update {state.global_update}, "
+                    f"data position {state.data_position or 'start of epoch'}")
+    scheduler.step_update(num_updates=state.global_update)
+
+    # ---- phase 3: wrap for speed and for several processes --------------------------------------------
+    train_model = wrap_ddp(model, info)
+    if cfg.model.compile:
+        train_model = torch.compile(train_model)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    stop = stop or StopRequest()
+    last_ckpt: Path | None = out_dir / LAST if (out_dir / LAST).exists() else None
+    last_loss = float("nan")
+
+    def checkpoint(metrics: dict) -> Path | None:
+        if info.is_main:
+            save_checkpoint(out_dir / LAST, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                            scaler=scaler, state=state, config=config_to_dict(cfg), arch=arch, metrics=metrics)
+        barrier(info)
+        return out_dir / LAST
+
+    # ---- phase 4: epochs -------------------------------------------------------------------------------
+    def optimizer_update(synced: bool) -> None:
+        """Unscale, clip, step, EMA, schedule. `synced=False`: the last micro-batches ran under no_sync."""
+        if not synced and info.distributed:  # an epoch's leftover accumulation: average grads by hand
+            for p in model.parameters():
+                if p.grad is not None:
+                    all_reduce_sum(p.grad, info).div_(info.world_size)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if cfg.optim.clip_grad is not None:
+            dispatch_clip_grad(model.parameters(), cfg.optim.clip_grad, mode=cfg.optim.clip_mode)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.global_update += 1
+        if ema is not None:
+            ema.update(model, step=state.global_update)
+        scheduler.step_update(num_updates=state.global_update)
+
+    with stop:
+        while state.epoch < total_epochs:
+            train_model.train()
+            step = int(state.data_position.get("steps", 0))
+            batches = iter(epoch_batches(state.epoch, dict(state.data_position)))
+            rank_position: dict = {}
+            skipped, seen, pending, t0 = 0, 0, 0, time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            # The epoch runs until the data runs dry on any rank (every rank must take the same number of
+            # steps for DDP's collectives), or to schedule.max_steps_per_epoch. steps_per_epoch (an
+            # estimate from the sample count) only sizes the schedule and the progress bar.
+            while cfg.schedule.max_steps_per_epoch is None or step < cfg.schedule.max_steps_per_epoch:
+                item = _next_or_none(batches)
+                if all_reduce_sum(torch.tensor([float(item is None)], device=device), info).item() > 0:
+                    break
+                batch, rank_position = item
+                # Seed index unique per micro-batch whatever the (estimated) epoch length: epoch·2^24 + step.
+                images, cls_target, token_target = make_targets(batch, device, (state.epoch << 24) + step)
+                images = images.contiguous(memory_format=memory_format)
+                boundary = (pending + 1) % accum == 0
+                sync = nullcontext() if boundary or not info.distributed else train_model.no_sync()
+                with sync:
+                    with amp_context(device, cfg.run.amp):
+                        cls_logits, token_logits = split_outputs(train_model(images))
+                    terms = compute_loss(cls_logits, token_logits, cls_target, token_target)
+                    # NaN/inf check on every rank together, before any weight changes.
+                    bad = all_reduce_sum((~torch.isfinite(terms.total.detach())).float().reshape(1), info).item()
+                    if bad > 0:
+                        log.record("stop", epoch=state.epoch, update=state.global_update, loss=float("nan"))
+                        log.message(f"loss is not finite at epoch {state.epoch}, step {step} (update "
+                                    f"{state.global_update}); stopping. Last good checkpoint: {last_ckpt or 'none yet'}")
+                        log.close()
+                        raise NonFiniteLoss(
+                            f"training loss became NaN/inf at epoch {state.epoch}, step {step}, update "
+                            f"{state.global_update}; the last good checkpoint is kept at {last_ckpt or '(none written yet)'}."
+                            " Lower optim.lr, set optim.clip_grad, or check the inputs/labels.")
+                    loss = terms.total / accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                step += 1
+                pending += 1
+                seen += images.shape[0]
+                skipped = int(rank_position.get("skipped", skipped))
+                last_loss = float(terms.total.detach())
+                if not boundary:
+                    continue
+                optimizer_update(synced=True)
+                pending = 0
+
+                lr = optimizer.param_groups[0]["lr"]
+                rate = seen * info.world_size / max(time.perf_counter() - t0, 1e-9)
+                log.progress(state.epoch, total_epochs, step, steps_per_epoch, last_loss, lr, rate)
+                if state.global_update % cfg.run.log_every == 0:
+                    log.record("train", epoch=state.epoch, update=state.global_update, loss=last_loss,
+                               loss_cls=float(terms.cls), loss_token=float(terms.token), lr=lr,
+                               images_per_s=round(rate, 2), skipped_samples=skipped)
+                if all_reduce_sum(torch.tensor([float(stop.requested)], device=device), info).item() > 0:
+                    state.data_position = {"steps": step, "ranks": gather_positions(rank_position, info)}
+                    last_ckpt = checkpoint({"loss": last_loss})
+                    log.record("sigterm", epoch=state.epoch, update=state.global_update, loss=last_loss)
+                    log.message(f"SIGTERM: checkpoint written to {last_ckpt} at epoch {state.epoch}, step {step}; "
+                                f"continue with --resume {last_ckpt}")
+                    log.close()
+                    return TrainResult("stopped", state.epoch, state.global_update, last_ckpt, None, last_loss)
+            if pending:  # the epoch's last micro-batches still update (no sample's gradient is dropped)
+                optimizer_update(synced=accum == 1)
+
+            # -- end of epoch: the data position resets, a checkpoint is written --
+            skipped = int(all_reduce_sum(torch.tensor([float(skipped)], device=device), info).item())
+            log.record("epoch", epoch=state.epoch, update=state.global_update, loss=last_loss,
+                       lr=optimizer.param_groups[0]["lr"], skipped_samples=skipped,
+                       images_per_s=round(seen * info.world_size / max(time.perf_counter() - t0, 1e-9), 2))
+            if skipped:
+                log.message(f"epoch {state.epoch}: {skipped} unreadable samples skipped (counted, see metrics)")
+            state.epoch += 1
+            state.data_position = {}
+            last_ckpt = checkpoint({"loss": last_loss})
+
+    # ---- phase 5: the EMA export `stl-labels generate --checkpoint` loads -------------------------------
+    export = export_for_labeling(last_ckpt, out_dir / EXPORT) if info.is_main and last_ckpt else None
+    barrier(info)
+    log.message(f"done: {state.epoch} epochs, {state.global_update} updates; checkpoint {last_ckpt}, export {export}")
+    log.close()
+    return TrainResult("finished", state.epoch, state.global_update, last_ckpt, export, last_loss)

@@ -1,0 +1,50 @@
+"""Optimiser and learning-rate schedule: timm's factories with the paper's settings.
+
+AdamW with no weight decay on norms, biases, the class token and the positional encoding; cosine schedule
+whose warmup comes *before* the cosine (timm's default runs the warmup inside it) and that is stepped
+every optimiser update, not every epoch (API-NOTES §4).
+"""
+from __future__ import annotations
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.optim._param_groups import param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
+
+from trainer.config import OptimConfig, ScheduleConfig
+
+# Parameters that are embeddings, not weights: decaying them towards 0 only hurts (fnmatch patterns, so
+# they also match inside a wrapper such as TokenHeadWrapper's `model.` prefix).
+ALWAYS_NO_DECAY = ("cls_token", "*.cls_token", "pos_embed", "pos_embed.*", "*.pos_embed", "*.pos_embed.*")
+
+
+def no_weight_decay_patterns(model: torch.nn.Module) -> set[str]:
+    """The model's own `no_weight_decay()` names plus the class token and positional-encoding patterns."""
+    own = getattr(model, "no_weight_decay", lambda: set())()
+    return set(own) | set(ALWAYS_NO_DECAY)
+
+
+def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW over two groups: decayed weights, and non-decayed 1-D params/biases/cls token/pos embedding.
+
+    Build it from the unwrapped model (before DDP), whose parameter names are the ones listed above.
+    """
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_weight_decay_patterns(model))
+    return create_optimizer_v2(groups, cfg.name, lr=lr, weight_decay=cfg.weight_decay,
+                               betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, updates_per_epoch: int) -> Scheduler:
+    """Cosine over `epochs` after a `warmup_epochs` prefix, then `cooldown_epochs` at min_lr; per-update steps.
+
+    Call `scheduler.step_update(num_updates=global_update)` after every optimiser step (and once with 0
+    before the first) so the lr is a function of the update count only: that is what makes resume exact.
+    """
+    if updates_per_epoch < 1:
+        raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch}")
+    scheduler, _ = create_scheduler_v2(
+        optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs, warmup_prefix=True, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch)
+    return scheduler

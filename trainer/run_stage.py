@@ -1,0 +1,130 @@
+"""One training run of either STL stage: build model, loader, targets and loss, then call `loop.train`.
+
+- Stage 1 (`run_labeler`): the token-labeler learns from class labels only (paper Eq. 2) with timm's full
+  train augmentation; its EMA export is what `stl-labels generate --checkpoint` loads.
+- Stage 2 (`run_student`): the student replays the stored views and learns from the class target plus the
+  stored token labels (paper Eq. 5).
+Both run alone or under `torchrun` (one process per device).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tarfile
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from trainer.config import TrainConfig, save_train_config
+from trainer.distributed import DistInfo, init_distributed, shutdown_distributed
+from trainer.loop import TrainResult, train
+from trainer.losses import labeler_loss, student_loss
+
+
+def loader_epochs(loader) -> Callable[[int, dict], object]:
+    """Adapt a `trainer.loader` StreamLoader to the loop's `epoch_batches(epoch, position)`.
+
+    A mid-epoch checkpoint holds every rank's done shards; their union is skipped on resume and the
+    remaining shards are split over the ranks again, so every sample is still seen once in the epoch.
+    """
+    def epoch_batches(epoch: int, position: dict):
+        done = set()
+        for rank_position in position.get("ranks", []):
+            done.update(rank_position.get("done_shards", []))
+        loader.set_epoch(epoch, skip_shards=done)
+        batches = iter(loader)
+        # Starting the DataLoader draws its worker seeds from the global torch RNG; keep that draw out of
+        # the training RNG stream, so a run resumed mid-epoch draws the same drop-path masks as an
+        # uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            first = next(batches, None)
+        if first is None:
+            return
+        yield first, {"done_shards": sorted(loader.done_shards), "skipped": loader.num_skipped}
+        for batch in batches:
+            yield batch, {"done_shards": sorted(loader.done_shards), "skipped": loader.num_skipped}
+    return epoch_batches
+
+
+def count_tar_samples(urls: Sequence[str]) -> int:
+    """Samples (distinct keys) in local tar shards, from the member headers only (stage 1 has no store
+    whose sample table would tell; the schedule needs an epoch length)."""
+    total = 0
+    for url in urls:
+        if not Path(url).is_file():
+            raise FileNotFoundError(f"shard {url} is not a local file; stage-1 training needs local shards to "
+                                    "size its schedule")
+        keys = set()
+        with tarfile.open(url, mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    base = member.name.rsplit("/", 1)[-1]
+                    keys.add(member.name[: len(member.name) - len(base)] + base.split(".", 1)[0])
+        total += len(keys)
+    return total
+
+
+def _prepare(cfg: TrainConfig, out_dir: str | Path) -> DistInfo:
+    info = init_distributed(cfg.run.device)
+    torch.manual_seed(cfg.data.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    if info.is_main:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_train_config(cfg, Path(out_dir) / "config.yaml")  # the resolved config this run used
+    return info
+
+
+def build_model(cfg: TrainConfig):
+    """The token model with the configured (or the paper's per-size) drop-path rate."""
+    from labeler.models import create_token_model
+
+    return create_token_model(cfg.model.name, num_classes=cfg.model.num_classes,
+                              drop_path_rate=cfg.model.resolved_drop_path_rate)
+
+
+def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: str | Path,
+                resume: str | Path | None = None) -> TrainResult:
+    """Stage 2, paper Eq. 5, on the token labels `labeler` stored in `labels`."""
+    from labeler.models import token_grid
+    from trainer.loader import build_student_loader
+    from trainer.target_builder import TargetBuilder
+
+    info = _prepare(cfg, out_dir)
+    try:
+        loader = build_student_loader(cfg.data, labels=labels, labeler=labeler, num_classes=cfg.model.num_classes,
+                                      rank=info.rank, world_size=info.world_size,
+                                      pin_memory=info.device.type == "cuda")
+        model = build_model(cfg)
+        targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=cfg.tokens,
+                                store_grid=loader.store_grid, student_grid=token_grid(model, loader.input_size),
+                                device=info.device, seed=cfg.data.seed, train=True)
+        return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
+                     make_targets=lambda batch, device, step: targets(batch, step),
+                     compute_loss=partial(student_loss, beta=cfg.tokens.beta),
+                     steps_per_epoch=loader.batches_per_epoch(info.world_size), info=info, resume=resume)
+    finally:
+        shutdown_distributed(info)
+
+
+def run_labeler(cfg: TrainConfig, *, out_dir: str | Path, resume: str | Path | None = None) -> TrainResult:
+    """Stage 1, paper Eq. 2: class labels only, timm's full train augmentation (no label store)."""
+    from trainer.loader import build_labeler_loader, expand_shards
+    from trainer.target_builder import TargetBuilder
+
+    if cfg.data.input_size is None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, input_size=(cfg.model.img_size,) * 2))
+    info = _prepare(cfg, out_dir)
+    try:
+        loader = build_labeler_loader(cfg.data, rank=info.rank, world_size=info.world_size,
+                                      pin_memory=info.device.type == "cuda")
+        num_samples = count_tar_samples(expand_shards(cfg.data.shards))
+        steps = max(1, -(-num_samples // (cfg.data.batch_size * info.world_size)))
+        model = build_model(cfg)
+        targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=None, store_grid=None,
+                                device=info.device, seed=cfg.data.seed, train=True)
+        return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
+                     make_targets=lambda batch, device, step: targets(batch, step),
+                     compute_loss=lambda c, t, y, _tokens: labeler_loss(c, t, y, alpha=cfg.loss.alpha),
+                     steps_per_epoch=steps, info=info, resume=resume)
+    finally:
+        shutdown_distributed(info)
