@@ -7,7 +7,7 @@ from trainer.data_config import DataConfig, TokenLabelConfig
 def test_defaults_follow_the_recipe_and_round_trip():
     d = DataConfig(shards="a-{0..3}.tar", input_size=224)
     assert d.shards == ("a-{0..3}.tar",) and d.input_size == (224, 224)
-    assert (d.rand_augment, d.reprob, d.mixup, d.cutmix, d.label_smoothing) == ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
+    assert (d.rand_augment, d.reprob, d.mixup, d.cutmix, d.label_smoothing) == ("rand-m9-mstd0.5-inc1-mmax9", 0.25, 0.8, 1.0, 0.1)
     assert DataConfig.from_dict(d.to_dict()) == d
     t = TokenLabelConfig()
     assert (t.mode, t.tau, t.smoothing, t.token_mix, t.beta) == ("gumbel", 1.0, 0.1, "follow", 1.0)
