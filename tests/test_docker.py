@@ -159,7 +159,7 @@ def readme_commands() -> list[list[str]]:
     """Commands in the bash blocks of the README's at-scale section that start a checked program
     (after optional `VAR=value` assignments), continuation lines joined."""
     text = README.read_text()
-    start = text.index("<!-- section: at-scale -->")
+    start = text.index("\n## At scale\n") + 1
     end = text.find("\n## ", start)
     section = text[start:end if end != -1 else None]
     argvs = []
