@@ -4,6 +4,9 @@ Command bodies stay short and import torch inside the command so `--help` is fas
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train FAN token-labelers and students; evaluate.")
@@ -49,6 +52,16 @@ def _user_errors():
     return (StoreError, CheckpointError, WeightsError, NonFiniteLoss, ValueError, OSError)
 
 
+@contextlib.contextmanager
+def _exit_2_on_user_error() -> Iterator[None]:
+    """Turn a user-fixable error into one `error: ...` line on stderr and exit code 2 (no traceback)."""
+    try:
+        yield
+    except _user_errors() as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+
+
 @app.command("student")
 def student_cmd(
     shards: list[str] = typer.Option(..., "--shards", help=_SHARDS_HELP),
@@ -61,14 +74,11 @@ def student_cmd(
     resume: str = typer.Option(None, "--resume", help="Continue exactly from a checkpoint (e.g. RUN/last.pth)."),
 ) -> None:
     """Stage 2 (paper Eq. 5): CE(cls, mixed target) + beta * mean token CE on the stored token labels."""
-    try:
+    with _exit_2_on_user_error():
         cfg = _train_config(config, sets, model__name=model, data__shards=shards)
         from trainer.run_stage import run_student
 
         result = run_student(cfg, labels=labels, labeler=labeler, out_dir=out, resume=resume)
-    except _user_errors() as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
     if _is_rank0():  # under torchrun every rank returns; one line is enough
         typer.echo(f"{result.status}: epoch {result.epoch}, {result.global_update} updates, checkpoint {result.last_checkpoint}")
 
@@ -83,14 +93,11 @@ def labeler_cmd(
     resume: str = typer.Option(None, "--resume", help="Continue exactly from a checkpoint (e.g. RUN/last.pth)."),
 ) -> None:
     """Stage 1 (paper Eq. 2): CE(cls) + alpha * CE(mean over tokens of the token logits), full augmentation."""
-    try:
+    with _exit_2_on_user_error():
         cfg = _train_config(config, sets, model__name=model, data__shards=shards)
         from trainer.run_stage import run_labeler
 
         result = run_labeler(cfg, out_dir=out, resume=resume)
-    except _user_errors() as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
     if _is_rank0():
         typer.echo(f"{result.status}: epoch {result.epoch}, {result.global_update} updates, export {result.export}")
 
@@ -110,7 +117,7 @@ def eval_cmd(
     json_out: str = typer.Option(None, "--json", help="Write the report here as JSON."),
 ) -> None:
     """Top-1/top-5 (class head and token mean); ImageNet-C mCE/relative mCE, IN-A/IN-R, retention."""
-    try:
+    with _exit_2_on_user_error():
         cfg = _train_config(config, sets)
         import dataclasses
 
@@ -123,9 +130,6 @@ def eval_cmd(
                                      clean_shards=shards, imagenet_c=imagenet_c, imagenet_a=imagenet_a or None,
                                      imagenet_r=imagenet_r or None, label_space=subset_labels, amp=cfg.run.amp, info=info)
         shutdown_distributed(info)
-    except _user_errors() as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
     if json_out and info.is_main:
         report.write_json(json_out)
     if info.is_main:
@@ -146,13 +150,10 @@ def bench_cmd(
     repeats: int = typer.Option(3, "--repeats", help="Interleaved repeats per variant; the median is printed."),
 ) -> None:
     """Student steps/s: (a) no token labels, (b) stored labels, (c) online teacher; loader images/s vs timm."""
-    try:
+    with _exit_2_on_user_error():
         from pipelines.bench_train import BenchSettings, run_bench
 
         figures = run_bench(BenchSettings(shards=tuple(shards), labels=labels, labeler=labeler, model=model, steps=steps,
                                           batch_size=batch_size, workers=workers, device=device, amp=amp,
                                           repeats=repeats))
-    except _user_errors() as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
     typer.echo(figures.table())

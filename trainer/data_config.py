@@ -32,6 +32,14 @@ def _unit(value: float, name: str) -> None:
         raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
 
 
+def _from_known_keys(cls, d: dict, section: str):
+    """Build a config section from a mapping; an unknown key is an error naming it (never ignored)."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {section} setting(s): {sorted(unknown)}")
+    return cls(**d)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How images reach the student (and the stage-1 labeler): shards, batching, augmentation, mixing.
@@ -106,10 +114,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown data setting(s): {sorted(unknown)}")
-        return cls(**d)
+        return _from_known_keys(cls, d, "data")
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,4 @@ class TokenLabelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenLabelConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown tokens setting(s): {sorted(unknown)}")
-        return cls(**d)
+        return _from_known_keys(cls, d, "tokens")
