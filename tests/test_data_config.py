@@ -7,7 +7,7 @@ from trainer.data_config import DataConfig, TokenLabelConfig
 def test_defaults_follow_the_recipe_and_round_trip():
     d = DataConfig(shards="a-{0..3}.tar", input_size=224)
     assert d.shards == ("a-{0..3}.tar",) and d.input_size == (224, 224)
-    assert (d.rand_augment, d.reprob, d.mixup, d.cutmix, d.label_smoothing) == ("rand-m9-mstd0.5-inc1-mmax9", 0.25, 0.8, 1.0, 0.1)
+    assert (d.rand_augment, d.reprob, d.mixup, d.cutmix, d.label_smoothing) == ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
     assert DataConfig.from_dict(d.to_dict()) == d
     t = TokenLabelConfig()
     assert (t.mode, t.tau, t.smoothing, t.token_mix, t.beta) == ("gumbel", 1.0, 0.1, "follow", 1.0)
@@ -41,18 +41,28 @@ def test_unknown_keys_are_errors():
 
 
 def test_default_rand_augment_never_asks_pillow_for_zero_bit_posterize():
-    # Pillow >= 13 raises on posterize(0); the default string must cap the magnitude below 10.
+    # Pillow >= 13 raises on posterize(0), which timm's PosterizeIncreasing asks for at magnitude 10:
+    # both our RandAugment paths (student photometric ops, stage-1 timm transform) must clamp it.
+    import pickle
+    import random
+
     import numpy as np
     from PIL import Image
-    from timm.data import rand_augment_transform
+    from timm.data import create_transform
 
-    from trainer.student_augment import PHOTOMETRIC_OPS_INCREASING
+    from trainer.student_augment import StudentAugment, keep_posterize_bits_positive
 
-    ra = rand_augment_transform(DataConfig(shards="x-{0..1}.tar").rand_augment, {},
-                                transforms=["PosterizeIncreasing"])
+    cfg = DataConfig(shards="x-{0..1}.tar")
+    student = StudentAugment(cfg.rand_augment)
+    stage1 = keep_posterize_bits_positive(create_transform(32, is_training=True, auto_augment=cfg.rand_augment))
+    for ra in (student._ra, next(t for t in stage1.transforms if hasattr(t, "ops"))):
+        posterize = [op for op in ra.ops if op.name.startswith("Posterize")]
+        assert posterize and all(op.level_fn(10.0, op.hparams) == (1,) for op in posterize)
+        for op in posterize:  # magnitude 10 every time, applied every time
+            op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
-    import random
     random.seed(0); np.random.seed(0)
-    for _ in range(400):
-        ra(img)
-    assert "PosterizeIncreasing" in PHOTOMETRIC_OPS_INCREASING
+    for _ in range(100):
+        student(img, np.random.SeedSequence(0))
+        stage1(img)
+    pickle.loads(pickle.dumps(student))  # still picklable for DataLoader workers

@@ -55,9 +55,7 @@ class DataConfig:
     input_size: tuple[int, int] | None = None  # None: the labeler's view size (student) / 224 (others)
     seed: int = 0
     view_choice: str = "chunk"  # DESIGN.md: one view per row-chunk per epoch; "first": always view 0
-    # mmax9: Pillow >= 13 rejects posterize to 0 bits, which timm's PosterizeIncreasing asks for at
-    # magnitude 10 (reachable with mstd0.5); capping at 9 keeps every op valid. "" disables RandAugment.
-    rand_augment: str = "rand-m9-mstd0.5-inc1-mmax9"
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # "" disables RandAugment
     reprob: float = 0.25  # random-erasing probability (0.3 in some presets)
     remode: str = "pixel"
     mixup: float = 0.8  # Beta(α, α) for mixup; 0 disables

@@ -36,7 +36,7 @@ from trainer.stages import (
     LabelJoin, augment_views, batch_samples, collate_student, enter_samples, image_field, join_labels,
     lookup_rows, replay_views, tar_label, track_shards,
 )
-from trainer.student_augment import StudentAugment, sample_seed, seeded_global_random
+from trainer.student_augment import StudentAugment, keep_posterize_bits_positive, sample_seed, seeded_global_random
 
 _SHARD_ORDER_TAG = 0x5348_5244  # "SHRD"
 _SHUFFLE_TAG = 0x5348_5546  # "SHUF"
@@ -325,9 +325,9 @@ def build_labeler_loader(cfg: DataConfig, *, rank: int | None = None, world_size
     from timm.data import create_transform
 
     size = cfg.input_size or (224, 224)
-    transform = create_transform(size, is_training=True, auto_augment=cfg.rand_augment or None,
-                                 interpolation="bicubic", mean=cfg.mean, std=cfg.std, re_prob=0.0,
-                                 use_prefetcher=True)
+    transform = keep_posterize_bits_positive(create_transform(
+        size, is_training=True, auto_augment=cfg.rand_augment or None, interpolation="bicubic",
+        mean=cfg.mean, std=cfg.std, re_prob=0.0, use_prefetcher=True))
     stream = ShardStream(expand_shards(cfg.shards), TransformPipeline(cfg, transform, cfg.drop_last, cfg.shuffle_buffer),
                          seed=cfg.seed, rank=rank, world_size=world_size)
     return StreamLoader(stream, workers=cfg.workers, pin_memory=pin_memory)

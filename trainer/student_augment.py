@@ -54,6 +54,34 @@ def sample_seed(run_seed: int, epoch: int, *ids: int) -> np.random.SeedSequence:
     return np.random.SeedSequence(int(run_seed), spawn_key=(_AUG_TAG, int(epoch), *(int(i) for i in ids)))
 
 
+def keep_posterize_bits_positive(transform):
+    """Clamp posterize to >= 1 bit in every timm RandAugment inside `transform` (returned, changed in place).
+
+    timm's PosterizeIncreasing asks for 0 bits at magnitude 10 (reachable with m9 mstd0.5), which
+    Pillow >= 13 rejects. Clamping that one op keeps the paper's magnitude distribution for all the
+    others (capping every op with mmax9 would clip half of the N(9, 0.5) draws).
+    """
+    ops = getattr(transform, "ops", None)
+    if ops is not None and all(hasattr(op, "level_fn") for op in ops):
+        for op in ops:
+            if op.name.startswith("Posterize") and op.level_fn is not None:
+                op.level_fn = _at_least_one_bit(op.level_fn)
+    for child in getattr(transform, "transforms", ()):  # torchvision Compose
+        keep_posterize_bits_positive(child)
+    return transform
+
+
+class _at_least_one_bit:
+    """Picklable wrapper (DataLoader workers) of a posterize level function."""
+
+    def __init__(self, level_fn):
+        self.level_fn = level_fn
+
+    def __call__(self, magnitude, hparams):
+        (bits,) = self.level_fn(magnitude, hparams)
+        return (max(1, int(bits)),)
+
+
 def photometric_ops(config_str: str) -> tuple[str, ...]:
     """The op list matching the config's `inc` flag (timm picks the *Increasing variants for inc1)."""
     m = re.search(r"-inc(\d+)", config_str)
@@ -69,8 +97,8 @@ class StudentAugment:
         self.config_str = config_str
         self.ops = photometric_ops(config_str)
         # img_mean: fill colour for ops that need one (none of the photometric ones, kept for safety).
-        self._ra = rand_augment_transform(config_str, {"img_mean": tuple(int(v) for v in fill)},
-                                          transforms=list(self.ops))
+        self._ra = keep_posterize_bits_positive(rand_augment_transform(
+            config_str, {"img_mean": tuple(int(v) for v in fill)}, transforms=list(self.ops)))
 
     def __call__(self, img: Image.Image, seed_seq: np.random.SeedSequence) -> Image.Image:
         with seeded_global_random(seed_seq):
