@@ -14,7 +14,7 @@ import numpy as np
 from .errors import StoreError
 from .schema import DONE, ERRORS, LabelerSpec, labeler_arrays
 from .store import LabelStore
-from .views import GEO_OPS, NUM_PARAMS, PARAM_FIELDS
+from .views import NUM_PARAMS, view_param_faults
 
 MAX_PROBLEMS_PER_CHECK = 5  # enough to locate a fault without flooding the terminal
 
@@ -123,18 +123,8 @@ def _check_shard(store: LabelStore, lab: Any, spec: LabelerSpec, i: int) -> list
 
 
 def _check_params(p: np.ndarray, image_hw: np.ndarray, valid: np.ndarray, spec: LabelerSpec, bad: Any) -> None:
-    """Vectorised form of views.check_view_params over (rows, S, P); reports through `bad`."""
+    """views.view_param_faults over (rows, S, P), a row flagged when any of its views is; reports through `bad`."""
     assert p.shape[-1] == NUM_PARAMS
-    vs, idx = spec.view_spec, {f: i for i, f in enumerate(PARAM_FIELDS)}
-    anyv = lambda m: m.any(1) & valid  # noqa: E731
-    finite = np.isfinite(p).all(-1)
-    bad("views/params: NaN/inf", anyv(~finite))
-    q = np.where(finite[..., None], p, 0)
-    x, y, w, h = (q[..., i] for i in range(4))
-    ih, iw = image_hw[:, None, 0], image_hw[:, None, 1]
-    bad("views/params: crop box not integer", anyv(np.any(q[..., 0:4] != np.round(q[..., 0:4]), -1)))
-    bad("views/params: crop box outside the image", anyv((x < 0) | (y < 0) | (w < 1) | (h < 1) | (x + w > iw) | (y + h > ih)))
-    bad("views/params: flip not 0/1", anyv((q[..., idx["flip"]] != 0) & (q[..., idx["flip"]] != 1)))
-    for op in GEO_OPS:
-        lim = vs.max_abs(op) * (1 + 1e-5) + 1e-6
-        bad(f"views/params: {op} outside ±{vs.max_abs(op):.4g}", anyv(np.abs(q[..., idx[op]]) > lim))
+    for problem, mask in view_param_faults(p, image_hw[:, None, :], spec.view_spec).items():
+        bad(f"views/params: {problem}", mask.any(1) & valid)
+

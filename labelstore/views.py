@@ -270,27 +270,37 @@ def view_matrix(params: Any, src_hw: tuple[int, int], spec: ViewSpec) -> np.ndar
     return _matrix(_as_params(params), spec, k)[:2].copy()
 
 
+def view_param_faults(params: np.ndarray, image_hw: np.ndarray, spec: ViewSpec) -> dict[str, np.ndarray]:
+    """Vectorised range check of stored view records: params (..., P), image_hw broadcastable to (..., 2).
+
+    Returns {problem: bool mask over the leading dims}; the single definition `verify` and
+    `check_view_params` share.
+    """
+    p = np.asarray(params, np.float32)
+    hw = np.asarray(image_hw)
+    finite = np.isfinite(p).all(-1)
+    q = np.where(finite[..., None], p, 0)
+    x, y, w, h = (q[..., i] for i in range(4))
+    ih, iw = hw[..., 0], hw[..., 1]
+    flip = q[..., _IDX["flip"]]
+    faults = {
+        "NaN/inf in view params": ~finite,
+        "crop box not integer": np.any(q[..., 0:4] != np.round(q[..., 0:4]), -1),
+        "crop box outside the image": (x < 0) | (y < 0) | (w < 1) | (h < 1) | (x + w > iw) | (y + h > ih),
+        "flip not 0/1": (flip != 0) & (flip != 1),
+    }
+    for op in GEO_OPS:
+        lim = spec.max_abs(op)
+        faults[f"{op} outside ±{lim:.4g}"] = np.abs(q[..., _IDX[op]]) > lim * (1 + 1e-5) + 1e-6
+    return faults
+
+
 def check_view_params(params: Any, image_hw: tuple[int, int], spec: ViewSpec) -> list[str]:
-    """Problems with one stored params record (empty list = fine); used by `verify`."""
+    """Problems with one stored params record (empty list = fine)."""
     p = np.asarray(params, np.float32)
     if p.shape != (NUM_PARAMS,):
         return [f"shape {p.shape} != ({NUM_PARAMS},)"]
-    if not np.all(np.isfinite(p)):
-        return ["NaN/inf in view params"]
-    problems = []
-    if np.any(p[0:4] != np.round(p[0:4])):
-        problems.append(f"crop box is not integer: {p[0:4].tolist()}")
-    try:
-        _check_box(crop_box(p), image_hw)
-    except ViewSpecError as e:
-        problems.append(str(e))
-    if p[_IDX["flip"]] not in (0.0, 1.0):
-        problems.append(f"flip must be 0 or 1, got {p[_IDX['flip']]}")
-    for op in GEO_OPS:
-        v, lim = abs(float(p[_IDX[op]])), spec.max_abs(op)
-        if v > lim * (1 + 1e-5) + 1e-6:
-            problems.append(f"{op} = {float(p[_IDX[op]]):.6g} outside ±{lim:.6g}")
-    return problems
+    return [name for name, mask in view_param_faults(p, np.asarray(image_hw), spec).items() if mask]
 
 
 # --- rendering -----------------------------------------------------------------------------------
