@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from labelstore.views import NUM_PARAMS, crop_box, reduce_factor, view_matrix
+
 # Pillow truncates its bilinear result; a tiny epsilon absorbs float error on exact integers
 # (without it, hflip + integer crops came out one level low in 37 % of pixels: API-NOTES).
 _TRUNC_EPS = 1e-6
@@ -93,8 +95,6 @@ def render_views(image, params: np.ndarray, spec, device: torch.device | str = "
     padded by edge replication to one size, which equals Pillow's border clamping inside the crop,
     so all S views go through a single `grid_sample`.
     """
-    from labelstore.views import NUM_PARAMS, crop_box, reduce_factor, view_matrix
-
     if spec.interpolation != "bilinear":
         raise ValueError(f"render_torch supports interpolation 'bilinear' only, ViewSpec has {spec.interpolation!r}; "
                          "use the Pillow backend (labelstore.render) for this ViewSpec")

@@ -11,6 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from labelstore import EncodedLogits, class_id_dtype
+
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -77,8 +79,6 @@ class Teacher:
     @torch.inference_mode()
     def encode(self, logits: torch.Tensor):
         """Device logits (..., C) → `labelstore.EncodedLogits` on the host (float16 values)."""
-        from labelstore import EncodedLogits, class_id_dtype
-
         num_classes = logits.shape[-1]
         if self.topk == 0:
             return EncodedLogits(logit=logits.half().cpu().numpy(), cls=None, tail_lse=None)

@@ -3,10 +3,11 @@
 See docs/internals.md for the seams and README "Label store format" for the on-disk layout.
 """
 from .codec import EncodedLogits, class_id_dtype, encode_topk, topk_log_probs
-from .errors import (ImageDecodeError, InvalidLabels, SchemaMismatch, ShardCapacityError, ShardConflict,
+from .errors import (ImageDecodeError, InvalidLabels, MissingRow, SchemaMismatch, ShardCapacityError, ShardConflict,
                      StoreCorrupt, StoreError, ViewSpecError)
 from .images import decode_image, to_rgb
 from .labeler_store import LabelerStore
+from .row_index import RowIndex, ShardRows
 from .sampling import sample_token_labels
 from .schema import LabelerSpec, ShardInfo
 from .store import LabelStore
@@ -17,9 +18,9 @@ from .views import (NUM_PARAMS, PARAM_FIELDS, ViewSpec, crop_box, draw_view_para
 __all__ = [
     "ViewSpec", "PARAM_FIELDS", "NUM_PARAMS", "draw_view_params", "draw_views", "view_matrix", "render",
     "render_mask", "crop_box", "reduce_factor",
-    "LabelStore", "LabelerSpec", "ShardInfo", "LabelerStore",
+    "LabelStore", "LabelerSpec", "ShardInfo", "LabelerStore", "RowIndex", "ShardRows",
     "EncodedLogits", "encode_topk", "topk_log_probs", "class_id_dtype",
     "sample_token_labels", "decode_image", "to_rgb",
-    "StoreError", "SchemaMismatch", "StoreCorrupt", "InvalidLabels", "ShardCapacityError", "ShardConflict",
+    "StoreError", "SchemaMismatch", "MissingRow", "StoreCorrupt", "InvalidLabels", "ShardCapacityError", "ShardConflict",
     "ViewSpecError", "ImageDecodeError", "verify_store",
 ]

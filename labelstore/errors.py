@@ -14,6 +14,10 @@ class SchemaMismatch(StoreError):
     """The store (or a labeler in it) differs from what the caller expects; the message is a diff."""
 
 
+class MissingRow(SchemaMismatch):
+    """A sample's key is not among the stored rows of its shard (the shards differ from the labelled ones)."""
+
+
 class StoreCorrupt(StoreError):
     """The store's own metadata or arrays are inconsistent (not the caller's fault)."""
 

@@ -6,8 +6,10 @@ come from one process (the job driver); shard writes may run in parallel, one wr
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import warnings
+from importlib.metadata import version
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -16,15 +18,17 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .errors import SchemaMismatch, ShardConflict, StoreCorrupt, StoreError
+from .labeler_store import LabelerStore
+from .row_index import RowIndex, ShardRows
 from .schema import (DEFAULT_ROWS_PER_CHUNK, DONE, ERRORS, FORMAT, SCHEMA_VERSION, LabelerSpec, ShardInfo,
                      inner_chunk_rows, labeler_arrays, spec_diff)
 
 DATA_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+_CACHED_SHARD_ROWS = 16  # a streaming reader needs one shard at a time (two while it moves on)
 
 
 def _tool_version() -> str:
     try:
-        from importlib.metadata import version
         return version("stl-token-labels")
     except Exception:  # not installed (e.g. run from a source tree): the version is informational only
         return "unknown"
@@ -52,7 +56,7 @@ class LabelStore:
         self.path, self.mode = str(path), mode
         self._root: zarr.Group | None = None
         self._shards: list[ShardInfo] | None = None
-        self._key_cache: dict[int, dict[str, int]] = {}
+        self._key_cache: dict[int, ShardRows] = {}
         self._samples: SampleArrays | None = None
         self._generation = 0  # bumped whenever array shapes change, so cached handles are dropped
 
@@ -232,28 +236,40 @@ class LabelStore:
                     arr.resize((num_rows,) + arr.shape[1:])
 
     # -- samples join ------------------------------------------------------------------------------
+    def shard_rows(self, shard_index: int) -> ShardRows:
+        """A shard's stored rows: key → row (the join by webdataset `__key__` inside the shard's row range),
+        valid and label. Read in one slice and kept for the last few shards asked for."""
+        rows = self._key_cache.get(int(shard_index))
+        if rows is None:
+            info = self.shard(shard_index)
+            rows = ShardRows.from_columns(info.index, info.url, info.first_row,
+                                          self.read_samples(slice(info.first_row, info.stop)))
+            if len(self._key_cache) >= _CACHED_SHARD_ROWS:
+                self._key_cache.pop(next(iter(self._key_cache)))
+            self._key_cache[int(shard_index)] = rows
+        return rows
+
     def find_rows(self, shard_index: int, keys: Iterable[str]) -> np.ndarray:
         """Rows of `keys` inside a shard's row range (join by webdataset `__key__`); -1 where absent."""
-        index = self._key_cache.get(int(shard_index))
-        if index is None:
-            info = self.shard(shard_index)
-            stored = np.asarray(self.samples.key[info.first_row:info.stop])
-            index = {str(k): info.first_row + i for i, k in enumerate(stored) if k != ""}
-            if len(self._key_cache) >= 16:
-                self._key_cache.pop(next(iter(self._key_cache)))
-            self._key_cache[int(shard_index)] = index
-        return np.array([index.get(str(k), -1) for k in keys], np.int64)
+        return self.shard_rows(shard_index).rows(keys)
+
+    def row_index(self, urls: Iterable[str]) -> RowIndex:
+        """Row lookup by shard URL (exact, or by unique file name) for a reader streaming `urls`."""
+        return RowIndex(self, list(urls))
 
     # -- labelers ----------------------------------------------------------------------------------
     def labelers(self) -> list[str]:
         return sorted(self._group()["labelers"].group_keys())
 
     def labeler(self, name: str, expect: "LabelerSpec | Mapping[str, Any] | None" = None) -> "LabelerStore":
-        """Open labeler `name`; with `expect` (a spec, or a mapping of the fields to check) fail on any difference."""
-        from .labeler_store import LabelerStore
+        """Open labeler `name`; with `expect` (a spec, or a mapping of the fields to check) fail on any difference.
 
-        if name not in self.labelers():
-            raise StoreError(f"{self.path}: no labeler {name!r}; available: {self.labelers()}")
+        The one compatibility check: the job re-opening its labeler and a trainer reading it both call this.
+        """
+        names = self.labelers()
+        if name not in names:
+            raise SchemaMismatch(f"label store {self.path} has no labeler {name!r} "
+                                 f"(it has: {', '.join(map(repr, names)) or 'none'})")
         lab = LabelerStore(self, name)
         if expect is not None:
             want = expect.to_dict() if isinstance(expect, LabelerSpec) else dict(expect)
@@ -269,8 +285,6 @@ class LabelStore:
 
     def add_labeler(self, spec: LabelerSpec) -> "LabelerStore":
         """Create labelers/<spec.name>/ (or open it after checking it matches `spec`)."""
-        import dataclasses
-
         self._require_writable()
         if spec.seed is None:
             spec = dataclasses.replace(spec, seed=self.seed)

@@ -33,7 +33,7 @@ def info_cmd(
     import json
 
     from labelstore import StoreError
-    from pipelines.store_inspect import format_info, store_info
+    from labelstore.store_report import format_info, store_info
 
     try:
         facts = store_info(store)
@@ -49,7 +49,7 @@ def verify_cmd(
     labeler: str = typer.Option(None, "--labeler", "-l", help="Check only this labeler."),
 ) -> None:
     """Check shapes, done mask vs data, NaN/inf, class ids, view params and the sample index; exit 1 on any problem."""
-    from pipelines.store_inspect import verify_report
+    from labelstore.store_report import verify_report
 
     text, ok = verify_report(store, labeler)
     typer.echo(text)
@@ -71,7 +71,7 @@ def bench_store_cmd(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Bytes per view on disk, write MB/s and read views/s (chunk-sequential and random) for each K."""
-    from pipelines.bench_store import StoreBenchConfig, run_store_bench
+    from labeler.bench_store import StoreBenchConfig, run_store_bench
 
     cfg = StoreBenchConfig(out=out, rows=rows, dense_rows=dense_rows, views=views, rows_per_chunk=rows_per_chunk,
                            ks=tuple(int(k) for k in ks.split(",") if k.strip()), logits=logits,
@@ -97,7 +97,7 @@ def bench_generate_cmd(
     decode_threads: int = typer.Option(2, "--decode-threads", help="Prefetch threads for decode and render."),
 ) -> None:
     """Views/s of the whole labeling pipeline vs the bare teacher forward, and the time per stage."""
-    from pipelines.bench_generate import bench_generate
+    from labeler.bench_generate import bench_generate
 
     try:
         report = bench_generate(shards, model, batch_size, amp, views, topk, num_classes, input_size, device,
@@ -159,7 +159,7 @@ def shard_cmd(
     no_shuffle: bool = typer.Option(False, "--no-shuffle", help="Keep sorted key order."),
 ) -> None:
     """Turn an ImageFolder tree (or jpg+cls shards) into WebDataset shards; writes classes.txt beside them."""
-    from pipelines.shard_tools import shard_dataset
+    from labelstore.shard_writer import shard_dataset
 
     try:
         report = shard_dataset(image_folder, out_pattern, samples_per_shard, None if no_shuffle else shuffle_seed)
@@ -188,8 +188,8 @@ def demo_data(
     colors: str = typer.Option("random", "--colors", help="random (class = shape only) | class (each class its own hue band: easier)."),
 ) -> None:
     """Write the built-in demo dataset: 10 shape classes on real-photo backgrounds, with object masks."""
-    from pipelines.demo_corruptions import CORRUPTIONS
-    from pipelines.demo_data import DemoDataSpec, write_demo_data
+    from pipelines.demo.corruptions import CORRUPTIONS
+    from pipelines.demo.data import DemoDataSpec, write_demo_data
 
     names = {"all": tuple(CORRUPTIONS), "none": ()}.get(corruptions)
     names = names if names is not None else tuple(c.strip() for c in corruptions.split(",") if c.strip())
@@ -241,7 +241,7 @@ def demo_photos(
                                          "hubble_deep_field"]), "--photos", help="Comma-separated scikit-image photo names."),
 ) -> None:
     """Label scikit-image's photos with a real ImageNet teacher (EfficientNet-Lite0, CAM token head) and report."""
-    from pipelines.real_teacher import PhotoLabelingConfig, label_photos
+    from pipelines.demo.photos import PhotoLabelingConfig, label_photos
 
     try:
         cfg = PhotoLabelingConfig(out=out, photos=tuple(p.strip() for p in photos.split(",") if p.strip()),

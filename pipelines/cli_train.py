@@ -151,7 +151,7 @@ def bench_cmd(
 ) -> None:
     """Student steps/s: (a) no token labels, (b) stored labels, (c) online teacher; loader images/s vs timm."""
     with _exit_2_on_user_error():
-        from pipelines.bench_train import BenchSettings, run_bench
+        from trainer.bench import BenchSettings, run_bench
 
         figures = run_bench(BenchSettings(shards=tuple(shards), labels=labels, labeler=labeler, model=model, steps=steps,
                                           batch_size=batch_size, workers=workers, device=device, amp=amp,

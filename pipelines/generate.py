@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.label_shard import FaultInjection, ShardOutcome, WorkerSettings
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from labeler.teacher_spec import build_labeler_spec, open_labeler_store
+from labeler.work_unit import FaultInjection, ShardOutcome, WorkerSettings
+from labelstore import LabelerSpec, LabelerStore, LabelStore, ViewSpec
+from labelstore.shard_format import absolute_url, expand_shard_urls
+from pipelines import ray_jobs
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 
 
 def default_view_settings() -> dict[str, Any]:
     """ViewSpec fields a config may set under `view.` (size comes from `input_size`)."""
-    from labelstore import ViewSpec
-
     d = ViewSpec().to_dict()
     d.pop("size")
     d.pop("algo_version")
@@ -118,46 +122,20 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def labeler_spec_for(settings: GenerateSettings):
+def labeler_spec_for(settings: GenerateSettings) -> LabelerSpec:
     """The LabelerSpec these settings produce; builds the model on CPU (grid, mean/std, checkpoint check)."""
-    import labeler.models as models
-    from labeler.models.checkpoint import load_checkpoint
-    from labelstore import LabelerSpec, ViewSpec
-
-    model = models.create_token_model(settings.model, num_classes=settings.num_classes, pretrained=False)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = tuple(settings.input_size or cfg.get("input_size", (3, 224, 224))[1:])
-    sha = load_checkpoint(model, settings.checkpoint, prefer_ema=True) if settings.checkpoint else ""
-    return LabelerSpec(
-        name=settings.name, arch=settings.model, num_classes=settings.num_classes, input_size=size,
-        grid=models.token_grid(model, size), mean=tuple(settings.mean or cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(settings.std or cfg.get("std", (0.229, 0.224, 0.225))),
-        view_spec=ViewSpec(size=size, **settings.view), views=settings.views, topk=settings.topk,
-        checkpoint_sha256=sha)
+    return build_labeler_spec(name=settings.name, model=settings.model, num_classes=settings.num_classes,
+                              views=settings.views, topk=settings.topk, checkpoint=settings.checkpoint,
+                              input_size=settings.input_size, mean=settings.mean, std=settings.std, view=settings.view)
 
 
-def open_store(settings: GenerateSettings, spec):
-    """Create or open the store and the labeler; SchemaMismatch (a readable diff) when they differ.
-
-    `rows_per_chunk` only applies to a new store; an existing store keeps its own.
-    """
-    from labelstore import LabelStore, SchemaMismatch, StoreError
-
-    try:
-        store = LabelStore.create(settings.store, seed=settings.seed, rows_per_chunk=settings.rows_per_chunk)
-    except StoreError:
-        store = LabelStore.open(settings.store, mode="r+")
-        if store.seed != settings.seed:
-            raise SchemaMismatch(f"{settings.store}: existing store differs:\n  seed: store has {store.seed}, "
-                                 f"expected {settings.seed}") from None
-    return store, store.add_labeler(spec)
+def open_store(settings: GenerateSettings, spec: LabelerSpec) -> tuple[LabelStore, LabelerStore]:
+    """Create or open the store and the labeler (`rows_per_chunk` only applies to a new store)."""
+    return open_labeler_store(settings.store, seed=settings.seed, rows_per_chunk=settings.rows_per_chunk, spec=spec)
 
 
 def run_with_progress(settings: GenerateSettings) -> GenerateResult:
     """`run_generate` with a rich progress bar (shards, views/s, ETA) and log lines on stderr."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     console = Console(stderr=True)
     progress = Progress(TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
@@ -183,13 +161,10 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
                  on_outcome: Callable[[ShardOutcome], None] | None = None,
                  on_start: Callable[[int, int], None] | None = None) -> GenerateResult:
     """Label all shards of `settings` that are not done yet; see the module docstring for the order."""
-    from pipelines import ray_jobs
-    from pipelines.shard_reader import expand_shard_urls
-
     start = time.perf_counter()
     fault = FaultInjection.from_env()
     # Local paths are stored absolute: workers (other cwd, other nodes on a shared filesystem) open them as is.
-    urls = [u if "://" in u or u.startswith("pipe:") else os.path.abspath(u) for u in expand_shard_urls(settings.shards)]
+    urls = [absolute_url(u) for u in expand_shard_urls(settings.shards)]
     spec = labeler_spec_for(settings)
     store, labels = open_store(settings, spec)
     known = {s.url for s in store.shards}
@@ -237,8 +212,6 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
 
 def settings_from_config(config: dict) -> GenerateSettings:
     """A merged config dict (defaults ← preset ← flags ← --set) → validated settings."""
-    from labelstore import ViewSpec
-
     view = dict(config.get("view") or {})
     unknown = set(view) - set(default_view_settings())
     if unknown:

@@ -19,8 +19,8 @@ from typing import Callable, Iterator, Sequence
 
 import ray
 
-from pipelines.label_shard import FaultInjection, ShardLabeler, ShardOutcome, WorkerSettings
-from pipelines.shard_reader import ShardReadError, count_samples
+from labeler.work_unit import FaultInjection, ShardLabeler, ShardOutcome, WorkerSettings
+from labelstore.shard_format import ShardReadError, count_samples
 
 WORKER_RESTARTS = 3  # per actor: process deaths survived (and in-flight shards retried)
 

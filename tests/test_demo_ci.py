@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from pipelines.demo import FAST, DemoSettings, main, parse_args
-from pipelines.demo_summary import mean_accuracy, relative_mce, results_table, verdict
+from pipelines.demo.run import FAST, DemoSettings, main, parse_args
+from pipelines.demo.summary import mean_accuracy, relative_mce, results_table, verdict
 
 
 def test_relative_mce_is_100_for_the_baseline_and_follows_errors():

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.demo_corruptions import CORRUPTIONS, corrupt
-from pipelines.demo_data import (
-    MASK_DISTRACTOR, MASK_OBJECT, DemoDataSpec, DemoDataset, decode_mask, make_sample, write_demo_data,
-)
-from pipelines.demo_shapes import CLASS_NAMES, SHAPES
+from labelstore.masks import MASK_DISTRACTOR, MASK_OBJECT, decode_mask
+from pipelines.demo.corruptions import CORRUPTIONS, corrupt
+from pipelines.demo.data import DemoDataSpec, DemoDataset, make_sample, write_demo_data
+from pipelines.demo.shapes import CLASS_NAMES, SHAPES
 
 SMALL = DemoDataSpec(seed=3, num_train=12, num_val=6, num_val_corrupt=3, corruptions=("contrast", "pixelate"),
                      severities=(1, 5), samples_per_shard=5)
@@ -187,7 +186,7 @@ def test_cli_writes_the_dataset(tmp_path):
 
 
 def test_pattern_expands_to_the_shard_list(tmp_path):
-    from pipelines.shard_reader import expand_shard_urls
+    from labelstore.shard_format import expand_shard_urls
 
     write_demo_data(tmp_path, SMALL)
     ds = DemoDataset.load(tmp_path)

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from labelstore import LabelStore, SchemaMismatch, decode_image, render
 from labelstore.verify import verify_store
 from pipelines.generate import GenerateSettings, labeler_spec_for, open_store, run_generate
-from pipelines.label_shard import ShardLabeler
-from pipelines.shard_reader import iter_shard
+from labeler.work_unit import ShardLabeler
+from labelstore.shard_format import iter_shard
 
 MODEL = "fan_test_p4_hybrid_token"
 

@@ -69,6 +69,22 @@ def test_import_labelstore_loads_no_torch_or_ray():
     assert Path(got["files"]["labelstore"]).resolve().is_relative_to(REPO)
 
 
+def test_every_labelstore_module_and_a_shard_read_load_no_torch_or_webdataset():
+    # The shard contract (labelstore.shard_format) is read by the labeling job and written by
+    # `stl-labels shard`; `import webdataset` would load torch, so it must not come in through here.
+    subs = [p for p in modules_of("labelstore") if p.name != "__init__.py"]
+    names = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in subs]
+    assert "labelstore.shard_format" in names and "labelstore.shard_writer" in names
+    code = ("import importlib, io, tarfile, tempfile, os\n" + "".join(f"importlib.import_module({n!r})\n" for n in names)
+            + "from labelstore.shard_format import count_samples, expand_shard_urls\n"
+            + "d = tempfile.mkdtemp(); p = os.path.join(d, 's-0.tar')\n"
+            + "with tarfile.open(p, 'w') as t:\n"
+            + "    i = tarfile.TarInfo('k.cls'); i.size = 1; t.addfile(i, io.BytesIO(b'3'))\n"
+            + "assert [count_samples(u) for u in expand_shard_urls(os.path.join(d, 's-{0..0}.tar'))] == [1]\n")
+    got = loaded_after(code)
+    assert not {"torch", "ray", "typer", "timm", "webdataset"} & set(got["mods"])
+
+
 def test_stl_labels_help_loads_no_ray_or_torch():
     code = ("import sys\nfrom pipelines.cli_labels import app\nsys.argv = ['stl-labels', '--help']\n"
             "try:\n    app()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n")

@@ -118,7 +118,8 @@ def _oracle_store(tmp_path):
     import webdataset as wds
 
     from labelstore import LabelStore, LabelerSpec, ViewSpec, decode_image, draw_views, render_mask
-    from pipelines.demo_data import DemoDataSpec, DemoDataset, decode_mask, write_demo_data
+    from pipelines.demo.data import DemoDataSpec, DemoDataset, write_demo_data
+    from labelstore.masks import decode_mask
 
     write_demo_data(tmp_path / "data", DemoDataSpec(seed=1, num_train=10, num_val=0, num_val_corrupt=0,
                                                     corruptions=(), samples_per_shard=4, object_scale=(0.4, 0.6)))

@@ -1,4 +1,4 @@
-"""pipelines.shard_reader: every tar member in order, bad samples kept, truncated tars detected."""
+"""labelstore.shard_format: every tar member in order, bad samples kept, truncated tars detected."""
 from __future__ import annotations
 
 import gzip
@@ -10,7 +10,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipelines.shard_reader import ShardReadError, count_samples, expand_shard_urls, iter_shard
+from labelstore.shard_format import (
+    ShardReadError, base_plus_ext, count_samples, expand_shard_urls, image_field, iter_shard, iter_tar_members,
+    parse_label,
+)
 
 
 def jpeg(value: int) -> bytes:
@@ -104,3 +107,59 @@ def test_brace_expansion_and_file_urls(shard, tmp_path):
         str(tmp_path / f"s-00000{i}.tar") for i in range(3)]
     assert expand_shard_urls(["a.tar", "a.tar", "b.tar"]) == ["a.tar", "b.tar"]
     assert count_samples(f"file://{shard}") == 6
+
+
+def test_label_fields_follow_the_contract():
+    # the trainer's stages and the labeler both read labels through parse_label
+    assert parse_label({"cls": b" 7\n"}, "k") == (7, None)
+    assert parse_label({"json": b'{"label": 4}'}, "k") == (4, None) and parse_label({"json": b"12"}, "k") == (12, None)
+    assert parse_label({"json": b'{"class_id": 5, "x": true}'}, "k") == (5, None)
+    assert parse_label({"cls": b"x"}, "k7")[0] == -1 and "k7" in parse_label({"cls": b"x"}, "k7")[1]
+    assert parse_label({}, "k") == (-1, None) and parse_label({"cls": memoryview(b"2")}, "k") == (2, None)
+    assert image_field({"png": b"", "jpg": b""}) == "jpg" and image_field({"cls": b"1"}) is None
+
+
+def test_naming_and_expansion_agree_with_webdataset(monkeypatch):
+    # restated here because webdataset loads torch; the trainer streams with webdataset's own rules
+    for name in ("a/b.c.jpg", "x.JPG", "noext", "dir.d/k.cls", "d/.hidden", "k.tar.gz"):
+        assert base_plus_ext(name) == wds.tariterators.base_plus_ext(name), name
+    monkeypatch.setenv("WDS_ROOT", "/data")
+    for pattern in ("${ROOT}/s-{000..002}.tar", "a-{0..1}.tar::b-{5..6}.tar", "plain.tar"):
+        assert expand_shard_urls(pattern) == wds.shardlists.expand_urls(pattern), pattern
+
+
+def test_an_empty_shard_list_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"\[\].*names no shard"):
+        expand_shard_urls([])
+    with pytest.raises(ValueError, match="''"):
+        expand_shard_urls("")
+
+
+def test_pipe_urls_stream_a_command_and_check_its_status(shard, tmp_path):
+    assert [s.key for s in iter_shard(f"pipe:cat {shard}")][:2] == ["a/k0", "k1"]
+    assert count_samples(f"pipe:cat {shard}") == 6
+    with pytest.raises(ShardReadError, match="pipe:cat"):
+        count_samples(f"pipe:cat {tmp_path / 'missing.tar'}")
+    with pytest.raises(ShardReadError, match="status 3"):
+        count_samples(f"pipe:cat {shard}; exit 3")
+
+
+def test_counting_a_local_shard_reads_headers_only(tmp_path):
+    # stage-1 training sizes its schedule by counting every shard: a local one is counted by seeking
+    # from header to header, never reading member data (the end-of-archive check still runs)
+    path = tmp_path / "big.tar"
+    with wds.TarWriter(str(path)) as w:
+        for i in range(4):
+            w.write({"__key__": f"k{i}", "jpg": bytes(range(256)) * 4096, "cls": i})
+
+    class CountingReader(io.BytesIO):
+        bytes_read = 0
+
+        def read(self, n=-1):
+            data = super().read(n)
+            CountingReader.bytes_read += len(data)
+            return data
+
+    members = list(iter_tar_members(CountingReader(path.read_bytes()), str(path), read_data=False))
+    assert len(members) == 8 and CountingReader.bytes_read < path.stat().st_size // 20
+    assert count_samples(str(path)) == 4

@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labelstore import EncodedLogits, ViewSpec, decode_image, draw_view_params, render
+from labelstore import EncodedLogits, ShardRows, ViewSpec, decode_image, draw_view_params, render
 from trainer.epoch_ledger import EpochLedger
-from trainer.rows import ShardRows
 from trainer.stages import (
     LabelJoin, augment_views, batch_samples, collate_student, enter_samples, join_labels, lookup_rows,
-    replay_views, tar_label, track_shards,
+    replay_views, track_shards,
 )
 from trainer.student_augment import StudentAugment, sample_seed
 from trainer.view_choice import choose_view
@@ -166,8 +165,3 @@ def test_batch_samples_reports_done_shards_and_ends_with_meta(drop_last):
     b = batches[0]
     assert b["image"].shape == (2, 3, 8, 8) and b["token_logit"].shape == (2, 4, 2) and b["token_tail"].shape == (2, 4)
 
-
-def test_tar_label_fields():
-    assert tar_label({"cls": b" 7\n"}) == 7
-    assert tar_label({"json": b'{"label": 4}'}) == 4 and tar_label({"json": b"12"}) == 12
-    assert tar_label({"cls": b"x"}) == -1 and tar_label({}) == -1

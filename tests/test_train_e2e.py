@@ -22,8 +22,8 @@ runner = CliRunner()
 def label_shards(urls, store, checkpoint):
     """`stl-labels generate` without starting Ray: the generate job's own pieces, called in-process."""
     from pipelines.generate import GenerateSettings, labeler_spec_for, open_store
-    from pipelines.label_shard import ShardLabeler
-    from pipelines.shard_reader import count_samples
+    from labeler.work_unit import ShardLabeler
+    from labelstore.shard_format import count_samples
 
     settings = GenerateSettings(shards=list(urls), store=str(store), name="tl", model="fan_test_p4_hybrid_token",
                                 checkpoint=str(checkpoint), num_classes=10, views=2, topk=3, rows_per_chunk=16,
@@ -36,7 +36,7 @@ def label_shards(urls, store, checkpoint):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from pipelines.demo_data import DemoDataSpec, write_demo_data
+    from pipelines.demo.data import DemoDataSpec, write_demo_data
 
     root = tmp_path_factory.mktemp("e2e")
     write_demo_data(root / "demo", DemoDataSpec(num_train=64, num_val=32, num_val_corrupt=16, samples_per_shard=32,

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import torch
 
+from labeler.models import create_token_model, load_checkpoint
 from trainer.distributed import DistInfo, all_reduce_sum
+from trainer.loader import build_eval_loader
 from trainer.loop import amp_context, split_outputs
 from trainer.robustness import (
     CORRUPTIONS, corruption_accuracy, corruption_errors, mean_corruption_error, relative_mean_corruption_error,
     retention, subset_class_indices,
 )
+from trainer.target_builder import normalize
 
 
 @dataclass
@@ -76,8 +79,6 @@ def count_correct(model: torch.nn.Module, batches: Iterable[dict], *, device: to
                   amp: str = "none", class_subset: Sequence[int] | None = None, label_space: str = "imagenet",
                   where: str = "") -> AccuracyCounts:
     """Counts over `batches` (dicts with uint8 `image` (B,3,H,W) and `label`); logits restricted to a subset."""
-    from trainer.target_builder import normalize
-
     model.eval()
     counts = AccuracyCounts()
     cols = torch.tensor(class_subset, device=device) if class_subset is not None else None
@@ -212,9 +213,6 @@ def evaluate_checkpoint(checkpoint: str | Path, *, model_name: str | None, num_c
 
     `data` is a `trainer.data_config.DataConfig` (input size, crop_pct, mean/std, batch size, workers).
     """
-    from labeler.models import create_token_model, load_checkpoint
-    from trainer.loader import build_eval_loader
-
     info = info or DistInfo()
     arch, classes = checkpoint_model_info(checkpoint)
     model_name, num_classes = model_name or arch, num_classes or classes or 1000

@@ -19,6 +19,7 @@ Workers are not persistent: each `iter()` starts them with the epoch set by `set
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from itertools import islice
 from typing import Iterable, Sequence
@@ -26,32 +27,21 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 import webdataset as wds
+from timm.data import create_transform
 from torch.utils.data import DataLoader, IterableDataset
 
-from labelstore import ImageDecodeError, LabelStore, SchemaMismatch, decode_image
+from labelstore import ImageDecodeError, LabelStore, RowIndex, SchemaMismatch, decode_image
+from labelstore.shard_format import expand_shard_urls, image_field, parse_label
 from trainer.data_config import DataConfig
 from trainer.epoch_ledger import EpochLedger
-from trainer.rows import RowIndex
 from trainer.stages import (
-    LabelJoin, augment_views, batch_samples, collate_student, enter_samples, image_field, join_labels,
-    lookup_rows, replay_views, tar_label, track_shards,
+    LabelJoin, augment_views, batch_samples, collate_student, enter_samples, join_labels, lookup_rows,
+    replay_views, track_shards,
 )
 from trainer.student_augment import StudentAugment, keep_posterize_bits_positive, sample_seed, seeded_global_random
 
 _SHARD_ORDER_TAG = 0x5348_5244  # "SHRD"
 _SHUFFLE_TAG = 0x5348_5546  # "SHUF"
-
-
-def expand_shards(shards: str | Sequence[str]) -> list[str]:
-    """Brace patterns → URLs in order, duplicates removed (webdataset's expansion)."""
-    items = [shards] if isinstance(shards, str) else list(shards)
-    urls: list[str] = []
-    for item in items:
-        urls.extend(wds.shardlists.expand_urls(item))
-    urls = list(dict.fromkeys(u for u in urls if u))
-    if not urls:
-        raise ValueError(f"data.shards names no shard: {shards!r}")
-    return urls
 
 
 def epoch_shard_order(urls: Sequence[str], seed: int, epoch: int, shuffle: bool = True) -> list[str]:
@@ -65,8 +55,6 @@ def epoch_shard_order(urls: Sequence[str], seed: int, epoch: int, shuffle: bool 
 def _keep_going(exn: Exception) -> bool:
     # A shard that cannot be opened or ends early: go on with the next one. The samples it did not
     # deliver are recorded as skipped by `enter_samples` (against the store's keys where we have them).
-    import warnings
-
     warnings.warn(f"webdataset: {type(exn).__name__}: {exn}", stacklevel=2)
     return True
 
@@ -229,21 +217,11 @@ def token_chunk_rows(labeler_store) -> int:
 
 
 def open_labels(labels, labeler: str, *, num_classes: int | None = None, input_size=None):
-    """Open a store read-only and check it can label this run: labeler present, classes and view size match."""
+    """Open a store read-only and check it can label this run (labelstore's compatibility check):
+    labeler present, the student's classes and view size."""
     store = labels if isinstance(labels, LabelStore) else LabelStore.open(str(labels), mode="r")
-    names = list(store.labelers())
-    if labeler not in names:
-        raise SchemaMismatch(f"label store {getattr(store, 'path', labels)!s} has no labeler {labeler!r} "
-                             f"(it has: {', '.join(map(repr, names)) or 'none'})")
-    lab = store.labeler(labeler)
-    spec = lab.spec
-    if num_classes is not None and int(num_classes) != int(spec.num_classes):
-        raise SchemaMismatch(f"labeler {labeler!r} in {getattr(store, 'path', labels)!s} has {spec.num_classes} "
-                             f"classes, the student is built for {num_classes}")
-    if input_size is not None and tuple(input_size) != tuple(spec.view_spec.size):
-        raise SchemaMismatch(f"labeler {labeler!r} stored {tuple(spec.view_spec.size)} views, but "
-                             f"data.input_size is {tuple(input_size)}: the student must see the views the teacher saw")
-    return store, lab
+    expect = {"num_classes": num_classes, "input_size": input_size}  # input_size: the student must see the teacher's views
+    return store, store.labeler(labeler, expect={k: v for k, v in expect.items() if v is not None} or None)
 
 
 def build_student_loader(cfg: DataConfig, *, labels, labeler: str, num_classes: int | None = None,
@@ -254,9 +232,9 @@ def build_student_loader(cfg: DataConfig, *, labels, labeler: str, num_classes: 
     Raises SchemaMismatch (clear message) for a missing labeler, another class count, another view
     size, shards that are not in the store, or shards the labeler has not finished.
     """
-    urls = expand_shards(cfg.shards)
+    urls = expand_shard_urls(cfg.shards)
     store, lab = open_labels(labels, labeler, num_classes=num_classes, input_size=cfg.input_size)
-    index = RowIndex(store, urls)
+    index = store.row_index(urls)
     done = np.asarray(lab.done_mask(), dtype=bool)
     unfinished = [u for u in urls if not done[index.shard_of_url[u]]]
     if unfinished:
@@ -279,7 +257,7 @@ def decode_and_transform(samples, ledger: EpochLedger, transform, run_seed: int,
     """Decode (labelstore's decode path) and apply a timm transform, seeded per (seed, epoch, shard, key)."""
     for s in samples:
         ext = image_field(s)
-        label = tar_label(s)
+        label, _ = parse_label(s, s["__key__"])
         reason = None if ext is not None else "no image field"
         if reason is None and label < 0:
             reason = "no class label (cls/json field)"
@@ -322,13 +300,11 @@ def build_labeler_loader(cfg: DataConfig, *, rank: int | None = None, world_size
     """Stage 1: timm's standard full-augmentation train transform (random-resized crop, flip, RandAugment
     with its geometric ops); erasing and mixup/cutmix happen on the device (TargetBuilder), as timm's
     prefetcher does. Batches: image uint8 (B,3,H,W), label, key."""
-    from timm.data import create_transform
-
     size = cfg.input_size or (224, 224)
     transform = keep_posterize_bits_positive(create_transform(
         size, is_training=True, auto_augment=cfg.rand_augment or None, interpolation="bicubic",
         mean=cfg.mean, std=cfg.std, re_prob=0.0, use_prefetcher=True))
-    stream = ShardStream(expand_shards(cfg.shards), TransformPipeline(cfg, transform, cfg.drop_last, cfg.shuffle_buffer),
+    stream = ShardStream(expand_shard_urls(cfg.shards), TransformPipeline(cfg, transform, cfg.drop_last, cfg.shuffle_buffer),
                          seed=cfg.seed, rank=rank, world_size=world_size)
     return StreamLoader(stream, workers=cfg.workers, pin_memory=pin_memory)
 
@@ -336,12 +312,10 @@ def build_labeler_loader(cfg: DataConfig, *, rank: int | None = None, world_size
 def build_eval_loader(cfg: DataConfig, shards=None, *, rank: int | None = None, world_size: int | None = None,
                       pin_memory: bool = False) -> StreamLoader:
     """Evaluation: resize to size / crop_pct (bicubic) + centre crop, shards in order, nothing dropped."""
-    from timm.data import create_transform
-
     size = cfg.input_size or (224, 224)
     transform = create_transform(size, is_training=False, interpolation="bicubic", crop_pct=cfg.crop_pct,
                                  mean=cfg.mean, std=cfg.std, use_prefetcher=True)
-    stream = ShardStream(expand_shards(shards if shards is not None else cfg.shards),
+    stream = ShardStream(expand_shard_urls(shards if shards is not None else cfg.shards),
                          TransformPipeline(cfg, transform, drop_last=False, shuffle_buffer=0),
                          seed=cfg.seed, shuffle_shards=False, rank=rank, world_size=world_size)
     return StreamLoader(stream, workers=cfg.workers, pin_memory=pin_memory)

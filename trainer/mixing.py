@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 
 from trainer.data_config import DataConfig
 from trainer.student_augment import seeded_global_random
@@ -38,8 +39,6 @@ def draw_mix(cfg: DataConfig, grid: tuple[int, int], rng: np.random.Generator) -
     use_cutmix = cfg.cutmix > 0 and (cfg.mixup <= 0 or rng.random() < cfg.switch_prob)
     if not use_cutmix:
         return MixParams("mixup", float(rng.beta(cfg.mixup, cfg.mixup)))
-    from timm.data.mixup import cutmix_bbox_and_lam
-
     lam = float(rng.beta(cfg.cutmix, cfg.cutmix))
     with seeded_global_random(np.random.SeedSequence(int(rng.integers(2**63)))):  # timm draws the box from np.random
         (t, b, l, r), lam = cutmix_bbox_and_lam(tuple(grid), lam, correct_lam=True)
@@ -70,8 +69,6 @@ def mix_images(images: torch.Tensor, mix: MixParams, grid: tuple[int, int], inpl
 
 def mix_class_targets(labels: torch.Tensor, num_classes: int, mix: MixParams, smoothing: float) -> torch.Tensor:
     """(B,) class ids → (B, C) mixed, smoothed targets (timm's mixup_target)."""
-    from timm.data.mixup import mixup_target
-
     return mixup_target(labels, num_classes, lam=mix.lam, smoothing=smoothing)
 
 

@@ -9,17 +9,20 @@ Both run alone or under `torchrun` (one process per device).
 from __future__ import annotations
 
 import dataclasses
-import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from labeler.models import create_token_model, token_grid
+from labelstore.shard_format import count_samples, expand_shard_urls
 from trainer.config import TrainConfig, save_train_config
 from trainer.distributed import DistInfo, init_distributed, shutdown_distributed
+from trainer.loader import build_labeler_loader, build_student_loader
 from trainer.loop import TrainResult, train
 from trainer.losses import labeler_loss, student_loss
+from trainer.target_builder import TargetBuilder
 
 
 def loader_epochs(loader) -> Callable[[int, dict], object]:
@@ -47,24 +50,6 @@ def loader_epochs(loader) -> Callable[[int, dict], object]:
     return epoch_batches
 
 
-def count_tar_samples(urls: Sequence[str]) -> int:
-    """Samples (distinct keys) in local tar shards, from the member headers only (stage 1 has no store
-    whose sample table would tell; the schedule needs an epoch length)."""
-    total = 0
-    for url in urls:
-        if not Path(url).is_file():
-            raise FileNotFoundError(f"shard {url} is not a local file; stage-1 training needs local shards to "
-                                    "size its schedule")
-        keys = set()
-        with tarfile.open(url, mode="r:") as tar:
-            for member in tar:
-                if member.isfile():
-                    base = member.name.rsplit("/", 1)[-1]
-                    keys.add(member.name[: len(member.name) - len(base)] + base.split(".", 1)[0])
-        total += len(keys)
-    return total
-
-
 def _prepare(cfg: TrainConfig, out_dir: str | Path) -> DistInfo:
     info = init_distributed(cfg.run.device)
     torch.manual_seed(cfg.data.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -76,8 +61,6 @@ def _prepare(cfg: TrainConfig, out_dir: str | Path) -> DistInfo:
 
 def build_model(cfg: TrainConfig):
     """The token model with the configured (or the paper's per-size) drop-path rate."""
-    from labeler.models import create_token_model
-
     return create_token_model(cfg.model.name, num_classes=cfg.model.num_classes,
                               drop_path_rate=cfg.model.resolved_drop_path_rate)
 
@@ -85,10 +68,6 @@ def build_model(cfg: TrainConfig):
 def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: str | Path,
                 resume: str | Path | None = None) -> TrainResult:
     """Stage 2, paper Eq. 5, on the token labels `labeler` stored in `labels`."""
-    from labeler.models import token_grid
-    from trainer.loader import build_student_loader
-    from trainer.target_builder import TargetBuilder
-
     info = _prepare(cfg, out_dir)
     try:
         loader = build_student_loader(cfg.data, labels=labels, labeler=labeler, num_classes=cfg.model.num_classes,
@@ -108,16 +87,14 @@ def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: 
 
 def run_labeler(cfg: TrainConfig, *, out_dir: str | Path, resume: str | Path | None = None) -> TrainResult:
     """Stage 1, paper Eq. 2: class labels only, timm's full train augmentation (no label store)."""
-    from trainer.loader import build_labeler_loader, expand_shards
-    from trainer.target_builder import TargetBuilder
-
     if cfg.data.input_size is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, input_size=(cfg.model.img_size,) * 2))
     info = _prepare(cfg, out_dir)
     try:
         loader = build_labeler_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                                       pin_memory=info.device.type == "cuda")
-        num_samples = count_tar_samples(expand_shards(cfg.data.shards))
+        # Stage 1 has no store whose sample table would tell the epoch length the schedule needs.
+        num_samples = sum(count_samples(url) for url in expand_shard_urls(cfg.data.shards))
         steps = max(1, -(-num_samples // (cfg.data.batch_size * info.world_size)))
         model = build_model(cfg)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=None, store_grid=None,

@@ -9,7 +9,6 @@ finally `image` (the rendered view, HWC uint8). Skips always go through the ledg
 """
 from __future__ import annotations
 
-import json
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -17,35 +16,12 @@ import torch
 from PIL import Image
 
 from labelstore import ImageDecodeError, decode_image, render
+from labelstore.shard_format import IMAGE_EXTS, image_field, parse_label
 from trainer.epoch_ledger import EpochLedger
 from trainer.student_augment import StudentAugment, sample_seed
 from trainer.view_choice import choose_view
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the fields the labeler reads, in the same order
-LABEL_FIELDS = ("label", "cls", "class", "class_id")
 _KEPT = ("label", "view", "params", "token_logit", "token_class", "token_tail")  # what replay_views passes on
-
-
-def image_field(sample: dict) -> str | None:
-    return next((ext for ext in IMAGE_EXTS if sample.get(ext) is not None), None)
-
-
-def tar_label(sample: dict) -> int:
-    """Class id from a `cls` field (text int) or a `json` field ({"label": n} or n); −1 when absent."""
-    try:
-        if sample.get("cls") is not None:
-            return int(bytes(sample["cls"]).decode("utf-8").strip())
-        if sample.get("json") is not None:
-            meta = json.loads(bytes(sample["json"]).decode("utf-8"))
-            if isinstance(meta, int) and not isinstance(meta, bool):
-                return meta
-            if isinstance(meta, dict):
-                for name in LABEL_FIELDS:
-                    if isinstance(meta.get(name), int) and not isinstance(meta.get(name), bool):
-                        return meta[name]
-    except (ValueError, UnicodeDecodeError):
-        return -1
-    return -1
 
 
 def track_shards(items: Iterable[dict], ledger: EpochLedger) -> Iterator[dict]:
@@ -96,7 +72,7 @@ def lookup_rows(samples: Iterable[dict], index, ledger: EpochLedger) -> Iterator
             continue
         label = rows.label(row)
         if label < 0:
-            label = tar_label(s)
+            label, _ = parse_label(s, s["__key__"])
         if label < 0:
             ledger.skip(s["__pos__"], s["__url__"], s["__key__"], "no class label (neither in the store nor the tar)")
             continue

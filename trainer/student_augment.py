@@ -14,7 +14,10 @@ import re
 from contextlib import contextmanager
 
 import numpy as np
+import torch
 from PIL import Image
+from timm.data import rand_augment_transform
+from timm.data.random_erasing import RandomErasing  # not exported by timm.data
 
 # Colour/tone ops of timm's RandAugment sets; geometric ones (Rotate, ShearX/Y, TranslateX/YRel)
 # are deliberately absent: they are in the view.
@@ -34,8 +37,6 @@ def seeded_global_random(seed_seq: np.random.SeedSequence, torch_cpu: bool = Fal
     py_state, np_state = random.getstate(), np.random.get_state()
     a, b, c = seed_seq.generate_state(3)
     if torch_cpu:
-        import torch
-
         torch_state = torch.get_rng_state()
         torch.manual_seed(int(c))
     random.seed(int(a))
@@ -92,8 +93,6 @@ class StudentAugment:
     """Photometric RandAugment on a rendered view (PIL RGB in, PIL RGB out)."""
 
     def __init__(self, config_str: str, fill: tuple[int, int, int] = (124, 116, 104)):
-        from timm.data import rand_augment_transform
-
         self.config_str = config_str
         self.ops = photometric_ops(config_str)
         # img_mean: fill colour for ops that need one (none of the photometric ones, kept for safety).
@@ -112,6 +111,4 @@ def build_random_erasing(probability: float, mode: str, device):
     """timm's RandomErasing for a normalised (B, 3, H, W) batch on `device`; None when disabled."""
     if probability <= 0:
         return None
-    from timm.data.random_erasing import RandomErasing  # not exported by timm.data
-
     return RandomErasing(probability=probability, mode=mode, max_count=1, num_splits=0, device=str(device))

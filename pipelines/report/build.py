@@ -15,6 +15,9 @@ from typing import Callable
 
 import numpy as np
 
+from labelstore import LabelStore, decode_image, render, render_mask, sample_token_labels
+from labelstore.masks import MASK_OBJECT, decode_mask
+from labelstore.shard_format import IMAGE_EXTS, expand_shard_urls
 from pipelines.report import charts, pictures
 from pipelines.report.numbers import TokenArrays, quality_numbers
 from pipelines.report.page import write_index
@@ -23,7 +26,6 @@ from pipelines.report.stats import (
     argmax_labels, class_prob, confidence, pool_mask_to_grid, tail_mass, token_dist,
 )
 
-MASK_OBJECT = 1  # demo-data mask values: 0 background, 1 object of the image class, 2 distractor
 PANEL = 168      # px width of one picture panel
 
 
@@ -66,9 +68,6 @@ def _done_rows(store, lab) -> np.ndarray:
 
 
 def _read_masks(patterns: tuple[str, ...], keys: list[str]) -> dict[str, np.ndarray]:
-    from pipelines.demo_data import decode_mask
-    from pipelines.shard_reader import expand_shard_urls
-
     urls = expand_shard_urls(list(patterns))
     found = read_fields(urls, set(keys), ("mask",))
     missing = [k for k in keys if "mask" not in found.get(k, {})]
@@ -81,8 +80,6 @@ def _read_masks(patterns: tuple[str, ...], keys: list[str]) -> dict[str, np.ndar
 def collect(store, lab, spec, rows: np.ndarray, masks: dict[str, np.ndarray] | None,
             rng: np.random.Generator) -> tuple[TokenArrays, dict]:
     """Per-token arrays over all views of `rows`, plus what the pictures need (params, label maps)."""
-    from labelstore import render_mask, sample_token_labels
-
     samples = store.read_samples(rows)
     keys = [str(k) for k in samples["key"]]
     labels = samples["label"].astype(np.int64)
@@ -132,14 +129,12 @@ def draw_charts(numbers: dict, out: Path) -> list[dict]:
 def draw_samples(store, spec, arrays: TokenArrays, extra: dict, masks, names: list[str], n: int, out: Path) -> list[dict]:
     """Pictures for `n` (row, view) pairs spread over the rows: view, token labels, confidence, P(class),
     a Gumbel draw, and the ground-truth object mask on the token grid when masks are given."""
-    from labelstore import decode_image, render, render_mask
-
     if n == 0 or arrays.labels.size == 0:
         return []
     picks = np.unique(np.linspace(0, arrays.labels.size - 1, min(n, arrays.labels.size)).round().astype(int))
     keys = [extra["keys"][i] for i in picks]
     urls = [s.url for s in store.shards]
-    found = read_fields(urls, set(keys), ("jpg", "jpeg", "png", "webp"))
+    found = read_fields(urls, set(keys), IMAGE_EXTS)
     palette = pictures.class_palette(spec.num_classes)
     gh, gw = spec.grid
     out_samples = []
@@ -187,8 +182,6 @@ def draw_samples(store, spec, arrays: TokenArrays, extra: dict, masks, names: li
 
 def build_report(cfg: ReportConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Write report.json, index.html and PNGs under cfg.out; return the report dict."""
-    from labelstore import LabelStore
-
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     store = LabelStore.open(cfg.store)

@@ -1,6 +1,8 @@
 """Histogram bar charts drawn with Pillow (the project does not depend on matplotlib)."""
 from __future__ import annotations
 
+import math
+
 from PIL import Image, ImageDraw, ImageFont
 
 Colour = tuple[int, int, int]
@@ -56,8 +58,6 @@ def bar_chart(edges: list[float], series: list[tuple[str, list[float], Colour]],
 
 def _nice_ceiling(v: float) -> float:
     """Round an axis maximum up to 1, 2 or 5 × 10^k so tick labels are short."""
-    import math
-
     exp = math.floor(math.log10(v))
     for m in (1, 2, 5, 10):
         if m * 10 ** exp >= v:

@@ -9,15 +9,18 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
 
+from labelstore import decode_image
+from labelstore.masks import decode_mask
 from pipelines.report.numbers import FOREGROUND_SHARE
 from pipelines.report.stats import foreground_scores, pool_mask_to_grid
 
 
 def token_predictions(model, images: np.ndarray, mean, std, grid: tuple[int, int], batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """(token top-1 (N, gh*gw), class top-1 (N,)) of `model` on uint8 images (N, h, w, 3) at their size."""
-    import torch
-
     model.eval()
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
@@ -44,12 +47,6 @@ def token_foreground_quality(token_top1: np.ndarray, labels: np.ndarray, masks: 
 
 def load_masked_split(urls: Iterable[str], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images (N, h, w, 3) uint8 resized to `size`, labels (N,), masks (N, H, W)) of demo-data shards."""
-    import webdataset as wds
-    from PIL import Image
-
-    from labelstore import decode_image
-    from pipelines.demo_data import decode_mask
-
     images, labels, masks = [], [], []
     for s in wds.WebDataset(list(urls), shardshuffle=False, empty_check=False):
         img = decode_image(s["jpg"], f"{s['__key__']}.jpg")

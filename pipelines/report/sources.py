@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+import webdataset as wds
+from timm.data import ImageNetInfo
+
+from labelstore.shard_format import image_field
 
 
 def read_fields(urls: list[str], keys: set[str], fields: tuple[str, ...]) -> dict[str, dict[str, bytes]]:
     """{key: {field: bytes}} for every wanted key found in `urls` (only the named fields are kept)."""
-    import webdataset as wds
-
     found: dict[str, dict[str, bytes]] = {}
     if not keys or not urls:
         return found
@@ -24,10 +25,9 @@ def read_fields(urls: list[str], keys: set[str], fields: tuple[str, ...]) -> dic
 
 
 def image_bytes(fields: dict[str, bytes]) -> tuple[bytes, str] | None:
-    for ext in IMAGE_FIELDS:
-        if ext in fields:
-            return fields[ext], ext
-    return None
+    """(image bytes, extension) by the shard contract's image field rule; None without an image."""
+    ext = image_field(fields)
+    return (fields[ext], ext) if ext else None
 
 
 def class_names(num_classes: int, classes_file: str | None = None) -> list[str]:
@@ -41,8 +41,6 @@ def class_names(num_classes: int, classes_file: str | None = None) -> list[str]:
             raise ValueError(f"classes file {path} lists {len(names)} names but the labeler has {num_classes} classes")
         return names
     if num_classes == 1000:
-        from timm.data import ImageNetInfo
-
         info = ImageNetInfo()
         return [info.index_to_description(i).split(",")[0] for i in range(1000)]
     return [f"class {i}" for i in range(num_classes)]

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from labelstore import topk_log_probs
+
 
 @dataclass(frozen=True)
 class TokenDist:
@@ -31,8 +33,6 @@ class TokenDist:
 
 def token_dist(enc, num_classes: int) -> TokenDist:
     """`labelstore.EncodedLogits` -> TokenDist (dense: all classes, empty tail)."""
-    from labelstore import topk_log_probs
-
     logit = np.asarray(enc.logit, np.float64)
     if enc.cls is None:  # dense: a plain log-softmax, nothing outside
         lse = np.logaddexp.reduce(logit, axis=-1, keepdims=True)

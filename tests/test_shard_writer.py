@@ -1,4 +1,4 @@
-"""pipelines.shard_tools: ImageFolder (or jpg+cls shards) → WebDataset shards with stable keys."""
+"""labelstore.shard_writer: ImageFolder (or jpg+cls shards) → WebDataset shards with stable keys."""
 from __future__ import annotations
 
 import io
@@ -8,8 +8,8 @@ import webdataset as wds
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipelines.shard_reader import iter_shard
-from pipelines.shard_tools import scan_image_folder, shard_dataset
+from labelstore.shard_format import iter_shard
+from labelstore.shard_writer import scan_image_folder, shard_dataset
 
 
 def image_bytes(fmt: str, value: int) -> bytes:

@@ -12,9 +12,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from pipelines.generate import GenerateSettings, labeler_spec_for, open_store
-from pipelines.label_shard import STAGES, ShardLabeler, resolve_device
-from pipelines.shard_reader import count_samples, expand_shard_urls
+import torch
+
+from labeler.teacher_spec import build_labeler_spec, open_labeler_store
+from labeler.work_unit import STAGES, ShardLabeler, WorkerSettings, resolve_device
+from labelstore.shard_format import count_samples, expand_shard_urls
 
 
 @dataclass(frozen=True)
@@ -58,23 +60,17 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                    render_backend: str = "auto", decode_threads: int = 2, checkpoint: str | None = None,
                    forward_batches: int | None = None) -> BenchReport:
     """Measure pipeline and bare forward; the teacher has random weights unless `checkpoint` is given."""
-    import torch
-
     urls = expand_shard_urls(shards)
-    if not urls:
-        raise ValueError(f"no shards match {shards}")
     device = resolve_device(device)
+    worker = WorkerSettings(checkpoint=checkpoint, batch_size=batch_size, amp=amp, device=device,
+                            render_backend=render_backend, decode_threads=decode_threads)
     with tempfile.TemporaryDirectory(prefix="stl-bench-") as tmp:
-        settings = GenerateSettings(
-            shards=urls, store=f"{tmp}/bench.zarr", name="bench", model=model, checkpoint=checkpoint,
-            num_classes=num_classes, views=views, topk=topk, batch_size=batch_size, amp=amp, device=device,
-            input_size=[input_size, input_size] if input_size else None, render_backend=render_backend,
-            decode_threads=decode_threads)
         torch.manual_seed(0)
-        spec = labeler_spec_for(settings)
-        store, _ = open_store(settings, spec)
+        spec = build_labeler_spec(name="bench", model=model, num_classes=num_classes, views=views, topk=topk,
+                                  checkpoint=checkpoint, input_size=(input_size, input_size) if input_size else None)
+        store, _ = open_labeler_store(f"{tmp}/bench.zarr", seed=0, rows_per_chunk=256, spec=spec)
         store.register_shards([(u, count_samples(u)) for u in urls])
-        work = ShardLabeler(settings.store, "bench", settings.worker_settings(), sync_timing=True)
+        work = ShardLabeler(store.path, "bench", worker, sync_timing=True)
         teacher = work.teacher
         h, w = spec.input_size
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

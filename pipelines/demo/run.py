@@ -21,7 +21,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from pipelines.demo_corruptions import CORRUPTIONS
+from pipelines.demo.corruptions import CORRUPTIONS
+from pipelines.demo.data import DemoDataset, DemoDataSpec, write_demo_data
+from pipelines.demo.summary import mean_accuracy, relative_mce, results_table, verdict
 
 PRESET = Path(__file__).parent / "presets" / "demo.yaml"
 LABELER = "demo-tl"
@@ -125,14 +127,10 @@ class Demo:
         return [a for x in sets for a in ("--set", x)]
 
     def _pattern(self, split: str) -> str:
-        from pipelines.demo_data import DemoDataset
-
         return DemoDataset.load(self.data).pattern(split)
 
     # 1
     def data_step(self) -> None:
-        from pipelines.demo_data import DemoDataSpec, DemoDataset, write_demo_data
-
         t0 = self._step(1, "demo data: 10 shape classes on scikit-image photo backgrounds, with object masks")
         s = self.s
         spec = DemoDataSpec(seed=s.seed, image_size=s.image_size, num_train=s.num_train, num_val=s.num_val,
@@ -212,8 +210,6 @@ class Demo:
     # 8
     def eval_step(self) -> None:
         t0 = self._step(8, "stl-train eval: clean val and every corruption x severity")
-        from pipelines.demo_data import DemoDataset
-
         ds = DemoDataset.load(self.data)
         for name in ("student_tl", "student_cls"):
             args = ["eval", "--checkpoint", str(self.out / name / "last.pth"), "--shards", ds.pattern("val"),
@@ -228,10 +224,9 @@ class Demo:
     # 9
     def token_iou_step(self) -> None:
         t0 = self._step(9, "token foreground IoU of each model on the masked val split")
-        import torch
+        import torch  # the model libraries load only for this step, so `--help` stays quick
 
         from labeler.models import create_token_model, load_checkpoint, token_grid
-        from pipelines.demo_data import DemoDataset
         from pipelines.report.model_tokens import load_masked_split, token_foreground_quality, token_predictions
         from trainer.config import load_train_config
 
@@ -252,8 +247,6 @@ class Demo:
 
     # summary
     def summary(self) -> str:
-        from pipelines.demo_summary import mean_accuracy, relative_mce, results_table, verdict
-
         evals = {n: json.loads((self.out / f"eval_{n}.json").read_text()) for n in ("student_tl", "student_cls")}
         q = self.results.get("token_iou", {})
 
@@ -356,6 +349,3 @@ def main(argv=None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,26 +1,23 @@
-"""Find a streamed sample's row in the label store by its `__key__` (DESIGN.md "Rows follow shard order").
+"""The join: a streamed sample's row in the label store, found by its `__key__` (docs/internals.md).
 
-webdataset has no position counter and skips bad samples, so a sample's row is found by its key
-inside its shard's row range (from the store's shard table and `samples/key`), never by counting.
-Each shard's keys are read once, in one slice, when the first sample of that shard arrives.
+A streaming reader (webdataset) has no position counter and skips bad samples, so a sample's row is
+found by its key inside its shard's row range (from the store's shard table and `samples/key`), never
+by counting. Each shard's keys are read once, in one slice, and kept by the store while it is used.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
-from labelstore import SchemaMismatch
-
-
-class MissingRow(SchemaMismatch):
-    """A streamed sample's key is not among the labelled rows of its shard."""
+from .errors import MissingRow, SchemaMismatch
 
 
 @dataclass(frozen=True)
 class ShardRows:
-    """The labelled rows of one shard: key → row, and the per-row `valid` / `label` columns."""
+    """The stored rows of one shard: key → row, and the per-row `valid` / `label` columns."""
 
     shard_index: int
     url: str
@@ -30,12 +27,23 @@ class ShardRows:
     valid: np.ndarray  # (num_samples,) bool, indexed by row − first_row
     labels: np.ndarray  # (num_samples,) int32 (−1: unknown)
 
+    @classmethod
+    def from_columns(cls, shard_index: int, url: str, first_row: int, columns: dict) -> "ShardRows":
+        """From `LabelStore.read_samples` of the shard's sample rows (empty keys: rows not written yet)."""
+        return cls(shard_index=shard_index, url=url, first_row=first_row, num_samples=len(columns["key"]),
+                   keys={str(k): first_row + j for j, k in enumerate(columns["key"]) if str(k) != ""},
+                   valid=np.asarray(columns["valid"], dtype=bool), labels=np.asarray(columns["label"]))
+
     def row(self, key: str) -> int:
         try:
             return self.keys[key]
         except KeyError:
             raise MissingRow(f"sample key {key!r} of shard {self.url!r} (store shard {self.shard_index}) has no "
                              f"row in the label store: the shards differ from those that were labelled") from None
+
+    def rows(self, keys) -> np.ndarray:
+        """Rows of `keys`, -1 where a key is absent."""
+        return np.array([self.keys.get(str(k), -1) for k in keys], np.int64)
 
     def is_valid(self, row: int) -> bool:
         return bool(self.valid[row - self.first_row])
@@ -49,7 +57,7 @@ class ShardRows:
         return self.first_row + self.num_samples
 
 
-def match_urls(urls, store_urls) -> dict[str, int]:
+def match_urls(urls: Sequence[str], store_urls: Sequence[str]) -> dict[str, int]:
     """Map each given shard URL to its index in the store's shard table.
 
     An exact match wins; otherwise the file name, when file names in the store are unique (shards
@@ -77,32 +85,14 @@ def match_urls(urls, store_urls) -> dict[str, int]:
 
 
 class RowIndex:
-    """Row lookup for a list of shard URLs against one store (picklable; keys loaded lazily per shard)."""
+    """Row lookup for a list of shard URLs against one store (picklable; each shard's rows read lazily)."""
 
-    _CACHED = 2  # a worker streams one shard at a time (and finishes the previous one)
-
-    def __init__(self, store, urls):
+    def __init__(self, store, urls: Sequence[str]):
         self.store = store
-        shards = list(store.shards)
-        self._shards = {s.index: (s.url, int(s.first_row), int(s.num_samples)) for s in shards}
-        self.shard_of_url = match_urls(list(urls), [s.url for s in shards])
-        self._cache: dict[int, ShardRows] = {}
+        self.shard_of_url = match_urls(list(urls), [s.url for s in store.shards])
 
     def shard_rows(self, url: str) -> ShardRows:
-        """The rows of `url`'s shard: one read of its key/valid/label slices, kept while it streams."""
+        """The rows of `url`'s shard (read once while it streams; see `LabelStore.shard_rows`)."""
         if url not in self.shard_of_url:
-            self.shard_of_url.update(match_urls([url], [u for u, _, _ in self._shards.values()]))
-        idx = self.shard_of_url[url]
-        if idx in self._cache:
-            return self._cache[idx]
-        _, first, n = self._shards[idx]
-        cols = self.store.read_samples(slice(first, first + n))
-        rows = ShardRows(
-            shard_index=idx, url=url, first_row=first, num_samples=n,
-            keys={str(k): first + j for j, k in enumerate(cols["key"]) if str(k) != ""},
-            valid=np.asarray(cols["valid"], dtype=bool), labels=np.asarray(cols["label"]),
-        )
-        if len(self._cache) >= self._CACHED:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[idx] = rows
-        return rows
+            self.shard_of_url.update(match_urls([url], [s.url for s in self.store.shards]))
+        return self.store.shard_rows(self.shard_of_url[url])

@@ -31,14 +31,14 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from pipelines.demo_corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from pipelines.demo_shapes import CLASS_NAMES, SHAPES
+from labelstore.masks import MASK_DISTRACTOR, MASK_OBJECT, encode_mask
+from pipelines.demo.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from pipelines.demo.shapes import CLASS_NAMES, SHAPES
 
 FORMAT = "stl-demo-data"
 FORMAT_VERSION = 1
 SPLIT_CODES = {"train": 0, "val": 1, "val-c": 2}
 TEXTURES = ("flat", "stripes", "checker", "gradient", "spots")
-MASK_BACKGROUND, MASK_OBJECT, MASK_DISTRACTOR = 0, 1, 2
 # Photos bundled inside the scikit-image wheel (loading them never touches the network).
 BACKGROUND_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
                      "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket",
@@ -259,27 +259,9 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def encode_mask(mask: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(mask, "L").save(buf, "PNG")
-    return buf.getvalue()
-
-
-def decode_mask(data: bytes, name: str = "") -> np.ndarray:
-    """PNG mask bytes -> (H, W) uint8; a clear error naming `name` if it is not a single-channel PNG."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as exc:  # Pillow raises several types for bad data
-        raise ValueError(f"mask {name or '<bytes>'}: not a readable PNG ({exc})") from exc
-    if img.mode not in ("L", "P", "1"):
-        raise ValueError(f"mask {name or '<bytes>'}: expected a single-channel PNG, got mode {img.mode}")
-    return np.asarray(img.convert("L") if img.mode == "1" else img, dtype=np.uint8)
-
-
 def _write_shards(records: Iterator[dict], count: int, directory: Path, prefix: str, per_shard: int) -> list[str]:
     """Write `count` records into shards of `per_shard`; returns the shard file names, in order."""
-    import webdataset as wds
+    import webdataset as wds  # loads torch: only when shards are written, so `python -m pipelines.demo --help` stays quick
 
     if count == 0:
         return []

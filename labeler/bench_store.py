@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
+from labeler.models import create_token_model, load_efficientnet_lite0_weights, token_grid
 from labelstore import LabelerSpec, LabelStore, ViewSpec, draw_view_params, encode_topk, render
 from labelstore.schema import DONE, ERRORS
 
@@ -59,10 +61,7 @@ class StoreBenchConfig:
 
 def teacher_logits(cfg: StoreBenchConfig, echo: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, str]:
     """(tokens (U, 49, 1000), cls (U, 1000)) float32 from EfficientNet-Lite0 on U random photo views."""
-    import skimage.data
-    import torch
-
-    from labeler.models import create_token_model, load_efficientnet_lite0_weights, token_grid
+    import skimage.data  # optional (the demo extra); only the teacher logits need it
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = create_token_model(TEACHER_ARCH, num_classes=1000, pretrained=False, token_head="classifier").eval()

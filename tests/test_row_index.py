@@ -1,10 +1,10 @@
-"""Row lookup by `__key__` inside a shard's row range of a real (tiny) label store."""
+"""labelstore's one row index: lookup by `__key__` inside a shard's row range of a real (tiny) label store."""
 import pickle
 
 import pytest
 
-from labelstore import LabelStore, SchemaMismatch
-from trainer.rows import MissingRow, RowIndex, match_urls
+from labelstore import LabelStore, MissingRow, RowIndex, SchemaMismatch
+from labelstore.row_index import match_urls
 
 
 @pytest.fixture()
@@ -42,3 +42,10 @@ def test_urls_match_exactly_or_by_unique_file_name(store):
         match_urls(["/mnt/train-0.tar"], ["/a/train-0.tar", "/b/train-0.tar"])  # ambiguous file name
     idx = RowIndex(store, ["/mnt/copy/train-1.tar"])
     assert idx.shard_rows("/mnt/copy/train-1.tar").row("b2") == 6
+
+
+def test_find_rows_and_the_trainer_share_one_index(store):
+    idx = store.row_index(["/data/a/train-1.tar"])
+    assert isinstance(idx, RowIndex)
+    assert store.find_rows(1, ["b3", "a0", "nope"]).tolist() == [7, -1, -1]  # only inside shard 1's range
+    assert idx.shard_rows("/data/a/train-1.tar") is store.shard_rows(1)  # one cache, read once

@@ -17,6 +17,19 @@ import platform
 import time
 from dataclasses import dataclass
 
+import torch
+
+from labeler.models import create_token_model, token_grid
+from trainer.config import OptimConfig
+from trainer.data_config import DataConfig, TokenLabelConfig
+from trainer.distributed import resolve_device
+from trainer.loader import build_labeler_loader, build_student_loader
+from trainer.loop import amp_context, split_outputs
+from trainer.losses import student_loss
+from trainer.optim import create_optimizer
+from trainer.target_builder import TargetBuilder
+from trainer.token_targets import token_targets
+
 
 @dataclass(frozen=True)
 class BenchSettings:
@@ -84,19 +97,6 @@ def _time_loader(loader, max_images: int) -> tuple[float, int]:
 
 
 def run_bench(s: BenchSettings) -> BenchFigures:
-    import torch
-
-    from labeler.models import create_token_model, token_grid
-    from trainer.config import OptimConfig
-    from trainer.data_config import DataConfig, TokenLabelConfig
-    from trainer.distributed import resolve_device
-    from trainer.loader import build_labeler_loader, build_student_loader
-    from trainer.loop import amp_context, split_outputs
-    from trainer.losses import student_loss
-    from trainer.optim import create_optimizer
-    from trainer.target_builder import TargetBuilder
-    from trainer.token_targets import token_targets
-
     device = resolve_device(s.device)
     # The default RandAugment (the paper's m9 mstd0.5) for both loaders, so they run the same colour ops.
     data = DataConfig(shards=s.shards, batch_size=s.batch_size, workers=s.workers, seed=s.seed, drop_last=True)

@@ -4,20 +4,25 @@ Keys are stable (`<class folder>/<file stem>`), class ids follow the sorted clas
 torchvision's ImageFolder does) and `classes.txt` (one name per line, line i = class id i) is written
 beside the shards. Image bytes are copied, never re-encoded. Each shard is written to a temporary
 name and renamed when complete, so a crash never leaves a short shard that looks finished (which is
-why this does not use `webdataset.ShardWriter`).
+why this does not use `webdataset.ShardWriter`). The tar members are written with the standard library:
+webdataset's `TarWriter` would load torch, and labelstore stays torch-free.
 """
 from __future__ import annotations
 
+import io
 import os
+import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipelines.shard_reader import IMAGE_EXTS, expand_shard_urls, iter_shard
+from labelstore.shard_format import IMAGE_EXTS, expand_shard_urls, iter_shard
 
-FOLDER_IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+# file suffix -> the field it is stored under (the contract's image fields; .jpeg files become `jpg`)
+FOLDER_IMAGE_EXTS = {f".{ext}": "jpg" if ext == "jpeg" else ext for ext in IMAGE_EXTS}
 
 
 @dataclass(frozen=True)
@@ -85,10 +90,17 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
+def write_tar_sample(tar: tarfile.TarFile, key: str, fields: dict[str, bytes]) -> None:
+    """Append one sample: a member `<key>.<ext>` per field, in the given order (readable by webdataset)."""
+    now = time.time()
+    for ext, data in fields.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), now, 0o444
+        tar.addfile(info, io.BytesIO(data))
+
+
 def write_shards(entries: Iterable[ShardEntry], out_pattern: str, samples_per_shard: int) -> list[str]:
     """Write `entries` as consecutive shards named `out_pattern % index`; returns the paths written."""
-    import webdataset as wds
-
     if samples_per_shard < 1:
         raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     if "%" not in out_pattern:
@@ -98,12 +110,12 @@ def write_shards(entries: Iterable[ShardEntry], out_pattern: str, samples_per_sh
         path = Path(out_pattern % index)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
-        with wds.TarWriter(str(tmp)) as writer:
+        with tarfile.open(tmp, "w") as tar:
             for e in chunk:
-                sample = {"__key__": e.key, e.ext: e.payload()}
+                fields = {e.ext: e.payload()}
                 if e.label >= 0:
-                    sample["cls"] = e.label
-                writer.write(sample)
+                    fields["cls"] = str(e.label).encode()
+                write_tar_sample(tar, e.key, fields)
         os.replace(tmp, path)
         paths.append(str(path))
     return paths

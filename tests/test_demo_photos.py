@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.real_teacher import CAT_CLASSES, LABELER_NAME, PhotoLabelingConfig, label_photos
+from pipelines.demo.photos import CAT_CLASSES, LABELER_NAME, PhotoLabelingConfig, label_photos
 
 
 @pytest.mark.timeout(300)

@@ -1,0 +1,47 @@
+"""What a teacher model will store: its `LabelerSpec`, and the store + labeler it writes into.
+
+Shared by the labeling job (`stl-labels generate`) and its bench, so both label with the same spec.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from labeler.models import create_token_model, token_grid
+from labeler.models.checkpoint import load_checkpoint
+from labelstore import LabelerSpec, LabelerStore, LabelStore, SchemaMismatch, StoreError, ViewSpec
+
+
+def build_labeler_spec(*, name: str, model: str, num_classes: int, views: int, topk: int,
+                       checkpoint: str | None = None, input_size: Sequence[int] | None = None,
+                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                       view: Mapping[str, Any] | None = None) -> LabelerSpec:
+    """The LabelerSpec of teacher `model`; builds the model on CPU (grid, mean/std, checkpoint check).
+
+    Unset input size, mean and std come from the model's pretrained config; `view` holds ViewSpec fields.
+    """
+    net = create_token_model(model, num_classes=num_classes, pretrained=False)
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    size = tuple(input_size or cfg.get("input_size", (3, 224, 224))[1:])
+    sha = load_checkpoint(net, checkpoint, prefer_ema=True) if checkpoint else ""
+    return LabelerSpec(
+        name=name, arch=model, num_classes=num_classes, input_size=size,
+        grid=token_grid(net, size), mean=tuple(mean or cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(std or cfg.get("std", (0.229, 0.224, 0.225))),
+        view_spec=ViewSpec(size=size, **dict(view or {})), views=views, topk=topk,
+        checkpoint_sha256=sha)
+
+
+def open_labeler_store(path: str, *, seed: int, rows_per_chunk: int,
+                       spec: LabelerSpec) -> tuple[LabelStore, LabelerStore]:
+    """Create or open the store and the labeler; SchemaMismatch (a readable diff) when they differ.
+
+    `rows_per_chunk` only applies to a new store; an existing store keeps its own.
+    """
+    try:
+        store = LabelStore.create(path, seed=seed, rows_per_chunk=rows_per_chunk)
+    except StoreError:
+        store = LabelStore.open(path, mode="r+")
+        if store.seed != seed:
+            raise SchemaMismatch(f"{path}: existing store differs:\n  seed: store has {store.seed}, "
+                                 f"expected {seed}") from None
+    return store, store.add_labeler(spec)
