@@ -1,4 +1,5 @@
-"""Label store: the contract between the labeling job and the trainers (numpy, zarr, Pillow only).
+"""Label store: the contract between the labeling job and the trainers (numpy, zarr, numcodecs, Pillow,
+braceexpand, fsspec; never torch, ray, typer or webdataset). The shard sample contract is `labelstore.shard_format`.
 
 See docs/internals.md for the seams and README "Label store format" for the on-disk layout.
 """

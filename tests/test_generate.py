@@ -18,11 +18,11 @@ import webdataset as wds
 from PIL import Image
 from typer.testing import CliRunner
 
+from labeler.work_unit import ShardLabeler
 from labelstore import LabelStore, SchemaMismatch, decode_image, render
+from labelstore.shard_format import iter_shard
 from labelstore.verify import verify_store
 from pipelines.generate import GenerateSettings, labeler_spec_for, open_store, run_generate
-from labeler.work_unit import ShardLabeler
-from labelstore.shard_format import iter_shard
 
 MODEL = "fan_test_p4_hybrid_token"
 

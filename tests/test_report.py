@@ -118,8 +118,8 @@ def _oracle_store(tmp_path):
     import webdataset as wds
 
     from labelstore import LabelStore, LabelerSpec, ViewSpec, decode_image, draw_views, render_mask
-    from pipelines.demo.data import DemoDataSpec, DemoDataset, write_demo_data
     from labelstore.masks import decode_mask
+    from pipelines.demo.data import DemoDataSpec, DemoDataset, write_demo_data
 
     write_demo_data(tmp_path / "data", DemoDataSpec(seed=1, num_train=10, num_val=0, num_val_corrupt=0,
                                                     corruptions=(), samples_per_shard=4, object_scale=(0.4, 0.6)))

@@ -21,9 +21,9 @@ runner = CliRunner()
 
 def label_shards(urls, store, checkpoint):
     """`stl-labels generate` without starting Ray: the generate job's own pieces, called in-process."""
-    from pipelines.generate import GenerateSettings, labeler_spec_for, open_store
     from labeler.work_unit import ShardLabeler
     from labelstore.shard_format import count_samples
+    from pipelines.generate import GenerateSettings, labeler_spec_for, open_store
 
     settings = GenerateSettings(shards=list(urls), store=str(store), name="tl", model="fan_test_p4_hybrid_token",
                                 checkpoint=str(checkpoint), num_classes=10, views=2, topk=3, rows_per_chunk=16,

@@ -25,7 +25,7 @@ from pipelines.demo.corruptions import CORRUPTIONS
 from pipelines.demo.data import DemoDataset, DemoDataSpec, write_demo_data
 from pipelines.demo.summary import mean_accuracy, relative_mce, results_table, verdict
 
-PRESET = Path(__file__).parent / "presets" / "demo.yaml"
+PRESET = Path(__file__).parents[1] / "presets" / "demo.yaml"
 LABELER = "demo-tl"
 MODEL = "fan_test_p4_hybrid_token"
 
