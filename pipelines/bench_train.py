@@ -86,10 +86,10 @@ def _time_loader(loader, max_images: int) -> tuple[float, int]:
 def run_bench(s: BenchSettings) -> BenchFigures:
     import torch
 
+    from labeler.device import resolve_device
     from labeler.models import create_token_model, token_grid
     from trainer.config import OptimConfig
     from trainer.data_config import DataConfig, TokenLabelConfig
-    from trainer.distributed import resolve_device
     from trainer.loader import build_labeler_loader, build_student_loader
     from trainer.loop import amp_context, split_outputs
     from trainer.losses import student_loss

@@ -24,7 +24,7 @@ from labelstore import (NUM_PARAMS, EncodedLogits, ImageDecodeError, LabelStore,
                         decode_image, draw_views, render)
 from pipelines.shard_reader import ShardSample, iter_shard
 
-STAGES = ("read", "decode", "render", "forward", "topk", "write")
+PHASES = ("read", "decode", "render", "forward", "topk", "write")  # timed phases of the work unit
 RENDER_BACKENDS = ("auto", "torch", "pillow")
 
 
@@ -87,22 +87,22 @@ class ShardOutcome:
     seconds: float = 0.0
     bytes_written: int = 0
     error: str | None = None
-    stage_seconds: dict[str, float] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
-class StageClock:
-    """Busy seconds per stage; `sync` (bench only) waits for the device so time lands in the right stage."""
+class PhaseClock:
+    """Busy seconds per phase; `sync` (bench only) waits for the device so time lands in the right phase."""
 
     def __init__(self, sync: Callable[[], None] | None = None):
-        self.seconds = {s: 0.0 for s in STAGES}
+        self.seconds = {p: 0.0 for p in PHASES}
         self._sync = sync
 
-    def timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def timed(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()
         out = fn(*args)
         if self._sync is not None:
             self._sync()
-        self.seconds[stage] += time.perf_counter() - start
+        self.seconds[phase] += time.perf_counter() - start
         return out
 
 
@@ -132,14 +132,6 @@ def ordered_prefetch(fn: Callable[[Any], Any], items: Iterable[Any], threads: in
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 class ShardLabeler:
     """Callable work unit: `labeler(shard_index) -> ShardOutcome`. Holds the teacher; runs without Ray."""
 
@@ -147,18 +139,20 @@ class ShardLabeler:
                  fault: FaultInjection | None = None, teacher: Any = None, sync_timing: bool = False):
         import torch
 
+        from labeler.device import resolve_device
+
         self.settings = settings
         self.store = LabelStore.open(store_path, mode="r+")
         self.labels = self.store.labeler(labeler_name)
         self.spec = self.labels.spec
         self.device = resolve_device(settings.device)
         backend = settings.render_backend
-        self.render_backend = ("torch" if self.device.startswith("cuda") else "pillow") if backend == "auto" else backend
+        self.render_backend = ("torch" if self.device.type == "cuda" else "pillow") if backend == "auto" else backend
         self.teacher = teacher if teacher is not None else build_teacher(self.spec, settings, self.device)
         self.fault = fault
         self.samples_done = 0  # per process, across shards: what the fault switch counts
-        sync = torch.cuda.synchronize if (sync_timing and self.device.startswith("cuda")) else None
-        self.clock = StageClock(sync)
+        sync = torch.cuda.synchronize if (sync_timing and self.device.type == "cuda") else None
+        self.clock = PhaseClock(sync)
 
     # --- per sample (runs on the prefetch threads) ---------------------------------------------
     def _prepare(self, item: tuple[int, ShardSample], first_row: int, url: str) -> _Prepared:
@@ -189,11 +183,11 @@ class ShardLabeler:
         except Exception as e:  # noqa: BLE001 - unreadable tar, store or device error: report it with the URL
             return ShardOutcome(shard_index, shard.url, ok=False, error=f"{type(e).__name__}: {e}",
                                 seconds=time.perf_counter() - start)
-        stages = {k: self.clock.seconds[k] - before[k] for k in STAGES}
+        phases = {k: self.clock.seconds[k] - before[k] for k in PHASES}
         valid = shard.num_samples - num_invalid
         return ShardOutcome(shard_index, shard.url, ok=True, num_samples=shard.num_samples, num_invalid=num_invalid,
                             views=valid * self.spec.views, seconds=time.perf_counter() - start,
-                            bytes_written=bytes_written, stage_seconds=stages)
+                            bytes_written=bytes_written, phase_seconds=phases)
 
     def _samples(self, shard) -> Iterator[tuple[int, ShardSample]]:
         """(position, sample) of every sample; stops at once if the shard outgrew its registered rows."""
@@ -320,7 +314,7 @@ class _ResultBuffers:
                 EncodedLogits(shape(self.cls_logit), shape(self.cls_cls), shape(self.cls_tail)))
 
 
-def build_teacher(spec: Any, settings: WorkerSettings, device: str):
+def build_teacher(spec: Any, settings: WorkerSettings, device: Any):
     """The labeler's model (arch and classes from the spec) with its checkpoint, wrapped as a Teacher."""
     import labeler.models as models
     from labeler.teacher import Teacher

@@ -21,8 +21,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_JSON_FIELDS = ("label", "cls", "class", "class_id")
 
 
-class ShardReadError(RuntimeError):
-    """A shard that cannot be read completely (missing, unreadable or truncated tar)."""
+class ShardReadError(OSError):
+    """A shard that cannot be read completely (missing, unreadable or truncated tar): an I/O error the user fixes."""
 
     def __init__(self, url: str, reason: str):
         super().__init__(f"shard {url}: {reason}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import TrainConfig, save_train_config
+from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, init_distributed, shutdown_distributed
 from trainer.loop import TrainResult, train
 from trainer.losses import labeler_loss, student_loss
@@ -70,7 +70,7 @@ def _prepare(cfg: TrainConfig, out_dir: str | Path) -> DistInfo:
     torch.manual_seed(cfg.data.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     if info.is_main:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        save_train_config(cfg, Path(out_dir) / "config.yaml")  # the resolved config this run used
+        cfg.save_yaml(Path(out_dir) / "config.yaml")  # the resolved config this run used
     return info
 
 
