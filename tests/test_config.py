@@ -205,3 +205,20 @@ def test_build_nested_and_validated():
     with pytest.raises(ConfigError, match="src: name must not be empty"):  # the dataclass's own check, with the source
         build(Outer, {"name": ""}, "src")
 
+
+GENERATE_PRESETS = sorted(PRESET_DIR.glob("generate_*.yaml"))
+
+
+def test_a_generate_preset_per_paper_size():
+    assert [p.stem for p in GENERATE_PRESETS] == ["generate_base", "generate_large", "generate_small", "generate_tiny"]
+
+
+@pytest.mark.parametrize("preset", GENERATE_PRESETS, ids=[p.name for p in GENERATE_PRESETS])
+def test_every_generate_preset_loads_and_states_command_and_result(preset):
+    size = preset.stem.removeprefix("generate_")
+    s = load_config(GenerateSettings, preset, ["shards=[s.tar]"], {"store": "l.zarr"})
+    assert f"fan_{size}_" in s.model and s.name == f"fan_tl_{size[0]}"
+    assert (s.input_size, s.views, s.topk, s.num_classes) == ((224, 224), 32, 10, None)
+    header = preset.read_text().split("\n\n")[0].lower()
+    for word in ("command:", "does:", "expected:", f"--config pipelines/presets/{preset.name}"):
+        assert word in header, f"{preset.name}: header comment lacks '{word}'"
