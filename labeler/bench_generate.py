@@ -3,8 +3,8 @@
 Both are measured in one process on the same device, batch size and precision: first the whole work
 unit (read tar → decode → render S views → forward → top-k → write) over the given shards into a
 scratch store, then the teacher's forward alone on random uint8 views of the same shape. Also prints
-the busy seconds of each stage. Decode and render run on prefetch threads, overlapped with the
-forward, so the stage shares can add up to more than 100 % of the wall time. Nothing is asserted.
+the busy seconds of each phase. Decode and render run on prefetch threads, overlapped with the
+forward, so the phase shares can add up to more than 100 % of the wall time. Nothing is asserted.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from labeler.device import resolve_device
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
-from labeler.work_unit import STAGES, ShardLabeler, WorkerSettings, resolve_device
+from labeler.work_unit import PHASES, ShardLabeler, WorkerSettings
 from labelstore.shard_format import count_samples, expand_shard_urls
 
 
@@ -30,7 +31,7 @@ class BenchReport:
     pipeline_seconds: float
     forward_views: int
     forward_seconds: float
-    stage_seconds: dict
+    phase_seconds: dict
 
     @property
     def pipeline_rate(self) -> float:
@@ -47,11 +48,11 @@ class BenchReport:
             f"pipeline      {self.pipeline_rate:10.1f} views/s  ({self.pipeline_views} views in {self.pipeline_seconds:.2f} s)",
             f"bare forward  {self.forward_rate:10.1f} views/s  ({self.forward_views} views in {self.forward_seconds:.2f} s)",
             f"pipeline / bare forward = {self.pipeline_rate / self.forward_rate:.2f}",
-            "stage busy seconds (% of pipeline wall time; decode/render overlap the forward):",
+            "phase busy seconds (% of pipeline wall time; decode/render overlap the forward):",
         ]
-        for stage in STAGES:
-            sec = self.stage_seconds.get(stage, 0.0)
-            lines.append(f"  {stage:8s} {sec:8.2f} s  {100 * sec / self.pipeline_seconds:5.1f} %")
+        for phase in PHASES:
+            sec = self.phase_seconds.get(phase, 0.0)
+            lines.append(f"  {phase:8s} {sec:8.2f} s  {100 * sec / self.pipeline_seconds:5.1f} %")
         return "\n".join(lines)
 
 
@@ -73,7 +74,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         work = ShardLabeler(store.path, "bench", worker, sync_timing=True)
         teacher = work.teacher
         h, w = spec.input_size
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         warm = torch.randint(0, 256, (batch_size, h, w, 3), dtype=torch.uint8, device=device)
         teacher.encode(teacher.forward(warm)[1])  # warm-up (cudnn autotune, compile, allocator)
         sync()
@@ -85,7 +86,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         if failed:
             raise RuntimeError(f"bench: shard {failed[0].url} failed: {failed[0].error}")
         pipeline_views = sum(o.views for o in outcomes)
-        stages = {s: sum(o.stage_seconds.get(s, 0.0) for o in outcomes) for s in STAGES}
+        phases = {p: sum(o.phase_seconds.get(p, 0.0) for o in outcomes) for p in PHASES}
 
         n_batches = forward_batches or max(3, round(pipeline_views / batch_size))
         sync()
@@ -94,7 +95,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
             teacher.forward(warm)
         sync()
         forward_seconds = time.perf_counter() - start
-    return BenchReport(device=device if not device.startswith("cuda") else torch.cuda.get_device_name(),
+    return BenchReport(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
                        model=model, batch_size=batch_size, amp=amp, views_per_sample=views,
                        pipeline_views=pipeline_views, pipeline_seconds=pipeline_seconds,
-                       forward_views=n_batches * batch_size, forward_seconds=forward_seconds, stage_seconds=stages)
+                       forward_views=n_batches * batch_size, forward_seconds=forward_seconds, phase_seconds=phases)

@@ -6,19 +6,36 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from labeler.models import create_token_model, token_grid
+from labeler.models import checkpoint_num_classes, create_token_model, token_grid
 from labeler.models.checkpoint import load_checkpoint
 from labelstore import LabelerSpec, LabelerStore, LabelStore, SchemaMismatch, StoreError, ViewSpec
 
 
-def build_labeler_spec(*, name: str, model: str, num_classes: int, views: int, topk: int,
+def resolve_num_classes(num_classes: int | None, checkpoint: str | None) -> int:
+    """`num_classes` as given; else the rows of the checkpoint's classifier; else 1000 (random ImageNet-size head)."""
+    if num_classes is not None:
+        return int(num_classes)
+    if not checkpoint:
+        return 1000
+    found = checkpoint_num_classes(checkpoint)
+    if found is None:
+        raise ValueError(f"cannot tell the number of classes of {checkpoint} (no head, aux_head, head.fc, "
+                         "classifier or fc weight in it): give --num-classes")
+    return found
+
+
+def build_labeler_spec(*, name: str, model: str, num_classes: int | None, views: int, topk: int,
                        checkpoint: str | None = None, input_size: Sequence[int] | None = None,
                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                        view: Mapping[str, Any] | None = None) -> LabelerSpec:
     """The LabelerSpec of teacher `model`; builds the model on CPU (grid, mean/std, checkpoint check).
 
-    Unset input size, mean and std come from the model's pretrained config; `view` holds ViewSpec fields.
+    Unset input size, mean and std come from the model's pretrained config; `view` holds ViewSpec fields;
+    `num_classes=None` reads the class count off the checkpoint (`resolve_num_classes`).
     """
+    num_classes = resolve_num_classes(num_classes, checkpoint)
+    if topk > num_classes:
+        raise ValueError(f"topk {topk} exceeds the teacher's {num_classes} classes")
     net = create_token_model(model, num_classes=num_classes, pretrained=False)
     cfg = getattr(net, "pretrained_cfg", None) or {}
     size = tuple(input_size or cfg.get("input_size", (3, 224, 224))[1:])

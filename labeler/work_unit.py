@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from labeler.models import create_token_model
+from labeler.device import resolve_device
 from labeler.models.checkpoint import load_checkpoint
 from labeler.render_torch import render_views
 from labeler.teacher import Teacher
@@ -29,7 +30,7 @@ from labelstore import (NUM_PARAMS, EncodedLogits, ImageDecodeError, LabelStore,
                         decode_image, draw_views, render)
 from labelstore.shard_format import ShardSample, iter_shard
 
-STAGES = ("read", "decode", "render", "forward", "topk", "write")
+PHASES = ("read", "decode", "render", "forward", "topk", "write")  # timed phases of the work unit
 RENDER_BACKENDS = ("auto", "torch", "pillow")
 
 
@@ -92,22 +93,22 @@ class ShardOutcome:
     seconds: float = 0.0
     bytes_written: int = 0
     error: str | None = None
-    stage_seconds: dict[str, float] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
-class StageClock:
-    """Busy seconds per stage; `sync` (bench only) waits for the device so time lands in the right stage."""
+class PhaseClock:
+    """Busy seconds per phase; `sync` (bench only) waits for the device so time lands in the right phase."""
 
     def __init__(self, sync: Callable[[], None] | None = None):
-        self.seconds = {s: 0.0 for s in STAGES}
+        self.seconds = {p: 0.0 for p in PHASES}
         self._sync = sync
 
-    def timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def timed(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()
         out = fn(*args)
         if self._sync is not None:
             self._sync()
-        self.seconds[stage] += time.perf_counter() - start
+        self.seconds[phase] += time.perf_counter() - start
         return out
 
 
@@ -137,12 +138,6 @@ def ordered_prefetch(fn: Callable[[Any], Any], items: Iterable[Any], threads: in
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 class ShardLabeler:
     """Callable work unit: `labeler(shard_index) -> ShardOutcome`. Holds the teacher; runs without Ray."""
 
@@ -154,12 +149,12 @@ class ShardLabeler:
         self.spec = self.labels.spec
         self.device = resolve_device(settings.device)
         backend = settings.render_backend
-        self.render_backend = ("torch" if self.device.startswith("cuda") else "pillow") if backend == "auto" else backend
+        self.render_backend = ("torch" if self.device.type == "cuda" else "pillow") if backend == "auto" else backend
         self.teacher = teacher if teacher is not None else build_teacher(self.spec, settings, self.device)
         self.fault = fault
         self.samples_done = 0  # per process, across shards: what the fault switch counts
-        sync = torch.cuda.synchronize if (sync_timing and self.device.startswith("cuda")) else None
-        self.clock = StageClock(sync)
+        sync = torch.cuda.synchronize if (sync_timing and self.device.type == "cuda") else None
+        self.clock = PhaseClock(sync)
 
     # --- per sample (runs on the prefetch threads) ---------------------------------------------
     def _prepare(self, item: tuple[int, ShardSample], first_row: int, url: str) -> _Prepared:
@@ -188,11 +183,11 @@ class ShardLabeler:
         except Exception as e:  # noqa: BLE001 - unreadable tar, store or device error: report it with the URL
             return ShardOutcome(shard_index, shard.url, ok=False, error=f"{type(e).__name__}: {e}",
                                 seconds=time.perf_counter() - start)
-        stages = {k: self.clock.seconds[k] - before[k] for k in STAGES}
+        phases = {k: self.clock.seconds[k] - before[k] for k in PHASES}
         valid = shard.num_samples - num_invalid
         return ShardOutcome(shard_index, shard.url, ok=True, num_samples=shard.num_samples, num_invalid=num_invalid,
                             views=valid * self.spec.views, seconds=time.perf_counter() - start,
-                            bytes_written=bytes_written, stage_seconds=stages)
+                            bytes_written=bytes_written, phase_seconds=phases)
 
     def _samples(self, shard) -> Iterator[tuple[int, ShardSample]]:
         """(position, sample) of every sample; stops at once if the shard outgrew its registered rows."""
@@ -317,7 +312,7 @@ class _ResultBuffers:
                 EncodedLogits(shape(self.cls_logit), shape(self.cls_cls), shape(self.cls_tail)))
 
 
-def build_teacher(spec: Any, settings: WorkerSettings, device: str):
+def build_teacher(spec: Any, settings: WorkerSettings, device: Any):
     """The labeler's model (arch and classes from the spec) with its checkpoint, wrapped as a Teacher."""
     model = create_token_model(spec.arch, num_classes=spec.num_classes, pretrained=False, drop_path_rate=0.0)
     if settings.checkpoint:

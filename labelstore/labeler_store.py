@@ -160,11 +160,14 @@ class LabelerStore:
             raise StoreError(f"labeler {self.name!r}: shards {not_done[:10].tolist()} are not done yet "
                              f"(missing: {len(self.missing_shards())} of {len(done)})")
 
-    def errors(self) -> list[dict[str, Any]]:
-        """Recorded per-sample problems of done shards: [{shard, row, key, reason}]."""
+    def errors(self, shards: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """Recorded per-sample problems of done shards (all, or those in `shards`): [{shard, row, key, reason}]."""
         out = []
         keys, reasons = self.store.samples.key, self.array(ERRORS)
-        for i in np.flatnonzero(self.done_mask()):
+        done = np.flatnonzero(self.done_mask())
+        if shards is not None:
+            done = np.intersect1d(done, np.fromiter(shards, np.int64))
+        for i in done:
             info = self.store.shard(int(i))
             r = np.asarray(reasons[info.first_row:info.stop])
             for j in np.flatnonzero(r != ""):

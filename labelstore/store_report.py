@@ -14,10 +14,12 @@ def _stored_bytes(arr: Any) -> int:
     return int(arr.nbytes_stored())
 
 
-def store_info(path: str) -> dict[str, Any]:
-    """Facts about a store: settings, shards, and per labeler its spec, progress and bytes per view on disk."""
+def store_info(path: str, max_invalid: int | None = 10) -> dict[str, Any]:
+    """Facts about a store: settings, shards, and per labeler its spec, progress, bytes per view on disk and
+    its invalid rows (key, shard, reason; the first `max_invalid`, all when None, and their total)."""
     store = LabelStore.open(path, mode="r")
     shards = store.shards
+    urls = {s.index: s.url for s in shards}
     valid = np.asarray(store.samples.valid[:]) if store.num_rows else np.zeros(0, bool)
     info: dict[str, Any] = {
         "path": store.path, **{k: store.attrs.get(k) for k in ("schema_version", "seed", "rows_per_chunk", "created",
@@ -31,13 +33,17 @@ def store_info(path: str) -> dict[str, Any]:
         done_rows = sum(s.num_samples for s in shards if done[s.index])
         data_paths = [p for p in lab.array_paths if p not in (DONE, ERRORS)]
         data_bytes = sum(_stored_bytes(lab.array(p)) for p in data_paths)
+        errors = lab.errors()
+        listed = errors if max_invalid is None else errors[:max_invalid]
         views_on_disk = done_rows * spec.views
         info["labelers"].append({
             "name": name, "arch": spec.arch, "num_classes": spec.num_classes, "grid": list(spec.grid),
             "input_size": list(spec.input_size), "views": spec.views, "topk": spec.topk, "seed": spec.seed,
             "checkpoint_sha256": spec.checkpoint_sha256, "view_spec": spec.view_spec.to_dict(),
             "shards_done": int(done.sum()), "shards_total": len(shards), "rows_done": done_rows,
-            "errors": len(lab.errors()), "bytes_on_disk": data_bytes,
+            "errors": len(errors), "bytes_on_disk": data_bytes,
+            "invalid_rows": [{"key": e["key"], "shard": e["shard"], "url": urls[e["shard"]], "row": e["row"],
+                              "reason": e["reason"]} for e in listed],
             "bytes_per_view": round(data_bytes / views_on_disk, 1) if views_on_disk else None,
             "bytes_per_view_by_array": {p: round(_stored_bytes(lab.array(p)) / views_on_disk, 1) if views_on_disk
                                         else None for p in data_paths},
@@ -71,6 +77,12 @@ def format_info(info: dict[str, Any]) -> str:
         ]
         if lab["bytes_per_view"] is not None:
             lines.append("            " + ", ".join(f"{p} {b:.0f}" for p, b in lab["bytes_per_view_by_array"].items()))
+        if lab["errors"]:
+            shown = lab["invalid_rows"]
+            lines.append(f"            invalid rows {lab['errors']}" + (f" (first {len(shown)}):" if len(shown) < lab["errors"] else ":"))
+            lines += [f"              {e['key']} in shard {e['shard']} ({e['url']}): {e['reason']}" for e in shown]
+            if len(shown) < lab["errors"]:
+                lines.append(f"              ... and {lab['errors'] - len(shown)} more (--all-invalid lists every one)")
     return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import typer
 
+from pipelines.cli_errors import exit_2_on_user_error
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Offline STL token labels: build and inspect label stores.")
 bench_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Benchmarks that print measured figures.")
 app.add_typer(bench_app, name="bench")
@@ -28,18 +30,16 @@ def bench_main() -> None:
 def info_cmd(
     store: str = typer.Argument(..., help="Label store path (labels.zarr) or URL."),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
+    invalid: int = typer.Option(10, "--invalid", min=0, help="Invalid rows (key, shard, reason) to list per labeler."),
+    all_invalid: bool = typer.Option(False, "--all-invalid", help="List every invalid row."),
 ) -> None:
-    """Labelers, settings, shards done/total, rows and bytes per view on disk."""
+    """Labelers, settings, shards done/total, rows and bytes per view on disk, and the invalid rows."""
     import json
 
-    from labelstore import StoreError
     from labelstore.store_report import format_info, store_info
 
-    try:
-        facts = store_info(store)
-    except StoreError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    with exit_2_on_user_error():
+        facts = store_info(store, max_invalid=None if all_invalid else invalid)
     typer.echo(json.dumps(facts, indent=2) if as_json else format_info(facts))
 
 
@@ -90,21 +90,18 @@ def bench_generate_cmd(
     amp: str = typer.Option("bf16", "--amp", help="none | bf16 | fp16."),
     views: int = typer.Option(32, "--views", help="Views per sample S."),
     topk: int = typer.Option(10, "--topk", help="Top-k kept per token."),
-    num_classes: int = typer.Option(1000, "--num-classes", help="Teacher classes."),
+    num_classes: int = typer.Option(None, "--num-classes", help="Teacher classes (default: the checkpoint's; 1000 for random weights)."),
     input_size: int = typer.Option(None, "--input-size", help="Square input size (default: the model's)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:i]."),
     render_backend: str = typer.Option("auto", "--render-backend", help="auto | torch | pillow."),
     decode_threads: int = typer.Option(2, "--decode-threads", help="Prefetch threads for decode and render."),
 ) -> None:
-    """Views/s of the whole labeling pipeline vs the bare teacher forward, and the time per stage."""
+    """Views/s of the whole labeling pipeline vs the bare teacher forward, and the busy time per phase."""
     from labeler.bench_generate import bench_generate
 
-    try:
+    with exit_2_on_user_error():
         report = bench_generate(shards, model, batch_size, amp, views, topk, num_classes, input_size, device,
                                 render_backend, decode_threads, checkpoint)
-    except (ValueError, OSError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
     typer.echo(report.format())
 
 
@@ -115,11 +112,11 @@ def generate_cmd(
     name: str = typer.Option(None, "--name", help="Labeler name inside the store, e.g. fan_tl_s."),
     model: str = typer.Option(None, "--model", help="timm/labeler.models name, e.g. fan_small_12_p4_hybrid_token."),
     checkpoint: str = typer.Option(None, "--checkpoint", help="Teacher weights (EMA weights preferred)."),
-    num_classes: int = typer.Option(None, "--num-classes", help="Classes of the teacher (default 1000)."),
+    num_classes: int = typer.Option(None, "--num-classes", help="Classes of the teacher (default: the rows of the checkpoint's classifier; 1000 without --checkpoint)."),
     views: int = typer.Option(None, "--views", help="Views per sample S (default 32)."),
     topk: int = typer.Option(None, "--topk", help="Top-k logits kept per token (0 = dense; default 10)."),
     seed: int = typer.Option(None, "--seed", help="Store seed of the view params (default 0)."),
-    config: str = typer.Option(None, "--config", help="YAML preset with any generate setting."),
+    config: str = typer.Option(None, "--config", help="YAML preset with any generate setting, e.g. pipelines/presets/generate_small.yaml."),
     sets: list[str] = typer.Option(None, "--set", help="Override a setting, e.g. --set view.scale=[0.35,1] (repeatable)."),
     address: str = typer.Option(None, "--address", help="Ray cluster: 'auto' or 'ray://host:port' (default: local Ray)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Views per teacher forward (default 256)."),
@@ -127,21 +124,15 @@ def generate_cmd(
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the teacher."),
 ) -> None:
     """Label every shard not yet done (resumable; safe to re-run after a crash or Ctrl-C)."""
-    from labelstore import StoreError
-    from pipelines.config_overrides import ConfigError, load_config, merge
-    from pipelines.generate import default_config, run_with_progress, settings_from_config
+    from pipelines.config import load_config
+    from pipelines.generate import GenerateSettings, run_with_progress
 
     flags = {"shards": shards or None, "store": store, "name": name, "model": model, "checkpoint": checkpoint,
              "num_classes": num_classes, "views": views, "topk": topk, "seed": seed, "address": address,
              "batch_size": batch_size, "amp": amp, "compile": compile}
-    try:
-        cfg = load_config(default_config(), config)
-        cfg = merge(cfg, {k: v for k, v in flags.items() if v is not None}, source="command line")
-        settings = settings_from_config(load_config(cfg, None, sets or []))
+    with exit_2_on_user_error():  # SchemaMismatch prints its diff
+        settings = load_config(GenerateSettings, config, sets or [], {k: v for k, v in flags.items() if v is not None})
         result = run_with_progress(settings)
-    except (ConfigError, StoreError, ValueError, OSError) as e:  # SchemaMismatch prints its diff
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
     typer.echo(result.summary())
     for url, why in result.failed:
         typer.echo(f"failed: {url}: {why}", err=True)
@@ -161,11 +152,8 @@ def shard_cmd(
     """Turn an ImageFolder tree (or jpg+cls shards) into WebDataset shards; writes classes.txt beside them."""
     from labelstore.shard_writer import shard_dataset
 
-    try:
+    with exit_2_on_user_error():
         report = shard_dataset(image_folder, out_pattern, samples_per_shard, None if no_shuffle else shuffle_seed)
-    except (OSError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
     for line in report.skipped:
         typer.echo(f"skipped {line}", err=True)
     classes = f", {len(report.classes)} classes in classes.txt" if report.classes else ""
@@ -193,13 +181,11 @@ def demo_data(
 
     names = {"all": tuple(CORRUPTIONS), "none": ()}.get(corruptions)
     names = names if names is not None else tuple(c.strip() for c in corruptions.split(",") if c.strip())
-    try:
+    with exit_2_on_user_error():
         spec = DemoDataSpec(seed=seed, image_size=size, num_train=train, num_val=val,
                             num_val_corrupt=val_corrupt if names else 0, corruptions=names,
                             samples_per_shard=per_shard, colors=colors)
         write_demo_data(out, spec, progress=typer.echo)
-    except (ValueError, FileExistsError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
     typer.echo(f"wrote {out}/dataset.json (classes: {out}/classes.txt)")
 
 
@@ -216,16 +202,12 @@ def report(
     seed: int = typer.Option(0, "--seed", help="Seed of the Gumbel draws."),
 ) -> None:
     """Token-label quality of one labeler: numbers, histograms, per-sample pictures and index.html."""
-    from labelstore import StoreError
     from pipelines.report import ReportConfig, build_report
 
-    try:
+    with exit_2_on_user_error():
         cfg = ReportConfig(store=store, labeler=labeler, out=out, masks=tuple(masks), samples=samples,
                            max_rows=max_rows, classes_file=classes, softmax_threshold=threshold, seed=seed)
         r = build_report(cfg, progress=typer.echo)
-    except (ValueError, FileNotFoundError, StoreError) as exc:
-        typer.echo(f"report: {exc}", err=True)
-        raise typer.Exit(2) from exc
     m = r.get("masks")
     typer.echo(f"token top-1 = image class: {r['top1_is_image_class']:.1%}; Gumbel differs from argmax: "
                f"{r['gumbel_changes_argmax']:.1%}" + (f"; foreground IoU (argmax): {m['argmax']['iou']:.3f}" if m else ""))
@@ -243,10 +225,67 @@ def demo_photos(
     """Label scikit-image's photos with a real ImageNet teacher (EfficientNet-Lite0, CAM token head) and report."""
     from pipelines.demo.photos import PhotoLabelingConfig, label_photos
 
-    try:
+    with exit_2_on_user_error():
         cfg = PhotoLabelingConfig(out=out, photos=tuple(p.strip() for p in photos.split(",") if p.strip()),
                                   views=views, topk=topk, samples=samples)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    r = label_photos(cfg, progress=typer.echo)
+        r = label_photos(cfg, progress=typer.echo)
     typer.echo(f"open {r['report_dir']}/index.html")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: str = typer.Option("demo_out", "--out", help="Output directory (a rerun continues where it stopped)."),
+    fast: bool = typer.Option(False, "--fast", help="CI variant: few images, a few steps per training run (~2-3 min)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete --out first instead of continuing."),
+    train: int = typer.Option(None, "--train", help="Training images."),
+    labeler_epochs: int = typer.Option(None, "--labeler-epochs", help="Epochs of the stage-1 labeler."),
+    student_epochs: int = typer.Option(None, "--student-epochs", help="Epochs of each student."),
+    views: int = typer.Option(None, "--views", help="Views per image in the label store."),
+    seed: int = typer.Option(None, "--seed", help="Dataset seed."),
+) -> None:
+    """The whole STL loop on a laptop CPU, measured end to end (`make demo`; also `python -m pipelines.demo`)."""
+    from pipelines.demo.run import demo_settings, run_demo
+
+    with exit_2_on_user_error():
+        settings = demo_settings(out, fast=fast, num_train=train, labeler_epochs=labeler_epochs,
+                                 student_epochs=student_epochs, views=views, seed=seed)
+    code = run_demo(settings, fresh=fresh)
+    if code:
+        raise typer.Exit(code)
+
+
+# --- models -------------------------------------------------------------------------------------
+
+@app.command("models")
+def models_cmd(
+    names: list[str] = typer.Argument(..., help="FAN *_token names or any timm model name."),
+    size: str = typer.Option("224", "--size", help="Input size: S (square) or HxW, e.g. 96x80."),
+    time: bool = typer.Option(False, "--time", help="Also measure forward and train-step time (median)."),
+    batch: int = typer.Option(8, "--batch", min=1, help="Batch for --time."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repeats for --time."),
+) -> None:
+    """What a token model produces at an input size: parameters, token grid, prefix tokens, head mode."""
+    try:
+        sides = [int(v) for v in size.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides, default=0) < 1:
+        typer.echo(f"error: --size must be S or HxW, got {size!r}", err=True)
+        raise typer.Exit(2)
+    import torch
+
+    from labeler.models.describe import describe, measure
+
+    hw = (sides[0], sides[-1])
+    typer.echo(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for name in names:
+        with exit_2_on_user_error():
+            row = describe(name, hw)
+            if time:
+                timings = measure(name, hw, batch, repeats)
+                row.update(batch=batch, **{k: f"{v:.4f}" for k, v in timings.items()})
+        typer.echo("  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+if __name__ == "__main__":
+    app()

@@ -4,10 +4,9 @@ Command bodies stay short and import torch inside the command so `--help` is fas
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import typer
+
+from pipelines.cli_errors import exit_2_on_user_error
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train FAN token-labelers and students; evaluate.")
 
@@ -25,14 +24,15 @@ _SET_HELP = "Override a setting, e.g. --set optim.lr=1e-3 (repeatable)."
 
 def _train_config(config: str | None, sets: list[str] | None, **extra):
     """Preset → command-line options → --set; a ConfigError names the key and its source."""
-    from trainer.config import load_train_config
+    from pipelines.config import load_config
+    from trainer.config import TrainConfig
 
     nested: dict = {}
     for dotted, value in extra.items():
         if value is not None:
             section, key = dotted.split("__")
             nested.setdefault(section, {})[key] = value
-    return load_train_config(config, sets or [], extra=nested)
+    return load_config(TrainConfig, config, sets or [], nested)
 
 
 def _is_rank0() -> bool:
@@ -40,26 +40,6 @@ def _is_rank0() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
-
-
-def _user_errors():
-    """Errors a user can fix (bad config, store, checkpoint, NaN loss): printed as one line, exit code 2."""
-    from labelstore import StoreError
-    from labeler.models import CheckpointError as WeightsError
-    from trainer.checkpoint import CheckpointError
-    from trainer.loop import NonFiniteLoss
-
-    return (StoreError, CheckpointError, WeightsError, NonFiniteLoss, ValueError, OSError)
-
-
-@contextlib.contextmanager
-def _exit_2_on_user_error() -> Iterator[None]:
-    """Turn a user-fixable error into one `error: ...` line on stderr and exit code 2 (no traceback)."""
-    try:
-        yield
-    except _user_errors() as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
 
 
 @app.command("student")
@@ -74,7 +54,7 @@ def student_cmd(
     resume: str = typer.Option(None, "--resume", help="Continue exactly from a checkpoint (e.g. RUN/last.pth)."),
 ) -> None:
     """Stage 2 (paper Eq. 5): CE(cls, mixed target) + beta * mean token CE on the stored token labels."""
-    with _exit_2_on_user_error():
+    with exit_2_on_user_error():
         cfg = _train_config(config, sets, model__name=model, data__shards=shards)
         from trainer.run_stage import run_student
 
@@ -93,7 +73,7 @@ def labeler_cmd(
     resume: str = typer.Option(None, "--resume", help="Continue exactly from a checkpoint (e.g. RUN/last.pth)."),
 ) -> None:
     """Stage 1 (paper Eq. 2): CE(cls) + alpha * CE(mean over tokens of the token logits), full augmentation."""
-    with _exit_2_on_user_error():
+    with exit_2_on_user_error():
         cfg = _train_config(config, sets, model__name=model, data__shards=shards)
         from trainer.run_stage import run_labeler
 
@@ -117,7 +97,7 @@ def eval_cmd(
     json_out: str = typer.Option(None, "--json", help="Write the report here as JSON."),
 ) -> None:
     """Top-1/top-5 (class head and token mean); ImageNet-C mCE/relative mCE, IN-A/IN-R, retention."""
-    with _exit_2_on_user_error():
+    with exit_2_on_user_error():
         cfg = _train_config(config, sets)
         import dataclasses
 
@@ -150,10 +130,14 @@ def bench_cmd(
     repeats: int = typer.Option(3, "--repeats", help="Interleaved repeats per variant; the median is printed."),
 ) -> None:
     """Student steps/s: (a) no token labels, (b) stored labels, (c) online teacher; loader images/s vs timm."""
-    with _exit_2_on_user_error():
+    with exit_2_on_user_error():
         from trainer.bench import BenchSettings, run_bench
 
         figures = run_bench(BenchSettings(shards=tuple(shards), labels=labels, labeler=labeler, model=model, steps=steps,
                                           batch_size=batch_size, workers=workers, device=device, amp=amp,
                                           repeats=repeats))
     typer.echo(figures.table())
+
+
+if __name__ == "__main__":
+    app()

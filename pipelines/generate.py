@@ -10,7 +10,6 @@ Order of work (nothing is written to the store before the settings and the shard
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,20 +39,20 @@ def default_view_settings() -> dict[str, Any]:
 class GenerateSettings:
     """Everything `stl-labels generate` needs; YAML presets and `--set` fill the same fields."""
 
-    shards: list = field(default_factory=list)  # URLs or brace patterns
+    shards: tuple[str, ...] = ()  # URLs or brace patterns
     store: str = ""
     name: str = ""
     model: str = ""
     checkpoint: str | None = None
-    num_classes: int = 1000
+    num_classes: int | None = None  # None: the checkpoint's classifier rows; 1000 for random weights
     views: int = 32
     topk: int = 10
     seed: int = 0  # store seed: view params come from SeedSequence(seed, (row, view))
     rows_per_chunk: int = 256  # write unit (only used when the store is created)
-    input_size: list | None = None  # (h, w); None = the model's default input size
-    mean: list | None = None  # None = the model's pretrained_cfg mean
-    std: list | None = None
-    view: dict = field(default_factory=default_view_settings)
+    input_size: tuple[int, int] | None = None  # (h, w); None = the model's default input size
+    mean: tuple[float, float, float] | None = None  # None = the model's pretrained_cfg mean
+    std: tuple[float, float, float] | None = None
+    view: dict = field(default_factory=default_view_settings)  # ViewSpec fields except size
     batch_size: int = 256
     amp: str = "bf16"
     compile: bool = False
@@ -73,17 +72,24 @@ class GenerateSettings:
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"generate: amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         for name, low in (("views", 1), ("topk", 0), ("batch_size", 1), ("num_classes", 1), ("rows_per_chunk", 1), ("seed", 0)):
-            if int(getattr(self, name)) < low:
+            if getattr(self, name) is not None and int(getattr(self, name)) < low:
                 raise ValueError(f"generate: {name} must be >= {low}, got {getattr(self, name)}")
-        if self.topk > self.num_classes:
+        if self.num_classes is not None and self.topk > self.num_classes:
             raise ValueError(f"generate: topk {self.topk} exceeds num_classes {self.num_classes}")
         if self.checkpoint and not Path(self.checkpoint).is_file():
             raise ValueError(f"generate: checkpoint {self.checkpoint} does not exist")
+        unknown = set(self.view) - set(default_view_settings())
+        if unknown:
+            raise ValueError(f"generate: unknown view settings {sorted(unknown)}; known: {sorted(default_view_settings())}")
+        ViewSpec(**self.view)  # validate early, naming the bad field
 
     def worker_settings(self) -> WorkerSettings:
         return WorkerSettings(checkpoint=self.checkpoint, batch_size=self.batch_size, amp=self.amp, compile=self.compile,
                               device=self.device, render_backend=self.render_backend,
                               decode_threads=self.decode_threads, dump_views_dir=self.dump_views_dir)
+
+
+SHOWN_INVALID = 5  # invalid samples named in the summary; `stl-labels info --all-invalid` lists every one
 
 
 @dataclass
@@ -92,6 +98,8 @@ class GenerateResult:
     unreadable: dict[str, str]  # url → why it could not be counted/registered
     skipped_done: list[str]
     seconds: float
+    store: str = ""
+    invalid: list[dict] = field(default_factory=list)  # [{url, key, reason}] of the shards labelled in this run
 
     @property
     def failed(self) -> list[tuple[str, str]]:
@@ -111,7 +119,17 @@ class GenerateResult:
         return (f"labelled {len(done)} shards ({sum(o.num_samples for o in done)} samples, {self.views} views, "
                 f"{sum(o.num_invalid for o in done)} invalid samples recorded) in {self.seconds:.1f} s = {rate:.1f} views/s; "
                 f"{_human_bytes(sum(o.bytes_written for o in done))} of labels written (before compression); "
-                f"skipped {len(self.skipped_done)} done shards; {len(self.failed)} shards failed")
+                f"skipped {len(self.skipped_done)} done shards; {len(self.failed)} shards failed"
+                + self._invalid_lines())
+
+    def _invalid_lines(self) -> str:
+        if not self.invalid:
+            return ""
+        shown = [f"\n  {e['key']} in {e['url']}: {e['reason']}" for e in self.invalid[:SHOWN_INVALID]]
+        more = len(self.invalid) - len(shown)
+        return (f"\n{len(self.invalid)} invalid sample(s) recorded (kept as invalid rows):" + "".join(shown)
+                + (f"\n  ... and {more} more" if more else "")
+                + f"\nlist them all: stl-labels info {self.store} --all-invalid")
 
 
 def _human_bytes(n: float) -> str:
@@ -198,30 +216,20 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
             ensure_ray()
             plan = ray_jobs.plan_workers(len(todo), settings.cpus_per_worker)
             log(f"labelling {len(todo)} shard(s) with {plan.describe()}; {spec.views} views/sample, top-{spec.topk}")
+            worker_settings, note = ray_jobs.worker_settings_for(plan, settings.worker_settings())
+            if note:
+                log(note)
             if on_start:
                 on_start(len(todo), spec.views)
-            outcomes = ray_jobs.label_shards(store.path, spec.name, settings.worker_settings(), todo, plan,
+            outcomes = ray_jobs.label_shards(store.path, spec.name, worker_settings, todo, plan,
                                              on_outcome=on_outcome or (lambda o: None), fault=fault)
             for o in outcomes:
                 if not o.ok:
                     log(f"FAILED {o.url}: {o.error}")
         elif not unreadable:
             log("nothing to do: every shard is already labelled")
-    return GenerateResult(outcomes, unreadable, skipped, time.perf_counter() - start)
-
-
-def settings_from_config(config: dict) -> GenerateSettings:
-    """A merged config dict (defaults ← preset ← flags ← --set) → validated settings."""
-    view = dict(config.get("view") or {})
-    unknown = set(view) - set(default_view_settings())
-    if unknown:
-        raise ValueError(f"generate: unknown view settings {sorted(unknown)}; known: {sorted(default_view_settings())}")
-    ViewSpec(**view)  # validate early, naming the bad field
-    return GenerateSettings(**config)
-
-
-def default_config() -> dict:
-    """The config dict every preset and override is checked against (placeholders for required fields)."""
-    return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-            for f in dataclasses.fields(GenerateSettings)}
-
+    urls_by_index = {s.index: s.url for s in store.shards}
+    invalid = [{"url": urls_by_index[e["shard"]], "key": e["key"], "reason": e["reason"]}
+               for e in labels.errors(shards=[o.shard_index for o in outcomes if o.ok])]
+    return GenerateResult(outcomes, unreadable, skipped, time.perf_counter() - start, store=settings.store,
+                          invalid=invalid)

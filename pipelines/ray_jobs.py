@@ -71,6 +71,23 @@ def plan_workers(num_shards: int, cpus_per_worker: float = 1.0) -> ClusterPlan:
     return ClusterPlan(max(1, min(int(cpus // per), num_shards)), 0.0, per)
 
 
+def worker_settings_for(plan: ClusterPlan, settings: WorkerSettings) -> tuple[WorkerSettings, str | None]:
+    """The settings the plan's workers run with, and a line saying what was changed and why (None: nothing).
+
+    A GPU worker holds one GPU and the node's CPUs per GPU, so it runs the teacher on that GPU and decodes
+    with one thread per CPU it holds, whatever `device` and `decode_threads` say; CPU workers keep them.
+    """
+    if not plan.gpus_per_worker:
+        return settings, None
+    chosen = replace(settings, device="cuda", decode_threads=max(1, int(plan.cpus_per_worker)))
+    changed = [f"{name} {getattr(settings, name)!r} -> {getattr(chosen, name)!r}" for name in ("device", "decode_threads")
+               if getattr(settings, name) != getattr(chosen, name)]
+    if not changed:
+        return chosen, None
+    return chosen, (f"GPU workers: {', '.join(changed)} (each worker holds one GPU and "
+                    f"{plan.cpus_per_worker:g} CPUs, one decode thread per CPU)")
+
+
 def _count_one(url: str) -> tuple[str, int | None, str | None]:
     try:
         return url, count_samples(url), None
@@ -110,15 +127,13 @@ def label_shards(
     on_outcome: Callable[[ShardOutcome], None] = lambda outcome: None,
     fault: FaultInjection | None = None,
 ) -> list[ShardOutcome]:
-    """Label `shards` [(shard index, url)] on `plan.num_workers` actors; one outcome per shard."""
+    """Label `shards` [(shard index, url)] on `plan.num_workers` actors with `settings` as given (see
+    `worker_settings_for`); one outcome per shard."""
     urls = dict(shards)
-    worker_settings = settings
-    if plan.gpus_per_worker:
-        worker_settings = replace(settings, device="cuda", decode_threads=max(1, int(plan.cpus_per_worker)))
     actor_cls = ray.remote(_LabelActor).options(
         num_gpus=plan.gpus_per_worker, num_cpus=plan.cpus_per_worker,
         max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS)
-    actors = [actor_cls.remote(store_path, labeler_name, worker_settings, fault) for _ in range(plan.num_workers)]
+    actors = [actor_cls.remote(store_path, labeler_name, settings, fault) for _ in range(plan.num_workers)]
     todo, idle = deque(index for index, _ in shards), list(actors)
     in_flight: dict = {}
     outcomes: list[ShardOutcome] = []

@@ -1,13 +1,19 @@
-"""Training config: YAML presets load, unknown keys and bad values name the key and the file, --set works."""
+"""The one config mechanism (pipelines.config) on the training config and on generate's settings: YAML
+presets load, unknown keys and bad values name the key and the file or `--set`, overrides apply in order."""
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from trainer.config import (
-    ConfigError, ModelConfig, OptimConfig, TrainConfig, config_to_dict, load_train_config,
-    parse_set_overrides, save_train_config, train_config_from_dict,
-)
+from pipelines.config import ConfigError, build, load_config, merge, parse_set, read_preset
+from pipelines.generate import GenerateSettings
+from trainer.config import ModelConfig, OptimConfig, TrainConfig
+from trainer.errors import TrainConfigError, TrainerError
+
+
+def load_train_config(path=None, sets=(), extra=None) -> TrainConfig:
+    return load_config(TrainConfig, path, sets, extra)
 
 PRESET_DIR = Path(__file__).parents[1] / "pipelines" / "presets"
 PRESETS = sorted([*PRESET_DIR.glob("paper_*.yaml"), PRESET_DIR / "cpu_smoke.yaml"])  # the training presets
@@ -80,10 +86,14 @@ def test_set_overrides_win_and_unknown_set_keys_are_errors(tmp_path):
     assert cfg.model.resolved_drop_path_rate == 0.25
     with pytest.raises(ConfigError, match=r"--set.*optim\.lrr"):
         load_train_config(p, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"--set optim\.lrr=1: unknown key optim\.lrr"):
+        load_train_config(p, ["optim.lr=1", "optim.lrr=1"])  # the item itself is named
     with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
-        parse_set_overrides(["optim.lr"])
+        parse_set("optim.lr")
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        parse_set("view..x=1")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        parse_set_overrides(["data.shards=[a-{0..3}.tar]"])
+        parse_set("data.shards=[a-{0..3}.tar]")
     assert load_train_config(None, ["data.shards=a-{0..3}.tar"]).data.shards == ("a-{0..3}.tar",)
 
 
@@ -95,9 +105,9 @@ def test_extra_settings_from_the_command_line_merge_under_set(tmp_path):
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = load_train_config(None, ["optim.betas=[0.8, 0.9]", "data.shards=[a.tar]", "optim.clip_grad=3"])
-    save_train_config(cfg, tmp_path / "config.yaml")
-    back = train_config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
-    assert back == cfg and config_to_dict(back)["optim"]["betas"] == [0.8, 0.9]
+    cfg.save_yaml(tmp_path / "config.yaml")
+    back = build(TrainConfig, yaml.safe_load((tmp_path / "config.yaml").read_text()), "config.yaml")
+    assert back == cfg and back.to_dict()["optim"]["betas"] == [0.8, 0.9]
 
 
 def test_lr_scales_linearly_with_global_batch():
@@ -112,3 +122,103 @@ def test_every_preset_loads_and_states_command_runtime_and_result(preset):
         assert word in header.lower(), f"{preset.name}: header comment lacks '{word}'"
     assert cfg.model.name
 
+
+
+def test_section_validation_is_a_trainer_error_naming_the_key():
+    with pytest.raises(TrainConfigError, match="optim.lr must be a positive"):
+        OptimConfig(lr=-1)
+    assert issubclass(TrainConfigError, TrainerError) and issubclass(TrainConfigError, ValueError)
+    assert not issubclass(TrainConfigError, ConfigError)  # one ConfigError in the project: pipelines'
+
+
+# --- the same mechanism on generate's settings (flat keys, a `view` mapping with fixed keys) ------------------
+
+GEN = dict(shards=["s.tar"], store="l.zarr", name="t", model="fan_test_p4_hybrid_token")
+
+
+def test_generate_preset_then_options_then_sets_in_order(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("views: 8\ntopk: 3\nview:\n  hflip: 0.0\ninput_size: [64, 64]\n")
+    s = load_config(GenerateSettings, preset, ["views=4", "view.scale=[0.35, 1]", "compile=true", "checkpoint=null"],
+                    {**GEN, "views": 6, "amp": "none"})
+    assert s.views == 4 and s.topk == 3 and s.amp == "none" and s.compile is True and s.checkpoint is None
+    assert s.view["hflip"] == 0.0 and s.view["scale"] == [0.35, 1] and "ratio" in s.view  # other view keys kept
+    assert s.input_size == (64, 64) and s.shards == ("s.tar",) and s.num_classes is None
+    assert GenerateSettings(**GEN).view["hflip"] == 0.5  # defaults untouched
+
+
+def test_generate_unknown_keys_name_key_and_source(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("view:\n  hflp: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key view.hflp \(known keys under view: .*hflip"):
+        load_config(GenerateSettings, preset, [], GEN)
+    with pytest.raises(ConfigError, match=r"--set vews=3: unknown key vews"):
+        load_config(GenerateSettings, None, ["vews=3"], GEN)
+
+
+@pytest.mark.parametrize("item, match", [("views=abc", "views must be an integer"), ("compile=1", "compile must be true"),
+                                         ("input_size=3", "input_size must be a list"), ("views", "KEY.PATH=VALUE"),
+                                         ("amp=[1", "not valid YAML"), ("amp=fp8", "amp must be one of"),
+                                         ("view=3", "view must be a mapping")])
+def test_generate_bad_overrides(item, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(GenerateSettings, None, [item], GEN)
+
+
+def test_preset_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        read_preset(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        read_preset(tmp_path / "list.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    assert read_preset(tmp_path / "empty.yaml") == {}
+
+
+def test_parse_set_and_merge():
+    assert parse_set("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+    assert parse_set("name=fan_tl_s") == {"name": "fan_tl_s"}
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+
+
+@dataclass(frozen=True)
+class Inner:
+    x: int = 1
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    name: str = "a"
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("name must not be empty")
+
+
+def test_build_nested_and_validated():
+    assert build(Outer, {"inner": {"x": 3}, "name": "b"}) == Outer(Inner(3), "b")
+    with pytest.raises(ConfigError, match="unknown key nme"):
+        build(Outer, {"nme": "b"})
+    with pytest.raises(ConfigError, match="unknown key inner.y"):
+        build(Outer, {"inner": {"y": 1}})
+    with pytest.raises(ConfigError, match="src: name must not be empty"):  # the dataclass's own check, with the source
+        build(Outer, {"name": ""}, "src")
+
+
+GENERATE_PRESETS = sorted(PRESET_DIR.glob("generate_*.yaml"))
+
+
+def test_a_generate_preset_per_paper_size():
+    assert [p.stem for p in GENERATE_PRESETS] == ["generate_base", "generate_large", "generate_small", "generate_tiny"]
+
+
+@pytest.mark.parametrize("preset", GENERATE_PRESETS, ids=[p.name for p in GENERATE_PRESETS])
+def test_every_generate_preset_loads_and_states_command_and_result(preset):
+    size = preset.stem.removeprefix("generate_")
+    s = load_config(GenerateSettings, preset, ["shards=[s.tar]"], {"store": "l.zarr"})
+    assert f"fan_{size}_" in s.model and s.name == f"fan_tl_{size[0]}"
+    assert (s.input_size, s.views, s.topk, s.num_classes) == ((224, 224), 32, 10, None)
+    header = preset.read_text().split("\n\n")[0].lower()
+    for word in ("command:", "does:", "expected:", f"--config pipelines/presets/{preset.name}"):
+        assert word in header, f"{preset.name}: header comment lacks '{word}'"

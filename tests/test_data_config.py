@@ -1,6 +1,9 @@
 """DataConfig / TokenLabelConfig validate themselves and round-trip through dicts."""
+import dataclasses
+
 import pytest
 
+from pipelines.config import ConfigError, build
 from trainer.data_config import DataConfig, TokenLabelConfig
 
 
@@ -8,10 +11,10 @@ def test_defaults_follow_the_recipe_and_round_trip():
     d = DataConfig(shards="a-{0..3}.tar", input_size=224)
     assert d.shards == ("a-{0..3}.tar",) and d.input_size == (224, 224)
     assert (d.rand_augment, d.reprob, d.mixup, d.cutmix, d.label_smoothing) == ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
-    assert DataConfig.from_dict(d.to_dict()) == d
+    assert build(DataConfig, dataclasses.asdict(d)) == d
     t = TokenLabelConfig()
     assert (t.mode, t.tau, t.smoothing, t.token_mix, t.beta) == ("gumbel", 1.0, 0.1, "follow", 1.0)
-    assert TokenLabelConfig.from_dict(t.to_dict()) == t
+    assert build(TokenLabelConfig, dataclasses.asdict(t)) == t
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -34,10 +37,10 @@ def test_bad_token_settings_name_the_setting(kw, match):
 
 
 def test_unknown_keys_are_errors():
-    with pytest.raises(ValueError, match="batchsize"):
-        DataConfig.from_dict({"batchsize": 3})
-    with pytest.raises(ValueError, match="temperature"):
-        TokenLabelConfig.from_dict({"temperature": 3})
+    with pytest.raises(ConfigError, match="unknown key batchsize"):
+        build(DataConfig, {"batchsize": 3})
+    with pytest.raises(ConfigError, match="unknown key temperature"):
+        build(TokenLabelConfig, {"temperature": 3})
 
 
 def test_default_rand_augment_never_asks_pillow_for_zero_bit_posterize():

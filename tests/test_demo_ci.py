@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipelines.demo.run import FAST, DemoSettings, main, parse_args
+from pipelines.demo.run import FAST, DemoSettings, demo_settings, main
 from pipelines.demo.summary import mean_accuracy, relative_mce, results_table, verdict
 
 
@@ -31,10 +31,19 @@ def test_table_and_verdict_report_both_signs():
 
 
 def test_cli_flags_make_the_fast_variant():
-    s, fresh = parse_args(["--fast", "--out", "x", "--views", "3", "--fresh"])
-    assert fresh and s.views == 3 and s.num_train == FAST["num_train"] and s.max_steps_per_epoch == 3
+    s = demo_settings("x", fast=True, views=3, seed=None)
+    assert s.out == "x" and s.views == 3 and s.num_train == FAST["num_train"] and s.max_steps_per_epoch == 3
+    assert demo_settings("x").num_train == DemoSettings().num_train and demo_settings("x").seed == 0
     with pytest.raises(ValueError, match="64"):
         DemoSettings(image_size=96)
+
+
+def test_demo_options_are_one_cli_command_and_bad_ones_exit_2(tmp_path, capsys):
+    # `python -m pipelines.demo` forwards to `stl-labels demo`: same options, same one-line user errors.
+    assert main(["--fast", "--out", str(tmp_path / "d"), "--views", "0"]) == 2
+    assert "error: demo setting views must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    assert main(["--help"]) == 0 and "--labeler-epochs" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(600)

@@ -151,6 +151,17 @@ def test_odd_images_handled_and_corrupt_one_recorded(built, data):
     assert hw["tiny"] == [8, 8] and hw["large"] == [1800, 2400] and hw["sixteen"] == [20, 24] and hw["corrupt"] == [0, 0]
     errors = store.labeler("fan_t").errors()
     assert [(e["shard"], e["key"]) for e in errors] == [(1, "corrupt")] and "cannot decode" in errors[0]["reason"]
+    result = built[0]  # the run's summary names the invalid samples and how to list them all
+    assert [(e["key"], e["url"]) for e in result.invalid] == [("corrupt", store.shards[1].url)]
+    summary = result.summary()
+    assert "1 invalid sample(s) recorded" in summary and f"corrupt in {store.shards[1].url}: " in summary
+    assert "cannot decode" in summary
+    assert f"stl-labels info {s.store} --all-invalid" in summary
+    from pipelines.cli_labels import app
+
+    info = CliRunner().invoke(app, ["info", s.store])
+    assert info.exit_code == 0 and "invalid rows 1:" in info.stdout
+    assert f"corrupt in shard 1 ({store.shards[1].url}): " in info.stdout and "cannot decode" in info.stdout
     labels = store.read_samples(store.shards[2].rows)["label"]
     assert labels.tolist() == [9, 8, 7]  # from the json member
 
@@ -195,13 +206,14 @@ def test_resume_truncated_shard_fails_then_rerun_retries(built, data, tmp_path):
     ShardLabeler(s.store, "fan_t", s.worker_settings())(0)  # the part a crashed run had finished
 
     args = ["generate", "--shards", str(work / "s-{000000..000003}.tar"), "--store", s.store, "--name", "fan_t",
-            "--model", MODEL, "--checkpoint", s.checkpoint, "--num-classes", "10", "--views", "3", "--topk", "4",
+            "--model", MODEL, "--checkpoint", s.checkpoint, "--views", "3", "--topk", "4",  # 10 classes: read from it
             "--batch-size", "8", "--amp", "none", "--set", "rows_per_chunk=8", "--set", "render_backend=torch",
             "--set", "decode_threads=1", "--set", "cpus_per_worker=2"]  # one actor: faster start
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 1, first.output
     assert "skipping 1 shard(s) already done" in first.output and "labelled 2 shards" in first.output
     assert f"failed: {bad}" in first.output and "truncated" in first.output
+    assert "corrupt in " in first.output and "--all-invalid" in first.output  # the summary names invalid samples
 
     bad.write_bytes(open(paths[2], "rb").read())  # repaired: the re-run labels only that shard
     second = CliRunner().invoke(app, args)
@@ -315,7 +327,7 @@ def test_duplicate_key_gets_an_invalid_row_and_a_record(data, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_bench_generate_prints_pipeline_forward_and_stages(data):
+def test_bench_generate_prints_pipeline_forward_and_phases(data):
     from pipelines.cli_labels import app
 
     _, paths = data
@@ -324,8 +336,8 @@ def test_bench_generate_prints_pipeline_forward_and_stages(data):
     assert result.exit_code == 0, result.output
     assert "pipeline" in result.stdout and "(6 views in" in result.stdout  # 3 samples × 2 views
     assert "bare forward" in result.stdout and "pipeline / bare forward = " in result.stdout
-    for stage in ("read", "decode", "render", "forward", "topk", "write"):
-        assert f"  {stage} " in result.stdout
+    for phase in ("read", "decode", "render", "forward", "topk", "write"):
+        assert f"  {phase} " in result.stdout
 
 
 @pytest.mark.timeout(60)
@@ -337,9 +349,22 @@ def test_generate_cli_rejects_bad_settings_before_work(data, tmp_path):
     preset.write_text(f"model: {MODEL}\nnum_classes: 10\nview:\n  scael: [0.5, 1.0]\n")
     base = ["generate", "--shards", paths[0], "--store", str(tmp_path / "l.zarr"), "--name", "x"]
     bad_key = CliRunner().invoke(app, base + ["--config", str(preset)])
-    assert bad_key.exit_code == 2 and "unknown key 'view.scael'" in bad_key.output and "p.yaml" in bad_key.output
+    assert bad_key.exit_code == 2 and "unknown key view.scael" in bad_key.output and "p.yaml" in bad_key.output
     bad_type = CliRunner().invoke(app, base + ["--model", MODEL, "--set", "views=many"])
     assert bad_type.exit_code == 2 and "views" in bad_type.output
     missing = CliRunner().invoke(app, ["generate", "--store", str(tmp_path / "l.zarr")])
     assert missing.exit_code == 2 and "missing settings ['shards', 'name', 'model']" in missing.output
     assert not (tmp_path / "l.zarr").exists()
+
+
+def test_num_classes_comes_from_the_checkpoint_when_not_given(data, tmp_path):
+    from pipelines.generate import resolve_num_classes
+
+    root, paths = data
+    s = settings(root, str(tmp_path / "l.zarr"), [paths[0]], num_classes=None)
+    assert resolve_num_classes(s) == 10 and labeler_spec_for(s).num_classes == 10  # a 10-class teacher
+    assert resolve_num_classes(settings(root, "x", [paths[0]], num_classes=None, checkpoint=None)) == 1000
+    assert resolve_num_classes(settings(root, "x", [paths[0]], num_classes=7)) == 7  # given: used as is
+    torch.save({"blocks.0.weight": torch.zeros(3, 3)}, tmp_path / "headless.pth")
+    with pytest.raises(ValueError, match="headless.pth.*give --num-classes"):
+        resolve_num_classes(settings(root, "x", [paths[0]], num_classes=None, checkpoint=str(tmp_path / "headless.pth")))

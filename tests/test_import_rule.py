@@ -44,9 +44,10 @@ def test_static_import_rule():
     assert offenders(modules_of("labeler") + modules_of("trainer"),
                      lambda p, n: top(n) in {"ray", "typer", "pipelines"}) == []
     assert offenders(modules_of("labeler"), lambda p, n: top(n) == "trainer") == []
-    # trainer may use labeler.models only (never teacher inference or the torch renderer)
+    # trainer may use labeler.models and the one device resolver only (never teacher inference or the torch renderer)
     assert offenders(modules_of("trainer"), lambda p, n: top(n) == "labeler" and not (
-        n == "labeler.models" or n.startswith("labeler.models."))) == []
+        n == "labeler.models" or n.startswith("labeler.models.") or n in ("labeler.device",
+                                                                          "labeler.device.resolve_device"))) == []
     everything = [p for pkg in PACKAGES for p in modules_of(pkg)]
     assert offenders(everything, lambda p, n: top(n) == "ray" and p != REPO / "pipelines/ray_jobs.py") == []
     assert offenders(everything, lambda p, n: top(n) == "typer" and not (

@@ -37,6 +37,24 @@ def test_info_reports_labelers_progress_and_bytes(store):
     assert (lab["shards_done"], lab["shards_total"], lab["topk"]) == (1, 2, 4) and lab["bytes_per_view"] > 0
 
 
+def test_info_lists_invalid_rows_first_n_and_all(store, tiny_labeler_spec):
+    lab = store.labeler("tiny")
+    batch = fake_shard(store, tiny_labeler_spec, 1)
+    for i in range(4):
+        batch["valid"][i] = False
+    lab.write_shard(1, errors=[{"key": batch["keys"][i], "reason": f"bad {i}"} for i in range(4)], **batch)
+    r = runner.invoke(app, ["info", store.path, "--invalid", "2"])
+    assert r.exit_code == 0, r.output
+    assert "invalid rows 5 (first 2):" in r.stdout and "bad jpeg" in r.stdout and "in shard 0 (a.tar)" in r.stdout
+    assert "bad 0" in r.stdout and "bad 1" not in r.stdout and "... and 3 more (--all-invalid lists every one)" in r.stdout
+    r = runner.invoke(app, ["info", store.path, "--all-invalid"])
+    assert "invalid rows 5:" in r.stdout and "bad 3" in r.stdout and "more" not in r.stdout
+    facts = json.loads(runner.invoke(app, ["info", store.path, "--json", "--invalid", "1"]).stdout)["labelers"][0]
+    assert facts["errors"] == 5 and len(facts["invalid_rows"]) == 1
+    assert set(facts["invalid_rows"][0]) == {"key", "shard", "url", "row", "reason"}
+    assert facts["invalid_rows"][0]["url"] == "a.tar" and facts["invalid_rows"][0]["reason"] == "bad jpeg"
+
+
 def test_verify_ok_then_precise_failure(store):
     r = runner.invoke(app, ["verify", store.path])
     assert r.exit_code == 0 and "OK" in r.stdout and "1 of 2 shards not done yet (1)" in r.stdout

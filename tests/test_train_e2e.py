@@ -158,17 +158,19 @@ def test_student_resume_mid_epoch_on_the_real_data_path(world, tmp_path):
     import torch
 
     from labeler.models import token_grid
+    from pipelines.config import load_config
     from trainer.checkpoint import LAST, load_checkpoint_file
-    from trainer.config import load_train_config
+    from trainer.config import TrainConfig
     from trainer.loader import build_student_loader
     from trainer.loop import train
     from trainer.losses import student_loss
     from trainer.run_stage import build_model, loader_epochs
     from trainer.target_builder import TargetBuilder
 
-    cfg = load_train_config(PRESET, ["data.batch_size=16", "data.shuffle_buffer=0", "schedule.warmup_epochs=0",
-                                     "schedule.epochs=2", "schedule.max_steps_per_epoch=null", "run.progress_bar=false",
-                                     "model.drop_path_rate=0.1"], extra={"data": {"shards": world["train"]}})
+    cfg = load_config(TrainConfig, PRESET, ["data.batch_size=16", "data.shuffle_buffer=0", "schedule.warmup_epochs=0",
+                                                   "schedule.epochs=2", "schedule.max_steps_per_epoch=null",
+                                                   "run.progress_bar=false", "model.drop_path_rate=0.1"],
+                      {"data": {"shards": world["train"]}})
 
     def run(out, stop_at=None, resume=None):
         torch.manual_seed(0)

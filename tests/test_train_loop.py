@@ -8,7 +8,8 @@ import torch
 
 from train_toy import ToySource, ToyTokenModel, make_targets
 from trainer.checkpoint import EXPORT, LAST, load_checkpoint_file
-from trainer.config import load_train_config
+from pipelines.config import load_config
+from trainer.config import TrainConfig
 from trainer.loop import NonFiniteLoss, train
 from trainer.losses import student_loss
 
@@ -22,7 +23,7 @@ def config(epochs=2, **sets):
             "run.tensorboard": False, "run.progress_bar": False, "model.channels_last": False,
             "model.name": "toy"}
     base.update(sets)
-    return load_train_config(None, [f"{k}={v}" for k, v in base.items()])
+    return load_config(TrainConfig, None, [f"{k}={v}" for k, v in base.items()])
 
 
 def loss_fn(cls_logits, token_logits, cls_target, token_target):
@@ -133,18 +134,18 @@ def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):
 
 
 def test_resume_into_another_model_or_from_a_bad_file_is_a_clear_error(tmp_path):
-    from trainer.checkpoint import CheckpointError
+    from trainer.errors import TrainCheckpointError
 
     run(tmp_path, config(epochs=1, **{"schedule.warmup_epochs": 0}), ToySource(shards=1))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pth cannot be read"):
+    with pytest.raises(TrainCheckpointError, match="junk.pth cannot be read"):
         run(tmp_path / "b", config(), ToySource(), resume=tmp_path / "junk.pth")
 
     class Wider(ToyTokenModel):
         def __init__(self):
             super().__init__(dim=48)
 
-    with pytest.raises(CheckpointError, match="does not fit"):
+    with pytest.raises(TrainCheckpointError, match="does not fit"):
         train(model=Wider(), arch="toy", cfg=config(), out_dir=tmp_path / "c", epoch_batches=ToySource().epoch_batches,
               make_targets=make_targets, compute_loss=loss_fn, steps_per_epoch=4, resume=tmp_path / LAST)
 

@@ -18,12 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.errors import TrainCheckpointError
+
 LAST = "last.pth"  # written every epoch and on SIGTERM; what --resume reads
 EXPORT = "model_ema.pth"  # slim {state_dict, state_dict_ema}: what `stl-labels generate --checkpoint` takes
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not fit the run; the message names the file."""
 
 
 @dataclass
@@ -103,14 +101,14 @@ def load_checkpoint_file(path: str | Path) -> dict:
     """Read a checkpoint written by `save_checkpoint` (weights only: no pickled code runs)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise TrainCheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/foreign files
-        raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from None
+        raise TrainCheckpointError(f"checkpoint {path} cannot be read: {e}") from None
     missing = [k for k in ("state_dict", "optimizer", "scheduler", "epoch", "global_update", "config") if k not in ckpt]
     if missing:
-        raise CheckpointError(f"checkpoint {path} is not a training checkpoint (missing {missing}); "
+        raise TrainCheckpointError(f"checkpoint {path} is not a training checkpoint (missing {missing}); "
                               f"to start from weights only, load them into the model instead")
     return ckpt
 
@@ -124,14 +122,14 @@ def restore_checkpoint(ckpt: Mapping, *, model: torch.nn.Module, optimizer: torc
         scheduler.load_state_dict(ckpt["scheduler"])
         if ema is not None:
             if ckpt.get("state_dict_ema") is None:
-                raise CheckpointError(f"checkpoint {source} has no EMA weights but this run uses EMA")
+                raise TrainCheckpointError(f"checkpoint {source} has no EMA weights but this run uses EMA")
             ema.module.load_state_dict(ckpt["state_dict_ema"])
         if scaler is not None and ckpt.get("scaler") is not None:
             scaler.load_state_dict(ckpt["scaler"])
     except (RuntimeError, KeyError, ValueError) as e:
-        if isinstance(e, CheckpointError):
+        if isinstance(e, TrainCheckpointError):
             raise
-        raise CheckpointError(f"checkpoint {source} does not fit this model/run: {e}") from None
+        raise TrainCheckpointError(f"checkpoint {source} does not fit this model/run: {e}") from None
     set_rng_state(ckpt["rng"])
     return TrainState(epoch=int(ckpt["epoch"]), global_update=int(ckpt["global_update"]),
                       data_position=dict(ckpt.get("data_position") or {}))

@@ -1,9 +1,10 @@
 """Settings of the student data path and of the token-label targets (frozen, validated on creation)."""
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
+
+from trainer.errors import TrainConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,23 +22,15 @@ def _pair(value, name: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}") from None
+        raise TrainConfigError(f"{name} must be an int or a pair (h, w), got {value!r}") from None
     if h <= 0 or w <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        raise TrainConfigError(f"{name} must be positive, got {value!r}")
     return h, w
 
 
 def _unit(value: float, name: str) -> None:
     if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-
-
-def _from_known_keys(cls, d: dict, section: str):
-    """Build a config section from a mapping; an unknown key is an error naming it (never ignored)."""
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {section} setting(s): {sorted(unknown)}")
-    return cls(**d)
+        raise TrainConfigError(f"{name} must lie in [0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -78,41 +71,34 @@ class DataConfig:
             object.__setattr__(self, "input_size", _pair(self.input_size, "data.input_size"))
         for name in ("batch_size",):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")
+                raise TrainConfigError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")
         if int(self.workers) < 0:
-            raise ValueError(f"data.workers must be >= 0, got {self.workers!r}")
+            raise TrainConfigError(f"data.workers must be >= 0, got {self.workers!r}")
         if int(self.shuffle_buffer) < 0:
-            raise ValueError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer!r}")
+            raise TrainConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer!r}")
         if self.view_choice not in VIEW_CHOICES:
-            raise ValueError(f"data.view_choice must be one of {VIEW_CHOICES}, got {self.view_choice!r}")
+            raise TrainConfigError(f"data.view_choice must be one of {VIEW_CHOICES}, got {self.view_choice!r}")
         if self.rand_augment and not re.fullmatch(r"rand(-[a-z]+[0-9.]+)*", self.rand_augment):
-            raise ValueError(f"data.rand_augment must look like 'rand-m9-mstd0.5-inc1' (or be ''), "
+            raise TrainConfigError(f"data.rand_augment must look like 'rand-m9-mstd0.5-inc1' (or be ''), "
                              f"got {self.rand_augment!r}")
         if self.remode not in ERASE_MODES:
-            raise ValueError(f"data.remode must be one of {ERASE_MODES}, got {self.remode!r}")
+            raise TrainConfigError(f"data.remode must be one of {ERASE_MODES}, got {self.remode!r}")
         for name in ("reprob", "mix_prob", "switch_prob", "label_smoothing"):
             _unit(getattr(self, name), f"data.{name}")
         for name in ("mixup", "cutmix"):
             if float(getattr(self, name)) < 0:
-                raise ValueError(f"data.{name} (Beta alpha) must be >= 0, got {getattr(self, name)!r}")
+                raise TrainConfigError(f"data.{name} (Beta alpha) must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 < float(self.crop_pct) <= 1.0:
-            raise ValueError(f"data.crop_pct must lie in (0, 1], got {self.crop_pct!r}")
+            raise TrainConfigError(f"data.crop_pct must lie in (0, 1], got {self.crop_pct!r}")
         for name in ("mean", "std"):
             v = tuple(float(x) for x in getattr(self, name))
             if len(v) != 3 or (name == "std" and min(v) <= 0):
-                raise ValueError(f"data.{name} must be 3 numbers (std > 0), got {getattr(self, name)!r}")
+                raise TrainConfigError(f"data.{name} must be 3 numbers (std > 0), got {getattr(self, name)!r}")
             object.__setattr__(self, name, v)
 
     @property
     def mixing(self) -> bool:
         return self.mix_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
-        return _from_known_keys(cls, d, "data")
 
 
 @dataclass(frozen=True)
@@ -133,18 +119,11 @@ class TokenLabelConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in TOKEN_MODES:
-            raise ValueError(f"tokens.mode must be one of {TOKEN_MODES}, got {self.mode!r}")
+            raise TrainConfigError(f"tokens.mode must be one of {TOKEN_MODES}, got {self.mode!r}")
         if self.token_mix not in TOKEN_MIXES:
-            raise ValueError(f"tokens.token_mix must be one of {TOKEN_MIXES}, got {self.token_mix!r}")
+            raise TrainConfigError(f"tokens.token_mix must be one of {TOKEN_MIXES}, got {self.token_mix!r}")
         if not float(self.tau) > 0:
-            raise ValueError(f"tokens.tau must be > 0, got {self.tau!r}")
+            raise TrainConfigError(f"tokens.tau must be > 0, got {self.tau!r}")
         _unit(self.smoothing, "tokens.smoothing")
         if float(self.beta) < 0:
-            raise ValueError(f"tokens.beta must be >= 0, got {self.beta!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TokenLabelConfig":
-        return _from_known_keys(cls, d, "tokens")
+            raise TrainConfigError(f"tokens.beta must be >= 0, got {self.beta!r}")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from labeler.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -28,17 +30,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` → this rank's GPU when there is one, else CPU; `cuda` → cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name} but torch sees no CUDA device; use run.device=cpu or auto")
-    return torch.device(name)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

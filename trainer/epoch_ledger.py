@@ -3,7 +3,7 @@
 A shard is *done* when its tar has been read to the end, its sample count is final (checked
 against the store's keys where there is a store) and every sample that came out of it has left the
 pipeline (in a batch, or skipped with a reason). Done shards are the resume position
-("to the shard", issue 5); skipped samples are counted, never dropped silently. Stages record into
+("to the shard", issue 5); skipped samples are counted, never dropped silently. Data-path steps record into
 the ledger; the batcher drains it into each batch's `meta`, and the loader in the main process
 sums it up over workers.
 """
@@ -23,7 +23,7 @@ class EpochLedger:
         self._skips: list[dict] = []
         self.seen_keys: dict[int, set] = defaultdict(set)
 
-    # --- stages record ------------------------------------------------------------------------
+    # --- data-path steps record ----------------------------------------------------------------
     def opened(self, pos: int, url: str) -> None:
         """Shard `pos` (its index in the epoch's shard order) starts being read."""
         self._urls[pos] = url

@@ -148,7 +148,7 @@ class StreamLoader:
 # --- student: stored views + token labels -----------------------------------------------------------
 
 class StudentPipeline:
-    """The student stages for one worker's samples (picklable: the store opens lazily)."""
+    """The student data-path steps for one worker's samples (picklable: the store opens lazily)."""
 
     def __init__(self, cfg: DataConfig, index: RowIndex, labeler_store, view_spec, rows_per_chunk: int,
                  num_rows: int, num_views: int):

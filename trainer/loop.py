@@ -26,8 +26,9 @@ from trainer.checkpoint import (
     EXPORT, LAST, StopRequest, TrainState, export_for_labeling, load_checkpoint_file, restore_checkpoint,
     save_checkpoint,
 )
-from trainer.config import TrainConfig, config_to_dict
+from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
+from trainer.errors import NonFiniteLoss
 from trainer.losses import LossTerms
 from trainer.optim import create_optimizer, create_scheduler
 from trainer.run_log import RunLog
@@ -35,10 +36,6 @@ from trainer.run_log import RunLog
 EpochBatches = Callable[[int, dict], Iterable[tuple[Any, dict]]]
 MakeTargets = Callable[[Any, torch.device, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 ComputeLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None], LossTerms]
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf; training stopped without writing over the last good checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +131,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     def checkpoint(metrics: dict) -> Path | None:
         if info.is_main:
             save_checkpoint(out_dir / LAST, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                            scaler=scaler, state=state, config=config_to_dict(cfg), arch=arch, metrics=metrics)
+                            scaler=scaler, state=state, config=cfg.to_dict(), arch=arch, metrics=metrics)
         barrier(info)
         return out_dir / LAST
 

@@ -17,7 +17,7 @@ import torch
 
 from labeler.models import create_token_model, token_grid
 from labelstore.shard_format import count_samples, expand_shard_urls
-from trainer.config import TrainConfig, save_train_config
+from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, init_distributed, shutdown_distributed
 from trainer.loader import build_labeler_loader, build_student_loader
 from trainer.loop import TrainResult, train
@@ -55,7 +55,7 @@ def _prepare(cfg: TrainConfig, out_dir: str | Path) -> DistInfo:
     torch.manual_seed(cfg.data.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     if info.is_main:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        save_train_config(cfg, Path(out_dir) / "config.yaml")  # the resolved config this run used
+        cfg.save_yaml(Path(out_dir) / "config.yaml")  # the resolved config this run used
     return info
 
 

@@ -1,4 +1,4 @@
-"""The student data path as plain generator stages (each one testable on a Python list).
+"""The student data path as plain generator steps (each one testable on a Python list).
 
     shard urls ─► track_shards ─► tar samples ─► enter_samples ─► lookup_rows ─► join_labels
         ─► (shuffle) ─► replay_views ─► augment_views ─► batch_samples

@@ -6,7 +6,8 @@
     token_grid(m, (224, 224))         # (14, 14)
     sha256 = load_checkpoint(m, "teacher.pth.tar")
 """
-from labeler.models.checkpoint import CheckpointError, load_checkpoint
+from labeler.errors import CheckpointError
+from labeler.models.checkpoint import checkpoint_num_classes, load_checkpoint
 from labeler.models.fan_hybrid import FanHybrid
 from labeler.models.fan_registry import FAN_SIZES, FanSize
 from labeler.models.foreign_weights import load_efficientnet_lite0_weights, load_state_dict_in_order
@@ -15,5 +16,5 @@ from labeler.models.token_model_factory import create_token_model, token_grid
 
 __all__ = [
     "FAN_SIZES", "CheckpointError", "FanHybrid", "FanSize", "TokenHeadWrapper", "create_token_model",
-    "load_checkpoint", "load_efficientnet_lite0_weights", "load_state_dict_in_order", "token_grid",
+    "checkpoint_num_classes", "load_checkpoint", "load_efficientnet_lite0_weights", "load_state_dict_in_order", "token_grid",
 ]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from labeler.errors import CheckpointError
 from labeler.models.token_head import TokenHeadWrapper
 
 # Where timm-style training scripts keep the weights, in order of preference.
@@ -20,12 +21,10 @@ EMA_KEYS = ("state_dict_ema", "model_ema")
 MAIN_KEYS = ("state_dict", "model")
 # Prefixes added by wrappers at save time: DDP/DataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Where a file keeps its classifier (rows = classes): FAN heads first, then timm's usual names.
+CLASSIFIER_NAMES = ("head", "aux_head", "head.fc", "classifier", "fc")
 # Globals a timm checkpoint needs besides tensors: the pickled argparse `args` (API-NOTES §6).
 SAFE_GLOBALS = [argparse.Namespace]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the model; the message names the file."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -144,3 +143,19 @@ def load_checkpoint(model: nn.Module, path: str | Path, prefer_ema: bool = True,
     check_state_dict(target, state, source)
     target.load_state_dict(state, strict=True)
     return file_sha256(path)
+
+
+def checkpoint_num_classes(path: str | Path, prefer_ema: bool = True) -> int | None:
+    """Classes of the weights in `path`: the rows of its classifier weight, None when it has none we know.
+
+    Looks for the classifier names of our FAN models (`head`, `aux_head`) and of timm backbones (`head.fc`,
+    `classifier`, `fc`), also under the `model.` prefix of a TokenHeadWrapper's own state dict.
+    """
+    source = str(path)
+    state = convert_legacy_keys(select_state_dict(read_checkpoint(path), prefer_ema, source))
+    for name in CLASSIFIER_NAMES:
+        for key in (f"{name}.weight", f"model.{name}.weight"):
+            weight = state.get(key)
+            if isinstance(weight, torch.Tensor) and weight.ndim >= 1:
+                return int(weight.shape[0])
+    return None

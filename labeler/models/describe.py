@@ -1,12 +1,11 @@
-"""Print what a token model produces at an input size: parameters, token grid, prefix tokens, head mode,
-and optionally measured forward / train-step time.
+"""What a token model produces at an input size: parameters, token grid, prefix tokens, head mode,
+and optionally measured forward / train-step time. `stl-labels models` prints them:
 
-    python -m labeler.models.describe --size 224 fan_tiny_8_p4_hybrid_token convnext_atto
-    python -m labeler.models.describe --size 64 --time --batch 8 fan_test_p4_hybrid_token
+    stl-labels models --size 224 fan_tiny_8_p4_hybrid_token convnext_atto
+    stl-labels models --size 64 --time --batch 8 fan_test_p4_hybrid_token
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -15,6 +14,7 @@ from labeler.models.token_model_factory import create_token_model, token_grid
 
 
 def describe(name: str, hw: tuple[int, int], num_classes: int = 1000) -> dict:
+    """Model name, input, token grid, token count, prefix tokens, token-head mode and parameter count."""
     model = create_token_model(name, num_classes=num_classes)
     gh, gw = token_grid(model, hw)
     return dict(model=name, input=f"{hw[0]}x{hw[1]}", grid=f"{gh}x{gw}", tokens=gh * gw,
@@ -50,31 +50,3 @@ def measure(name: str, hw: tuple[int, int], batch: int, repeats: int, num_classe
             times.append(time.perf_counter() - t0)
         out[label] = sorted(times)[len(times) // 2]
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="FAN *_token names or any timm model name")
-    parser.add_argument("--size", default="224", help="input size: S (square) or HxW, e.g. 96x80")
-    parser.add_argument("--time", action="store_true", help="also measure forward and train-step time")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    try:
-        sides = [int(v) for v in args.size.lower().split("x")]
-    except ValueError:
-        sides = []
-    if len(sides) not in (1, 2):
-        parser.error(f"--size must be S or HxW, got {args.size!r}")
-    hw = (sides[0], sides[-1])
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for name in args.models:
-        row = describe(name, hw)
-        if args.time:
-            timings = measure(name, hw, args.batch, args.repeats)
-            row.update(batch=args.batch, **{k: f"{v:.4f}" for k, v in timings.items()})
-        print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -6,11 +6,10 @@
 
 Every tool is run through its CLI (a subprocess, exactly what a user would type; each command is printed and
 its output kept in OUT/logs/). A rerun reuses the data, finished trainings and labelled shards, so it continues
-where it stopped (`--fresh` starts over). `--fast` is the CI variant: a few hundred images and a few steps per stage.
+where it stopped (`--fresh` starts over). `--fast` is the CI variant: a few hundred images and a few optimiser steps per training run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -228,9 +227,10 @@ class Demo:
 
         from labeler.models import create_token_model, load_checkpoint, token_grid
         from pipelines.report.model_tokens import load_masked_split, token_foreground_quality, token_predictions
-        from trainer.config import load_train_config
+        from pipelines.config import load_config
+        from trainer.config import TrainConfig
 
-        cfg = load_train_config(PRESET)
+        cfg = load_config(TrainConfig, PRESET)
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
         size = (self.s.image_size, self.s.image_size)
         images, labels, masks = load_masked_split(DemoDataset.load(self.data).shards("val"), size)
@@ -318,25 +318,14 @@ def _pct(v) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.1f} %"
 
 
-def parse_args(argv=None) -> tuple[DemoSettings, bool]:
-    p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    p.add_argument("--fast", action="store_true", help="CI variant: few images, a few steps per stage (~2-3 min)")
-    p.add_argument("--fresh", action="store_true", help="delete --out first instead of continuing")
-    p.add_argument("--train", type=int, help="training images")
-    p.add_argument("--labeler-epochs", type=int)
-    p.add_argument("--student-epochs", type=int)
-    p.add_argument("--views", type=int)
-    p.add_argument("--seed", type=int)
-    a = p.parse_args(argv)
-    s = DemoSettings(out=a.out, **(FAST if a.fast else {}))
-    changes = {k: v for k, v in (("num_train", a.train), ("labeler_epochs", a.labeler_epochs),
-                                 ("student_epochs", a.student_epochs), ("views", a.views), ("seed", a.seed)) if v is not None}
-    return replace(s, **changes), a.fresh
+def demo_settings(out: str = "demo_out", fast: bool = False, **changes) -> DemoSettings:
+    """The full demo's settings (or the `fast` CI variant's) with `changes` that are not None applied."""
+    settings = DemoSettings(out=out, **(FAST if fast else {}))
+    return replace(settings, **{k: v for k, v in changes.items() if v is not None})
 
 
-def main(argv=None) -> int:
-    settings, fresh = parse_args(argv)
+def run_demo(settings: DemoSettings, fresh: bool = False) -> int:
+    """Run every step (continuing a previous run in `settings.out` unless `fresh`); 0 when all succeeded."""
     out = Path(settings.out)
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -349,3 +338,17 @@ def main(argv=None) -> int:
         return 1
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.demo [options]`: the same as `stl-labels demo [options]` (that command owns the options)."""
+    from pipelines.cli_labels import app
+
+    try:
+        app(args=["demo", *(sys.argv[1:] if argv is None else argv)], prog_name="python -m pipelines.demo")
+    except SystemExit as e:  # click's standalone mode always exits, with the command's code
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
