@@ -358,13 +358,13 @@ def test_generate_cli_rejects_bad_settings_before_work(data, tmp_path):
 
 
 def test_num_classes_comes_from_the_checkpoint_when_not_given(data, tmp_path):
-    from pipelines.generate import resolve_num_classes
+    from labeler.teacher_spec import resolve_num_classes
 
     root, paths = data
     s = settings(root, str(tmp_path / "l.zarr"), [paths[0]], num_classes=None)
-    assert resolve_num_classes(s) == 10 and labeler_spec_for(s).num_classes == 10  # a 10-class teacher
-    assert resolve_num_classes(settings(root, "x", [paths[0]], num_classes=None, checkpoint=None)) == 1000
-    assert resolve_num_classes(settings(root, "x", [paths[0]], num_classes=7)) == 7  # given: used as is
+    assert resolve_num_classes(None, s.checkpoint) == 10 and labeler_spec_for(s).num_classes == 10  # a 10-class teacher
+    assert resolve_num_classes(None, None) == 1000
+    assert resolve_num_classes(7, s.checkpoint) == 7  # given: used as is
     torch.save({"blocks.0.weight": torch.zeros(3, 3)}, tmp_path / "headless.pth")
     with pytest.raises(ValueError, match="headless.pth.*give --num-classes"):
-        resolve_num_classes(settings(root, "x", [paths[0]], num_classes=None, checkpoint=str(tmp_path / "headless.pth")))
+        resolve_num_classes(None, str(tmp_path / "headless.pth"))
