@@ -1,7 +1,7 @@
 """Read every sample of a WebDataset tar shard, in order, bad ones included.
 
 Why not `webdataset.WebDataset`: it drops samples it cannot decode and a tar truncated at a header
-ends silently (API-NOTES §3), so positions would shift. The label store's rows are
+ends silently (docs/design.md "Library behaviour"), so positions would shift. The label store's rows are
 `first_row(shard) + position in shard`, so the labeler must see every sample, keep its place, and
 know that the archive really ended. We keep webdataset's naming rules (`base_plus_ext`, lower-case
 extensions) and its URL handling (brace expansion, `pipe:`), and use fsspec for other URLs.

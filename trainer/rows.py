@@ -1,4 +1,4 @@
-"""Find a streamed sample's row in the label store by its `__key__` (DESIGN.md "Rows follow shard order").
+"""Find a streamed sample's row in the label store by its `__key__` (docs/design.md "The join").
 
 webdataset has no position counter and skips bad samples, so a sample's row is found by its key
 inside its shard's row range (from the store's shard table and `samples/key`), never by counting.

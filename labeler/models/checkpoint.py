@@ -20,7 +20,7 @@ EMA_KEYS = ("state_dict_ema", "model_ema")
 MAIN_KEYS = ("state_dict", "model")
 # Prefixes added by wrappers at save time: DDP/DataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# Globals a timm checkpoint needs besides tensors: the pickled argparse `args` (API-NOTES §6).
+# Globals a timm checkpoint needs besides tensors: the pickled argparse `args` (docs/design.md "Library behaviour").
 SAFE_GLOBALS = [argparse.Namespace]
 
 
