@@ -3,7 +3,7 @@
 Same geometry by construction: the crop box, the anti-alias box-reduction factor and the matrices
 come from `labelstore.views` (`crop_box`, `reduce_factor`, `view_matrix`); only the pixel arithmetic
 is re-done here, because Pillow cannot batch views or run on a GPU.
-Pillow conventions matched (API-NOTES "Affine"): pixel i spans [i, i+1); `M` maps output → source
+Pillow conventions matched (docs/design.md "Library behaviour"): pixel i spans [i, i+1); `M` maps output → source
 coordinates; bilinear with border clamping inside the image and `fill` outside [0,W)×[0,H);
 results truncated (floor(x + eps)), not rounded; `Image.reduce(k)` is an edge-clipped box mean with
 `((sum + n//2) * (2**24 // n)) >> 24`. Measured difference to Pillow: max 1 grey level.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from labelstore.views import NUM_PARAMS, crop_box, reduce_factor, view_matrix
 
 # Pillow truncates its bilinear result; a tiny epsilon absorbs float error on exact integers
-# (without it, hflip + integer crops came out one level low in 37 % of pixels: API-NOTES).
+# (without it, hflip + integer crops came out one level low in 37 % of pixels).
 _TRUNC_EPS = 1e-6
 
 

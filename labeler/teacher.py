@@ -2,7 +2,7 @@
 
 A callable class (load once in `__init__`, one batch per `__call__`), so it runs the same inside a
 Ray actor and in a plain test. The top-k and the log-sum-exp of the tail are computed on the device,
-so only K values + one float per token cross to the host (DESIGN "Store layout").
+so only K values + one float per token cross to the host (docs/design.md "Store layout").
 """
 from __future__ import annotations
 

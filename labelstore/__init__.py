@@ -1,7 +1,7 @@
 """Label store: the contract between the labeling job and the trainers (numpy, zarr, numcodecs, Pillow,
 braceexpand, fsspec; never torch, ray, typer or webdataset). The shard sample contract is `labelstore.shard_format`.
 
-See docs/internals.md for the seams and README "Label store format" for the on-disk layout.
+See docs/internals.md for the seams and docs/store-format.md for the on-disk layout.
 """
 from .codec import EncodedLogits, class_id_dtype, encode_topk, topk_log_probs
 from .errors import (ImageDecodeError, InvalidLabels, MissingRow, SchemaMismatch, ShardCapacityError, ShardConflict,

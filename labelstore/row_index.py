@@ -1,4 +1,4 @@
-"""The join: a streamed sample's row in the label store, found by its `__key__` (docs/internals.md).
+"""The join: a streamed sample's row in the label store, found by its `__key__` (docs/design.md "The join").
 
 A streaming reader (webdataset) has no position counter and skips bad samples, so a sample's row is
 found by its key inside its shard's row range (from the store's shard table and `samples/key`), never

@@ -1,6 +1,6 @@
 """What a label store and a labeler in it are: specs, shard records, layout names, chunk shapes.
 
-Pure data; no I/O. The on-disk layout is described in README "Label store format".
+Pure data; no I/O. The on-disk layout is described in docs/store-format.md.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from .views import NUM_PARAMS, ViewSpec
 FORMAT = "stl-labels"
 SCHEMA_VERSION = 1
 DEFAULT_ROWS_PER_CHUNK = 256
-CHUNK_TARGET_BYTES = 1 << 20  # one view index for a block of rows ≈ 1 MiB (DESIGN "Chunking")
+CHUNK_TARGET_BYTES = 1 << 20  # one view index for a block of rows ≈ 1 MiB (docs/design.md "Store layout")
 
-# Array paths inside labelers/<name>/ (DESIGN "Store layout").
+# Array paths inside labelers/<name>/ (docs/store-format.md).
 PARAMS = "views/params"
 TOKENS_TOPK = ("tokens/topk_logit", "tokens/topk_class", "tokens/tail_lse")
 CLS_TOPK = ("cls/topk_logit", "cls/topk_class", "cls/tail_lse")

@@ -1,7 +1,8 @@
-"""Static checks of docker/Dockerfile, docker/compose.yaml, .dockerignore and the README's
-"At scale" commands. Docker cannot run in CI here, so these checks are what keeps the files honest:
-every `stl-labels` / `stl-train` / `ray` / `torchrun` command they run must name a declared console
-script, an existing subcommand and existing options of the installed packages.
+"""Static checks of docker/Dockerfile, docker/compose.yaml, .dockerignore and of the commands shown in
+docs/at-scale.md, the other docs/ pages and the README. Docker cannot run in CI here, so these checks are
+what keeps the files honest: every `stl-labels` / `stl-train` / `ray` / `torchrun` command they run or
+show must name a declared console script, an existing subcommand and existing options of the installed
+packages.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker" / "compose.yaml"
 DOCKERIGNORE = REPO / ".dockerignore"
-README = REPO / "README.md"
+AT_SCALE_DOC = REPO / "docs" / "at-scale.md"
+OTHER_DOCS = sorted(p for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")] if p != AT_SCALE_DOC)
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 CHECKED_PROGRAMS = ("stl-labels", "stl-train", "ray", "torchrun")
 SHELL_OPERATORS = {"&&", "||", ";", "|"}
@@ -154,16 +156,12 @@ def _compose_run_to_argv(argv: list[str]) -> list[str]:
     return as_argv(service.get("entrypoint")) + rest[1:] if service.get("entrypoint") else rest[1:]
 
 
-# ---- README "At scale" commands ---------------------------------------------------------------
-def readme_commands() -> list[list[str]]:
-    """Commands in the bash blocks of the README's at-scale section that start a checked program
-    (after optional `VAR=value` assignments), continuation lines joined."""
-    text = README.read_text()
-    start = text.index("\n## At scale\n") + 1
-    end = text.find("\n## ", start)
-    section = text[start:end if end != -1 else None]
+# ---- docs/at-scale.md commands ----------------------------------------------------------------
+def doc_commands(path: Path) -> list[list[str]]:
+    """Commands in a doc page's bash blocks that start a checked program (after optional
+    `VAR=value` assignments), continuation lines joined."""
     argvs = []
-    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0].strip()
             if not line or line.startswith("#"):
@@ -270,7 +268,8 @@ def _ids(argvs):
 
 DOCKER_ARGVS = checked(dockerfile_commands())
 COMPOSE_ARGVS = checked(compose_commands())
-README_ARGVS = readme_commands()
+AT_SCALE_ARGVS = doc_commands(AT_SCALE_DOC)
+OTHER_DOC_ARGVS = [(p.relative_to(REPO).as_posix(), argv) for p in OTHER_DOCS for argv in doc_commands(p)]
 
 
 # ---- the tests --------------------------------------------------------------------------------
@@ -284,25 +283,45 @@ def test_compose_commands_exist(argv):
     check_invocation(argv, "docker/compose.yaml")
 
 
-@pytest.mark.parametrize("argv", README_ARGVS, ids=_ids(README_ARGVS))
-def test_readme_at_scale_commands_exist(argv):
-    check_invocation(argv, "README.md at-scale")
+@pytest.mark.parametrize("argv", AT_SCALE_ARGVS, ids=_ids(AT_SCALE_ARGVS))
+def test_at_scale_doc_commands_exist(argv):
+    check_invocation(argv, "docs/at-scale.md")
+
+
+@pytest.mark.parametrize("where,argv", OTHER_DOC_ARGVS,
+                         ids=[f"{w}:{i}" for (w, _), i in zip(OTHER_DOC_ARGVS, _ids([a for _, a in OTHER_DOC_ARGVS]))])
+def test_doc_commands_exist(where, argv):
+    check_invocation(argv, where)
+
+
+def test_readme_shows_every_command():
+    """The README gives one example of every command of both CLIs (a new command must get one)."""
+    import typer.main
+
+    shown = {(a[0], *[w for w in a[1:3] if not w.startswith("-")]) for w, a in OTHER_DOC_ARGVS if w == "README.md"}
+    for program in ("stl-labels", "stl-train"):
+        root = typer.main.get_command(load_typer_app(program))
+        for name, cmd in root.commands.items():
+            leaves = [(name, sub) for sub in cmd.commands] if hasattr(cmd, "commands") else [(name,)]
+            for leaf in leaves:
+                assert any(s[:1 + len(leaf)] == (program, *leaf) for s in shown), \
+                    f"README.md shows no `{program} {' '.join(leaf)}` example"
 
 
 def test_every_entry_point_is_exercised():
     """The image smoke-tests both console scripts, compose starts Ray and submits `generate`,
-    and the README shows torchrun for training: none of these may silently disappear."""
+    and docs/at-scale.md shows torchrun for training: none of these may silently disappear."""
     programs = {a[0] for a in DOCKER_ARGVS}
     assert {"stl-labels", "stl-train", "ray"} <= programs
     compose = [" ".join(a) for a in COMPOSE_ARGVS]
     assert any(c.startswith("ray start --head") for c in compose)
     assert any(c.startswith("ray start --address") for c in compose)
     assert any("-- stl-labels generate --address auto" in c for c in compose)
-    readme = [" ".join(a) for a in README_ARGVS]
+    doc = [" ".join(a) for a in AT_SCALE_ARGVS]
     for sub in ("student", "labeler", "eval"):
-        assert any(c.startswith("torchrun") and f"stl-train {sub}" in c for c in readme), sub
-    assert any(c.startswith("torchrun") and "--rdzv-endpoint" in c for c in readme)
-    assert any(c.startswith("ray job submit") for c in readme)
+        assert any(c.startswith("torchrun") and f"stl-train {sub}" in c for c in doc), sub
+    assert any(c.startswith("torchrun") and "--rdzv-endpoint" in c for c in doc)
+    assert any(c.startswith("ray job submit") for c in doc)
 
 
 def test_base_image_takes_version_build_args():

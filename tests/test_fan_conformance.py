@@ -11,7 +11,7 @@ import labeler.models  # noqa: F401  (registers fan_* in timm)
 
 DATA = Path(__file__).parent / "data"
 SIZES = ["fan_tiny_8_p4_hybrid", "fan_small_12_p4_hybrid", "fan_base_16_p4_hybrid", "fan_large_16_p4_hybrid"]
-# FAN.md table (1000 classes): plain, token.
+# docs/models.md table (1000 classes): plain, token.
 PARAMS = {
     "fan_tiny_8_p4_hybrid": (7_467_240, 7_660_240),
     "fan_small_12_p4_hybrid": (26_117_944, 26_502_944),

@@ -1,4 +1,4 @@
-"""The one import rule (DESIGN "Packages and the one import rule"), checked two ways:
+"""The one import rule (docs/design.md "Packages and the import rule"), checked two ways:
 statically (AST of every module, lazy imports included) and at run time in clean subprocesses."""
 from __future__ import annotations
 

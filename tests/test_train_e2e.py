@@ -1,6 +1,6 @@
 """Stage 1 → generate → student → eval end to end on tiny demo shards (CPU, fan_test 64 px), through the CLI.
 
-Also the bad inputs of issue 5 that need a real store: another shard list, another class count, a missing
+Also the bad inputs that need a real store: another shard list, another class count, a missing
 labeler name, an unknown config key, and a corrupt image mid-epoch (skipped and counted, not a crash).
 """
 import io

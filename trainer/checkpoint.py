@@ -3,7 +3,7 @@
 A checkpoint is a timm-style dict (`state_dict`, `state_dict_ema`, `epoch`, ...) that also carries what an
 exact resume needs: optimizer, scheduler, grad scaler, update count, the data position inside the epoch
 (shards already consumed), the resolved config and every RNG state. Everything in it is a tensor or a plain
-Python value, so it loads with `torch.load(weights_only=True)` (the torch ≥ 2.6 default; API-NOTES §6).
+Python value, so it loads with `torch.load(weights_only=True)` (the torch ≥ 2.6 default).
 """
 from __future__ import annotations
 

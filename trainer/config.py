@@ -20,7 +20,7 @@ import yaml
 from trainer.data_config import DataConfig, TokenLabelConfig
 from trainer.errors import TrainConfigError
 
-# Paper recipe (FAN.md "Paper recipe"): drop-path rate of the FAN blocks per model size.
+# Paper recipe (docs/models.md "Paper recipe"): drop-path rate of the FAN blocks per model size.
 DROP_PATH_BY_SIZE: Mapping[str, float] = {"tiny": 0.05, "small": 0.25, "base": 0.35, "large": 0.45}
 
 

@@ -47,7 +47,7 @@ class DataConfig:
     workers: int = 4
     input_size: tuple[int, int] | None = None  # None: the labeler's view size (student) / 224 (others)
     seed: int = 0
-    view_choice: str = "chunk"  # DESIGN.md: one view per row-chunk per epoch; "first": always view 0
+    view_choice: str = "chunk"  # docs/design.md: one view per row-chunk per epoch; "first": always view 0
     rand_augment: str = "rand-m9-mstd0.5-inc1"  # "" disables RandAugment
     reprob: float = 0.25  # random-erasing probability (0.3 in some presets)
     remode: str = "pixel"
@@ -103,7 +103,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TokenLabelConfig:
-    """How stored token logits become per-token training targets (DESIGN.md "Token labels at train time").
+    """How stored token logits become per-token training targets (docs/design.md "Token labels at train time").
 
     mode: gumbel (default; one categorical draw per token per step over top-k ∪ {tail}), softmax
     (soft targets at temperature tau) or argmax. smoothing: token-label smoothing. token_mix:
@@ -112,7 +112,7 @@ class TokenLabelConfig:
     """
 
     mode: str = "gumbel"
-    tau: float = 1.0  # softmax mode only: hard Gumbel draws ignore it (API-NOTES §6)
+    tau: float = 1.0  # softmax mode only: hard Gumbel draws ignore it (docs/design.md "The sampler")
     smoothing: float = 0.1
     token_mix: str = "follow"
     beta: float = 1.0

@@ -3,7 +3,7 @@
 A shard is *done* when its tar has been read to the end, its sample count is final (checked
 against the store's keys where there is a store) and every sample that came out of it has left the
 pipeline (in a batch, or skipped with a reason). Done shards are the resume position
-("to the shard", issue 5); skipped samples are counted, never dropped silently. Data-path steps record into
+("to the shard"); skipped samples are counted, never dropped silently. Data-path steps record into
 the ledger; the batcher drains it into each batch's `meta`, and the loader in the main process
 sums it up over workers.
 """

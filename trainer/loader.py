@@ -2,7 +2,7 @@
 labeler (timm's full train transform, no store) and evaluation (resize + centre crop).
 
 Sharding: this epoch's shard list is shuffled by (run seed, epoch) here — webdataset's own shard
-shuffle is seeded once and repeats every epoch (API-NOTES §3) — then split by rank
+shuffle is seeded once and repeats every epoch (docs/design.md "Library behaviour") — then split by rank
 (`wds.split_by_node`, or an explicit rank/world size) and by DataLoader worker
 (`wds.split_by_worker`), so over ranks × workers every shard, hence every sample, is read once per
 epoch. Ranks may get different numbers of batches (shards differ in size): a DDP loop must stop
@@ -211,7 +211,7 @@ class StudentLoader(StreamLoader):
 
 
 def token_chunk_rows(labeler_store) -> int:
-    """Rows of one read chunk (one view) of the token array: the unit of the view choice (DESIGN.md)."""
+    """Rows of one read chunk (one view) of the token array: the unit of the view choice (docs/design.md)."""
     path = "tokens/logits" if labeler_store.spec.dense else "tokens/topk_logit"
     return int(labeler_store.array(path).chunks[0])
 

@@ -1,4 +1,4 @@
-"""Token-label-aware Mixup / CutMix (DESIGN.md "Token labels at train time").
+"""Token-label-aware Mixup / CutMix (docs/design.md "Token labels at train time").
 
 Our own rather than timm's `Mixup`, because that one returns only (images, targets) and hides the
 box and lam, which the token targets need. We still use timm's pieces: `cutmix_bbox_and_lam` for

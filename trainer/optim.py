@@ -2,7 +2,7 @@
 
 AdamW with no weight decay on norms, biases, the class token and the positional encoding; cosine schedule
 whose warmup comes *before* the cosine (timm's default runs the warmup inside it) and that is stepped
-every optimiser update, not every epoch (API-NOTES §4).
+every optimiser update, not every epoch (docs/design.md "Library behaviour").
 """
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ class LabelJoin:
     """Reads stored view params + encoded token logits for a row, one store chunk (rows × one view) at a time.
 
     Rows of a shard arrive in order, so caching the last chunk read means each chunk is read once
-    per epoch and all of it is used (DESIGN.md: view choice per row-chunk).
+    per epoch and all of it is used (docs/design.md: view choice per row-chunk).
     """
 
     def __init__(self, labeler_store, rows_per_chunk: int, num_rows: int, num_views: int,

@@ -1,4 +1,4 @@
-"""Which stored view a row uses in an epoch (DESIGN.md "Token labels at train time").
+"""Which stored view a row uses in an epoch (docs/design.md "Token labels at train time").
 
 One view index per row-chunk per epoch, drawn from (run seed, epoch, chunk): a read of one view
 for a block of rows is one store chunk, so every byte read is used, and the choice is the same

@@ -23,7 +23,7 @@ MAIN_KEYS = ("state_dict", "model")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Where a file keeps its classifier (rows = classes): FAN heads first, then timm's usual names.
 CLASSIFIER_NAMES = ("head", "aux_head", "head.fc", "classifier", "fc")
-# Globals a timm checkpoint needs besides tensors: the pickled argparse `args` (API-NOTES §6).
+# Globals a timm checkpoint needs besides tensors: the pickled argparse `args` (docs/design.md "Library behaviour").
 SAFE_GLOBALS = [argparse.Namespace]
 
 

@@ -1,6 +1,6 @@
 """FAN-Hybrid: a ConvNeXt stem-and-two-stages patch embedding, FAN blocks, class attention, token head.
 
-Implemented from FAN.md and tests/data/fan_mini_golden.md (clean-room; names match the released
+Implemented from docs/models.md and tests/data/fan_mini_golden.md (clean-room; names match the released
 checkpoints). Reused from timm: ConvNeXt stages and LayerNorm2d (standard biased-variance layer norm,
 the `stdln_*` decision in the golden), XCiT's Fourier positional encoding and CaiT/XCiT class-attention block.
 """
@@ -33,7 +33,7 @@ class ConvNeXtTrunk(nn.Module):
         norm = partial(LayerNorm2d, eps=1e-6)
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), norm(dims[0]))
         # conv_mlp=True keeps the MLP as 1x1 convs ([out, in, 1, 1] weights, as in the checkpoints);
-        # layer-scale init 1e-6 and no drop-path in the backbone (FAN.md).
+        # layer-scale init 1e-6 and no drop-path in the backbone (docs/models.md).
         stage = partial(ConvNeXtStage, conv_mlp=True, ls_init_value=1e-6, norm_layer=norm)
         self.stages = nn.Sequential(
             stage(dims[0], dims[0], stride=1, depth=depths[0]),
@@ -117,7 +117,7 @@ class FanHybrid(nn.Module):
         self.patch_embed = HybridPatchEmbed(img_size, in_chans, embed_dim, backbone_depths, backbone_dims)
         self.pos_embed = PositionalEncodingFourier(hidden_dim=32, dim=embed_dim, temperature=10000)
         self.pos_drop = nn.Dropout(drop_rate)
-        # One constant drop-path rate for every FAN block (FAN.md); none in class attention.
+        # One constant drop-path rate for every FAN block (docs/models.md); none in class attention.
         self.blocks = nn.ModuleList([
             FanBlock(embed_dim, num_heads, channel_heads, mlp_ratio, qkv_bias, proj_drop_rate,
                      attn_drop_rate, drop_path_rate, eta)

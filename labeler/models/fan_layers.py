@@ -1,7 +1,7 @@
 """The FAN block: token-mixing self-attention + attentional channel processing.
 
 Written from the FAN paper (Zhou et al., "Understanding The Robustness in Vision Transformers", ICML 2022)
-and the facts in FAN.md; module and parameter names follow the released checkpoints so they load as-is.
+and the facts in docs/models.md; module and parameter names follow the released checkpoints so they load as-is.
 timm has no FAN block, so these small modules are ours; norms, DropPath and init come from timm.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ class DepthwiseConvBranch(nn.Module):
 class ConvMlp(nn.Module):
     """FAN's value MLP (`mlp_v`): fc1, a layer-scaled residual depthwise-conv branch, fc2.
 
-    There is no activation between fc1 and fc2 apart from the one inside the conv branch (FAN.md).
+    There is no activation between fc1 and fc2 apart from the one inside the conv branch (docs/models.md).
     """
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
@@ -87,7 +87,7 @@ class ChannelProcessing(nn.Module):
 
     Per head, the query q(x) and the key x are both soft-maxed over tokens; the key is averaged over the
     head's channels (one weight per token), so q·k gives one score per channel; the gate is
-    sigmoid(score) * temperature (FAN.md; the golden outputs confirm the temperature sits outside).
+    sigmoid(score) * temperature (docs/models.md; the golden outputs confirm the temperature sits outside).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,

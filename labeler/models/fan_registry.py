@@ -1,6 +1,6 @@
 """Registers FAN-Hybrid sizes (and their `_token` twins) in timm's model registry.
 
-Sizes from FAN.md ("small_12" has 10 blocks and "large_16" 22: the names are historical).
+Sizes from docs/models.md ("small_12" has 10 blocks and "large_16" 22: the names are historical).
 `fan_test_p4_hybrid[_token]` is our tiny 64-px config for CPU tests; it is the architecture of
 tests/data/fan_mini_golden (so the golden weights load into it).
 """
@@ -59,7 +59,7 @@ def _pretrained_cfg(name: str, img_size: int) -> dict:
 
 def _create_fan(name: str, pretrained: bool, token_head: bool, **kwargs) -> FanHybrid:
     size = name.removesuffix("_token")
-    # timm's create_model always passes pretrained_cfg=None (API-NOTES §4): pop it, fill ours.
+    # timm's create_model always passes pretrained_cfg=None (docs/design.md "Library behaviour"): pop it, fill ours.
     cfg = kwargs.pop("pretrained_cfg", None) or _pretrained_cfg(name, FAN_SIZES[size].img_size)
     model_args = {**FAN_SIZES[size].model_args(), "token_head": token_head, **kwargs}
     return build_model_with_cfg(FanHybrid, name, pretrained, pretrained_cfg=cfg, **model_args)

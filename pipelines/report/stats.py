@@ -1,7 +1,7 @@
 """Token-label quality statistics as pure numpy functions (no I/O), used by `stl-labels report`.
 
 A stored token distribution is top-k log-probabilities plus one tail mass (everything outside the top-k),
-see DESIGN.md "Store layout". Where a number needs the probability of a class outside the top-k we
+see docs/design.md "Store layout". Where a number needs the probability of a class outside the top-k we
 spread the tail uniformly over the C − K missing classes, the same assumption the Gumbel sampler makes.
 """
 from __future__ import annotations
