@@ -237,37 +237,88 @@ def reduce_factor(params: Any, src_hw: tuple[int, int], spec: ViewSpec) -> int:
     k = floor(min(crop_w / out_w, crop_h / out_h)): the remaining bilinear warp then shrinks by less
     than 2, where it no longer aliases visibly. A pure function of the params, so every backend agrees.
     """
-    x0, y0, x1, y1 = crop_box(params)
-    _check_box((x0, y0, x1, y1), src_hw)
+    return int(view_geometry(_as_params(params)[None], src_hw, spec).factors[0])
+
+
+def _affines(rows: list[list[Any]]) -> np.ndarray:
+    """Stack per-view 2×3 rows [[a, b, c], [d, e, f]] (entries scalars or (N,) arrays) into (N, 3, 3)."""
+    a = np.stack([np.stack(np.broadcast_arrays(*r), -1) for r in rows], -2)  # (N, 2, 3)
+    bottom = np.broadcast_to(np.array([0.0, 0.0, 1.0]), (*a.shape[:-2], 1, 3))
+    return np.concatenate([a, bottom], -2)
+
+
+def _matrices(p: np.ndarray, spec: ViewSpec, k: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) output → reduced-crop matrices for params (N, P) float64 and reduce factors k (N,)."""
     out_h, out_w = spec.size
-    return max(1, int(math.floor(min((x1 - x0) / out_w, (y1 - y0) / out_h))))
+    cx, cy = out_w / 2.0, out_h / 2.0
+    one, zero = np.ones(p.shape[0]), np.zeros(p.shape[0])
+    # Each op's matrix maps its output coords to its input coords; a chain applied as op1 then op2
+    # maps output → source by A1 @ A2. Chain: reduce ∘ crop-resize ∘ flip ∘ rotate ∘ shear ∘ translate.
+    to_reduced = _affines([[1.0 / k, zero, zero], [zero, 1.0 / k, zero]])
+    crop_resize = _affines([[p[:, 2] / out_w, zero, zero], [zero, p[:, 3] / out_h, zero]])  # crop-local coords
+    mirrored = p[:, _IDX["flip"]] >= 0.5
+    flip = _affines([[np.where(mirrored, -1.0, 1.0), zero, np.where(mirrored, float(out_w), 0.0)], [zero, one, zero]])
+    a = -np.radians(p[:, _IDX["rotate"]])  # Pillow's Image.rotate: counter-clockwise about the centre
+    ca, sa = np.cos(a), np.sin(a)
+    rotate = _affines([[ca, sa, cx - ca * cx - sa * cy], [-sa, ca, cy + sa * cx - ca * cy]])
+    shear_x = _affines([[one, p[:, _IDX["shear_x"]], zero], [zero, one, zero]])
+    shear_y = _affines([[one, zero, zero], [p[:, _IDX["shear_y"]], one, zero]])
+    translate = _affines([[one, zero, p[:, _IDX["translate_x"]] * out_w],
+                          [zero, one, p[:, _IDX["translate_y"]] * out_h]])
+    return to_reduced @ crop_resize @ flip @ rotate @ shear_x @ shear_y @ translate
 
 
 def _matrix(p: np.ndarray, spec: ViewSpec, k: int) -> np.ndarray:
+    return _matrices(p[None], spec, np.array([float(k)]))[0]
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """The geometry of N views, as arrays over views (what a batched renderer needs).
+
+    boxes: (N, 4) int64 crop boxes (x0, y0, x1, y1) in the source; factors: (N,) int64 box-reduce
+    factors k; reduced_hw: (N, 2) int64 size of the reduced crop (ceil(h/k), ceil(w/k)); matrices:
+    (N, 2, 3) float64, output pixel → reduced-crop coords (Pillow's AFFINE `data`).
+    """
+
+    boxes: np.ndarray
+    factors: np.ndarray
+    reduced_hw: np.ndarray
+    matrices: np.ndarray
+
+
+def view_geometry(params: Any, src_hw: Any, spec: ViewSpec) -> ViewGeometry:
+    """`crop_box` + `reduce_factor` + `view_matrix` for params (N, P) and source sizes (N, 2) or (2,).
+
+    The single definition: the per-view functions are its N = 1 case, so the Pillow reference and
+    the batched torch renderer get bit-identical geometry.
+    """
+    p32 = np.asarray(params, dtype=np.float32)
+    if p32.ndim != 2 or p32.shape[1] != NUM_PARAMS:
+        raise ViewSpecError(f"view params must have shape (N, {NUM_PARAMS}) {PARAM_FIELDS}, got {p32.shape}")
+    finite = np.isfinite(p32).all(1)
+    if not finite.all():
+        raise ViewSpecError(f"view params contain NaN/inf in view(s) {np.flatnonzero(~finite)[:10].tolist()}")
+    p = p32.astype(np.float64)  # always from the float32 record as stored: writer and reader agree
+    hw = np.broadcast_to(np.asarray(src_hw, dtype=np.int64).reshape(-1, 2), (p.shape[0], 2))
+    xywh = np.round(p[:, 0:4]).astype(np.int64)  # half to even, as Python's round()
+    x0, y0 = xywh[:, 0], xywh[:, 1]
+    x1, y1 = x0 + xywh[:, 2], y0 + xywh[:, 3]
+    bad = ~((0 <= x0) & (x0 < x1) & (x1 <= hw[:, 1]) & (0 <= y0) & (y0 < y1) & (y1 <= hw[:, 0]))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ViewSpecError(f"crop box {(int(x0[i]), int(y0[i]), int(x1[i]), int(y1[i]))} does not fit in the "
+                            f"source image (h, w) = {(int(hw[i, 0]), int(hw[i, 1]))}")
     out_h, out_w = spec.size
-    cx, cy = out_w / 2.0, out_h / 2.0
-
-    def affine(a, b, c, d, e, f):
-        return np.array([[a, b, c], [d, e, f], [0.0, 0.0, 1.0]])
-
-    # Each op's matrix maps its output coords to its input coords; a chain applied as op1 then op2
-    # maps output → source by A1 @ A2. Chain: reduce ∘ crop-resize ∘ flip ∘ rotate ∘ shear ∘ translate.
-    to_reduced = affine(1.0 / k, 0, 0, 0, 1.0 / k, 0)
-    crop_resize = affine(p[2] / out_w, 0, 0, 0, p[3] / out_h, 0)  # crop-local coords
-    flip = affine(-1.0, 0, out_w, 0, 1.0, 0) if p[_IDX["flip"]] >= 0.5 else np.eye(3)
-    a = -math.radians(p[_IDX["rotate"]])  # Pillow's Image.rotate: counter-clockwise about the centre
-    ca, sa = math.cos(a), math.sin(a)
-    rotate = affine(ca, sa, cx - ca * cx - sa * cy, -sa, ca, cy + sa * cx - ca * cy)
-    shear_x = affine(1.0, p[_IDX["shear_x"]], 0, 0, 1.0, 0)
-    shear_y = affine(1.0, 0, 0, p[_IDX["shear_y"]], 1.0, 0)
-    translate = affine(1.0, 0, p[_IDX["translate_x"]] * out_w, 0, 1.0, p[_IDX["translate_y"]] * out_h)
-    return to_reduced @ crop_resize @ flip @ rotate @ shear_x @ shear_y @ translate
+    k = np.maximum(1, np.floor(np.minimum((x1 - x0) / out_w, (y1 - y0) / out_h))).astype(np.int64)
+    reduced_hw = np.stack([-(-(y1 - y0) // k), -(-(x1 - x0) // k)], 1)
+    matrices = _matrices(p, spec, k.astype(np.float64))[:, :2].copy()
+    return ViewGeometry(np.stack([x0, y0, x1, y1], 1), k, reduced_hw, matrices)
 
 
 def view_matrix(params: Any, src_hw: tuple[int, int], spec: ViewSpec) -> np.ndarray:
     """(2, 3) float64: output pixel coords → coords in the crop reduced by `reduce_factor` (Pillow `data`)."""
-    k = reduce_factor(params, src_hw, spec)
-    return _matrix(_as_params(params), spec, k)[:2].copy()
+    return view_geometry(_as_params(params)[None], src_hw, spec).matrices[0]
 
 
 def view_param_faults(params: np.ndarray, image_hw: np.ndarray, spec: ViewSpec) -> dict[str, np.ndarray]:
