@@ -79,7 +79,7 @@ def teacher_logits(cfg: StoreBenchConfig, echo: Callable[[str], None]) -> tuple[
             batch.append(render(img, params, spec))
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
         with torch.no_grad():
-            c, t = model(x)
+            c, t = model.forward_tokens(x)
         toks.append(t.float().numpy())
         clss.append(c.float().numpy())
     grid = token_grid(model, size)

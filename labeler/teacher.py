@@ -31,7 +31,7 @@ def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 class Teacher:
     """Frozen token-labeler in eval mode: uint8 views (N, h, w, 3) → (tokens, cls) `EncodedLogits`.
 
-    `model(x)` must return `(cls_logits (N, C), token_logits (N, T, C))` (labeler.models contract).
+    `model.forward_tokens(x)` must return `(cls_logits (N, C), token_logits (N, T, C))` (labeler.models contract).
     BatchNorm lives inside FAN blocks, so eval mode is not optional.
     """
 
@@ -53,7 +53,7 @@ class Teacher:
             raise ValueError(f"mean/std must be 3 values with std > 0, got mean={mean} std={std}")
         self.device = torch.device(device)
         self.model = model.eval().requires_grad_(False).to(self.device)
-        self.forward_fn = torch.compile(self.model) if compile else self.model
+        self.forward_fn = torch.compile(self.model.forward_tokens) if compile else self.model.forward_tokens
         self.topk = int(topk)
         self.amp = amp
         # Normalise in 0..255 units so uint8 views go straight in: (x/255 − mean)/std.

@@ -6,7 +6,7 @@ import torch
 
 from timm.optim import create_optimizer_v2
 
-from labeler.models import FanHybrid, FanSize, create_token_model, token_grid
+from labeler.models import FanHybrid, FanSize, TokenForward, create_token_model, token_grid
 
 NAME = "fan_test_p4_hybrid_token"
 
@@ -21,7 +21,7 @@ def model():
 def test_output_shapes_follow_the_grid(model, hw, grid):
     assert token_grid(model, hw) == grid
     with torch.no_grad():
-        cls_logits, token_logits = model(torch.randn(2, 3, *hw))
+        cls_logits, token_logits = model.forward_tokens(torch.randn(2, 3, *hw))
     assert cls_logits.shape == (2, 10) and token_logits.shape == (2, grid[0] * grid[1], 10)
 
 
@@ -40,14 +40,16 @@ def test_tokens_are_row_major(model):
     y = x.clone()
     y[..., 0:16, 48:64] += 3.0
     with torch.no_grad():
-        delta = (model(x)[1] - model(y)[1]).abs().sum(-1)[0]
+        delta = (model.forward_tokens(x)[1] - model.forward_tokens(y)[1]).abs().sum(-1)[0]
     assert delta.argmax().item() == 0 * 8 + 3
 
 
 def test_plain_twin_returns_class_logits_only():
     m = timm.create_model("fan_test_p4_hybrid", num_classes=5).eval()
     out = m(torch.randn(1, 3, 64, 64))
-    assert isinstance(out, torch.Tensor) and out.shape == (1, 5) and not hasattr(m, "aux_head")
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 5) and m.aux_head is None
+    with pytest.raises(TypeError, match="_token"):
+        m.forward_tokens(torch.randn(1, 3, 64, 64))
 
 
 def test_timm_create_model_passes_arguments():
@@ -59,7 +61,7 @@ def test_timm_create_model_passes_arguments():
 
 def test_reset_classifier_resets_both_heads(model):
     model.reset_classifier(3)
-    cls_logits, token_logits = model(torch.randn(1, 3, 64, 64))
+    cls_logits, token_logits = model.forward_tokens(torch.randn(1, 3, 64, 64))
     assert cls_logits.shape == (1, 3) and token_logits.shape == (1, 16, 3) and model.num_classes == 3
 
 
@@ -76,7 +78,7 @@ def test_train_step_with_drop_path_updates_every_parameter():
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
     before = {k: v.clone() for k, v in m.named_parameters()}
-    cls_logits, token_logits = m(x)
+    cls_logits, token_logits = m.forward_tokens(x)
     loss = torch.nn.functional.cross_entropy(cls_logits, y) + \
         torch.nn.functional.cross_entropy(token_logits.flatten(0, 1), y.repeat_interleave(16))
     loss.backward()
@@ -90,9 +92,9 @@ def test_drop_path_is_random_in_train_and_off_in_eval():
     m = create_token_model(NAME, num_classes=10, drop_path_rate=0.5).train()
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
-        assert not torch.equal(m(x)[1], m(x)[1])
+        assert not torch.equal(m.forward_tokens(x)[1], m.forward_tokens(x)[1])
         m.eval()
-        assert torch.equal(m(x)[1], m(x)[1])
+        assert torch.equal(m.forward_tokens(x)[1], m.forward_tokens(x)[1])
 
 
 def test_train_mode_updates_batchnorm_statistics(model):
@@ -105,12 +107,12 @@ def test_train_mode_updates_batchnorm_statistics(model):
 def test_gradient_checkpointing_gives_same_outputs_and_grads(model):
     x = torch.randn(2, 3, 64, 64)
     model.train()
-    out = model(x)
+    out = model.forward_tokens(x)
     (out[0].sum() + out[1].sum()).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
     model.set_grad_checkpointing(True)
-    out2 = model(x)
+    out2 = model.forward_tokens(x)
     (out2[0].sum() + out2[1].sum()).backward()
     torch.testing.assert_close(out2[0], out[0])
     for k, p in model.named_parameters():
@@ -120,9 +122,9 @@ def test_gradient_checkpointing_gives_same_outputs_and_grads(model):
 def test_channels_last_matches_contiguous(model):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ref = model(x)
+        ref = model.forward_tokens(x)
         model.to(memory_format=torch.channels_last)
-        out = model(x.contiguous(memory_format=torch.channels_last))
+        out = model.forward_tokens(x.contiguous(memory_format=torch.channels_last))
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
@@ -131,9 +133,9 @@ def test_channels_last_matches_contiguous(model):
 def test_autocast_runs_and_stays_close(model, dtype):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ref = model(x)
+        ref = model.forward_tokens(x)
         with torch.autocast("cpu", dtype=dtype):
-            out = model(x)
+            out = model.forward_tokens(x)
     for a, b in zip(out, ref):
         assert torch.isfinite(a).all()
         assert (a.float() - b).abs().max() < 0.25  # half-precision logits stay near float32
@@ -143,16 +145,19 @@ def test_autocast_runs_and_stays_close(model, dtype):
 @pytest.mark.timeout(600)
 def test_torch_compile_smoke(model):
     try:
-        compiled = torch.compile(model)
+        compiled = torch.compile(TokenForward(model))  # as the trainer compiles it
         with torch.no_grad():
             out = compiled(torch.randn(1, 3, 64, 64))
+            compiled_cls = torch.compile(model)(torch.zeros(1, 3, 64, 64))  # timm's forward: class logits
     except Exception as e:  # no C++ compiler / unsupported platform
         pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     with torch.no_grad():
-        ref = model(torch.zeros(1, 3, 64, 64))
+        ref = model.forward_tokens(torch.zeros(1, 3, 64, 64))
         got = compiled(torch.zeros(1, 3, 64, 64))
+        ref_cls = model(torch.zeros(1, 3, 64, 64))
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled_cls, ref_cls, atol=1e-4, rtol=1e-4)
     assert out[1].shape == (1, 16, 10) and token_grid(compiled, (64, 64)) == (4, 4)
 
 
@@ -176,7 +181,8 @@ def test_dynamo_traces_without_graph_breaks(model):
     """Fast check that torch.compile can capture the whole model (no C++ compiler needed)."""
     try:
         import torch._dynamo as dynamo
-        explanation = dynamo.explain(model)(torch.randn(1, 3, 64, 64))
+        explanations = [dynamo.explain(fn)(torch.randn(1, 3, 64, 64)) for fn in (model, model.forward_tokens)]
     except Exception as e:  # dynamo unsupported on this platform / Python
         pytest.skip(f"torch._dynamo unavailable here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    assert explanation.graph_break_count == 0, explanation.break_reasons
+    for explanation in explanations:
+        assert explanation.graph_break_count == 0, explanation.break_reasons

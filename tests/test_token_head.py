@@ -17,15 +17,15 @@ def test_vit_fresh_head_uses_patch_grid_not_sqrt():
     m = create_token_model("vit_tiny_patch16_224", num_classes=10, img_size=(48, 80), depth=1, reg_tokens=2).eval()
     assert isinstance(m, TokenHeadWrapper) and m.token_head_mode == "fresh"
     assert m.num_prefix_tokens == 3 and token_grid(m, (48, 80)) == (3, 5)
-    cls_logits, token_logits = m(torch.randn(2, 3, 48, 80))
+    cls_logits, token_logits = m.forward_tokens(torch.randn(2, 3, 48, 80))
     assert cls_logits.shape == (2, 10) and token_logits.shape == (2, 15, 10)
     feats = m.model.forward_features(torch.zeros(1, 3, 48, 80))
-    torch.testing.assert_close(m(torch.zeros(1, 3, 48, 80))[1], m.token_head(feats[:, 3:]))
+    torch.testing.assert_close(m.forward_tokens(torch.zeros(1, 3, 48, 80))[1], m.token_head(feats[:, 3:]))
 
 
 def test_vit_dynamic_size_and_fixed_size_error():
     m = create_token_model("vit_tiny_patch16_224", num_classes=4, dynamic_img_size=True, **{**TINY_VIT})
-    assert token_grid(m, (64, 96)) == (4, 6) and m(torch.randn(1, 3, 64, 96))[1].shape == (1, 24, 4)
+    assert token_grid(m, (64, 96)) == (4, 6) and m.forward_tokens(torch.randn(1, 3, 64, 96))[1].shape == (1, 24, 4)
     fixed = create_token_model("vit_tiny_patch16_224", num_classes=4, **TINY_VIT)
     with pytest.raises(ValueError, match="dynamic_img_size"):
         token_grid(fixed, (64, 96))
@@ -35,7 +35,7 @@ def test_vit_classifier_mode_shares_the_head():
     m = create_token_model("vit_tiny_patch16_224", num_classes=4, token_head="classifier", **TINY_VIT).eval()
     x = torch.randn(1, 3, 64, 64)
     feats = m.model.forward_features(x)
-    torch.testing.assert_close(m(x)[1], m.model.head(feats[:, 1:]))
+    torch.testing.assert_close(m.forward_tokens(x)[1], m.model.head(feats[:, 1:]))
     assert not hasattr(m, "token_head")
 
 
@@ -46,7 +46,7 @@ def test_convnext_cam_applies_the_classifier_at_every_position():
     assert [token_grid(m, hw) for hw in [(64, 64), (96, 160), (224, 224)]] == [(2, 2), (3, 5), (7, 7)]
     x = torch.randn(2, 3, 96, 160)
     with torch.no_grad():
-        cls_logits, token_logits = m(x)
+        cls_logits, token_logits = m.forward_tokens(x)
         feats = m.model.forward_features(x)  # (2, C, 3, 5)
         # token (row 1, col 4) is the classifier (head norm + fc) applied to that one position
         one = m.model.forward_head(feats[:, :, 1:2, 4:5])
@@ -57,7 +57,7 @@ def test_convnext_cam_applies_the_classifier_at_every_position():
 def test_convnext_fresh_head_for_students_trains():
     torch.manual_seed(0)
     m = create_token_model("convnext_atto", num_classes=6, token_head="fresh").train()
-    cls_logits, token_logits = m(torch.randn(2, 3, 64, 64))
+    cls_logits, token_logits = m.forward_tokens(torch.randn(2, 3, 64, 64))
     (cls_logits.sum() + token_logits.sum()).backward()
     assert m.token_head.weight.grad is not None and token_logits.shape == (2, 4, 6)
     # probing the grid must not disturb training state or statistics
@@ -75,7 +75,7 @@ def test_efficientnet_cam_tokens_average_to_class_logits():
     # global average pool then a linear classifier: the mean of per-position logits is the class logit
     m = create_token_model("tf_efficientnet_lite0", num_classes=8).eval()
     with torch.no_grad():
-        cls_logits, token_logits = m(torch.randn(1, 3, 96, 96))
+        cls_logits, token_logits = m.forward_tokens(torch.randn(1, 3, 96, 96))
     torch.testing.assert_close(token_logits.mean(1), cls_logits, atol=1e-4, rtol=1e-4)
 
 
@@ -101,7 +101,7 @@ def test_real_efficientnet_lite0_labels_a_cat():
     img = torch.tensor(np.asarray(skimage_data.chelsea())).permute(2, 0, 1)[None].float() / 255
     x = (F.interpolate(img, size=(224, 224), mode="bilinear", antialias=True) - 0.5) / 0.5
     with torch.no_grad():
-        cls_logits, token_logits = m(x)
+        cls_logits, token_logits = m.forward_tokens(x)
     assert 281 <= cls_logits.argmax().item() <= 285  # ImageNet cats
     assert token_logits.shape == (1, 49, 1000) and token_grid(m, (224, 224)) == (7, 7)
     # most positions of a close-up cat photo vote for a cat class
@@ -114,4 +114,4 @@ def test_channels_last_feature_maps_are_refused_not_misread():
     with pytest.raises(TypeError, match="NCHW"):
         token_grid(m, (224, 224))
     with pytest.raises(TypeError, match="NCHW"):
-        m(torch.randn(1, 3, 224, 224))
+        m.forward_tokens(torch.randn(1, 3, 224, 224))

@@ -24,7 +24,7 @@ from trainer.config import OptimConfig
 from trainer.data_config import DataConfig, TokenLabelConfig
 from trainer.distributed import resolve_device
 from trainer.loader import build_labeler_loader, build_student_loader
-from trainer.loop import amp_context, split_outputs
+from trainer.loop import amp_context
 from trainer.losses import student_loss
 from trainer.optim import create_optimizer
 from trainer.target_builder import TargetBuilder
@@ -145,11 +145,11 @@ def run_bench(s: BenchSettings) -> BenchFigures:
             images, cls_target, token_target = builder(batch, i)
             if teacher is not None:
                 with torch.no_grad(), amp_context(device, s.amp):
-                    _, teacher_tokens = split_outputs(teacher(images))
+                    _, teacher_tokens = teacher.forward_tokens(images)
                 token_target = token_targets(teacher_tokens.float(), None, None, num_classes=num_classes, cfg=tokens,
                                              src_grid=token_grid(teacher, hw), generator=gen)
             with amp_context(device, s.amp):
-                cls_logits, token_logits = split_outputs(model(images))
+                cls_logits, token_logits = model.forward_tokens(images)
             loss = student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0).total
             loss.backward()
             opt.step()

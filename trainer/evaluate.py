@@ -17,7 +17,7 @@ import torch
 from labeler.models import create_token_model, load_checkpoint
 from trainer.distributed import DistInfo, all_reduce_sum
 from trainer.loader import build_eval_loader
-from trainer.loop import amp_context, split_outputs
+from trainer.loop import amp_context
 from trainer.robustness import (
     CORRUPTIONS, corruption_accuracy, corruption_errors, mean_corruption_error, relative_mean_corruption_error,
     retention, subset_class_indices,
@@ -86,7 +86,7 @@ def count_correct(model: torch.nn.Module, batches: Iterable[dict], *, device: to
         images = normalize(batch["image"].to(device), mean, std)
         labels = batch["label"].to(device)
         with amp_context(device, amp):
-            cls_logits, token_logits = split_outputs(model(images))
+            cls_logits, token_logits = model.forward_tokens(images)
         token_mean = token_logits.float().mean(1) if token_logits is not None else None
         cls_logits = cls_logits.float()
         if cols is not None:

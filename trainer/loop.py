@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 
+from labeler.models import TokenForward
 from trainer.checkpoint import (
     EXPORT, LAST, StopRequest, TrainState, export_for_labeling, load_checkpoint_file, restore_checkpoint,
     save_checkpoint,
@@ -119,7 +120,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     scheduler.step_update(num_updates=state.global_update)
 
     # ---- phase 3: wrap for speed and for several processes --------------------------------------------
-    train_model = wrap_ddp(model, info)
+    train_model = wrap_ddp(TokenForward(model), info)  # forward = forward_tokens, so DDP/compile see both outputs
     if cfg.model.compile:
         train_model = torch.compile(train_model)
     if info.is_main:

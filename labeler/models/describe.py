@@ -32,10 +32,10 @@ def measure(name: str, hw: tuple[int, int], batch: int, repeats: int, num_classe
 
     def forward():
         with torch.no_grad():
-            model.eval()(x)
+            model.eval().forward_tokens(x)
 
     def train_step():
-        cls_logits, token_logits = model.train()(x)
+        cls_logits, token_logits = model.train().forward_tokens(x)
         (cls_logits.logsumexp(-1).mean() + token_logits.logsumexp(-1).mean()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

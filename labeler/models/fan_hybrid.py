@@ -4,15 +4,15 @@ Implemented from docs/models.md and tests/data/fan_mini_golden.md (clean-room; n
 checkpoints). Reused from timm: ConvNeXt stages and LayerNorm2d (standard biased-variance layer norm,
 the `stdln_*` decision in the golden), XCiT's Fourier positional encoding and CaiT/XCiT class-attention block.
 """
-from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, trunc_normal_
+from timm.models._features import feature_take_indices  # what timm's own ViTs use; not re-exported
 from timm.models.convnext import ConvNeXtStage
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 from torch.utils.checkpoint import checkpoint
@@ -75,7 +75,8 @@ def fan_grid(hw: Sequence[int]) -> tuple[int, int]:
 class FanHybrid(nn.Module):
     """FAN-Hybrid classifier; with `token_head=True` also a per-patch classifier (`aux_head`).
 
-    forward(x) -> cls logits (B, C), or (cls logits, token logits (B, gh*gw, C) row-major) for token models.
+    timm's contract: `forward(x)` returns class logits (B, C) for every model. Token models add
+    `forward_tokens(x) -> (cls logits (B, C), token logits (B, gh*gw, C) row-major)` (docs/models.md).
     """
 
     def __init__(
@@ -107,7 +108,8 @@ class FanHybrid(nn.Module):
         if img_size % FAN_HYBRID_STRIDE:
             raise ValueError(f"img_size {img_size} must be a multiple of {FAN_HYBRID_STRIDE}")
         self.num_classes = num_classes
-        self.num_features = self.embed_dim = embed_dim
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1  # the class token, prepended after the FAN blocks
         self.token_head = token_head
         self.grad_checkpointing = False
@@ -124,7 +126,8 @@ class FanHybrid(nn.Module):
             for _ in range(depth)
         ])
         # timm's XCiT class-attention block is the FAN one (checked against the golden outputs, 3e-6),
-        # including its residual that re-adds the normalised patch tokens after `norm2`.
+        # including its residual that re-adds the normalised patch tokens after `norm2`; its attention
+        # runs through F.scaled_dot_product_attention (timm's fused_attn).
         self.cls_attn_blocks = nn.ModuleList([
             ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
                                 attn_drop=attn_drop_rate, norm_layer=LayerNormEps6, eta=eta, tokens_norm=True)
@@ -133,9 +136,14 @@ class FanHybrid(nn.Module):
         self.norm = LayerNormEps6(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if token_head:
-            self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # None (not a module) on plain models, so TorchScript drops the token branch of forward_head.
+        self.aux_head = self._new_aux_head(num_classes) if token_head else None
+        self.feature_info = [dict(num_chs=embed_dim, reduction=FAN_HYBRID_STRIDE, module=f"blocks.{i}")
+                             for i in range(depth)]
         self._init_weights(head_init_scale)
+
+    def _new_aux_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # ---- init -------------------------------------------------------------------------------------------
     def _init_weights(self, head_init_scale: float) -> None:
@@ -153,7 +161,7 @@ class FanHybrid(nn.Module):
                     nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for head in (self.head, getattr(self, "aux_head", None)):
+        for head in (self.head, self.aux_head):
             if isinstance(head, nn.Linear):
                 head.weight.data.mul_(head_init_scale)
                 head.bias.data.mul_(head_init_scale)
@@ -181,46 +189,112 @@ class FanHybrid(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New class head(s) with `num_classes` outputs (both `head` and `aux_head` for token models)."""
-        if global_pool not in (None, "token"):
+        """New class head(s) with `num_classes` outputs (both `head` and `aux_head` for token models);
+        0 removes them, so forward returns the pooled class-token features (B, head_hidden_size)."""
+        if global_pool not in (None, "", "token"):
             raise ValueError(f"FAN-Hybrid supports only global_pool='token', got {global_pool!r}")
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if self.token_head:
-            self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            self.aux_head = self._new_aux_head(num_classes)
 
     def token_grid(self, hw: Sequence[int]) -> tuple[int, int]:
         """(gh, gw) of the token logits for an input of size hw = (h, w)."""
         return fan_grid(hw)
 
     # ---- forward ----------------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised tokens (B, 1 + gh*gw, D); index 0 is the class token."""
-        b = x.shape[0]
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         x, hw = self.patch_embed(x)
         pos = self.pos_embed(1, hw[0], hw[1]).flatten(2).transpose(1, 2)  # same for every image: broadcast
-        x = self.pos_drop(x + pos.to(x.dtype))
+        return self.pos_drop(x + pos.to(x.dtype)), hw
+
+    def _class_attention(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+            for blk in self.cls_attn_blocks:
+                x = blk(x)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised tokens (B, 1 + gh*gw, D); index 0 is the class token."""
+        x, hw = self._embed(x)
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, hw, use_reentrant=False)
             else:
                 x = blk(x, hw)
-        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
-        for blk in self.cls_attn_blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self._class_attention(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """FAN-block outputs (as timm's XCiT/CaiT): `indices` = last n blocks (int), listed blocks, or all.
+
+        Intermediates are patch tokens only (the class token joins after the FAN blocks), NCHW on the token
+        grid or NLC; `norm` applies the final norm to them. Returns (forward_features output, intermediates)
+        or only the intermediates.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        b = x.shape[0]
+        x, hw = self._embed(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, hw, use_reentrant=False)
+            else:
+                x = blk(x, hw)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(b, hw[0], hw[1], -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if intermediates_only:
+            return intermediates
+        return self._class_attention(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the FAN blocks after the last wanted intermediate (and the class stage / heads)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.cls_attn_blocks = nn.ModuleList()
+            self.cls_token = None
+            self.num_prefix_tokens = 0
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x[:, 0])
-        return x if pre_logits else self.head(x)
+        """Class logits from `forward_features` output; pre_logits gives the class token (B, D).
 
-    def forward_token_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-patch logits (B, gh*gw, C) from `forward_features` output."""
-        return self.aux_head(x[:, self.num_prefix_tokens:])
+        A token model's class score adds half the best per-patch score of `aux_head`, as timm's VOLO
+        (and token labelling) do; `forward_tokens` returns the two heads' logits separately.
+        """
+        cls = self.head_drop(x[:, 0])
+        if pre_logits:
+            return cls
+        out = self.head(cls)
+        if self.aux_head is not None and self.num_classes > 0:
+            out = out + 0.5 * self.aux_head(x[:, self.num_prefix_tokens:]).amax(dim=1)
+        return out
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(class-token logits `head` (B, C), per-patch logits `aux_head` (B, gh*gw, C) row-major)."""
+        aux_head = self.aux_head
+        if aux_head is None:
+            raise TypeError("forward_tokens needs a FAN `_token` model (with aux_head); this is a plain FAN")
         x = self.forward_features(x)
-        cls_logits = self.forward_head(x)
-        if not self.token_head:
-            return cls_logits
-        return cls_logits, self.forward_token_head(x)
+        return self.head(self.head_drop(x[:, 0])), aux_head(x[:, self.num_prefix_tokens:])

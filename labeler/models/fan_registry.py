@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from labeler.models.fan_hybrid import FAN_HYBRID_STRIDE, FanHybrid
 
@@ -49,20 +49,28 @@ FAN_SIZES: dict[str, FanSize] = {
 }
 
 
-def _pretrained_cfg(name: str, img_size: int) -> dict:
+def _cfg(img_size: int) -> dict:
     return dict(
         url="", num_classes=1000, input_size=(3, img_size, img_size), pool_size=None,
         crop_pct=1.0, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="patch_embed.backbone.stem.0", classifier="head", architecture=name,
+        first_conv="patch_embed.backbone.stem.0", classifier="head",
     )
 
 
+# timm reads `default_cfgs` of the registering module: each name gets its own pretrained_cfg (no weights
+# to download: `url` is empty; load released checkpoints with labeler.models.load_checkpoint).
+default_cfgs = generate_default_cfgs({
+    name + suffix: _cfg(size.img_size) for name, size in FAN_SIZES.items() for suffix in ("", "_token")
+})
+
+
 def _create_fan(name: str, pretrained: bool, token_head: bool, **kwargs) -> FanHybrid:
-    size = name.removesuffix("_token")
-    # timm's create_model always passes pretrained_cfg=None (docs/design.md "Library behaviour"): pop it, fill ours.
-    cfg = kwargs.pop("pretrained_cfg", None) or _pretrained_cfg(name, FAN_SIZES[size].img_size)
-    model_args = {**FAN_SIZES[size].model_args(), "token_head": token_head, **kwargs}
-    return build_model_with_cfg(FanHybrid, name, pretrained, pretrained_cfg=cfg, **model_args)
+    size = FAN_SIZES[name.removesuffix("_token")]
+    # features_only=True wraps the model in timm's getter over forward_intermediates (as for XCiT/CaiT).
+    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", size.depth)))
+    model_args = {**size.model_args(), "token_head": token_head, **kwargs}
+    return build_model_with_cfg(FanHybrid, name, pretrained,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **model_args)
 
 
 @register_model

@@ -1,4 +1,4 @@
-"""Turns any timm classifier into a token model: forward(x) -> (cls logits, per-patch logits).
+"""Turns any timm classifier into a token model: forward_tokens(x) -> (cls logits, per-patch logits).
 
 Two kinds of backbone:
 - token backbones (ViT/DeiT-style: `patch_embed` + `num_prefix_tokens`): patch tokens are the rows of
@@ -27,7 +27,11 @@ def _is_token_backbone(model: nn.Module) -> bool:
 
 
 class TokenHeadWrapper(nn.Module):
-    """Wraps a timm model (`self.model`) and adds per-patch logits, row-major over the token grid."""
+    """Wraps a timm model (`self.model`) and adds per-patch logits, row-major over the token grid.
+
+    forward(x) -> class logits (B, C), as the wrapped model (timm's contract);
+    forward_tokens(x) -> (class logits (B, C), token logits (B, gh*gw, C)), as FAN `_token` models.
+    """
 
     def __init__(self, model: nn.Module, token_head: str = "auto"):
         super().__init__()
@@ -97,7 +101,10 @@ class TokenHeadWrapper(nn.Module):
                             f"(B, {self.model.num_features}, H, W); only NCHW feature maps are supported")
 
     # ---- forward ----------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.model.forward_features(x)
         cls_logits = self.model.forward_head(feats)
         if self.is_token_backbone:

@@ -28,7 +28,7 @@ def token_predictions(model, images: np.ndarray, mean, std, grid: tuple[int, int
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = torch.as_tensor(images[i:i + batch_size]).permute(0, 3, 1, 2).float()
-            c, t = model((x - mean_t) / std_t)
+            c, t = model.forward_tokens((x - mean_t) / std_t)
             if t.shape[1] != grid[0] * grid[1]:
                 raise ValueError(f"model gave {t.shape[1]} tokens, expected grid {grid}")
             tok.append(t.argmax(-1).numpy())
