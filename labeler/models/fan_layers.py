@@ -78,7 +78,9 @@ class ConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         x = self.fc1(x)
-        x = x + self.drop(self.gamma * self.dwconv(x, hw))
+        # x + gamma * branch in one fused multiply-add (one pass over the 4d-wide activation, not two), in
+        # the activation's dtype: an fp32 gamma would upcast it under autocast, only for fc2 to cast it back.
+        x = torch.addcmul(x, self.gamma.to(x.dtype), self.drop(self.dwconv(x, hw)))
         return self.drop(self.fc2(x))
 
 
@@ -102,7 +104,9 @@ class ChannelProcessing(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def gate_and_value(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate (B, 1, C), value (B, N, C)); the output is gate * value. The gate is small, so callers fold
+        their own per-channel scale into it instead of making another pass over the value."""
         b, n, c = x.shape
         h = self.num_heads
         q = self.q(x).reshape(b, n, h, c // h).softmax(dim=1)
@@ -110,7 +114,11 @@ class ChannelProcessing(nn.Module):
         score = torch.einsum("bnhd,bnh->bhd", q, k)
         gate = torch.sigmoid(score) * self.temperature.reshape(1, h, 1)
         gate = self.attn_drop(gate).reshape(b, 1, c)
-        return gate * self.norm_v(self.mlp_v(x, hw))
+        return gate, self.norm_v(self.mlp_v(x, hw))
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        gate, value = self.gate_and_value(x, hw)
+        return gate * value
 
 
 class FanBlock(nn.Module):
@@ -129,5 +137,8 @@ class FanBlock(nn.Module):
         self.mlp = ChannelProcessing(dim, channel_heads, mlp_ratio, qkv_bias, attn_drop, drop)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
-        return x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), hw))
+        # Drop-path scales whole samples, so it commutes with the per-channel gammas and the gate: each
+        # residual is one fused multiply-add, and gamma2 folds into the (B, 1, C) gate, not the activation.
+        x = torch.addcmul(x, self.gamma1, self.drop_path(self.attn(self.norm1(x))))
+        gate, value = self.mlp.gate_and_value(self.norm2(x), hw)
+        return torch.addcmul(x, gate * self.gamma2, self.drop_path(value))
