@@ -10,6 +10,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +28,7 @@ from labelstore.verify import verify_store
 from pipelines.generate import GenerateSettings, labeler_spec_for, open_store, run_generate
 
 MODEL = "fan_test_p4_hybrid_token"
+REPO = Path(__file__).parents[1]
 
 
 def encode(img: Image.Image, fmt: str) -> bytes:
@@ -287,6 +291,26 @@ def test_interrupt_says_what_finished_and_that_a_rerun_resumes(ray_cluster, data
     out = CliRunner().invoke(app, ["generate", "--shards", paths[0], "--store", s.store, "--name", "fan_t",
                                    "--model", MODEL])
     assert out.exit_code == 130 and "finished and kept" in out.output and "Traceback" not in out.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_generate_drivers_on_one_fresh_store_label_each_shard_once(data, tmp_path):
+    root, _ = data
+    store = str(tmp_path / "labels.zarr")
+    args = [sys.executable, "-m", "pipelines.cli_labels", "generate", "--shards", str(root / "s-{000000..000002}.tar"),
+            "--store", store, "--name", "fan_t", "--model", MODEL, "--checkpoint", str(root / "teacher.pth"),
+            "--views", "3", "--topk", "4", "--batch-size", "8", "--amp", "none", "--set", "rows_per_chunk=8",
+            "--set", "decode_threads=1", "--set", "cpus_per_worker=1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=540)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    labelled = [int(m) for out in outs for m in re.findall(r"labelled (\d+) shards", out)]
+    assert sum(labelled) == 3, outs  # every shard exactly once between the two drivers
+    assert "Traceback" not in "".join(outs)
+    assert LabelStore.open(store).labeler("fan_t").missing_shards() == [] and verify_store(store) == []
 
 
 # --- in-process (no Ray): the work unit's error paths ---------------------------------------------
