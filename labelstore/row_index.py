@@ -26,13 +26,17 @@ class ShardRows:
     keys: dict  # str → absolute row
     valid: np.ndarray  # (num_samples,) bool, indexed by row − first_row
     labels: np.ndarray  # (num_samples,) int32 (−1: unknown)
+    fingerprints: np.ndarray | None = None  # (num_samples,) uint64 image_fingerprint, 0 = not recorded
+    image_hw: np.ndarray | None = None  # (num_samples, 2) int32
 
     @classmethod
     def from_columns(cls, shard_index: int, url: str, first_row: int, columns: dict) -> "ShardRows":
         """From `LabelStore.read_samples` of the shard's sample rows (empty keys: rows not written yet)."""
         return cls(shard_index=shard_index, url=url, first_row=first_row, num_samples=len(columns["key"]),
                    keys={str(k): first_row + j for j, k in enumerate(columns["key"]) if str(k) != ""},
-                   valid=np.asarray(columns["valid"], dtype=bool), labels=np.asarray(columns["label"]))
+                   valid=np.asarray(columns["valid"], dtype=bool), labels=np.asarray(columns["label"]),
+                   fingerprints=np.asarray(columns["fingerprint"], np.uint64) if "fingerprint" in columns else None,
+                   image_hw=np.asarray(columns["image_hw"]) if "image_hw" in columns else None)
 
     def row(self, key: str) -> int:
         try:
@@ -51,6 +55,17 @@ class ShardRows:
     def label(self, row: int) -> int:
         return int(self.labels[row - self.first_row])
 
+    def fingerprint(self, row: int) -> int:
+        """The stored `shard_format.image_fingerprint` of the row's image; 0 = none recorded (not checked)."""
+        return 0 if self.fingerprints is None else int(self.fingerprints[row - self.first_row])
+
+    def hw(self, row: int) -> tuple[int, int]:
+        """The stored (height, width) of the row's decoded image ((0, 0) for an invalid row)."""
+        if self.image_hw is None:
+            return (0, 0)
+        h, w = self.image_hw[row - self.first_row]
+        return int(h), int(w)
+
     @property
     def stop(self) -> int:
         """One past the shard's last sample row (padding rows after it are not samples)."""
@@ -63,14 +78,14 @@ def _parts(url: str) -> list[str]:
 
 
 def match_shard_names(urls: Sequence[str], names: Sequence[str], store_urls: Sequence[str] = (),
-                      missing_ok: bool = False) -> dict[str, int]:
+                      missing_ok: bool = False, by_file_name: bool = True) -> dict[str, int]:
     """Map each given shard URL to its index in the store's shard table, by shard name.
 
     A stored shard is known by its name (its path relative to the dataset root when it was registered,
     e.g. "train/shard-000001.tar"); a URL matches it when the URL's path ends with that name, whatever
     comes before (the same shards copied, mounted elsewhere, or given as relative paths). The stored
-    URL itself matches too. The longest matching name wins; failing that, the file name alone; a tie is
-    ambiguous. Anything unmatched is a
+    URL itself matches too. The longest matching name wins; failing that (with `by_file_name`), the file
+    name alone; a tie is ambiguous. Anything unmatched is a
     SchemaMismatch naming the shard (with `missing_ok`, left out of the result): those labels were made
     from another shard list.
     """
@@ -88,7 +103,7 @@ def match_shard_names(urls: Sequence[str], names: Sequence[str], store_urls: Seq
         parts = _parts(u)
         same_file = by_last.get(parts[-1] if parts else "", [])
         cands = [(len(p), i) for p, i in same_file if parts[-len(p):] == p]
-        if not cands:  # the directories differ too (e.g. flattened): the file name alone, when unique
+        if not cands and by_file_name:  # the directories differ too (e.g. flattened): the file name alone, if unique
             cands = [(1, i) for _, i in same_file]
         if not cands:
             missing.append(u)

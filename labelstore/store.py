@@ -274,12 +274,13 @@ class LabelStore:
             self._shards = None
         return out
 
-    def match_shards(self, urls: Iterable[str], missing_ok: bool = False) -> list[ShardInfo]:
-        """The registered shard of each url, matched by name (the same shards at any path or URL);
-        SchemaMismatch naming the shards that are not in the store (with `missing_ok`: None for those)
-        or that match ambiguously."""
+    def match_shards(self, urls: Iterable[str], missing_ok: bool = False, by_file_name: bool = True) -> list[ShardInfo]:
+        """The registered shard of each url, matched by name (the same shards at any path or URL; with
+        `by_file_name`, a unique file name also matches); SchemaMismatch naming the shards that are not in
+        the store (with `missing_ok`: None for those) or that match ambiguously."""
         urls = list(urls)
-        index = match_shard_names(urls, [s.identity for s in self.shards], [s.url for s in self.shards], missing_ok)
+        index = match_shard_names(urls, [s.identity for s in self.shards], [s.url for s in self.shards], missing_ok,
+                                  by_file_name)
         return [self.shards[index[u]] if u in index else None for u in urls]
 
     def _grow(self, num_rows: int, num_shards: int) -> None:

@@ -243,7 +243,8 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
     if not store.has_fingerprints:
         log(f"note: {store.path} is a schema {store.schema_version} store: its rows have no image fingerprints, "
             "so inputs are not checked against it")
-    matched = dict(zip(urls, store.match_shards(urls, missing_ok=True)))
+    # by the whole name only: a new shard that shares a file name with a labelled one is not that shard
+    matched = dict(zip(urls, store.match_shards(urls, missing_ok=True, by_file_name=False)))
     new_urls = [u for u in urls if matched[u] is None]
     moved = [u for u in urls if matched[u] is not None and matched[u].url != u]
     unreadable: dict[str, str] = {}

@@ -426,6 +426,8 @@ def test_generate_cli_rejects_bad_settings_before_work(data, tmp_path):
     glob = CliRunner().invoke(app, ["generate", "--shards", str(root / "s-*.tar"), "--store", str(tmp_path / "l.zarr"),
                                     "--name", "x", "--model", MODEL])
     assert glob.exit_code == 2 and "is a glob pattern" in glob.output and len(glob.output.strip().splitlines()) == 1
+    size = CliRunner().invoke(app, base + ["--model", MODEL, "--set", "input_size=64"])
+    assert size.exit_code == 2 and "input_size" in size.output and len(size.output.strip().splitlines()) == 1
     gone = CliRunner().invoke(app, ["generate", "--shards", str(root / "nope-{0..1}.tar"), "--store",
                                     str(tmp_path / "l.zarr"), "--name", "x", "--model", MODEL])
     assert gone.exit_code == 2 and "no shard of the list exists" in gone.output

@@ -109,6 +109,8 @@ def test_fingerprints_are_stored_and_changed_images_are_caught(store, tiny_label
     assert image_fingerprint(b"abc") == image_fingerprint(b"abc") != image_fingerprint(b"abd")
     assert image_fingerprint(b"") > 0
     assert store.read_samples(slice(16, 21))["fingerprint"].tolist() == [1001, 2001, 3001, 4001, 5001]
+    rows = L.LabelStore.open(store.path).row_index(["b.tar"]).shard_rows("b.tar")  # what the trainer joins by key
+    assert rows.fingerprint(rows.row(rows_key := next(iter(rows.keys)))) == 1001 and rows.hw(rows.keys[rows_key]) == (40, 50)
     lab = store.labeler("tiny")
     batch = fake_shard(store, tiny_labeler_spec, 1)
     few = np.array([1001, 2001, 3001, 4001, 77], np.uint64)  # one image changed: that row becomes invalid
@@ -137,6 +139,7 @@ def test_shards_are_known_by_name_wherever_they_are(tmp_path):
     assert [s.index for s in again] == [0] and len(st.shards) == 2
     got = st.match_shards(["train/s-0.tar", "s3://bucket/x/val/s-0.tar", "/data/set/train/s-0.tar"])
     assert [s.index for s in got] == [0, 1, 0]
+    assert st.match_shards(["/data/set/val2/s-0.tar"], missing_ok=True, by_file_name=False) == [None]  # generate
     with pytest.raises(L.SchemaMismatch, match="several shards"):
         st.match_shards(["/elsewhere/s-0.tar"])  # the file name alone is ambiguous here
     with pytest.raises(L.SchemaMismatch, match="not in the label store"):
