@@ -9,6 +9,7 @@ written in one `write_shard` call: a worker killed mid-shard leaves nothing behi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -28,7 +29,7 @@ from labeler.render_torch import render_views
 from labeler.teacher import Teacher
 from labelstore import (NUM_PARAMS, EncodedLogits, ImageDecodeError, LabelStore, ShardCapacityError, ShardConflict,
                         decode_image, draw_views, render)
-from labelstore.shard_format import ShardSample, iter_shard
+from labelstore.shard_format import ShardSample, image_fingerprint, iter_shard
 
 PHASES = ("read", "decode", "render", "forward", "topk", "write")  # timed phases of the work unit
 RENDER_BACKENDS = ("auto", "torch", "pillow")
@@ -174,8 +175,10 @@ class ShardLabeler:
         return _Prepared(sample, hw, params, views, None)
 
     # --- per shard --------------------------------------------------------------------------------
-    def __call__(self, shard_index: int) -> ShardOutcome:
+    def __call__(self, shard_index: int, url: str | None = None) -> ShardOutcome:
         shard = self.store.shard(shard_index)
+        if url:  # where the shard is now (the store knows shards by name; they may have moved since registration)
+            shard = dataclasses.replace(shard, url=url)
         start = time.perf_counter()
         before = dict(self.clock.seconds)
         try:
@@ -214,6 +217,7 @@ class ShardLabeler:
         spec, n, s = self.spec, shard.num_samples, self.spec.views
         keys, labels = [""] * n, np.full(n, -1, np.int32)
         image_hw, valid = np.zeros((n, 2), np.int32), np.zeros(n, bool)
+        fingerprints = np.zeros(n, np.uint64)  # of the encoded image bytes: inputs are checked against the store
         params = np.zeros((n, s, NUM_PARAMS), np.float32)
         out = _ResultBuffers(n, s, spec)
         errors: list[dict[str, str]] = []
@@ -235,6 +239,8 @@ class ShardLabeler:
                     key = f"{key}#duplicate-at-{pos}"
                 seen_keys.add(key)
                 keys[pos], labels[pos] = key, item.sample.label
+                if item.sample.image is not None:
+                    fingerprints[pos] = image_fingerprint(item.sample.image)
                 if item.error is not None:
                     errors.append({"key": key, "reason": item.error})
                 else:
@@ -255,7 +261,7 @@ class ShardLabeler:
         tokens, cls = out.encoded()
         t0 = time.perf_counter()
         self.labels.write_shard(shard.index, keys=keys, labels=labels, image_hw=image_hw, valid=valid, params=params,
-                                tokens=tokens, cls=cls, errors=errors)
+                                tokens=tokens, cls=cls, errors=errors, fingerprints=fingerprints)
         self.clock.seconds["write"] += time.perf_counter() - t0
         return len(errors), out.nbytes + params.nbytes
 

@@ -14,9 +14,9 @@ import numpy as np
 from zarr.core.sync import sync
 
 from .codec import EncodedLogits
-from .errors import InvalidLabels, ShardCapacityError, ShardConflict, StoreError
-from .schema import (CLS_DENSE, CLS_TOPK, DONE, ERRORS, PARAMS, TOKENS_DENSE, TOKENS_TOPK, LabelerSpec, ShardInfo,
-                     labeler_arrays)
+from .errors import InvalidLabels, ShardCapacityError, ShardConflict, StoreCorrupt, StoreError
+from .schema import (CLS_DENSE, CLS_TOPK, DONE, ERRORS, FINGERPRINT, PARAMS, TOKENS_DENSE, TOKENS_TOPK, LabelerSpec,
+                     ShardInfo, labeler_arrays)
 from .views import NUM_PARAMS
 
 
@@ -68,11 +68,18 @@ class LabelerStore:
     # -- writing -----------------------------------------------------------------------------------
     def write_shard(self, shard_index: int, *, keys: Iterable[str], labels: Any, image_hw: Any, valid: Any,
                     params: Any, tokens: EncodedLogits, cls: EncodedLogits,
-                    errors: Iterable[Mapping[str, str]] = ()) -> None:
-        """Write one whole shard: n = len(keys) <= the registered num_samples; `done` is set last."""
+                    errors: Iterable[Mapping[str, str]] = (), fingerprints: Any = None) -> None:
+        """Write one whole shard: n = len(keys) <= the registered num_samples; `done` is set last.
+
+        `fingerprints` (n,) uint64: `shard_format.image_fingerprint` of each row's encoded image (0 = none).
+        A class label outside [-1, num_classes) makes only its row invalid, with a reason naming the key.
+        """
         self.store._require_writable()
         info = self.store.shard(shard_index)
-        batch = _validate(self.spec, info, list(keys), labels, image_hw, valid, params, tokens, cls, list(errors))
+        keys = list(keys)
+        valid, errors = self._compare_inputs(info, keys, fingerprints, valid, list(errors))
+        batch = _validate(self.spec, info, list(keys), labels, image_hw, valid, params, tokens, cls, list(errors),
+                          fingerprints)
         self._check_conflict(info, batch["key"], int(shard_index))
 
         done = self.array(DONE)
@@ -81,6 +88,8 @@ class LabelerStore:
         rows = slice(info.first_row, info.end)
         samples = self.store.samples
         writes = [(samples[n], batch[n]) for n in ("key", "label", "image_hw", "valid")]
+        if samples.fingerprint is not None:
+            writes.append((samples.fingerprint, batch[FINGERPRINT]))
         writes += [(self.array(p), data) for p, data in batch["arrays"].items()]
         writes.append((self.array(ERRORS), batch["errors"]))
 
@@ -89,6 +98,33 @@ class LabelerStore:
         sync(write_all())
         done[int(shard_index)] = 1  # last, after every write above completed: now readers see the shard
         self.store._key_cache.pop(int(shard_index), None)
+
+    def _compare_inputs(self, info: ShardInfo, keys: list, fingerprints: Any, valid: Any,
+                        errors: list) -> tuple[Any, list]:
+        """Against the fingerprints already stored for this shard (another labeler, or an earlier run): when
+        most images differ the shards changed since labelling (ShardConflict); a few changed images become
+        invalid rows with a reason (the other labels in the store were made from the old images)."""
+        if fingerprints is None or self.store.samples.fingerprint is None:
+            return valid, errors
+        new = np.asarray(fingerprints, np.uint64)
+        if new.shape != (len(keys),):
+            return valid, errors  # _validate reports the shape
+        old = np.asarray(self.store.samples.fingerprint[info.first_row:info.first_row + len(keys)], np.uint64)
+        both = (old != 0) & (new != 0)
+        changed = both & (old != new)
+        if not changed.any():
+            return valid, errors
+        if 2 * int(changed.sum()) > int(both.sum()):
+            raise ShardConflict(
+                f"{self.store.path}: shard {info.index} ({info.identity}): {int(changed.sum())} of {int(both.sum())} "
+                f"images differ from those labelled before (fingerprints), e.g. key {keys[int(np.flatnonzero(changed)[0])]!r}: "
+                "the shards changed since labelling; label them into a new store")
+        valid = np.asarray(valid, bool) & ~changed
+        have = {e.get("key") for e in errors if isinstance(e, Mapping)}
+        errors = errors + [{"key": keys[i], "reason": f"image of key {keys[i]!r} changed since this shard was first "
+                                                      "labelled (fingerprint differs)"}
+                           for i in np.flatnonzero(changed) if keys[i] not in have]
+        return valid, errors
 
     def _check_conflict(self, info: ShardInfo, keys: np.ndarray, shard_index: int) -> None:
         stored = np.asarray(self.store.samples.key[info.first_row:info.end])
@@ -134,7 +170,35 @@ class LabelerStore:
                 at = np.flatnonzero(views == v)
                 for p, part in self._gather_reads((row_idx[at], int(v)), basic=False).items():
                     data[p][at] = part
+        self._check_complete(row_idx, data)
         return _assemble(self.spec, data)
+
+    def _check_complete(self, row_idx: np.ndarray, data: Mapping[str, np.ndarray]) -> None:
+        """A missing chunk reads back as the fill value, which written data never holds (NaN, or a class id
+        -1 on a valid row): raise StoreError naming the array, shard and rows instead of returning it."""
+        if self.store.schema_version < 2 or not len(row_idx):
+            return  # schema 1 fills with zeros: missing chunks are not detectable there
+        valid = None
+        for path, values in data.items():
+            flat = values.reshape(len(row_idx), -1)
+            if np.issubdtype(values.dtype, np.floating):
+                bad = np.isnan(flat).any(1)
+            else:
+                if valid is None:
+                    shard, valid = self.store.shard_of_rows(row_idx), np.zeros(len(row_idx), bool)
+                    for i in np.unique(shard):  # rows were checked to lie in done shards
+                        sr, at = self.store.shard_rows(int(i)), np.flatnonzero(shard == i)
+                        valid[at] = sr.valid[row_idx[at] - sr.first_row]
+                bad = (flat < 0).any(1) & valid
+            if bad.any():
+                self._raise_missing(path, row_idx[bad])
+
+    def _raise_missing(self, path: str, rows: np.ndarray, cause: str = "missing chunk (reads back as the fill value)"):
+        shards = np.unique(self.store.shard_of_rows(rows))
+        names = ", ".join(f"{int(i)} ({self.store.shard(int(i)).url})" for i in shards[:3] if i >= 0)
+        raise StoreCorrupt(f"{self.store.path}: labelers/{self.name}/{path}: {cause} at rows "
+                           f"{rows[:5].tolist()}{' ...' if len(rows) > 5 else ''} of shard {names}; "
+                           f"run `stl-labels verify {self.store.path} --repair`, then `stl-labels generate` again")
 
     def _gather_reads(self, selection: tuple, basic: bool) -> dict[str, np.ndarray]:
         """Read the same selection from every per-view array concurrently (one event-loop round trip
@@ -144,8 +208,16 @@ class LabelerStore:
 
         async def read_all() -> list:
             return await asyncio.gather(*(a.getitem(selection) if basic else a.get_orthogonal_selection(selection)
-                                          for a in arrays))
-        return {p: np.asarray(r) for p, r in zip(paths, sync(read_all()))}
+                                          for a in arrays), return_exceptions=True)
+        results = sync(read_all())
+        for p, r in zip(paths, results):
+            if isinstance(r, (ValueError, RuntimeError)):  # crc32c mismatch, truncated zstd chunk
+                rows = selection[0]
+                rows = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else np.asarray(rows)
+                self._raise_missing(p, rows, f"damaged chunk ({type(r).__name__}: {r})")
+            if isinstance(r, BaseException):
+                raise r
+        return {p: np.asarray(r) for p, r in zip(paths, results)}
 
     def _check_rows_done(self, row_idx: np.ndarray) -> None:
         if not len(row_idx):
@@ -184,7 +256,7 @@ def _assemble(spec: LabelerSpec, data: Mapping[str, np.ndarray]) -> dict[str, An
 
 
 def _validate(spec: LabelerSpec, info: ShardInfo, keys: list, labels: Any, image_hw: Any, valid: Any, params: Any,
-              tokens: EncodedLogits, cls: EncodedLogits, errors: list) -> dict[str, Any]:
+              tokens: EncodedLogits, cls: EncodedLogits, errors: list, fingerprints: Any = None) -> dict[str, Any]:
     """Check a shard write completely and return the padded arrays to store (nothing is written here)."""
     where = f"labeler {spec.name!r}, shard {info.index} ({info.url})"
 
@@ -212,8 +284,17 @@ def _validate(spec: LabelerSpec, info: ShardInfo, keys: list, labels: Any, image
 
     valid = arr(valid, "valid", (n,), "any").astype(bool)
     labels = arr(labels, "labels", (n,), "int").astype(np.int64)
-    if labels.size and (labels.min() < -1 or labels.max() >= spec.num_classes):
-        fail(f"labels must be in [-1, {spec.num_classes}), got range [{labels.min()}, {labels.max()}]")
+    out_of_range = (labels < -1) | (labels >= spec.num_classes)
+    if out_of_range.any():  # one bad `.cls` is that sample's problem, not the shard's
+        valid = valid & ~out_of_range
+        have_reason = {e.get("key") for e in errors if isinstance(e, Mapping)}
+        errors = errors + [{"key": keys[i], "reason": f"class label {int(labels[i])} of key {keys[i]!r} is outside "
+                                                      f"[0, {spec.num_classes})"}
+                           for i in np.flatnonzero(out_of_range) if keys[i] not in have_reason]
+        labels = np.where(out_of_range, -1, labels)
+    if fingerprints is None:
+        fingerprints = np.zeros(n, np.uint64)
+    fingerprints = arr(fingerprints, "fingerprints", (n,), "int").astype(np.uint64)
     image_hw = arr(image_hw, "image_hw", (n, 2), "int").astype(np.int64)
     if np.any(image_hw[valid] < 1):
         fail(f"valid row {keys[int(np.flatnonzero(valid & np.any(image_hw < 1, 1))[0])]!r} has a non-positive image_hw")
@@ -275,6 +356,7 @@ def _validate(spec: LabelerSpec, info: ShardInfo, keys: list, labels: Any, image
         "label": _pad(labels.astype(np.int32), alloc, -1),
         "image_hw": _pad(np.where(valid[:, None], image_hw, 0).astype(np.int32), alloc, 0),
         "valid": _pad(valid, alloc, False),
+        FINGERPRINT: _pad(fingerprints, alloc, 0),
         "arrays": arrays,
         "errors": reasons,
     }

@@ -17,7 +17,8 @@ from .errors import SchemaMismatch, StoreError, ViewSpecError
 from .views import NUM_PARAMS, ViewSpec
 
 FORMAT = "stl-labels"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: samples/fingerprint, fill values no valid data takes, shard names (docs/store-format.md)
+READABLE_SCHEMA_VERSIONS = (1, 2)  # schema 1 stores are read (no fingerprints, missing chunks read as zeros)
 DEFAULT_ROWS_PER_CHUNK = 256
 CHUNK_TARGET_BYTES = 1 << 20  # one view index for a block of rows ≈ 1 MiB (docs/design.md "Store layout")
 
@@ -30,6 +31,11 @@ CLS_DENSE = "cls/logits"
 ERRORS = "errors"  # (rows,) str: why a row is invalid ("" = fine)
 DONE = "done"  # (num_shards,) uint8, one chunk per shard, written last
 SAMPLE_ARRAYS = ("key", "label", "image_hw", "valid")
+FINGERPRINT = "fingerprint"  # samples/fingerprint (rows,) uint64: image_fingerprint of the encoded image, 0 = none
+# Fill values no written data takes, so a chunk file that is missing reads back as something detectable
+# (zarr reads a missing chunk as the fill value, silently; docs/store-format.md "Missing is never zero").
+LABEL_FILL = -2  # labels are in [-1, C)
+FLOAT_FILL = float("nan")  # logits, tail_lse and params are finite (invalid rows are written as 0)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -39,10 +45,13 @@ class ShardInfo:
     """One registered input shard: its rows are [first_row, first_row + num_samples)."""
 
     index: int
-    url: str
+    url: str  # where it was when registered (informational; the identity is `name`)
     first_row: int
     num_samples: int
     rows_per_chunk: int
+    name: str = ""  # path relative to the dataset root at registration: the shard's identity ("" = url, schema 1)
+    first_key: str = ""
+    last_key: str = ""
 
     @property
     def stop(self) -> int:
@@ -57,8 +66,18 @@ class ShardInfo:
     def rows(self) -> slice:
         return slice(self.first_row, self.stop)
 
+    @property
+    def identity(self) -> str:
+        return self.name or self.url
+
     def to_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "first_row": self.first_row, "num_samples": self.num_samples}
+        return {"url": self.url, "first_row": self.first_row, "num_samples": self.num_samples, "name": self.name,
+                "first_key": self.first_key, "last_key": self.last_key}
+
+    @classmethod
+    def from_dict(cls, index: int, d: Mapping[str, Any], rows_per_chunk: int) -> "ShardInfo":
+        return cls(index, d["url"], int(d["first_row"]), int(d["num_samples"]), rows_per_chunk,
+                   str(d.get("name", "")), str(d.get("first_key", "")), str(d.get("last_key", "")))
 
 
 def _tuple(value: Any, n: int, kind: type, field: str) -> tuple:
@@ -186,13 +205,14 @@ def inner_chunk_rows(rows_per_chunk: int, bytes_per_row: int) -> int:
 def labeler_arrays(spec: LabelerSpec) -> dict[str, tuple[tuple[int, ...], np.dtype, Any]]:
     """Per-row shape tail (after rows, S), dtype and fill of every per-view array of a labeler."""
     t, k, c = spec.num_tokens, spec.topk, spec.num_classes
-    out: dict[str, tuple[tuple[int, ...], np.dtype, Any]] = {PARAMS: ((NUM_PARAMS,), np.dtype(np.float32), 0.0)}
+    nan = FLOAT_FILL
+    out: dict[str, tuple[tuple[int, ...], np.dtype, Any]] = {PARAMS: ((NUM_PARAMS,), np.dtype(np.float32), nan)}
     if spec.dense:
-        out[TOKENS_DENSE] = ((t, c), np.dtype(np.float16), 0.0)
-        out[CLS_DENSE] = ((c,), np.dtype(np.float16), 0.0)
+        out[TOKENS_DENSE] = ((t, c), np.dtype(np.float16), nan)
+        out[CLS_DENSE] = ((c,), np.dtype(np.float16), nan)
     else:
         for (lg, cl, tail), lead in ((TOKENS_TOPK, (t,)), (CLS_TOPK, ())):
-            out[lg] = (lead + (k,), np.dtype(np.float16), 0.0)
-            out[cl] = (lead + (k,), spec.class_dtype, -1)
-            out[tail] = (lead, np.dtype(np.float16), 0.0)
+            out[lg] = (lead + (k,), np.dtype(np.float16), nan)
+            out[cl] = (lead + (k,), spec.class_dtype, -1)  # -1 on a valid row = missing (valid ids are >= 0)
+            out[tail] = (lead, np.dtype(np.float16), nan)  # invalid rows and -inf tails are written, never NaN
     return out

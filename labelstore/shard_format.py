@@ -17,7 +17,9 @@ must keep agreeing with webdataset's, which the trainer's stream uses.
 """
 from __future__ import annotations
 
+import glob
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -96,6 +98,13 @@ def parse_label(fields: Mapping[str, object], key: str) -> tuple[int, str | None
     return -1, None
 
 
+def image_fingerprint(data: bytes) -> int:
+    """A row's input fingerprint: blake2b-64 of the encoded image bytes as an unsigned int, never 0 (0 means
+    "no fingerprint" in the store). Cheap next to decoding; a changed file under the same key shows up."""
+    value = int.from_bytes(hashlib.blake2b(bytes(data), digest_size=8).digest(), "little")
+    return value or 1
+
+
 # --- shard lists -----------------------------------------------------------------------------------
 
 def _expand_one(pattern: str) -> list[str]:
@@ -114,6 +123,10 @@ def _expand_one(pattern: str) -> list[str]:
 def expand_shard_urls(patterns: str | Sequence[str]) -> list[str]:
     """Brace patterns → URLs, in order, duplicates removed; ValueError naming the patterns if none results."""
     items = [patterns] if isinstance(patterns, str) else list(patterns)
+    for item in items:
+        if glob.has_magic(str(item)) and "://" not in str(item) and not str(item).startswith("pipe:"):
+            raise ValueError(f"shard list {str(item)!r} is a glob pattern; shard lists are brace patterns, e.g. "
+                             "'data/train-{000000..000009}.tar' (or list the files)")
     urls = list(dict.fromkeys(u for item in items for u in _expand_one(str(item)) if u))
     if not urls:
         raise ValueError(f"shard list {patterns!r} names no shard")
@@ -265,6 +278,14 @@ def iter_shard(url: str, read_data: bool = True) -> Iterator[ShardSample]:
         raise ShardReadError(url, f"cannot open ({type(e).__name__}: {e})") from e
     with raw:
         yield from group_samples(iter_tar_members(raw, url, read_data=read_data))
+
+
+def shard_identity(url: str) -> tuple[int, str, str]:
+    """(number of samples, first key, last key) of a shard; the whole archive is checked like `count_samples`."""
+    n, first, last = 0, "", ""
+    for sample in iter_shard(url, read_data=False):
+        first, last, n = first or sample.key, sample.key, n + 1
+    return n, first, last
 
 
 def count_samples(url: str) -> int:

@@ -1,13 +1,15 @@
 """`LabelStore`: one Zarr v3 store, a shared `samples/` index and any number of `labelers/<name>/`.
 
 Handles are lazy and picklable (only the path and mode travel), so DataLoader workers and Ray actors
-each open their own. Opened read-only by default. Shard registration rewrites group metadata and must
-come from one process (the job driver); shard writes may run in parallel, one writer per shard.
+each open their own. Opened read-only by default. Creation, shard registration and labeler creation
+rewrite group metadata: they run under the store lock (labelstore/store_lock.py), so several drivers
+may start on one store at once; shard writes may run in parallel, one writer per shard.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import warnings
 from importlib.metadata import version
 from dataclasses import dataclass
@@ -15,15 +17,18 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import SchemaMismatch, ShardConflict, StoreCorrupt, StoreError
 from .labeler_store import LabelerStore
-from .row_index import RowIndex, ShardRows
-from .schema import (DEFAULT_ROWS_PER_CHUNK, DONE, ERRORS, FORMAT, SCHEMA_VERSION, LabelerSpec, ShardInfo,
-                     inner_chunk_rows, labeler_arrays, spec_diff)
+from .row_index import RowIndex, ShardRows, match_shard_names
+from .schema import (DEFAULT_ROWS_PER_CHUNK, DONE, ERRORS, FINGERPRINT, FORMAT, LABEL_FILL, READABLE_SCHEMA_VERSIONS,
+                     SCHEMA_VERSION, LabelerSpec, ShardInfo, inner_chunk_rows, labeler_arrays, spec_diff)
+from .store_lock import store_lock
 
 DATA_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+# Blosc checks no data; a crc32c per chunk turns a damaged chunk into an error instead of wrong numbers.
+DATA_CODECS = (DATA_COMPRESSOR, Crc32cCodec())
 _CACHED_SHARD_ROWS = 16  # a streaming reader needs one shard at a time (two while it moves on)
 
 
@@ -36,12 +41,14 @@ def _tool_version() -> str:
 
 @dataclass(frozen=True)
 class SampleArrays:
-    """The shared per-row sample index (zarr arrays): key (str), label (int32, -1 unknown), image_hw, valid."""
+    """The shared per-row sample index (zarr arrays): key (str), label (int32, -1 unknown), image_hw, valid,
+    fingerprint (uint64 image_fingerprint, 0 = none; None in a schema 1 store)."""
 
     key: Any
     label: Any
     image_hw: Any
     valid: Any
+    fingerprint: Any = None
 
     def __getitem__(self, name: str) -> Any:
         return getattr(self, name)
@@ -69,8 +76,13 @@ class LabelStore:
             raise StoreError(f"store seed must be an int >= 0, got {seed!r}")
         if isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, (int, np.integer)) or rows_per_chunk < 1:
             raise StoreError(f"rows_per_chunk must be an int >= 1, got {rows_per_chunk!r}")
+        with store_lock(str(path), create_dir=True):  # a second driver starting now waits, then opens it
+            return cls._create_locked(str(path), int(seed), int(rows_per_chunk), exist_ok)
+
+    @classmethod
+    def _create_locked(cls, path: str, seed: int, rows_per_chunk: int, exist_ok: bool) -> "LabelStore":
         try:
-            root = zarr.open_group(str(path), mode="w-")
+            root = zarr.create_group(str(path), overwrite=False)  # "w-" would refuse the directory holding the lock
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as e:
             if not exist_ok:
                 raise StoreError(f"{path}: a store already exists (open it, or pass exist_ok=True)") from e
@@ -80,19 +92,21 @@ class LabelStore:
             if diff:
                 raise SchemaMismatch(f"{path}: existing store differs:\n" + "\n".join(diff))
             return store
-        root.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION, "seed": int(seed),
-                           "rows_per_chunk": int(rows_per_chunk), "tool_version": _tool_version(),
-                           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        # attrs last (below): a half-created store fails `open` with "not a label store", never a KeyError
         samples = root.create_group("samples")
         samples.attrs["shards"] = []
         rpc = int(rows_per_chunk)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # zarr flags variable-length strings as not yet in the v3 spec
             samples.create_array("key", shape=(0,), chunks=(rpc,), dtype=str)
-        samples.create_array("label", shape=(0,), chunks=(rpc,), dtype="int32", fill_value=-1)
+        samples.create_array("label", shape=(0,), chunks=(rpc,), dtype="int32", fill_value=LABEL_FILL)
         samples.create_array("image_hw", shape=(0, 2), chunks=(rpc, 2), dtype="int32", fill_value=0)
         samples.create_array("valid", shape=(0,), chunks=(rpc,), dtype="bool", fill_value=False)
+        samples.create_array(FINGERPRINT, shape=(0,), chunks=(rpc,), dtype="uint64", fill_value=0)
         root.create_group("labelers")
+        root.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION, "seed": int(seed),
+                           "rows_per_chunk": int(rows_per_chunk), "tool_version": _tool_version(),
+                           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         return cls(str(path), "r+")
 
     @classmethod
@@ -120,9 +134,13 @@ class LabelStore:
             attrs = dict(root.attrs)
             if attrs.get("format") != FORMAT:
                 raise StoreError(f"{self.path}: not a label store (attrs format={attrs.get('format')!r}, expected {FORMAT!r})")
-            if attrs.get("schema_version") != SCHEMA_VERSION:
-                raise SchemaMismatch(f"{self.path}: schema_version {attrs.get('schema_version')!r} != "
-                                     f"{SCHEMA_VERSION} understood by this code")
+            if attrs.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+                raise SchemaMismatch(f"{self.path}: schema_version {attrs.get('schema_version')!r} is not one this "
+                                     f"code reads ({', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
+            if self.mode == "r+" and attrs.get("schema_version") != SCHEMA_VERSION:
+                raise SchemaMismatch(f"{self.path}: schema_version {attrs.get('schema_version')} store (no image "
+                                     f"fingerprints, missing chunks undetectable) can be read but not written by this "
+                                     f"code (schema {SCHEMA_VERSION}): label into a new store")
             self._root = root
         return self._root
 
@@ -141,6 +159,15 @@ class LabelStore:
         return dict(self._group().attrs)
 
     @property
+    def schema_version(self) -> int:
+        return int(self._group().attrs["schema_version"])
+
+    @property
+    def has_fingerprints(self) -> bool:
+        """False for a schema 1 store: its rows carry no image fingerprints, so inputs are not checked."""
+        return self.samples.fingerprint is not None
+
+    @property
     def seed(self) -> int:
         return int(self._group().attrs["seed"])
 
@@ -153,8 +180,7 @@ class LabelStore:
         if self._shards is None:
             rpc = self.rows_per_chunk
             raw = self._group()["samples"].attrs.get("shards", [])
-            self._shards = [ShardInfo(i, s["url"], int(s["first_row"]), int(s["num_samples"]), rpc)
-                            for i, s in enumerate(raw)]
+            self._shards = [ShardInfo.from_dict(i, s, rpc) for i, s in enumerate(raw)]
         return self._shards
 
     def shard(self, index: int) -> ShardInfo:
@@ -171,17 +197,27 @@ class LabelStore:
     def samples(self) -> SampleArrays:
         if self._samples is None:
             g = self._group()["samples"]
-            self._samples = SampleArrays(*(g[name] for name in ("key", "label", "image_hw", "valid")))
+            fingerprint = g[FINGERPRINT] if FINGERPRINT in g.array_keys() else None
+            self._samples = SampleArrays(*(g[name] for name in ("key", "label", "image_hw", "valid")), fingerprint)
         return self._samples
 
     def read_samples(self, rows: slice | np.ndarray) -> dict[str, np.ndarray]:
-        """key, label, image_hw, valid for a row slice or an int array of rows."""
+        """key, label, image_hw, valid and fingerprint (zeros in a schema 1 store) for a row slice or an int
+        array of rows. A damaged chunk raises StoreError naming the array and rows."""
         s = self.samples
-        if isinstance(rows, slice):
-            return {n: np.asarray(s[n][rows]) for n in ("key", "label", "image_hw", "valid")}
-        rows = np.asarray(rows, np.int64)
-        return {n: np.asarray(s[n].oindex[rows] if n != "image_hw" else s[n].oindex[rows, :])
-                for n in ("key", "label", "image_hw", "valid")}
+        names = ("key", "label", "image_hw", "valid") + ((FINGERPRINT,) if s.fingerprint is not None else ())
+        where = f"rows {rows.start}..{rows.stop}" if isinstance(rows, slice) else f"{len(rows)} rows"
+        try:
+            if isinstance(rows, slice):
+                out = {n: np.asarray(s[n][rows]) for n in names}
+            else:
+                rows = np.asarray(rows, np.int64)
+                out = {n: np.asarray(s[n].oindex[rows] if n != "image_hw" else s[n].oindex[rows, :]) for n in names}
+        except (ValueError, RuntimeError) as e:  # crc32c mismatch, truncated zstd: name what is damaged
+            raise StoreCorrupt(f"{self.path}: samples/ {where}: damaged chunk ({type(e).__name__}: {e})") from None
+        if s.fingerprint is None:
+            out[FINGERPRINT] = np.zeros(len(out["key"]), np.uint64)
+        return out
 
     def shard_of_rows(self, rows: np.ndarray) -> np.ndarray:
         """Shard index of each row (-1 for padding rows beyond a shard's samples)."""
@@ -195,25 +231,41 @@ class LabelStore:
         return np.where(ok, idx, -1)
 
     # -- shards ------------------------------------------------------------------------------------
-    def register_shards(self, items: Iterable[tuple[str, int]]) -> list[ShardInfo]:
-        """Register input shards in order; each starts on a write-unit boundary. Idempotent per url."""
+    def register_shards(self, items: Iterable[tuple], root: str | None = None) -> list[ShardInfo]:
+        """Register input shards in order; each starts on a write-unit boundary.
+
+        `items` are (url, num_samples) or (url, num_samples, first_key, last_key). A shard's identity is its
+        name: its path relative to `root` (the dataset root; None = the file name). Idempotent per name, so
+        the same shards at another path or URL are the same shards. Atomic under the store lock.
+        """
         self._require_writable()
-        self._shards = None
-        known = {s.url: s for s in self.shards}
+        with store_lock(self.path):
+            self.refresh()
+            return self._register_locked(list(items), root)
+
+    def _register_locked(self, items: list[tuple], root: str | None) -> list[ShardInfo]:
+        known = {s.identity: s for s in self.shards}
         raw = [s.to_dict() for s in self.shards]
         out, end, rpc = [], self.num_rows, self.rows_per_chunk
-        for url, num_samples in items:
+        for item in items:
+            url, num_samples = item[0], item[1]
+            first_key, last_key = (str(item[2]), str(item[3])) if len(item) >= 4 else ("", "")
             if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
                 raise StoreError(f"shard {url!r}: num_samples must be an int >= 1, got {num_samples!r}")
-            if url in known:
-                if known[url].num_samples != num_samples:
-                    raise ShardConflict(f"{self.path}: shard {url!r} is registered with {known[url].num_samples} "
-                                        f"samples, not {num_samples}")
-                out.append(known[url])
+            name = shard_name(str(url), root)
+            have = known.get(name)
+            if have is not None:
+                if have.num_samples != num_samples or (first_key and have.first_key and
+                                                      (have.first_key, have.last_key) != (first_key, last_key)):
+                    raise ShardConflict(
+                        f"{self.path}: shard {name!r} ({url}) is registered with {have.num_samples} samples, keys "
+                        f"{have.first_key!r}..{have.last_key!r}; this file has {num_samples} samples, keys "
+                        f"{first_key!r}..{last_key!r}: another file under the same name")
+                out.append(have)
                 continue
-            info = ShardInfo(len(raw), str(url), end, int(num_samples), rpc)
+            info = ShardInfo(len(raw), str(url), end, int(num_samples), rpc, name, first_key, last_key)
             raw.append(info.to_dict())
-            known[url], end = info, info.end
+            known[name], end = info, info.end
             out.append(info)
         if len(raw) != len(self.shards):
             self._grow(end, len(raw))
@@ -222,10 +274,20 @@ class LabelStore:
             self._shards = None
         return out
 
+    def match_shards(self, urls: Iterable[str], missing_ok: bool = False, by_file_name: bool = True) -> list[ShardInfo]:
+        """The registered shard of each url, matched by name (the same shards at any path or URL; with
+        `by_file_name`, a unique file name also matches); SchemaMismatch naming the shards that are not in
+        the store (with `missing_ok`: None for those) or that match ambiguously."""
+        urls = list(urls)
+        index = match_shard_names(urls, [s.identity for s in self.shards], [s.url for s in self.shards], missing_ok,
+                                  by_file_name)
+        return [self.shards[index[u]] if u in index else None for u in urls]
+
     def _grow(self, num_rows: int, num_shards: int) -> None:
         g = self._group()
-        for name in ("key", "label", "valid"):
-            g["samples"][name].resize((num_rows,))
+        for name in ("key", "label", "valid", FINGERPRINT):
+            if name in g["samples"].array_keys():
+                g["samples"][name].resize((num_rows,))
         g["samples"]["image_hw"].resize((num_rows, 2))
         for name in self.labelers():
             lg = g["labelers"][name]
@@ -284,19 +346,24 @@ class LabelStore:
         return lab
 
     def add_labeler(self, spec: LabelerSpec) -> "LabelerStore":
-        """Create labelers/<spec.name>/ (or open it after checking it matches `spec`)."""
+        """Create labelers/<spec.name>/ (or open it after checking it matches `spec`); under the store lock."""
         self._require_writable()
         if spec.seed is None:
             spec = dataclasses.replace(spec, seed=self.seed)
-        if spec.name in self.labelers():
-            return self.labeler(spec.name, expect=spec)
+        with store_lock(self.path):
+            self.refresh()
+            if spec.name in self.labelers():
+                return self.labeler(spec.name, expect=spec)
+            return self._add_labeler_locked(spec)
+
+    def _add_labeler_locked(self, spec: LabelerSpec) -> "LabelerStore":
         rpc, rows, num_shards = self.rows_per_chunk, self.num_rows, len(self.shards)
         g = self._group()["labelers"].create_group(spec.name)
         for path, (tail, dtype, fill) in labeler_arrays(spec).items():
             view_bytes = int(np.prod(tail)) * dtype.itemsize
             inner = inner_chunk_rows(rpc, view_bytes)
             g.create_array(path, shape=(rows, spec.views) + tail, dtype=dtype, fill_value=fill,
-                           chunks=(inner, 1) + tail, shards=(rpc, spec.views) + tail, compressors=DATA_COMPRESSOR)
+                           chunks=(inner, 1) + tail, shards=(rpc, spec.views) + tail, compressors=DATA_CODECS)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             g.create_array(ERRORS, shape=(rows,), chunks=(rpc,), dtype=str)
@@ -309,6 +376,17 @@ class LabelStore:
         if not attrs:
             raise StoreCorrupt(f"{self.path}: labelers/{name} has no spec attrs (creation was interrupted)")
         return LabelerSpec.from_dict(attrs)
+
+
+def shard_name(url: str, root: str | None) -> str:
+    """A shard's identity: its path relative to the dataset root (forward slashes), or its file name."""
+    path = url.split("://", 1)[-1] if "://" in url else url
+    if root:
+        root_path = root.split("://", 1)[-1] if "://" in root else root
+        rel = os.path.relpath(path, root_path) if not path.startswith("pipe:") else path
+        if not rel.startswith(".."):
+            return rel.replace(os.sep, "/")
+    return os.path.basename(path.rstrip("/"))
 
 
 def _walk_arrays(group: zarr.Group, prefix: str = "") -> list[tuple[str, Any]]:

@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 
 from labelstore import LabelStore, verify_store
+from labelstore.verify import repair_store
 from labelstore.schema import DONE, ERRORS
 
 
@@ -86,10 +87,19 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def verify_report(path: str, labeler: str | None = None) -> tuple[str, bool]:
-    """(text, ok): every problem on its own line, then a one-line verdict with shards still missing."""
-    problems = verify_store(path, labeler)
+def verify_report(path: str, labeler: str | None = None, repair: bool = False) -> tuple[str, bool]:
+    """(text, ok): every problem on its own line, then a one-line verdict with shards still missing.
+    With `repair`, damaged done shards are marked not done (and listed) so `generate` relabels them."""
+    cleared: dict[str, list[int]] = {}
+    if repair:
+        found, cleared = repair_store(path, labeler)
+        problems = [str(p) for p in found]
+    else:
+        problems = verify_store(path, labeler)
     lines = [f"PROBLEM {p}" for p in problems]
+    for name, shards in cleared.items():
+        lines.append(f"repaired labeler {name}: marked {len(shards)} damaged shard(s) not done ({', '.join(map(str, shards))}); "
+                     f"run `stl-labels generate` with the same settings to relabel exactly those")
     if not (problems and problems[0].startswith("cannot open store")):
         store = LabelStore.open(path, mode="r")
         for name in [labeler] if labeler in store.labelers() else ([] if labeler else store.labelers()):

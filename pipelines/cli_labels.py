@@ -5,6 +5,8 @@ heavy modules (torch, ray) inside the command, so `stl-labels --help` stays fast
 """
 from __future__ import annotations
 
+import signal
+
 import typer
 
 from pipelines.cli_errors import exit_2_on_user_error
@@ -47,11 +49,14 @@ def info_cmd(
 def verify_cmd(
     store: str = typer.Argument(..., help="Label store path (labels.zarr) or URL."),
     labeler: str = typer.Option(None, "--labeler", "-l", help="Check only this labeler."),
+    repair: bool = typer.Option(False, "--repair", help="Mark damaged shards not done, so the next generate relabels them."),
 ) -> None:
-    """Check shapes, done mask vs data, NaN/inf, class ids, view params and the sample index; exit 1 on any problem."""
+    """Check every chunk of every done shard (missing or damaged chunks, NaN/inf, class ids, view params) and the
+    sample index; exit 1 on any problem."""
     from labelstore.store_report import verify_report
 
-    text, ok = verify_report(store, labeler)
+    with exit_2_on_user_error():
+        text, ok = verify_report(store, labeler, repair=repair)
     typer.echo(text)
     if not ok:
         raise typer.Exit(1)
@@ -132,13 +137,25 @@ def generate_cmd(
              "batch_size": batch_size, "amp": amp, "compile": compile}
     with exit_2_on_user_error():  # SchemaMismatch prints its diff
         settings = load_config(GenerateSettings, config, sets or [], {k: v for k, v in flags.items() if v is not None})
-        result = run_with_progress(settings)
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop: the same clean exit as Ctrl-C
+        try:
+            result = run_with_progress(settings)
+        except KeyboardInterrupt as e:  # Ray was shut down on the way out; nothing finished is lost
+            typer.echo(str(e) if str(e) else "interrupted; run the same command again to resume "
+                       "(finished shards are kept)", err=True)
+            raise typer.Exit(130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     typer.echo(result.summary())
     for url, why in result.failed:
         typer.echo(f"failed: {url}: {why}", err=True)
     if not result.ok:
         typer.echo("some shards failed; fix them and run the same command again to retry only those", err=True)
         raise typer.Exit(1)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @app.command("shard")

@@ -3,24 +3,31 @@
 Order of work (nothing is written to the store before the settings and the shards check out):
  1. settings → LabelerSpec (arch, classes, grid from the model, mean/std, ViewSpec, S, K, checkpoint sha256);
  2. create the store, or open it and check seed and labeler spec (SchemaMismatch: a readable diff);
- 3. count the samples of shards not yet registered (every tar member is read, so a truncated shard is
-    reported now, with its URL) and register the readable ones;
- 4. skip shards already done (logged), label the rest on Ray (pipelines/ray_jobs.py), summarise.
+ 3. match the given shards to the store by name (path relative to the dataset root: moved shards match);
+    count the samples and first/last key of new and moved shards (every tar member is read, so a truncated
+    shard is reported now, with its URL), check moved ones are the same, register the new readable ones;
+ 4. skip shards already done (logged); label the rest on Ray (pipelines/ray_jobs.py), each claimed with a
+    lease first so a second driver on the same store takes other shards; summarise. Ctrl-C says what was
+    finished (`GenerateInterrupted`) after Ray shut down.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import posixpath
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
 from labeler.work_unit import FaultInjection, ShardOutcome, WorkerSettings
-from labelstore import LabelerSpec, LabelerStore, LabelStore, ViewSpec
+from labelstore import LabelerSpec, LabelerStore, LabelStore, SchemaMismatch, ViewSpec
+from labelstore.leases import DEFAULT_TTL_S, ShardLeases
 from labelstore.shard_format import absolute_url, expand_shard_urls
 from pipelines import ray_jobs
 
@@ -62,6 +69,7 @@ class GenerateSettings:
     render_backend: str = "auto"
     device: str = "auto"
     dump_views_dir: str | None = None
+    lease_seconds: float = DEFAULT_TTL_S  # a claimed shard's lease; renewed while labelling (concurrent drivers)
 
     def __post_init__(self) -> None:
         missing = [f for f in ("store", "name", "model") if not getattr(self, f)]
@@ -175,20 +183,73 @@ def run_with_progress(settings: GenerateSettings) -> GenerateResult:
         progress.stop()
 
 
+def dataset_root(urls: list[str]) -> str | None:
+    """The directory the shard names are taken relative to: the deepest directory common to every shard."""
+    dirs = [posixpath.dirname(u.split("://", 1)[-1]) for u in urls if not u.startswith("pipe:")]
+    if not dirs:
+        return None
+    try:
+        return os.path.commonpath(dirs) or None
+    except ValueError:  # mixed absolute and relative paths
+        return None
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if "://" in url or url.startswith("pipe:") else url
+
+
+@contextlib.contextmanager
+def heartbeat(leases: ShardLeases) -> Iterator[None]:
+    """Renew `leases` every ttl/3 while the body runs (a driver that dies stops renewing: its leases expire)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(leases.ttl_s / 3):
+            with contextlib.suppress(OSError):
+                leases.renew()
+    thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(OSError):
+            leases.release_all()
+
+
+class GenerateInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during labelling; the message says what was finished and how to resume."""
+
+
 def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
                  on_outcome: Callable[[ShardOutcome], None] | None = None,
                  on_start: Callable[[int, int], None] | None = None) -> GenerateResult:
     """Label all shards of `settings` that are not done yet; see the module docstring for the order."""
     start = time.perf_counter()
     fault = FaultInjection.from_env()
-    # Local paths are stored absolute: workers (other cwd, other nodes on a shared filesystem) open them as is.
-    urls = [absolute_url(u) for u in expand_shard_urls(settings.shards)]
+    # Local paths are made absolute for the workers (other cwd, other nodes on a shared filesystem); the
+    # store knows each shard by its name relative to the dataset root, so the same shards elsewhere match.
+    urls = [absolute_url(u) for u in expand_shard_urls(settings.shards)]  # a glob pattern fails here
+    local = [p for p in map(_local_path, urls) if p is not None]
+    if local and len(local) == len(urls) and not any(os.path.exists(p) for p in local):
+        shown = ", ".join(local[:2]) + (f" and {len(local) - 2} more" if len(local) > 2 else "")
+        raise ValueError(f"generate: no shard of the list exists ({shown}); nothing was created")
+    root = dataset_root(urls)
     spec = labeler_spec_for(settings)
     store, labels = open_store(settings, spec)
-    known = {s.url for s in store.shards}
-    new_urls = [u for u in urls if u not in known]
+    if not store.has_fingerprints:
+        log(f"note: {store.path} is a schema {store.schema_version} store: its rows have no image fingerprints, "
+            "so inputs are not checked against it")
+    # by the whole name only: a new shard that shares a file name with a labelled one is not that shard
+    matched = dict(zip(urls, store.match_shards(urls, missing_ok=True, by_file_name=False)))
+    new_urls = [u for u in urls if matched[u] is None]
+    moved = [u for u in urls if matched[u] is not None and matched[u].url != u]
     unreadable: dict[str, str] = {}
     outcomes: list[ShardOutcome] = []
+    leases = ShardLeases(labels, ttl_s=settings.lease_seconds)
     with contextlib.ExitStack() as ray_context:
         started: list[bool] = []
 
@@ -197,19 +258,27 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
                 ray_context.enter_context(ray_jobs.ray_session(settings.address))
                 started.append(True)
 
-        if new_urls:
+        if new_urls or moved:
             ensure_ray()
-            log(f"counting samples in {len(new_urls)} new shard(s)")
-            counts = ray_jobs.count_shards(new_urls)
-            unreadable = {u: c for u, c in counts.items() if isinstance(c, str)}
-            store.register_shards([(u, counts[u]) for u in new_urls if not isinstance(counts[u], str)])
+            log(f"reading {len(new_urls)} new and {len(moved)} moved shard(s)")
+            idents = ray_jobs.identify_shards(new_urls + moved)
+            unreadable = {u: c for u, c in idents.items() if isinstance(c, str)}
+            for u in moved:  # the same name must mean the same shard: count and first/last key agree
+                have, got = matched[u], idents[u]
+                if not isinstance(got, str) and (have.num_samples, have.first_key or got[1], have.last_key or got[2]) != got:
+                    raise SchemaMismatch(
+                        f"shard {u} has the name {have.identity!r} of a labelled shard but other contents "
+                        f"({got[0]} samples, keys {got[1]!r}..{got[2]!r}; labelled: {have.num_samples} samples, keys "
+                        f"{have.first_key!r}..{have.last_key!r}); label it into a new store")
+            registered = store.register_shards([(u, *idents[u]) for u in new_urls if not isinstance(idents[u], str)],
+                                               root=root)
+            matched.update(zip([u for u in new_urls if not isinstance(idents[u], str)], registered))
         for url, why in sorted(unreadable.items()):
             log(f"FAILED {url}: {why}")
-        wanted = set(urls)
         done = labels.done_mask()
-        selected = [s for s in store.shards if s.url in wanted]
-        skipped = [s.url for s in selected if done[s.index]]
-        todo = [(s.index, s.url) for s in selected if not done[s.index]]
+        selected = {info.index: u for u, info in matched.items() if info is not None and u not in unreadable}
+        skipped = [u for i, u in selected.items() if done[i]]
+        todo = [(i, u) for i, u in sorted(selected.items()) if not done[i]]
         if skipped:
             log(f"skipping {len(skipped)} shard(s) already done: {', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
         if todo:
@@ -221,14 +290,39 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
                 log(note)
             if on_start:
                 on_start(len(todo), spec.views)
-            outcomes = ray_jobs.label_shards(store.path, spec.name, worker_settings, todo, plan,
-                                             on_outcome=on_outcome or (lambda o: None), fault=fault)
+            finished: list[ShardOutcome] = []
+
+            def outcome_seen(o: ShardOutcome) -> None:
+                finished.append(o)
+                (on_outcome or (lambda _: None))(o)
+
+            claimed_elsewhere: list[str] = []
+
+            def claim(index: int) -> bool:
+                if leases.claim(index):
+                    return True
+                claimed_elsewhere.append(selected[index])
+                return False
+            try:
+                with heartbeat(leases):
+                    outcomes = ray_jobs.label_shards(store.path, spec.name, worker_settings, todo, plan,
+                                                     on_outcome=outcome_seen, fault=fault, claim=claim,
+                                                     release=leases.release)
+            except KeyboardInterrupt:
+                ok = sum(o.ok for o in finished)
+                total = int(labels.done_mask().sum())
+                raise GenerateInterrupted(
+                    f"interrupted: {ok} shard(s) finished and kept in this run ({total} of {len(store.shards)} done in "
+                    f"{store.path}); run the same command again to resume with the rest") from None
+            if claimed_elsewhere:
+                log(f"left {len(claimed_elsewhere)} shard(s) to another driver (claimed or finished there): "
+                    f"{', '.join(claimed_elsewhere[:5])}{' …' if len(claimed_elsewhere) > 5 else ''}")
             for o in outcomes:
                 if not o.ok:
                     log(f"FAILED {o.url}: {o.error}")
         elif not unreadable:
             log("nothing to do: every shard is already labelled")
-    urls_by_index = {s.index: s.url for s in store.shards}
+    urls_by_index = {s.index: selected.get(s.index, s.url) for s in store.shards}
     invalid = [{"url": urls_by_index[e["shard"]], "key": e["key"], "reason": e["reason"]}
                for e in labels.errors(shards=[o.shard_index for o in outcomes if o.ok])]
     return GenerateResult(outcomes, unreadable, skipped, time.perf_counter() - start, store=settings.store,

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import ray
 
 from labeler.work_unit import FaultInjection, ShardLabeler, ShardOutcome, WorkerSettings
-from labelstore.shard_format import ShardReadError, count_samples
+from labelstore.shard_format import ShardReadError, shard_identity
 
 WORKER_RESTARTS = 3  # per actor: process deaths survived (and in-flight shards retried)
 
@@ -88,18 +88,19 @@ def worker_settings_for(plan: ClusterPlan, settings: WorkerSettings) -> tuple[Wo
                     f"{plan.cpus_per_worker:g} CPUs, one decode thread per CPU)")
 
 
-def _count_one(url: str) -> tuple[str, int | None, str | None]:
+def _identify_one(url: str) -> tuple[str, tuple[int, str, str] | None, str | None]:
     try:
-        return url, count_samples(url), None
+        return url, shard_identity(url), None
     except ShardReadError as e:
         return url, None, str(e)
 
 
-def count_shards(urls: Sequence[str]) -> dict[str, int | str]:
-    """url → number of samples, or the error text; read in parallel on the cluster (one task per shard)."""
-    task = ray.remote(num_cpus=0.5, max_retries=2)(_count_one)
+def identify_shards(urls: Sequence[str]) -> dict[str, tuple[int, str, str] | str]:
+    """url → (number of samples, first key, last key), or the error text; read in parallel on the cluster
+    (one task per shard)."""
+    task = ray.remote(num_cpus=0.5, max_retries=2)(_identify_one)
     results = ray.get([task.remote(u) for u in urls])
-    return {url: (count if error is None else error) for url, count, error in results}
+    return {url: (ident if error is None else error) for url, ident, error in results}
 
 
 class _LabelActor:
@@ -108,8 +109,8 @@ class _LabelActor:
     def __init__(self, store_path: str, labeler_name: str, settings: WorkerSettings, fault: FaultInjection | None):
         self.labeler = ShardLabeler(store_path, labeler_name, settings, fault=fault)
 
-    def label(self, shard_index: int) -> ShardOutcome:
-        return self.labeler(shard_index)
+    def label(self, shard_index: int, url: str) -> ShardOutcome:
+        return self.labeler(shard_index, url)
 
 
 def _first_lines(error: Exception, limit: int = 800) -> str:
@@ -126,9 +127,13 @@ def label_shards(
     plan: ClusterPlan,
     on_outcome: Callable[[ShardOutcome], None] = lambda outcome: None,
     fault: FaultInjection | None = None,
+    claim: Callable[[int], bool] = lambda index: True,
+    release: Callable[[int], None] = lambda index: None,
 ) -> list[ShardOutcome]:
-    """Label `shards` [(shard index, url)] on `plan.num_workers` actors with `settings` as given (see
-    `worker_settings_for`); one outcome per shard."""
+    """Label `shards` [(shard index, url where it is now)] on `plan.num_workers` actors with `settings` as given
+    (see `worker_settings_for`); one outcome per shard labelled. A shard is dispatched only if `claim(index)`
+    (another driver may hold or have finished it: then it is left out), and `release(index)` follows its
+    outcome."""
     urls = dict(shards)
     actor_cls = ray.remote(_LabelActor).options(
         num_gpus=plan.gpus_per_worker, num_cpus=plan.cpus_per_worker,
@@ -140,8 +145,11 @@ def label_shards(
     try:
         while todo or in_flight:
             while todo and idle:
-                actor, index = idle.pop(), todo.popleft()
-                in_flight[actor.label.remote(index)] = (index, actor)
+                index = todo.popleft()
+                if not claim(index):
+                    continue
+                actor = idle.pop()
+                in_flight[actor.label.remote(index, urls[index])] = (index, actor)
             if not in_flight:  # every actor is gone: the rest cannot run
                 for index in todo:
                     outcomes.append(ShardOutcome(index, urls[index], ok=False, error="no live workers left"))
@@ -157,6 +165,7 @@ def label_shards(
             except ray.exceptions.RayError as e:
                 outcome = ShardOutcome(index, urls[index], ok=False, error=f"{type(e).__name__}: {_first_lines(e)}")
                 idle.append(actor)
+            release(index)
             outcomes.append(outcome)
             on_outcome(outcome)
     finally:

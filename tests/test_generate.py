@@ -10,6 +10,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +28,7 @@ from labelstore.verify import verify_store
 from pipelines.generate import GenerateSettings, labeler_spec_for, open_store, run_generate
 
 MODEL = "fan_test_p4_hybrid_token"
+REPO = Path(__file__).parents[1]
 
 
 def encode(img: Image.Image, fmt: str) -> bytes:
@@ -244,6 +248,71 @@ def test_worker_killed_mid_shard_is_retried_and_store_equals_uninterrupted(built
     assert_same_labels(read_all(s.store), read_all(built[1].store))
 
 
+@pytest.mark.timeout(240)
+def test_moved_shards_are_the_same_shards_and_relative_paths_work(built, data, tmp_path, monkeypatch):
+    root, paths = data
+    moved = tmp_path / "elsewhere" / "shards"
+    moved.mkdir(parents=True)
+    for p in paths:
+        shutil.copy(p, moved)
+    store_copy = tmp_path / "labels.zarr"
+    shutil.copytree(built[1].store, store_copy)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    s = settings(root, str(store_copy), ["shards/s-{000000..000002}.tar"])
+    result = run_generate(s, log=lambda line: None)
+    assert result.ok and len(result.skipped_done) == 3 and result.outcomes == []  # nothing relabelled
+    assert len(LabelStore.open(str(store_copy)).shards) == 3
+    (moved / "s-000002.tar").write_bytes(open(paths[0], "rb").read())  # another file under a labelled name
+    with pytest.raises(SchemaMismatch, match="other contents"):
+        run_generate(s, log=lambda line: None)
+
+
+@pytest.mark.timeout(240)
+def test_interrupt_says_what_finished_and_that_a_rerun_resumes(ray_cluster, data, tmp_path, monkeypatch):
+    from pipelines import generate, ray_jobs
+    from pipelines.cli_labels import app
+
+    root, paths = data
+    real = ray_jobs.label_shards
+
+    def interrupted_after_one(store_path, name, ws, shards, plan, on_outcome, **kw):
+        real(store_path, name, ws, shards[:1], plan, on_outcome=on_outcome, **kw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ray_jobs, "label_shards", interrupted_after_one)
+    s = settings(root, str(tmp_path / "labels.zarr"), [str(root / "s-{000000..000002}.tar")])
+    with pytest.raises(generate.GenerateInterrupted, match=r"1 shard\(s\) finished .* run the same command again"):
+        run_generate(s, log=lambda line: None)
+    assert LabelStore.open(s.store).labeler("fan_t").missing_shards() == [1, 2]
+    assert not list((tmp_path / "labels.zarr" / ".leases").rglob("*.json"))  # leases given back
+
+    def ctrl_c(settings):
+        raise generate.GenerateInterrupted("interrupted: 1 shard(s) finished and kept in this run")
+    monkeypatch.setattr(generate, "run_with_progress", ctrl_c)
+    out = CliRunner().invoke(app, ["generate", "--shards", paths[0], "--store", s.store, "--name", "fan_t",
+                                   "--model", MODEL])
+    assert out.exit_code == 130 and "finished and kept" in out.output and "Traceback" not in out.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_generate_drivers_on_one_fresh_store_label_each_shard_once(data, tmp_path):
+    root, _ = data
+    store = str(tmp_path / "labels.zarr")
+    args = [sys.executable, "-m", "pipelines.cli_labels", "generate", "--shards", str(root / "s-{000000..000002}.tar"),
+            "--store", store, "--name", "fan_t", "--model", MODEL, "--checkpoint", str(root / "teacher.pth"),
+            "--views", "3", "--topk", "4", "--batch-size", "8", "--amp", "none", "--set", "rows_per_chunk=8",
+            "--set", "decode_threads=1", "--set", "cpus_per_worker=1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=540)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    labelled = [int(m) for out in outs for m in re.findall(r"labelled (\d+) shards", out)]
+    assert sum(labelled) == 3, outs  # every shard exactly once between the two drivers
+    assert "Traceback" not in "".join(outs)
+    assert LabelStore.open(store).labeler("fan_t").missing_shards() == [] and verify_store(store) == []
+
+
 # --- in-process (no Ray): the work unit's error paths ---------------------------------------------
 
 def prepared_store(data, tmp_path, shard_paths, **kw):
@@ -354,6 +423,14 @@ def test_generate_cli_rejects_bad_settings_before_work(data, tmp_path):
     assert bad_type.exit_code == 2 and "views" in bad_type.output
     missing = CliRunner().invoke(app, ["generate", "--store", str(tmp_path / "l.zarr")])
     assert missing.exit_code == 2 and "missing settings ['shards', 'name', 'model']" in missing.output
+    glob = CliRunner().invoke(app, ["generate", "--shards", str(root / "s-*.tar"), "--store", str(tmp_path / "l.zarr"),
+                                    "--name", "x", "--model", MODEL])
+    assert glob.exit_code == 2 and "is a glob pattern" in glob.output and len(glob.output.strip().splitlines()) == 1
+    size = CliRunner().invoke(app, base + ["--model", MODEL, "--set", "input_size=64"])
+    assert size.exit_code == 2 and "input_size" in size.output and len(size.output.strip().splitlines()) == 1
+    gone = CliRunner().invoke(app, ["generate", "--shards", str(root / "nope-{0..1}.tar"), "--store",
+                                    str(tmp_path / "l.zarr"), "--name", "x", "--model", MODEL])
+    assert gone.exit_code == 2 and "no shard of the list exists" in gone.output
     assert not (tmp_path / "l.zarr").exists()
 
 

@@ -38,7 +38,7 @@ def test_shards_start_on_write_units_and_register_is_idempotent(store):
 
 def test_layout_matches_design(store, tiny_labeler_spec):
     root = zarr.open_group(store.path, mode="r")
-    assert root.attrs["format"] == "stl-labels" and root.attrs["schema_version"] == 1
+    assert root.attrs["format"] == "stl-labels" and root.attrs["schema_version"] == 2
     lab = root["labelers/tiny"]
     expect = {"views/params": ((32, 3, 10), "float32"), "tokens/topk_logit": ((32, 3, 16, 4), "float16"),
               "tokens/topk_class": ((32, 3, 16, 4), "int16"), "tokens/tail_lse": ((32, 3, 16), "float16"),
@@ -102,7 +102,7 @@ def test_dense_labeler_round_trip(tmp_path):
     (lambda b: b["tokens"].cls.__setitem__((1, 0, 0, 0), 20), L.InvalidLabels, r"class ids must be in \[0, 20\)"),
     (lambda b: b["cls"].cls.__setitem__((1, 0, 1), b["cls"].cls[1, 0, 0]), L.InvalidLabels, "repeat"),
     (lambda b: b["params"].__setitem__((3, 0, 2), 500), L.InvalidLabels, "crop box"),
-    (lambda b: b.__setitem__("labels", np.full(10, 99)), L.InvalidLabels, "labels"),
+    (lambda b: b.__setitem__("labels", np.full(10, 0.5)), L.InvalidLabels, "labels must be integers"),
     (lambda b: b.__setitem__("params", b["params"][:, :2]), L.InvalidLabels, "params has shape"),
     (lambda b: b["keys"].__setitem__(3, b["keys"][4]), L.InvalidLabels, "duplicate key"),
 ])
