@@ -62,8 +62,10 @@ class HelpCommand(TyperCommand):
             name, _, inline = e.option_name.partition("=")
             key = self.set_keys.get(name)
             if key is not None:
-                value = inline or next((args[i + 1] for i, a in enumerate(args[:-1]) if a == name), "VALUE")
-                e.message = f"{e.message} This command takes it as --set {key}={value}"
+                typed = [a.partition("=")[2] for a in args if a.startswith(name + "=")]
+                value = inline or next(iter(typed), None) or next(
+                    (args[i + 1] for i, a in enumerate(args[:-1]) if a == name), "VALUE")
+                e.message = f"{e.message}; this command takes it as --set {key}={value}"
             raise
 
     def collect_usage_pieces(self, ctx) -> list[str]:
