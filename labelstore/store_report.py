@@ -69,7 +69,7 @@ def format_info(info: dict[str, Any]) -> str:
             f"labeler     {lab['name']}: {lab['arch']}, {lab['num_classes']} classes, grid {lab['grid'][0]}x{lab['grid'][1]}, "
             f"input {lab['input_size'][0]}x{lab['input_size'][1]}, {lab['views']} views, "
             f"{'dense' if lab['topk'] == 0 else 'top-' + str(lab['topk'])}, seed {lab['seed']}, "
-            f"checkpoint {lab['checkpoint_sha256'][:12] or '-'}",
+            f"checkpoint {lab['checkpoint_sha256'][:12] or 'NONE: random weights (no checkpoint)'}",
             f"            views: scale {vs['scale']}, ratio {[round(r, 3) for r in vs['ratio']]}, hflip {vs['hflip']}, "
             f"ops {vs['geo_ops']} x{vs['geo_num_ops']} p={vs['geo_prob']} m={vs['geo_magnitude']}, "
             f"{vs['interpolation']}, algo v{vs['algo_version']}",

@@ -10,6 +10,7 @@ import signal
 import typer
 
 from pipelines.cli_errors import exit_2_on_user_error
+from pipelines.cli_help import HelpCommand
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Offline STL token labels: build and inspect label stores.")
 bench_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Benchmarks that print measured figures.")
@@ -28,7 +29,7 @@ def bench_main() -> None:
 
 # --- store inspection: info, verify, bench store ----------------------------------------------
 
-@app.command("info")
+@app.command("info", cls=HelpCommand)
 def info_cmd(
     store: str = typer.Argument(..., help="Label store path (labels.zarr) or URL."),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
@@ -45,7 +46,7 @@ def info_cmd(
     typer.echo(json.dumps(facts, indent=2) if as_json else format_info(facts))
 
 
-@app.command("verify")
+@app.command("verify", cls=HelpCommand)
 def verify_cmd(
     store: str = typer.Argument(..., help="Label store path (labels.zarr) or URL."),
     labeler: str = typer.Option(None, "--labeler", "-l", help="Check only this labeler."),
@@ -62,7 +63,7 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
-@bench_app.command("store")
+@bench_app.command("store", cls=HelpCommand)
 def bench_store_cmd(
     out: str = typer.Option(None, "--out", help="Scratch directory for the bench stores (default: a temp dir, removed)."),
     rows: int = typer.Option(1024, "--rows", help="Rows per top-k store (multiple of --rows-per-chunk)."),
@@ -86,7 +87,7 @@ def bench_store_cmd(
 
 # --- labeling job: generate, shard, bench generate --------------------------------------------
 
-@bench_app.command("generate")
+@bench_app.command("generate", cls=HelpCommand)
 def bench_generate_cmd(
     shards: list[str] = typer.Option(..., "--shards", help="Shard URLs or brace patterns to label (repeatable)."),
     model: str = typer.Option("fan_tiny_8_p4_hybrid_token", "--model", help="Teacher architecture (random weights unless --checkpoint)."),
@@ -110,25 +111,45 @@ def bench_generate_cmd(
     typer.echo(report.format())
 
 
-@app.command("generate")
+# Defaults of GenerateSettings, shown in --help; a flag overrides a --config preset only when typed
+# (tests/test_cli.py checks these against GenerateSettings).
+GENERATE_DEFAULTS = {"views": 32, "topk": 10, "seed": 0, "batch_size": 256, "amp": "bf16", "compile": False}
+RANDOM_TEACHER_WARNING = ("WARNING: no --checkpoint: the teacher has RANDOM weights; its token labels are noise "
+                          "(use this only to test the pipeline)")
+
+
+def _typed(ctx: typer.Context, flags: dict) -> dict:
+    """The flags the user typed (a default must not override a --config preset's value)."""
+    from typer._click.core import ParameterSource
+
+    return {k: v for k, v in flags.items()
+            if v is not None and ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+
+
+@app.command("generate", cls=HelpCommand)
 def generate_cmd(
-    shards: list[str] = typer.Option(None, "--shards", help="Shard URLs or brace patterns, e.g. 'data/train-{000000..001023}.tar' (repeatable)."),
-    store: str = typer.Option(None, "--store", help="Label store path or URL (created if missing)."),
-    name: str = typer.Option(None, "--name", help="Labeler name inside the store, e.g. fan_tl_s."),
-    model: str = typer.Option(None, "--model", help="timm/labeler.models name, e.g. fan_small_12_p4_hybrid_token."),
-    checkpoint: str = typer.Option(None, "--checkpoint", help="Teacher weights (EMA weights preferred)."),
-    num_classes: int = typer.Option(None, "--num-classes", help="Classes of the teacher (default: the rows of the checkpoint's classifier; 1000 without --checkpoint)."),
-    views: int = typer.Option(None, "--views", help="Views per sample S (default 32)."),
-    topk: int = typer.Option(None, "--topk", help="Top-k logits kept per token (0 = dense; default 10)."),
-    seed: int = typer.Option(None, "--seed", help="Store seed of the view params (default 0)."),
+    ctx: typer.Context,
+    shards: list[str] = typer.Option(..., "--shards", help="Shard URLs or brace patterns, e.g. 'data/train-{000000..001023}.tar' (repeatable)."),
+    store: str = typer.Option(..., "--store", help="Label store path or URL (created if missing)."),
+    name: str = typer.Option(None, "--name", help="Labeler name inside the store, e.g. fan_tl_s.", show_default="--config's"),
+    model: str = typer.Option(None, "--model", help="timm/labeler.models name, e.g. fan_small_12_p4_hybrid_token.", show_default="--config's"),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="Teacher weights (EMA weights preferred); required unless --random-weights."),
+    random_weights: bool = typer.Option(False, "--random-weights/--no-random-weights", help="Label without --checkpoint, with a randomly initialised teacher (pipeline tests only)."),
+    num_classes: int = typer.Option(None, "--num-classes", help="Classes of the teacher.", show_default="the checkpoint's classifier rows; 1000 for random weights"),
+    views: int = typer.Option(GENERATE_DEFAULTS["views"], "--views", help="Views per sample S."),
+    topk: int = typer.Option(GENERATE_DEFAULTS["topk"], "--topk", help="Top-k logits kept per token (0 = dense)."),
+    seed: int = typer.Option(GENERATE_DEFAULTS["seed"], "--seed", help="Store seed of the view params."),
     config: str = typer.Option(None, "--config", help="YAML preset with any generate setting, e.g. pipelines/presets/generate_small.yaml."),
     sets: list[str] = typer.Option(None, "--set", help="Override a setting, e.g. --set view.scale=[0.35,1] (repeatable)."),
-    address: str = typer.Option(None, "--address", help="Ray cluster: 'auto' or 'ray://host:port' (default: local Ray)."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Views per teacher forward (default 256)."),
-    amp: str = typer.Option(None, "--amp", help="none | bf16 | fp16 (default bf16)."),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the teacher."),
+    address: str = typer.Option(None, "--address", help="Ray cluster: 'auto' or 'ray://host:port'.", show_default="local Ray"),
+    batch_size: int = typer.Option(GENERATE_DEFAULTS["batch_size"], "--batch-size", help="Views per teacher forward."),
+    amp: str = typer.Option(GENERATE_DEFAULTS["amp"], "--amp", help="none | bf16 | fp16."),
+    compile: bool = typer.Option(GENERATE_DEFAULTS["compile"], "--compile/--no-compile", help="torch.compile the teacher."),
 ) -> None:
-    """Label every shard not yet done (resumable; safe to re-run after a crash or Ctrl-C)."""
+    """Label every shard not yet done (resumable; safe to re-run after a crash or Ctrl-C).
+
+    A value typed on the command line wins over --config's; --set wins over both.
+    """
     from pipelines.config import load_config
     from pipelines.generate import GenerateSettings, run_with_progress
 
@@ -136,7 +157,12 @@ def generate_cmd(
              "num_classes": num_classes, "views": views, "topk": topk, "seed": seed, "address": address,
              "batch_size": batch_size, "amp": amp, "compile": compile}
     with exit_2_on_user_error():  # SchemaMismatch prints its diff
-        settings = load_config(GenerateSettings, config, sets or [], {k: v for k, v in flags.items() if v is not None})
+        settings = load_config(GenerateSettings, config, sets or [], _typed(ctx, flags))
+        if not settings.checkpoint and not random_weights:
+            raise ValueError("generate: no --checkpoint given; the teacher would label with random weights. "
+                             "Give --checkpoint RUN/model_ema.pth, or --random-weights to do that on purpose")
+        if not settings.checkpoint:
+            typer.echo(RANDOM_TEACHER_WARNING, err=True)
         previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop: the same clean exit as Ctrl-C
         try:
             result = run_with_progress(settings)
@@ -147,6 +173,8 @@ def generate_cmd(
         finally:
             signal.signal(signal.SIGTERM, previous)
     typer.echo(result.summary())
+    if not settings.checkpoint:
+        typer.echo(RANDOM_TEACHER_WARNING, err=True)  # again at the end: the start scrolled away
     for url, why in result.failed:
         typer.echo(f"failed: {url}: {why}", err=True)
     if not result.ok:
@@ -158,7 +186,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-@app.command("shard")
+@app.command("shard", cls=HelpCommand)
 def shard_cmd(
     image_folder: str = typer.Argument(..., help="ImageFolder root (<root>/<class>/<image>) or existing shards, e.g. 'in-{0000..0009}.tar'."),
     out_pattern: str = typer.Argument(..., help="Output shard names with a %-index, e.g. 'shards/train-%06d.tar'."),
@@ -180,7 +208,7 @@ def shard_cmd(
 
 # --- demo and quality: demo-data, report -------------------------------------------------------
 
-@app.command("demo-data")
+@app.command("demo-data", cls=HelpCommand)
 def demo_data(
     out: str = typer.Argument(..., help="Output directory (must not hold a dataset.json yet)."),
     seed: int = typer.Option(0, help="Dataset seed: same seed and settings give identical samples."),
@@ -206,7 +234,7 @@ def demo_data(
     typer.echo(f"wrote {out}/dataset.json (classes: {out}/classes.txt)")
 
 
-@app.command("report")
+@app.command("report", cls=HelpCommand)
 def report(
     store: str = typer.Argument(..., help="Label store path (labels.zarr)."),
     labeler: str = typer.Option(..., "--labeler", help="Labeler name inside the store."),
@@ -230,7 +258,7 @@ def report(
                f"{r['gumbel_changes_argmax']:.1%}" + (f"; foreground IoU (argmax): {m['argmax']['iou']:.3f}" if m else ""))
 
 
-@app.command("demo-photos")
+@app.command("demo-photos", cls=HelpCommand)
 def demo_photos(
     out: str = typer.Argument(..., help="Output directory: photos/ shard, labels.zarr, report/."),
     views: int = typer.Option(4, "--views", help="Views per photo."),
@@ -249,7 +277,7 @@ def demo_photos(
     typer.echo(f"open {r['report_dir']}/index.html")
 
 
-@app.command("demo")
+@app.command("demo", cls=HelpCommand)
 def demo_cmd(
     out: str = typer.Option("demo_out", "--out", help="Output directory (a rerun continues where it stopped)."),
     fast: bool = typer.Option(False, "--fast", help="CI variant: few images, a few steps per training run (~2-3 min)."),
@@ -273,7 +301,7 @@ def demo_cmd(
 
 # --- models -------------------------------------------------------------------------------------
 
-@app.command("models")
+@app.command("models", cls=HelpCommand)
 def models_cmd(
     names: list[str] = typer.Argument(..., help="FAN *_token names or any timm model name."),
     size: str = typer.Option("224", "--size", help="Input size: S (square) or HxW, e.g. 96x80."),

@@ -4,9 +4,13 @@ Command bodies stay short and import torch inside the command so `--help` is fas
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import typer
 
 from pipelines.cli_errors import exit_2_on_user_error
+from pipelines.cli_help import HelpCommand
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train FAN token-labelers and students; evaluate.")
 
@@ -22,6 +26,29 @@ _SHARDS_HELP = "Shard URLs or brace patterns, e.g. 'data/train-{000000..001023}.
 _SET_HELP = "Override a setting, e.g. --set optim.lr=1e-3 (repeatable)."
 
 
+# timm's train.py flags (and a few more) this CLI takes as `--set KEY=VALUE` instead.
+TIMM_FLAG_KEYS = {
+    "--epochs": "schedule.epochs", "--batch-size": "data.batch_size", "--lr": "optim.lr", "-b": "data.batch_size",
+    "--weight-decay": "optim.weight_decay", "--warmup-epochs": "schedule.warmup_epochs",
+    "--cooldown-epochs": "schedule.cooldown_epochs", "--min-lr": "schedule.min_lr", "--warmup-lr": "schedule.warmup_lr",
+    "--drop-path": "model.drop_path_rate", "--smoothing": "data.label_smoothing", "--clip-grad": "optim.clip_grad",
+    "--mixup": "data.mixup", "--cutmix": "data.cutmix", "--reprob": "data.reprob", "--aa": "data.rand_augment",
+    "--model-ema-decay": "run.ema_decay", "--workers": "data.workers", "-j": "data.workers", "--seed": "data.seed",
+    "--amp": "run.amp", "--img-size": "model.img_size", "--num-classes": "model.num_classes",
+    "--log-interval": "run.log_every", "--opt": "optim.name", "--channels-last": "model.channels_last",
+}
+
+
+class TrainCommand(HelpCommand):
+    set_keys = TIMM_FLAG_KEYS
+
+
+_EPOCHS_HELP = "Epochs (schedule.epochs)."
+_BATCH_HELP = "Images per step on each process (data.batch_size)."
+_LR_HELP = "Learning rate at a global batch of optim.lr_base_batch, scaled linearly with the real one (optim.lr)."
+_FROM_CONFIG = "--config's, else the built-in"
+
+
 def _train_config(config: str | None, sets: list[str] | None, **extra):
     """Preset → command-line options → --set; a ConfigError names the key and its source."""
     from pipelines.config import load_config
@@ -35,6 +62,25 @@ def _train_config(config: str | None, sets: list[str] | None, **extra):
     return load_config(TrainConfig, config, sets or [], nested)
 
 
+@contextlib.contextmanager
+def _failed_run_set_aside(out: str) -> Iterator[None]:
+    """A run that fails before its first checkpoint leaves no folder that looks like a finished one."""
+    from pathlib import Path
+
+    existed = Path(out).is_dir() and any(Path(out).iterdir())
+    try:
+        yield
+    except BaseException:
+        if _is_rank0():
+            from trainer.run_log import set_aside_failed_run
+
+            moved = set_aside_failed_run(out, existed)
+            if moved is not None:
+                where = f"moved to {moved}" if moved != Path(out) else f"marked with {moved / 'FAILED'}"
+                typer.echo(f"the run failed before its first checkpoint; its folder is {where}", err=True)
+        raise
+
+
 def _is_rank0() -> bool:
     """Under torchrun every rank returns from training; only rank 0 prints the summary."""
     import os
@@ -42,47 +88,53 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-@app.command("student")
+@app.command("student", cls=TrainCommand)
 def student_cmd(
     shards: list[str] = typer.Option(..., "--shards", help=_SHARDS_HELP),
     labels: str = typer.Option(..., "--labels", help="Label store (from `stl-labels generate`)."),
     labeler: str = typer.Option(..., "--labeler", help="Labeler name inside the store, e.g. fan_tl_s."),
     model: str = typer.Option(None, "--model", help="Student, e.g. fan_small_12_p4_hybrid_token."),
     out: str = typer.Option(..., "--out", help="Run folder: config.yaml, metrics, last.pth, model_ema.pth."),
+    epochs: int = typer.Option(None, "--epochs", min=1, help=_EPOCHS_HELP, show_default=_FROM_CONFIG),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help=_BATCH_HELP, show_default=_FROM_CONFIG),
+    lr: float = typer.Option(None, "--lr", help=_LR_HELP, show_default=_FROM_CONFIG),
     config: str = typer.Option(None, "--config", help="YAML preset, e.g. pipelines/presets/paper_small.yaml."),
     sets: list[str] = typer.Option(None, "--set", help=_SET_HELP),
     resume: str = typer.Option(None, "--resume", help="Continue exactly from a checkpoint (e.g. RUN/last.pth)."),
 ) -> None:
     """Stage 2 (paper Eq. 5): CE(cls, mixed target) + beta * mean token CE on the stored token labels."""
     with exit_2_on_user_error():
-        cfg = _train_config(config, sets, model__name=model, data__shards=shards)
+        cfg = _train_config(config, sets, model__name=model, data__shards=shards, schedule__epochs=epochs,
+                            data__batch_size=batch_size, optim__lr=lr)
         from trainer.run_stage import run_student
 
-        result = run_student(cfg, labels=labels, labeler=labeler, out_dir=out, resume=resume)
-    if _is_rank0():  # under torchrun every rank returns; one line is enough
-        typer.echo(f"{result.status}: epoch {result.epoch}, {result.global_update} updates, checkpoint {result.last_checkpoint}")
+        with _failed_run_set_aside(out):  # the run's own log ends with its one end-of-run line
+            run_student(cfg, labels=labels, labeler=labeler, out_dir=out, resume=resume)
 
 
-@app.command("labeler")
+@app.command("labeler", cls=TrainCommand)
 def labeler_cmd(
     shards: list[str] = typer.Option(..., "--shards", help=_SHARDS_HELP),
     model: str = typer.Option(None, "--model", help="Token-labeler, e.g. fan_small_12_p4_hybrid_token."),
     out: str = typer.Option(..., "--out", help="Run folder; its model_ema.pth is what `stl-labels generate --checkpoint` takes."),
+    epochs: int = typer.Option(None, "--epochs", min=1, help=_EPOCHS_HELP, show_default=_FROM_CONFIG),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help=_BATCH_HELP, show_default=_FROM_CONFIG),
+    lr: float = typer.Option(None, "--lr", help=_LR_HELP, show_default=_FROM_CONFIG),
     config: str = typer.Option(None, "--config", help="YAML preset, e.g. pipelines/presets/paper_small.yaml."),
     sets: list[str] = typer.Option(None, "--set", help=_SET_HELP),
     resume: str = typer.Option(None, "--resume", help="Continue exactly from a checkpoint (e.g. RUN/last.pth)."),
 ) -> None:
     """Stage 1 (paper Eq. 2): CE(cls) + alpha * CE(mean over tokens of the token logits), full augmentation."""
     with exit_2_on_user_error():
-        cfg = _train_config(config, sets, model__name=model, data__shards=shards)
+        cfg = _train_config(config, sets, model__name=model, data__shards=shards, schedule__epochs=epochs,
+                            data__batch_size=batch_size, optim__lr=lr)
         from trainer.run_stage import run_labeler
 
-        result = run_labeler(cfg, out_dir=out, resume=resume)
-    if _is_rank0():
-        typer.echo(f"{result.status}: epoch {result.epoch}, {result.global_update} updates, export {result.export}")
+        with _failed_run_set_aside(out):
+            run_labeler(cfg, out_dir=out, resume=resume)
 
 
-@app.command("eval")
+@app.command("eval", cls=TrainCommand)
 def eval_cmd(
     checkpoint: str = typer.Option(..., "--checkpoint", help="Weights to evaluate (EMA weights when present)."),
     shards: list[str] = typer.Option(..., "--shards", help="Clean validation shards. " + _SHARDS_HELP),
@@ -116,7 +168,7 @@ def eval_cmd(
         typer.echo(report.table())
 
 
-@app.command("bench")
+@app.command("bench", cls=HelpCommand)
 def bench_cmd(
     shards: list[str] = typer.Option(..., "--shards", help="Shards labelled in --labels. " + _SHARDS_HELP),
     labels: str = typer.Option(..., "--labels", help="Label store holding --labeler's labels for these shards."),

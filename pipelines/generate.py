@@ -105,9 +105,10 @@ class GenerateResult:
     outcomes: list[ShardOutcome]
     unreadable: dict[str, str]  # url → why it could not be counted/registered
     skipped_done: list[str]
-    seconds: float
+    seconds: float  # the whole command: settings, store, counting, Ray start-up, labelling
     store: str = ""
     invalid: list[dict] = field(default_factory=list)  # [{url, key, reason}] of the shards labelled in this run
+    label_seconds: float = 0.0  # from the first shard handed to Ray to the last outcome: what views/s divides by
 
     @property
     def failed(self) -> list[tuple[str, str]]:
@@ -122,12 +123,14 @@ class GenerateResult:
         return sum(o.views for o in self.outcomes if o.ok)
 
     def summary(self) -> str:
+        """One line; views/s is views / label_seconds, the same clock the progress bar's rate uses."""
         done = [o for o in self.outcomes if o.ok]
-        rate = self.views / self.seconds if self.seconds > 0 else 0.0
-        return (f"labelled {len(done)} shards ({sum(o.num_samples for o in done)} samples, {self.views} views, "
-                f"{sum(o.num_invalid for o in done)} invalid samples recorded) in {self.seconds:.1f} s = {rate:.1f} views/s; "
+        rate = self.views / self.label_seconds if self.label_seconds > 0 else 0.0
+        return (f"labelled {_count(len(done), 'shard')} ({_count(sum(o.num_samples for o in done), 'sample')}, "
+                f"{_count(self.views, 'view')}, {_count(sum(o.num_invalid for o in done), 'invalid sample')} recorded) "
+                f"in {self.label_seconds:.1f} s = {rate:.1f} views/s ({self.seconds:.1f} s in all, with start-up); "
                 f"{_human_bytes(sum(o.bytes_written for o in done))} of labels written (before compression); "
-                f"skipped {len(self.skipped_done)} done shards; {len(self.failed)} shards failed"
+                f"skipped {_count(len(self.skipped_done), 'done shard')}; {_count(len(self.failed), 'shard')} failed"
                 + self._invalid_lines())
 
     def _invalid_lines(self) -> str:
@@ -138,6 +141,11 @@ class GenerateResult:
         return (f"\n{len(self.invalid)} invalid sample(s) recorded (kept as invalid rows):" + "".join(shown)
                 + (f"\n  ... and {more} more" if more else "")
                 + f"\nlist them all: stl-labels info {self.store} --all-invalid")
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 shard`, `2 shards`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _human_bytes(n: float) -> str:
@@ -172,9 +180,10 @@ def run_with_progress(settings: GenerateSettings) -> GenerateResult:
         state.update(task=progress.add_task("label", total=num_shards, rate=""), start=time.perf_counter(), views=0)
 
     def on_outcome(outcome: ShardOutcome) -> None:
-        state["views"] += outcome.views
+        # Same clock and count as the summary (views of labelled shards / time since labelling began).
+        state["views"] += outcome.views if outcome.ok else 0
         rate = state["views"] / max(time.perf_counter() - state["start"], 1e-9)
-        progress.update(state["task"], advance=1, rate=f"{rate:,.0f} views/s")
+        progress.update(state["task"], advance=1, rate=f"{rate:,.1f} views/s")
 
     try:
         return run_generate(settings, log=lambda line: console.print(line, markup=False, highlight=False),
@@ -233,10 +242,7 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
     # Local paths are made absolute for the workers (other cwd, other nodes on a shared filesystem); the
     # store knows each shard by its name relative to the dataset root, so the same shards elsewhere match.
     urls = [absolute_url(u) for u in expand_shard_urls(settings.shards)]  # a glob pattern fails here
-    local = [p for p in map(_local_path, urls) if p is not None]
-    if local and len(local) == len(urls) and not any(os.path.exists(p) for p in local):
-        shown = ", ".join(local[:2]) + (f" and {len(local) - 2} more" if len(local) > 2 else "")
-        raise ValueError(f"generate: no shard of the list exists ({shown}); nothing was created")
+    check_local_shards_exist(urls)  # a typo in a pattern fails now, before a store or Ray exists
     root = dataset_root(urls)
     spec = labeler_spec_for(settings)
     store, labels = open_store(settings, spec)
@@ -250,6 +256,7 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
     unreadable: dict[str, str] = {}
     outcomes: list[ShardOutcome] = []
     leases = ShardLeases(labels, ttl_s=settings.lease_seconds)
+    label_seconds = 0.0
     with contextlib.ExitStack() as ray_context:
         started: list[bool] = []
 
@@ -280,11 +287,11 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
         skipped = [u for i, u in selected.items() if done[i]]
         todo = [(i, u) for i, u in sorted(selected.items()) if not done[i]]
         if skipped:
-            log(f"skipping {len(skipped)} shard(s) already done: {', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
+            log(f"skipping {_count(len(skipped), 'shard')} already done: {', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
         if todo:
             ensure_ray()
             plan = ray_jobs.plan_workers(len(todo), settings.cpus_per_worker)
-            log(f"labelling {len(todo)} shard(s) with {plan.describe()}; {spec.views} views/sample, top-{spec.topk}")
+            log(f"labelling {_count(len(todo), 'shard')} with {plan.describe()}; {spec.views} views/sample, top-{spec.topk}")
             worker_settings, note = ray_jobs.worker_settings_for(plan, settings.worker_settings())
             if note:
                 log(note)
@@ -303,6 +310,7 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
                     return True
                 claimed_elsewhere.append(selected[index])
                 return False
+            label_start = time.perf_counter()
             try:
                 with heartbeat(leases):
                     outcomes = ray_jobs.label_shards(store.path, spec.name, worker_settings, todo, plan,
@@ -314,6 +322,7 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
                 raise GenerateInterrupted(
                     f"interrupted: {ok} shard(s) finished and kept in this run ({total} of {len(store.shards)} done in "
                     f"{store.path}); run the same command again to resume with the rest") from None
+            label_seconds = time.perf_counter() - label_start
             if claimed_elsewhere:
                 log(f"left {len(claimed_elsewhere)} shard(s) to another driver (claimed or finished there): "
                     f"{', '.join(claimed_elsewhere[:5])}{' …' if len(claimed_elsewhere) > 5 else ''}")
@@ -326,4 +335,12 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
     invalid = [{"url": urls_by_index[e["shard"]], "key": e["key"], "reason": e["reason"]}
                for e in labels.errors(shards=[o.shard_index for o in outcomes if o.ok])]
     return GenerateResult(outcomes, unreadable, skipped, time.perf_counter() - start, store=settings.store,
-                          invalid=invalid)
+                          invalid=invalid, label_seconds=label_seconds)
+
+
+def check_local_shards_exist(urls: list[str]) -> None:
+    """ValueError naming the local shard files that do not exist (remote URLs are checked when read)."""
+    missing = [u for u in urls if (path := _local_path(u)) is not None and not Path(path).is_file()]
+    if missing:
+        raise ValueError(f"generate: {len(missing)} of {_count(len(urls), 'shard file')} do not exist: "
+                         f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")

@@ -44,7 +44,8 @@ def test_every_user_error_is_one_line_and_exit_2_in_both_clis(tmp_path):
         (cli_labels.app, ["report", str(tmp_path / "none.zarr"), "--labeler", "x", "--out", str(tmp_path / "o")], "none.zarr"),
         (cli_labels.app, ["demo-data", str(tmp_path / "d"), "--size", "8"], "error: "),
         (cli_labels.app, ["shard", str(tmp_path / "missing"), str(tmp_path / "s-%06d.tar")], "missing"),
-        (cli_labels.app, ["generate", "--store", str(tmp_path / "l.zarr"), "--set", "views"], "KEY.PATH=VALUE"),
+        (cli_labels.app, ["generate", "--shards", "a.tar", "--store", str(tmp_path / "l.zarr"), "--set", "views"],
+         "KEY.PATH=VALUE"),
     ]
     for app, args, message in cases:
         r = runner.invoke(app, args)

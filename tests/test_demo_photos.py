@@ -37,7 +37,7 @@ def test_cat_photo_tokens_carry_cat_classes(tmp_path):
     # The report names ImageNet classes.
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["samples"][0]["key"] == "chelsea" and "cat" in saved["samples"][0]["class"]
-    assert (tmp_path / "report" / "index.html").exists() and (tmp_path / "report" / "sample_001.png").exists()
+    assert (tmp_path / "report" / "index.html").exists() and (tmp_path / "report" / "sample_001_argmax.png").exists()
 
 
 def test_bad_photo_names_are_rejected():

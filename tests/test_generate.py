@@ -215,14 +215,14 @@ def test_resume_truncated_shard_fails_then_rerun_retries(built, data, tmp_path):
             "--set", "decode_threads=1", "--set", "cpus_per_worker=2"]  # one actor: faster start
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 1, first.output
-    assert "skipping 1 shard(s) already done" in first.output and "labelled 2 shards" in first.output
+    assert "skipping 1 shard already done" in first.output and "labelled 2 shards" in first.output
     assert f"failed: {bad}" in first.output and "truncated" in first.output
     assert "corrupt in " in first.output and "--all-invalid" in first.output  # the summary names invalid samples
 
     bad.write_bytes(open(paths[2], "rb").read())  # repaired: the re-run labels only that shard
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0, second.output
-    assert "skipping 3 shard(s) already done" in second.output and "labelled 1 shards" in second.output
+    assert "skipping 3 shards already done" in second.output and "labelled 1 shard " in second.output
     assert verify_store(s.store) == []
     resumed, reference = read_all(s.store), read_all(built[1].store)
     n = reference["key"].shape[0]  # the first three shards sit on the same rows in both stores
@@ -421,8 +421,15 @@ def test_generate_cli_rejects_bad_settings_before_work(data, tmp_path):
     assert bad_key.exit_code == 2 and "unknown key view.scael" in bad_key.output and "p.yaml" in bad_key.output
     bad_type = CliRunner().invoke(app, base + ["--model", MODEL, "--set", "views=many"])
     assert bad_type.exit_code == 2 and "views" in bad_type.output
-    missing = CliRunner().invoke(app, ["generate", "--store", str(tmp_path / "l.zarr")])
-    assert missing.exit_code == 2 and "missing settings ['shards', 'name', 'model']" in missing.output
+    missing = CliRunner().invoke(app, ["generate", "--shards", paths[0], "--store", str(tmp_path / "l.zarr")])
+    assert missing.exit_code == 2 and "missing settings ['name', 'model']" in missing.output
+    random = CliRunner().invoke(app, base + ["--model", MODEL, "--num-classes", "10"])  # no --checkpoint
+    assert random.exit_code == 2 and "--random-weights" in random.stderr and "random weights" in random.stderr
+    typo = CliRunner().invoke(app, ["generate", "--shards", paths[0].replace("s-", "typo-"), "--shards", paths[0],
+                                    "--store", str(tmp_path / "l.zarr"), "--name", "x", "--model", MODEL,
+                                    "--random-weights"])
+    assert typo.exit_code == 2 and "1 of 2 shard files do not exist" in typo.stderr and "typo-" in typo.stderr
+    assert "RANDOM weights" in typo.stderr  # --random-weights: allowed, and said loudly
     glob = CliRunner().invoke(app, ["generate", "--shards", str(root / "s-*.tar"), "--store", str(tmp_path / "l.zarr"),
                                     "--name", "x", "--model", MODEL])
     assert glob.exit_code == 2 and "is a glob pattern" in glob.output and len(glob.output.strip().splitlines()) == 1
@@ -430,7 +437,7 @@ def test_generate_cli_rejects_bad_settings_before_work(data, tmp_path):
     assert size.exit_code == 2 and "input_size" in size.output and len(size.output.strip().splitlines()) == 1
     gone = CliRunner().invoke(app, ["generate", "--shards", str(root / "nope-{0..1}.tar"), "--store",
                                     str(tmp_path / "l.zarr"), "--name", "x", "--model", MODEL])
-    assert gone.exit_code == 2 and "no shard of the list exists" in gone.output
+    assert gone.exit_code == 2 and "2 of 2 shard files do not exist" in gone.output
     assert not (tmp_path / "l.zarr").exists()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from html import escape
 from dataclasses import replace
 
 import numpy as np
@@ -172,8 +173,17 @@ def test_report_on_a_tiny_store_writes_pictures_and_sane_numbers(tmp_path):
     saved = json.loads((out / "report.json").read_text())
     assert saved["masks"]["argmax"]["iou"] == 1.0 and len(saved["samples"]) == 3
     html = (out / "index.html").read_text()
-    for f in ["confidence_hist.png", "tail_mass_hist.png"] + [s["file"] for s in saved["samples"]]:
+    for f in ["confidence_hist.png", "tail_mass_hist.png"]:
         assert f in html and Image.open(out / f).size[0] > 300
+    for s in saved["samples"]:
+        assert [p["kind"] for p in s["panels"]] == ["view", "argmax", "confidence", "foreground", "gumbel",
+                                                     "object_share", "object_mask"]
+        for p in s["panels"]:
+            assert p["file"] in html and escape(p["caption"]) in html and Image.open(out / p["file"]).size[0] >= 160
+        argmax, gumbel = s["panels"][1], s["panels"][4]
+        assert argmax["legend"] and gumbel["legend"]
+        assert sum(e["share"] for e in argmax["legend"]) == pytest.approx(1.0)  # its own classes, all of them
+    assert "teacher weights:\nrandom weights (no checkpoint)" in html and "class='warning'" in html  # no checkpoint
     assert {s["class"] for s in saved["samples"]} <= set(open(classes).read().split())  # names from --classes
 
 
@@ -186,12 +196,68 @@ def test_report_cli_and_its_errors(tmp_path):
     r = CliRunner().invoke(app, ["report", store, "--labeler", "oracle", "--out", str(tmp_path / "rep"),
                                  "--samples", "1", "--masks", urls[0], "--masks", urls[1], "--masks", urls[2]])
     assert r.exit_code == 0, r.output
-    assert "foreground IoU (argmax): 1.000" in r.output and (tmp_path / "rep" / "sample_000.png").exists()
+    assert "foreground IoU (argmax): 1.000" in r.output and (tmp_path / "rep" / "sample_000_view.png").exists()
     bad = CliRunner().invoke(app, ["report", store, "--labeler", "nope", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "nope" in bad.output
     partial = CliRunner().invoke(app, ["report", store, "--labeler", "oracle", "--out", str(tmp_path / "y"),
                                        "--masks", urls[0]])
     assert partial.exit_code == 2 and "mask" in partial.output
+
+
+def _report_dict(images_with_class: int, samples: list | None = None) -> dict:
+    nan = float("nan")
+    hist = {"edges": [0, 0.5, 1], "counts": [0, 0], "fractions": [0.0, 0.0]}
+    return {"labeler": "t", "store": "s.zarr", "images": 2, "views": 1, "tokens_per_view": 4,
+            "images_with_class": images_with_class,
+            "labeler_spec": {"arch": "a", "num_classes": 3, "grid": [2, 2], "input_size": [8, 8], "views": 1, "topk": 2,
+                             "checkpoint_sha256": "ab" * 32},
+            "top1_is_image_class": nan if not images_with_class else 0.5,
+            "class_head_top1_is_image_class": nan if not images_with_class else 1.0,
+            "confidence": {"mean": 0.7}, "p_image_class": {"n": 0} if not images_with_class else {"mean": 0.4},
+            "confidence_hist": {"split_by": "token top-1 == image class", "foreground": hist, "background": hist,
+                                "foreground_mean": nan, "background_mean": nan},
+            "tail_mass": {"mean": 0.1, "p90": 0.2, "histogram": {**hist, "counts": [4, 0], "fractions": [1.0, 0.0]}},
+            "gumbel_changes_argmax": 0.25, "charts": [], "samples": samples or []}
+
+
+def test_page_without_image_classes_has_no_na_rows_and_says_why_a_figure_is_missing(tmp_path):
+    from pipelines.report.build import draw_charts
+    from pipelines.report.page import write_index
+
+    r = _report_dict(0)
+    r["charts"] = draw_charts(r, tmp_path)
+    assert r["charts"][0]["file"] is None and not (tmp_path / "confidence_hist.png").exists()  # empty: not drawn
+    assert (tmp_path / "tail_mass_hist.png").exists()
+    write_index(tmp_path / "index.html", r)
+    page = (tmp_path / "index.html").read_text()
+    assert "n/a" not in page and "None of these images has a class label" in page
+    assert "No confidence histogram: none of these images has a class label" in page
+    assert page.count("<tr>") == 4  # images, mean confidence, tail mass, Gumbel
+    assert "checkpoint sha256 abababababab" in page and "class='warning'" not in page
+    assert "<ul class='legend'><li><span class='swatch' style='background:#787878'></span>all tokens" in page
+
+
+def test_sample_legends_are_per_panel_and_colours_are_distinct():
+    from pipelines.report import pictures
+    from pipelines.report.build import _class_legend
+
+    from skimage.color import rgb2lab
+
+    lab = rgb2lab(np.array(pictures.PALETTE, float)[None] / 255)[0]
+    gaps = np.linalg.norm(lab[:, None] - lab[None], axis=-1) + np.eye(len(lab)) * 1e3
+    assert gaps.min() >= 25  # no two near-identical colours (CIELAB distance)
+    assert np.linalg.norm(rgb2lab(np.array([[pictures.OTHER]], float) / 255)[0, 0] - lab, axis=-1).min() >= 25
+    names = [f"c{i}" for i in range(30)]
+    am = np.array([[0, 0], [1, 2]])
+    gb = np.array([[0, 5], [5, 5]])
+    colours = pictures.class_colours([5, 0, 1, 2], 30)
+    assert [e["name"] for e in _class_legend(am, colours, names, 0, "image class")] == \
+        ["c0 (image class)", "c1", "c2"]  # the argmax panel's classes only
+    assert [e["name"] for e in _class_legend(gb, colours, names, 0, "image class")] == ["c5", "c0 (image class)"]
+    many = np.arange(25).reshape(5, 5)
+    legend = _class_legend(many, pictures.class_colours(list(range(25)), 30), names, -1, "class head")
+    assert len(legend) == len(pictures.PALETTE) + 1 and legend[-1]["name"] == f"{25 - len(pictures.PALETTE)} other classes"
+    assert len({e["colour"] for e in legend[:-1]}) == len(pictures.PALETTE)
 
 
 def test_bar_chart_draws_tiny_and_empty_series():

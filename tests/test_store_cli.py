@@ -32,6 +32,7 @@ def test_info_reports_labelers_progress_and_bytes(store):
     assert "2 shards, 15 sample rows (9 valid, 24 allocated)" in r.stdout
     assert "labeler     tiny: fan_test_p4_hybrid_token, 20 classes, grid 4x4" in r.stdout
     assert "shards done 1/2, rows 10, recorded errors 1" in r.stdout and "B/view" in r.stdout
+    assert "checkpoint NONE: random weights (no checkpoint)" in r.stdout  # a labeler with no checkpoint says so
     facts = json.loads(runner.invoke(app, ["info", store.path, "--json"]).stdout)
     lab = facts["labelers"][0]
     assert (lab["shards_done"], lab["shards_total"], lab["topk"]) == (1, 2, 4) and lab["bytes_per_view"] > 0

@@ -225,6 +225,6 @@ def test_torchrun_two_process_student(world, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     # 64 samples in 2 shards, one shard per rank, batch 16: 2 steps per epoch on each rank, 2 epochs.
-    assert r.stdout.count("finished: epoch 2, 4 updates") == 1, r.stdout
+    assert r.stderr.count("done: 2 epochs, 4 updates") == 1 and "done:" not in r.stdout, r.stdout + r.stderr
     epochs = [json.loads(x) for x in (tmp_path / "st" / "metrics.jsonl").read_text().splitlines()]
     assert [m["update"] for m in epochs if m["kind"] == "epoch"] == [2, 4]

@@ -89,7 +89,8 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     info = info or DistInfo()
     out_dir = Path(out_dir)
     device = info.device
-    log = log or (RunLog(out_dir, cfg.run.metrics_format, cfg.run.tensorboard, cfg.run.progress_bar)
+    log = log or (RunLog(out_dir, cfg.run.metrics_format, cfg.run.tensorboard, cfg.run.progress_bar,
+                         log_every=cfg.run.log_every)
                   if info.is_main else RunLog.disabled())
     accum = cfg.optim.accumulation_steps
     if cfg.schedule.max_steps_per_epoch is not None:

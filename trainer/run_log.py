@@ -1,12 +1,15 @@
-"""What a run reports: a console progress bar (loss / lr / throughput), a metrics file, TensorBoard if installed.
+"""What a run reports: console progress (loss / lr / throughput), a metrics file, TensorBoard if installed.
 
 Only rank 0 creates a `RunLog`; the other ranks get `RunLog.disabled()`, whose methods do nothing.
 The metrics file is appended to (a resumed run continues the same file), one record per log event.
+On a terminal the progress is one overwritten bar; when stderr is a file or a pipe (a cluster job's log)
+it is one plain line every `log_every` steps, as timm's train.py logs, so the log stays readable.
 """
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,10 +23,13 @@ class RunLog:
     """Metrics file (JSONL or CSV) + optional TensorBoard + console progress line."""
 
     def __init__(self, out_dir: str | Path | None, metrics_format: str = "jsonl", tensorboard: bool = True,
-                 progress_bar: bool = True, stream=None) -> None:
+                 progress_bar: bool = True, stream=None, log_every: int = 50) -> None:
         self.enabled = out_dir is not None
         self.stream = stream or sys.stderr
         self.progress_bar = progress_bar
+        self.log_every = max(1, int(log_every))
+        isatty = getattr(self.stream, "isatty", None)
+        self.interactive = bool(isatty and isatty())
         self._tb = None
         self._path: Path | None = None
         self._format = metrics_format
@@ -70,12 +76,19 @@ class RunLog:
 
     def progress(self, epoch: int, epochs: int, step: int, steps: int, loss: float, lr: float,
                  images_per_s: float) -> None:
-        """One overwritten console line: [#####.....] epoch e/E step s/S loss lr img/s."""
+        """On a terminal one overwritten line: [#####.....] epoch e/E step s/S loss lr img/s; else one
+        line per `log_every` steps (and the epoch's first and last step)."""
         if not self.enabled or not self.progress_bar:
             return
+        figures = (f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss:.4f} lr {lr:.3g} "
+                   f"{images_per_s:.1f} img/s")
+        if not self.interactive:
+            if step == 1 or step % self.log_every == 0 or step == steps:
+                self.stream.write(f"train: {figures}\n")
+                self.stream.flush()
+            return
         done = int(20 * min(step, steps) / max(steps, 1))
-        line = (f"\r[{'#' * done}{'.' * (20 - done)}] epoch {epoch + 1}/{epochs} step {step}/{steps} "
-                f"loss {loss:.4f} lr {lr:.3g} {images_per_s:.1f} img/s")
+        line = f"\r[{'#' * done}{'.' * (20 - done)}] {figures}"
         self._bar_width = max(self._bar_width, len(line))
         self.stream.write(line.ljust(self._bar_width))
         self.stream.flush()
@@ -96,3 +109,30 @@ class RunLog:
         if self._bar_width:
             self.stream.write("\n")
             self._bar_width = 0
+
+
+FAILED_SUFFIX = ".failed"
+
+
+def set_aside_failed_run(out_dir: str | Path, existed_before: bool) -> Path | None:
+    """A run that failed before its first checkpoint must not leave a folder that looks like a real run.
+
+    A folder this run created is renamed to OUT.failed (OUT.failed.1, ... if taken) and its new path is
+    returned; a folder that existed before (a resumed run, or one the user made) is left where it is with a
+    FAILED file in it. Returns None when there is nothing to set aside (a checkpoint exists, or no folder).
+    """
+    from trainer.checkpoint import LAST
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or (out_dir / LAST).exists():
+        return None
+    if existed_before:
+        (out_dir / "FAILED").write_text("this run failed before its first checkpoint; see its log\n")
+        return out_dir
+    target = out_dir.with_name(out_dir.name + FAILED_SUFFIX)
+    n = 0
+    while target.exists():
+        n += 1
+        target = out_dir.with_name(f"{out_dir.name}{FAILED_SUFFIX}.{n}")
+    shutil.move(str(out_dir), str(target))
+    return target

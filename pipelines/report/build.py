@@ -109,33 +109,60 @@ def collect(store, lab, spec, rows: np.ndarray, masks: dict[str, np.ndarray] | N
     return arrays, {"keys": keys, "params": stack("params")}
 
 
+CONFIDENCE_SERIES = (("foreground", (214, 39, 40)), ("background", (31, 119, 180)))
+TAIL_COLOUR = (120, 120, 120)
+
+
 def draw_charts(numbers: dict, out: Path) -> list[dict]:
+    """Histogram PNGs (axes only); caption and legend go into the page. A histogram with no token in it
+    is not drawn: its entry carries `empty`, the sentence that says why."""
     hist = numbers["confidence_hist"]
-    conf = charts.bar_chart(hist["foreground"]["edges"], [
-        ("foreground", hist["foreground"]["fractions"], (214, 39, 40)),
-        ("background", hist["background"]["fractions"], (31, 119, 180))],
-        f"token confidence (max prob), by {hist['split_by']}", "max probability", "share of tokens")
-    tail = charts.bar_chart(numbers["tail_mass"]["histogram"]["edges"], [
-        ("all tokens", numbers["tail_mass"]["histogram"]["fractions"], (120, 120, 120))],
-        "tail mass: probability the stored top-k misses", "probability outside top-k", "share of tokens")
+    series = [(name, hist[name]["fractions"], colour) for name, colour in CONFIDENCE_SERIES
+              if sum(hist[name]["counts"]) > 0]
+    entries = [("confidence_hist.png", series, hist["foreground"]["edges"], "max probability",
+                f"Confidence (max probability) of foreground vs background tokens, split by {hist['split_by']} "
+                "(paper Fig. 2e).",
+                "No confidence histogram: none of these images has a class label or a mask, so no token can be "
+                "called foreground or background."),
+               ("tail_mass_hist.png", [("all tokens", numbers["tail_mass"]["histogram"]["fractions"], TAIL_COLOUR)]
+                if sum(numbers["tail_mass"]["histogram"]["counts"]) > 0 else [],
+                numbers["tail_mass"]["histogram"]["edges"], "probability outside the stored top-k",
+                "How much probability the stored top-k leaves out (0 for a dense store).",
+                "No tail-mass histogram: no token was read.")]
     files = []
-    for name, img, caption in (("confidence_hist.png", conf, "Confidence of foreground vs background tokens (paper Fig. 2e)."),
-                               ("tail_mass_hist.png", tail, "How much probability the stored top-k leaves out.")):
-        img.save(out / name)
-        files.append({"file": name, "caption": caption})
+    for name, chart_series, edges, xlabel, caption, empty in entries:
+        legend = [{"colour": pictures.hex_colour(c), "name": n} for n, _, c in chart_series]
+        if not chart_series:
+            files.append({"file": None, "caption": caption, "legend": [], "empty": empty})
+            continue
+        charts.bar_chart(edges, chart_series, "", xlabel, "share of tokens").save(out / name)
+        files.append({"file": name, "caption": caption, "legend": legend, "empty": None})
     return files
+
+
+def _class_legend(grid: np.ndarray, colours: np.ndarray, names: list[str], ref: int, ref_tag: str) -> list[dict]:
+    """Legend of one token-label panel: its own classes, most frequent first, with their token share."""
+    counts = np.bincount(grid.ravel(), minlength=len(names))
+    shown = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
+    entries = [{"colour": pictures.hex_colour(colours[c]), "name": names[c] + (f" ({ref_tag})" if c == ref else ""),
+                "share": float(counts[c] / grid.size)} for c in shown[:len(pictures.PALETTE)]]
+    rest = shown[len(pictures.PALETTE):]
+    if rest:
+        entries.append({"colour": pictures.hex_colour(pictures.OTHER), "name": f"{len(rest)} other classes",
+                        "share": float(counts[rest].sum() / grid.size)})
+    return entries
 
 
 def draw_samples(store, spec, arrays: TokenArrays, extra: dict, masks, names: list[str], n: int, out: Path) -> list[dict]:
     """Pictures for `n` (row, view) pairs spread over the rows: view, token labels, confidence, P(class),
-    a Gumbel draw, and the ground-truth object mask on the token grid when masks are given."""
+    a Gumbel draw, and the ground-truth object mask on the token grid when masks are given. One PNG per
+    panel; captions and legends are returned for the page."""
     if n == 0 or arrays.labels.size == 0:
         return []
     picks = np.unique(np.linspace(0, arrays.labels.size - 1, min(n, arrays.labels.size)).round().astype(int))
     keys = [extra["keys"][i] for i in picks]
     urls = [s.url for s in store.shards]
     found = read_fields(urls, set(keys), IMAGE_EXTS)
-    palette = pictures.class_palette(spec.num_classes)
     gh, gw = spec.grid
     out_samples = []
     for j, i in enumerate(picks):
@@ -146,37 +173,45 @@ def draw_samples(store, spec, arrays: TokenArrays, extra: dict, masks, names: li
         image = decode_image(src[0], f"{key}.{src[1]}", spec.view_spec.fill)
         params = extra["params"][i, view]
         view_px = render(image, params, spec.view_spec)
+        fill_share = float(np.mean(render_mask(np.ones((image.height, image.width), np.uint8), params, spec.view_spec) == 0))
         label = int(arrays.labels[i])
         am = arrays.argmax[i, view].reshape(gh, gw)
         gb = arrays.gumbel[i, view].reshape(gh, gw)
         head = int(arrays.cls_argmax[i, view])
-        label_name = names[label] if label >= 0 else f"none; head: {names[head]}"
+        label_name = names[label] if label >= 0 else f"none; class head: {names[head]}"
         ref, ref_tag = (label, "image class") if label >= 0 else (head, "class head")
-        panels = [pictures.captioned(pictures.resized(view_px, PANEL), f"view {view} the teacher saw; class: {label_name}", PANEL),
-                  pictures.captioned(pictures.overlay(view_px, palette[am], PANEL),
-                                     f"token labels (argmax); {np.mean(am == ref):.0%} = {ref_tag}", PANEL),
-                  pictures.captioned(pictures.upscale(pictures.heat(arrays.confidence[i, view].reshape(gh, gw)), PANEL),
-                                     "confidence (max prob), 0 dark .. 1 yellow", PANEL),
-                  pictures.captioned(pictures.upscale(pictures.heat(arrays.p_label[i, view].reshape(gh, gw)), PANEL),
-                                     f"foreground: P({ref_tag}) per token", PANEL),
-                  pictures.captioned(pictures.overlay(view_px, palette[gb], PANEL),
-                                     f"a Gumbel draw; {np.mean(gb != am):.0%} differ from argmax", PANEL)]
+        # One colour per class for the whole sample (argmax and Gumbel panels agree), most frequent first.
+        both = np.bincount(np.concatenate([am.ravel(), gb.ravel()]), minlength=spec.num_classes)
+        colours = pictures.class_colours([int(c) for c in np.argsort(-both, kind="stable") if both[c] > 0],
+                                         spec.num_classes)
+        fill = (f"; grey areas ({fill_share:.0%} of it) are the view's fill, outside the photo"
+                if fill_share > 0.005 else "")
+        panels = [("view", pictures.resized(view_px, PANEL), f"View {view} as the teacher saw it{fill}.", None, None),
+                  ("argmax", pictures.overlay(view_px, colours[am], PANEL),
+                   f"Token labels (argmax): {np.mean(am == ref):.0%} of tokens = {ref_tag}.",
+                   _class_legend(am, colours, names, ref, ref_tag), None),
+                  ("confidence", pictures.upscale(pictures.heat(arrays.confidence[i, view].reshape(gh, gw)), PANEL),
+                   "Confidence (max probability) per token.", None, "heat"),
+                  ("foreground", pictures.upscale(pictures.heat(arrays.p_label[i, view].reshape(gh, gw)), PANEL),
+                   f"Foreground: P({ref_tag}) per token.", None, "heat"),
+                  ("gumbel", pictures.overlay(view_px, colours[gb], PANEL),
+                   f"One Gumbel draw: {np.mean(gb != am):.0%} of tokens differ from the argmax.",
+                   _class_legend(gb, colours, names, ref, ref_tag), None)]
         if masks is not None:
             share = arrays.object_share[i, view].reshape(gh, gw)
-            panels.append(pictures.captioned(pictures.upscale(pictures.heat(share), PANEL),
-                                             "ground-truth object share per token", PANEL))
+            panels.append(("object_share", pictures.upscale(pictures.heat(share), PANEL),
+                           "Ground-truth object share per token.", None, "heat"))
             full = render_mask(masks[key], params, spec.view_spec)
-            panels.append(pictures.captioned(pictures.overlay(view_px, pictures.heat((full == MASK_OBJECT) * 1.0), PANEL, 0.5,
-                                                                              lines=False),
-                                             "object mask, same view params", PANEL))
-        counts = np.bincount(np.concatenate([am.ravel(), gb.ravel()]), minlength=spec.num_classes)
-        shown = [c for c in np.argsort(-counts)[:8] if counts[c] > 0]
-        panels.append(pictures.legend([(palette[c], names[c] + (f" ({ref_tag})" if c == ref else ""))
-                                       for c in shown], 190, "token classes"))
-        name = f"sample_{j:03d}.png"
-        pictures.strip(panels).save(out / name)
-        out_samples.append({"file": name, "key": key, "view": int(view), "class": label_name,
-                            "top1_is_reference": float(np.mean(am == ref)), "reference": ref_tag})
+            panels.append(("object_mask", pictures.overlay(view_px, pictures.heat((full == MASK_OBJECT) * 1.0), PANEL,
+                                                           0.5, lines=False),
+                           "Object mask, rendered with the same view params.", None, None))
+        saved = []
+        for kind, img, caption, legend, scale in panels:
+            name = f"sample_{j:03d}_{kind}.png"
+            img.save(out / name)
+            saved.append({"kind": kind, "file": name, "caption": caption, "legend": legend, "scale": scale})
+        out_samples.append({"key": key, "view": int(view), "class": label_name, "fill_share": fill_share,
+                            "top1_is_reference": float(np.mean(am == ref)), "reference": ref_tag, "panels": saved})
     return out_samples
 
 
@@ -204,7 +239,8 @@ def build_report(cfg: ReportConfig, progress: Callable[[str], None] | None = Non
     sample_files = draw_samples(store, spec, arrays, extra, masks, names, cfg.samples, out)
     report = {"store": str(cfg.store), "labeler": cfg.labeler, "settings": _settings(cfg),
               "labeler_spec": {"arch": spec.arch, "num_classes": spec.num_classes, "grid": list(spec.grid),
-                               "input_size": list(spec.input_size), "views": spec.views, "topk": spec.topk},
+                               "input_size": list(spec.input_size), "views": spec.views, "topk": spec.topk,
+                               "checkpoint_sha256": spec.checkpoint_sha256},
               "rows_total": int(store.num_rows), **numbers, "charts": chart_files, "samples": sample_files}
     (out / "report.json").write_text(json.dumps(_json_safe(report), indent=1))
     write_index(out / "index.html", report)

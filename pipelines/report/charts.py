@@ -14,13 +14,15 @@ def font(size: int = 13) -> ImageFont.ImageFont:
 
 def bar_chart(edges: list[float], series: list[tuple[str, list[float], Colour]], title: str, xlabel: str,
               ylabel: str = "share", size: tuple[int, int] = (560, 320)) -> Image.Image:
-    """Grouped bars: one group per bin (edges[i], edges[i+1]), one bar per series, legend top-left."""
+    """Grouped bars: one group per bin (edges[i], edges[i+1]), one bar per series. Axes and tick labels
+    only: the title (if any) is small and the legend and caption belong to the page around the picture."""
     w, h = size
     left, right, top, bottom = 58, 16, 34, 46
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     f, fs = font(14), font(11)
-    draw.text((left, 8), title, fill="black", font=f)
+    if title:
+        draw.text((left, 8), title, fill="black", font=f)
     nbins = len(edges) - 1
     ymax = max([max(v) for _, v, _ in series if len(v)] + [1e-9])
     ymax = _nice_ceiling(ymax)
@@ -48,11 +50,6 @@ def bar_chart(edges: list[float], series: list[tuple[str, list[float], Colour]],
         draw.text((x - 10, y1 + 6), f"{edges[b]:.2g}", fill="black", font=fs)
     draw.text(((x0 + x1) // 2 - 4 * len(xlabel) // 2, h - 18), xlabel, fill="black", font=fs)
     draw.text((x0 + 6, y0 - 2), ylabel, fill=(90, 90, 90), font=fs)
-    ly = y0 + 14
-    for name, _, colour in series:  # legend
-        draw.rectangle([x1 - 150, ly, x1 - 140, ly + 10], fill=colour)
-        draw.text((x1 - 134, ly - 2), name, fill="black", font=fs)
-        ly += 16
     return img
 
 
