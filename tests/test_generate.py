@@ -289,7 +289,7 @@ def test_interrupt_says_what_finished_and_that_a_rerun_resumes(ray_cluster, data
         raise generate.GenerateInterrupted("interrupted: 1 shard(s) finished and kept in this run")
     monkeypatch.setattr(generate, "run_with_progress", ctrl_c)
     out = CliRunner().invoke(app, ["generate", "--shards", paths[0], "--store", s.store, "--name", "fan_t",
-                                   "--model", MODEL])
+                                   "--model", MODEL, "--random-weights"])
     assert out.exit_code == 130 and "finished and kept" in out.output and "Traceback" not in out.output
 
 
