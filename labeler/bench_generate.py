@@ -90,7 +90,7 @@ class BenchReport:
         if rate is None:
             return f"{name:24s} {'n/a':>10s} views/s  {'n/a':>8s} TFLOP/s  {'n/a':>6s} of peak  {note}"
         peak = f"{100 * self.tflops(rate) / self.peak_tflops:5.1f} %" if self.peak_tflops else "unknown"
-        return f"{name:24s} {rate:10.1f} views/s  {self.tflops(rate):8.2f} TFLOP/s  {peak:>7s} of peak  {note}"
+        return f"{name:24s} {rate:10.1f} views/s  {self.tflops(rate):8.3f} TFLOP/s  {peak:>7s} of peak  {note}"
 
     def format(self) -> str:
         wall = self.pipeline_seconds
