@@ -1,2 +1,2 @@
 """Token-labeler side of STL: the FAN model family (`labeler.models`), the batched torch view renderer
-(`labeler.render_torch`) and teacher inference (`labeler.teacher`). Never imports ray."""
+(`labeler.render_batch`) and teacher inference (`labeler.teacher`). Never imports ray."""

@@ -1,82 +1,156 @@
 """`stl-labels bench generate`: the labeling pipeline's views/s against the bare teacher forward.
 
-Both are measured in one process on the same device, batch size and precision: first the whole work
-unit (read tar → decode → render S views → forward → top-k → write) over the given shards into a
-scratch store, then the teacher's forward alone on random uint8 views of the same shape. Also prints
-the busy seconds of each phase. Decode and render run on prefetch threads, overlapped with the
-forward, so the phase shares can add up to more than 100 % of the wall time. Nothing is asserted.
+All in one process on one device, batch shape and precision: first the whole work unit (read tar →
+decode → pack → copy → render S views → forward → top-k → copy back → write) over the given shards
+into a scratch store, then the teacher's forward alone on device-resident uint8 views of the same
+shape, eager and `torch.compile`d. FLOPs per view come from `torch.utils.flop_counter` on one batch
+(matmuls, convolutions, attention); TFLOP/s is FLOPs × views/s, set against the device's dense bf16
+peak where the table below knows the card. The breakdown says where the pipeline's wall time went:
+device phases from CUDA events, host phases from timers (decode runs on a pool, so its busy seconds
+can exceed the wall time), and how long the device sat idle. Nothing is asserted.
 """
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from labeler.device import resolve_device
+from labeler.stage_clock import COMPUTE_PHASES, PHASES
+from labeler.teacher import AMP_DTYPES, Teacher, resolve_compile
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
-from labeler.work_unit import PHASES, ShardLabeler, WorkerSettings
+from labeler.work_unit import ShardLabeler, WorkerSettings
 from labelstore.shard_format import count_samples, expand_shard_urls
+
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendor's data sheets; matched on the name.
+BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 SXM", 989.0), ("H100 80GB HBM3", 989.0), ("H100 PCIe", 756.0),
+                    ("A100", 312.0))
+
+PHASE_NOTES = {
+    "read": "tar reading (producer thread)",
+    "decode": "JPEG decode (+ Pillow render on CPU), busy seconds summed over the decode threads",
+    "decode_wait": "device loop waiting for the next decoded batch",
+    "copy": "host → device copies (side stream, overlaps the compute)",
+    "render": "batched render of all views",
+    "forward": "teacher forward",
+    "topk": "top-k + tail LSE + async copy back",
+    "result_wait": "device loop waiting for a batch's results (device busy)",
+    "write": "filing results + the shard's store write",
+}
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The card's dense bf16 peak from the table, or None (unknown card, CPU)."""
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def flops_per_view(teacher: Teacher, views: torch.Tensor) -> float:
+    """Forward FLOPs of one batch / batch size, counted by torch.utils.flop_counter (eager model)."""
+    x = teacher.normalize(views)
+    dtype = AMP_DTYPES[teacher.amp]
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter, torch.autocast(device_type=teacher.device.type,
+                                                         dtype=dtype or torch.float32, enabled=dtype is not None):
+        teacher.model.forward_tokens(x)
+    return counter.get_total_flops() / views.shape[0]
 
 
 @dataclass(frozen=True)
 class BenchReport:
     device: str
     model: str
-    batch_size: int
+    batch_views: int
     amp: str
     views_per_sample: int
+    decode_threads: int
+    render_backend: str
+    pipeline_compiled: bool
     pipeline_views: int
     pipeline_seconds: float
-    forward_views: int
-    forward_seconds: float
-    phase_seconds: dict
+    eager_rate: float
+    compiled_rate: float | None  # None: not measured (CPU without --compile true)
+    flops_per_view: float
+    peak_tflops: float | None
+    phase_seconds: dict = field(default_factory=dict)
 
     @property
     def pipeline_rate(self) -> float:
         return self.pipeline_views / self.pipeline_seconds
 
-    @property
-    def forward_rate(self) -> float:
-        return self.forward_views / self.forward_seconds
+    def tflops(self, rate: float) -> float:
+        return rate * self.flops_per_view / 1e12
+
+    def _rate_line(self, name: str, rate: float | None, note: str = "") -> str:
+        if rate is None:
+            return f"{name:24s} {'n/a':>10s} views/s  {'n/a':>8s} TFLOP/s  {'n/a':>6s} of peak  {note}"
+        peak = f"{100 * self.tflops(rate) / self.peak_tflops:5.1f} %" if self.peak_tflops else "unknown"
+        return f"{name:24s} {rate:10.1f} views/s  {self.tflops(rate):8.3f} TFLOP/s  {peak:>7s} of peak  {note}"
 
     def format(self) -> str:
+        wall = self.pipeline_seconds
+        reference = self.compiled_rate if self.compiled_rate is not None else self.eager_rate
+        ref_name = "compiled" if self.compiled_rate is not None else "eager (no compiled figure)"
+        busy = sum(self.phase_seconds.get(p, 0.0) for p in COMPUTE_PHASES)
+        peak = f"{self.peak_tflops:g} TFLOP/s dense bf16" if self.peak_tflops else "unknown"
         lines = [
-            f"device {self.device}, model {self.model}, batch {self.batch_size} views, amp {self.amp}, "
-            f"{self.views_per_sample} views/sample",
-            f"pipeline      {self.pipeline_rate:10.1f} views/s  ({self.pipeline_views} views in {self.pipeline_seconds:.2f} s)",
-            f"bare forward  {self.forward_rate:10.1f} views/s  ({self.forward_views} views in {self.forward_seconds:.2f} s)",
-            f"pipeline / bare forward = {self.pipeline_rate / self.forward_rate:.2f}",
-            "phase busy seconds (% of pipeline wall time; decode/render overlap the forward):",
+            f"device {self.device} (peak {peak}), model {self.model}, batch {self.batch_views} views, amp {self.amp}, "
+            f"{self.views_per_sample} views/sample, {self.decode_threads} decode threads, render {self.render_backend}",
+            f"forward FLOPs {self.flops_per_view / 1e9:.2f} GFLOP/view (torch.utils.flop_counter)",
+            self._rate_line("pipeline", self.pipeline_rate,
+                            f"({self.pipeline_views} views in {wall:.2f} s, teacher "
+                            f"{'compiled' if self.pipeline_compiled else 'eager'})"),
+            self._rate_line("bare forward eager", self.eager_rate),
+            self._rate_line("bare forward compiled", self.compiled_rate,
+                            "" if self.compiled_rate is not None else "(not measured on CPU; --compile true measures it)"),
+            f"pipeline / {ref_name} forward = {self.pipeline_rate / reference:.2f}",
+            f"wall-time breakdown of the pipeline ({wall:.2f} s):",
         ]
         for phase in PHASES:
             sec = self.phase_seconds.get(phase, 0.0)
-            lines.append(f"  {phase:8s} {sec:8.2f} s  {100 * sec / self.pipeline_seconds:5.1f} %")
+            lines.append(f"  {phase:12s} {sec:8.2f} s  {100 * sec / wall:6.1f} %  {PHASE_NOTES[phase]}")
+        idle = max(0.0, wall - busy)
+        lines.append(f"  {'device idle':12s} {idle:8.2f} s  {100 * idle / wall:6.1f} %  wall − (render + forward + "
+                     f"topk): the device waited (see decode_wait)")
         return "\n".join(lines)
 
 
+def _forward_rate(teacher: Teacher, views: torch.Tensor, batches: int, sync) -> float:
+    teacher.forward(views)  # warm-up (compile, autotune, allocator)
+    sync()
+    start = time.perf_counter()
+    for _ in range(batches):
+        teacher.forward(views)
+    sync()
+    return batches * views.shape[0] / (time.perf_counter() - start)
+
+
 def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, views: int, topk: int = 10,
-                   num_classes: int = 1000, input_size: int | None = None, device: str = "auto",
-                   render_backend: str = "auto", decode_threads: int = 2, checkpoint: str | None = None,
-                   forward_batches: int | None = None) -> BenchReport:
-    """Measure pipeline and bare forward; the teacher has random weights unless `checkpoint` is given."""
+                   num_classes: int | None = None, input_size: int | None = None, device: str = "auto",
+                   render_backend: str = "auto", decode_threads: int = 0, checkpoint: str | None = None,
+                   compile: str = "auto", decode_device: str = "cpu", forward_batches: int | None = None) -> BenchReport:
+    """Measure pipeline, bare eager and compiled forward; the teacher has random weights unless `checkpoint`."""
     urls = expand_shard_urls(shards)
-    device = resolve_device(device)
-    worker = WorkerSettings(checkpoint=checkpoint, batch_size=batch_size, amp=amp, device=device,
-                            render_backend=render_backend, decode_threads=decode_threads)
+    dev = resolve_device(device)
+    worker = WorkerSettings(checkpoint=checkpoint, batch_size=batch_size, amp=amp, device=str(dev), compile=compile,
+                            render_backend=render_backend, decode_threads=decode_threads, decode_device=decode_device)
     with tempfile.TemporaryDirectory(prefix="stl-bench-") as tmp:
         torch.manual_seed(0)
         spec = build_labeler_spec(name="bench", model=model, num_classes=num_classes, views=views, topk=topk,
                                   checkpoint=checkpoint, input_size=(input_size, input_size) if input_size else None)
         store, _ = open_labeler_store(f"{tmp}/bench.zarr", seed=0, rows_per_chunk=256, spec=spec)
         store.register_shards([(u, count_samples(u)) for u in urls])
-        work = ShardLabeler(store.path, "bench", worker, sync_timing=True)
+        work = ShardLabeler(store.path, "bench", worker)
         teacher = work.teacher
         h, w = spec.input_size
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        warm = torch.randint(0, 256, (batch_size, h, w, 3), dtype=torch.uint8, device=device)
-        teacher.encode(teacher.forward(warm)[1])  # warm-up (cudnn autotune, compile, allocator)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        fixed = torch.randint(0, 256, (work.views_per_batch, 3, h, w), dtype=torch.uint8, device=dev)
+        teacher.encode(teacher.forward(fixed)[1])  # warm-up of the pipeline's teacher (compile happens here)
         sync()
 
         start = time.perf_counter()
@@ -88,14 +162,19 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         pipeline_views = sum(o.views for o in outcomes)
         phases = {p: sum(o.phase_seconds.get(p, 0.0) for o in outcomes) for p in PHASES}
 
-        n_batches = forward_batches or max(3, round(pipeline_views / batch_size))
-        sync()
-        start = time.perf_counter()
-        for _ in range(n_batches):
-            teacher.forward(warm)
-        sync()
-        forward_seconds = time.perf_counter() - start
-    return BenchReport(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-                       model=model, batch_size=batch_size, amp=amp, views_per_sample=views,
-                       pipeline_views=pipeline_views, pipeline_seconds=pipeline_seconds,
-                       forward_views=n_batches * batch_size, forward_seconds=forward_seconds, phase_seconds=phases)
+        n_batches = forward_batches or max(3, round(pipeline_views / work.views_per_batch))
+        eager = teacher if not teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp)
+        eager_rate = _forward_rate(eager, fixed, n_batches, sync)
+        want_compiled = resolve_compile(compile, dev)
+        compiled_rate = None
+        if want_compiled:
+            compiled = teacher if teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp,
+                                                                compile=True)
+            compiled_rate = _forward_rate(compiled, fixed, n_batches, sync)
+        fpv = flops_per_view(eager, fixed)
+    name = str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev)
+    return BenchReport(device=name, model=model, batch_views=work.views_per_batch, amp=amp, views_per_sample=views,
+                       decode_threads=work.decode_threads, render_backend=work.render_backend,
+                       pipeline_compiled=teacher.compiled, pipeline_views=pipeline_views,
+                       pipeline_seconds=pipeline_seconds, eager_rate=eager_rate, compiled_rate=compiled_rate,
+                       flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases)

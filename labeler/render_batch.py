@@ -56,23 +56,37 @@ class SourceBatch:
         object.__setattr__(self, "hw", hw)
 
 
-def pad_images(images: Sequence[np.ndarray], multiple: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """HWC uint8 images of any sizes → ((N, H, W, 3) uint8 zero-padded, (N, 2) int64 sizes).
+def pack_images(images: Sequence[np.ndarray], multiple: int = 32,
+                pin_memory: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """HWC uint8 images of any sizes → ((N, H, W, 3) uint8 host tensor zero-padded, (N, 2) int64 sizes).
 
     Sizes round up to `multiple` so consecutive batches reuse the same buffer shapes (fewer allocator
-    misses, and a pinned host buffer can be recycled). Done on the host (data workers, decode threads).
+    misses). `pin_memory=True` packs straight into page-locked memory from torch's caching host
+    allocator, so `upload` is an asynchronous copy and the buffer is recycled only after that copy has
+    run. Done on the host (data workers, decode threads).
     """
     if not len(images):
-        raise ValueError("pad_images needs at least one image")
-    hw = np.array([im.shape[:2] for im in images], dtype=np.int64)
-    h = int(-(-hw[:, 0].max() // multiple) * multiple)
-    w = int(-(-hw[:, 1].max() // multiple) * multiple)
-    out = np.zeros((len(images), h, w, 3), np.uint8)
+        raise ValueError("pack_images needs at least one image")
     for i, im in enumerate(images):
         if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
             raise ValueError(f"image {i}: expected HWC uint8 RGB, got {im.shape} {im.dtype}")
-        out[i, : im.shape[0], : im.shape[1]] = im
-    return out, hw
+    hw = np.array([im.shape[:2] for im in images], dtype=np.int64)
+    h = int(-(-hw[:, 0].max() // multiple) * multiple)
+    w = int(-(-hw[:, 1].max() // multiple) * multiple)
+    buf = torch.empty((len(images), h, w, 3), dtype=torch.uint8, pin_memory=pin_memory)
+    out = buf.numpy()
+    for i, im in enumerate(images):
+        ih, iw = im.shape[:2]
+        out[i, :ih, :iw] = im
+        out[i, :ih, iw:] = 0  # only the padding is cleared: one pass over the buffer, deterministic contents
+        out[i, ih:] = 0
+    return buf, hw
+
+
+def pad_images(images: Sequence[np.ndarray], multiple: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """`pack_images` as numpy: ((N, H, W, 3) uint8 zero-padded, (N, 2) int64 sizes)."""
+    buf, hw = pack_images(images, multiple)
+    return buf.numpy(), hw
 
 
 def upload(padded: np.ndarray | torch.Tensor, hw: np.ndarray, device: torch.device | str) -> SourceBatch:

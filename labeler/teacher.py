@@ -14,6 +14,15 @@ import torch
 from labelstore import EncodedLogits, class_id_dtype
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_CHOICES = ("auto", "true", "false")
+
+
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """`compile` setting → whether to torch.compile: auto = on CUDA only (compiling pays off on a GPU)."""
+    value = str(setting).lower()
+    if value not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {COMPILE_CHOICES} (or a bool), got {setting!r}")
+    return device.type == "cuda" if value == "auto" else value == "true"
 
 
 def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -28,11 +37,36 @@ def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return values, ids, tail
 
 
-class Teacher:
-    """Frozen token-labeler in eval mode: uint8 views (N, h, w, 3) → (tokens, cls) `EncodedLogits`.
+class HostCopy:
+    """Device tensors on their way to page-locked host memory; `wait()` → `EncodedLogits` (numpy).
 
-    `model.forward_tokens(x)` must return `(cls_logits (N, C), token_logits (N, T, C))` (labeler.models contract).
-    BatchNorm lives inside FAN blocks, so eval mode is not optional.
+    The copies are queued (non_blocking) behind the work that made them and an event marks their end,
+    so the caller can queue the next batch before waiting. On CPU they are plain copies.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor | None, ...]):
+        pin = any(t is not None and t.device.type == "cuda" for t in tensors)
+        self._host = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin)
+                           for t in tensors)
+        self._event = None
+        if pin:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def wait(self) -> EncodedLogits:
+        if self._event is not None:
+            self._event.synchronize()
+        logit, cls, tail = (None if t is None else t.numpy() for t in self._host)
+        return EncodedLogits(logit=logit, cls=cls, tail_lse=tail)
+
+
+class Teacher:
+    """Frozen token-labeler in eval mode: uint8 views (N, 3, h, w) → (tokens, cls) `EncodedLogits`.
+
+    Calls `model.forward_tokens(x) -> (cls_logits (N, C), token_logits (N, T, C))` (labeler.models
+    contract). BatchNorm lives inside FAN blocks, so eval mode is not optional. With `compile` the
+    forward is `torch.compile`d once; callers keep the batch shape fixed (pad the last batch) so it
+    compiles once.
     """
 
     def __init__(
@@ -43,7 +77,7 @@ class Teacher:
         topk: int,
         device: torch.device | str = "cpu",
         amp: str = "none",
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
@@ -53,7 +87,9 @@ class Teacher:
             raise ValueError(f"mean/std must be 3 values with std > 0, got mean={mean} std={std}")
         self.device = torch.device(device)
         self.model = model.eval().requires_grad_(False).to(self.device)
-        self.forward_fn = torch.compile(self.model.forward_tokens) if compile else self.model.forward_tokens
+        self.compiled = resolve_compile(compile, self.device)
+        self.forward_fn = (torch.compile(self.model.forward_tokens, dynamic=False) if self.compiled
+                           else self.model.forward_tokens)
         self.topk = int(topk)
         self.amp = amp
         # Normalise in 0..255 units so uint8 views go straight in: (x/255 − mean)/std.
@@ -61,11 +97,11 @@ class Teacher:
         self._shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(1, 3, 1, 1).to(self.device)
 
     def normalize(self, views: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """uint8 (N, h, w, 3) → float32 (N, 3, h, w) normalised, on the teacher's device."""
+        """uint8 (N, 3, h, w) → float32 (N, 3, h, w) normalised, on the teacher's device."""
         x = torch.as_tensor(views).to(self.device, non_blocking=True)
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"Teacher expects uint8 views (N, h, w, 3), got {tuple(x.shape)} {x.dtype}")
-        return x.permute(0, 3, 1, 2).float().mul_(self._scale).sub_(self._shift)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Teacher expects uint8 views (N, 3, h, w), got {tuple(x.shape)} {x.dtype}")
+        return x.float().mul_(self._scale).sub_(self._shift)
 
     @torch.inference_mode()
     def forward(self, views: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,21 +113,27 @@ class Teacher:
         return cls_logits.float(), token_logits.float()
 
     @torch.inference_mode()
-    def encode(self, logits: torch.Tensor):
-        """Device logits (..., C) → `labelstore.EncodedLogits` on the host (float16 values)."""
+    def encode_on_device(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Device logits (..., C) → (values float16, class ids, tail float16) still on the device (dense: ids/tail None)."""
         num_classes = logits.shape[-1]
         if self.topk == 0:
-            return EncodedLogits(logit=logits.half().cpu().numpy(), cls=None, tail_lse=None)
+            return logits.half(), None, None
         if self.topk > num_classes:
             raise ValueError(f"topk={self.topk} exceeds the teacher's {num_classes} classes")
         values, ids, tail = topk_with_tail(logits, self.topk)
-        return EncodedLogits(
-            logit=values.half().cpu().numpy(),
-            cls=ids.cpu().numpy().astype(class_id_dtype(num_classes)),
-            tail_lse=tail.half().cpu().numpy(),
-        )
+        id_dtype = torch.int16 if class_id_dtype(num_classes) == np.int16 else torch.int32
+        return values.half(), ids.to(id_dtype), tail.half()
+
+    @torch.inference_mode()
+    def encode_async(self, logits: torch.Tensor) -> HostCopy:
+        """Top-k + tail on the device, then an asynchronous copy to the host (`.wait()` gives EncodedLogits)."""
+        return HostCopy(self.encode_on_device(logits))
+
+    def encode(self, logits: torch.Tensor) -> EncodedLogits:
+        """Device logits (..., C) → `labelstore.EncodedLogits` on the host (float16 values)."""
+        return self.encode_async(logits).wait()
 
     def __call__(self, views: torch.Tensor | np.ndarray):
-        """uint8 views (N, h, w, 3) → (tokens EncodedLogits (N, T, ·), cls EncodedLogits (N, ·))."""
+        """uint8 views (N, 3, h, w) → (tokens EncodedLogits (N, T, ·), cls EncodedLogits (N, ·))."""
         cls_logits, token_logits = self.forward(views)
         return self.encode(token_logits), self.encode(cls_logits)

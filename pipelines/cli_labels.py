@@ -92,22 +92,61 @@ def bench_generate_cmd(
     shards: list[str] = typer.Option(..., "--shards", help="Shard URLs or brace patterns to label (repeatable)."),
     model: str = typer.Option("fan_tiny_8_p4_hybrid_token", "--model", help="Teacher architecture (random weights unless --checkpoint)."),
     checkpoint: str = typer.Option(None, "--checkpoint", help="Optional teacher weights."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Views per forward pass."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Views per forward pass (whole images of S views)."),
     amp: str = typer.Option("bf16", "--amp", help="none | bf16 | fp16."),
     views: int = typer.Option(32, "--views", help="Views per sample S."),
     topk: int = typer.Option(10, "--topk", help="Top-k kept per token."),
     num_classes: int = typer.Option(None, "--num-classes", help="Teacher classes (default: the checkpoint's; 1000 for random weights)."),
     input_size: int = typer.Option(None, "--input-size", help="Square input size (default: the model's)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:i]."),
-    render_backend: str = typer.Option("auto", "--render-backend", help="auto | torch | pillow."),
-    decode_threads: int = typer.Option(2, "--decode-threads", help="Prefetch threads for decode and render."),
+    render_backend: str = typer.Option("auto", "--render-backend", help="auto (torch on GPU, Pillow on CPU) | torch | pillow."),
+    decode_threads: int = typer.Option(0, "--decode-threads", help="Decode pool threads (0 = one per CPU)."),
+    compile: str = typer.Option("auto", "--compile", help="torch.compile the teacher: auto (on CUDA) | true | false."),
+    decode_device: str = typer.Option("cpu", "--decode-device", help="cpu (Pillow) | cuda (nvJPEG, see bench jpeg)."),
 ) -> None:
-    """Views/s of the whole labeling pipeline vs the bare teacher forward, and the busy time per phase."""
+    """Views/s of the labeling pipeline vs the bare forward (eager, compiled), TFLOP/s, and where the time went."""
     from labeler.bench_generate import bench_generate
 
     with exit_2_on_user_error():
         report = bench_generate(shards, model, batch_size, amp, views, topk, num_classes, input_size, device,
-                                render_backend, decode_threads, checkpoint)
+                                render_backend, decode_threads, checkpoint, compile=compile, decode_device=decode_device)
+    typer.echo(report.format())
+
+
+@bench_app.command("shards")
+def bench_shards_cmd(
+    out: str = typer.Argument(..., help="Output folder (gets bench-000000.tar, ...)."),
+    shards: int = typer.Option(8, "--shards", help="Number of shards."),
+    per_shard: int = typer.Option(500, "--per-shard", help="JPEGs per shard."),
+    min_size: int = typer.Option(300, "--min-size", help="Smallest image side in pixels."),
+    max_size: int = typer.Option(640, "--max-size", help="Largest image side in pixels."),
+    seed: int = typer.Option(0, "--seed", help="Seed of crops, sizes and labels."),
+) -> None:
+    """Write shards of real-looking JPEGs (random crops of scikit-image photos) for `bench generate`."""
+    from labeler.bench_shards import make_bench_shards
+
+    with exit_2_on_user_error():
+        paths = make_bench_shards(out, shards, per_shard, min_size, max_size, seed)
+    typer.echo(f"wrote {len(paths)} shards × {per_shard} JPEGs ({min_size}–{max_size} px): "
+               f"{paths[0]} … {paths[-1]}")
+
+
+@bench_app.command("jpeg")
+def bench_jpeg_cmd(
+    shards: list[str] = typer.Option(..., "--shards", help="Shard URLs or brace patterns (JPEGs are compared)."),
+    model: str = typer.Option("fan_tiny_8_p4_hybrid_token", "--model", help="Teacher architecture (random weights unless --checkpoint)."),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="Optional teacher weights."),
+    num_classes: int = typer.Option(None, "--num-classes", help="Teacher classes (default: the checkpoint's; 1000)."),
+    views: int = typer.Option(4, "--views", help="Views rendered per image for the top-1 agreement."),
+    limit: int = typer.Option(512, "--limit", help="JPEGs to compare."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:i] (cuda = nvJPEG)."),
+    amp: str = typer.Option("bf16", "--amp", help="none | bf16 | fp16."),
+) -> None:
+    """GPU (nvJPEG) vs Pillow decode: pixel |Δ| and the teacher's top-1 agreement on the same views."""
+    from labeler.bench_jpeg import bench_jpeg
+
+    with exit_2_on_user_error():
+        report = bench_jpeg(shards, model, num_classes, checkpoint, views, limit, device=device, amp=amp)
     typer.echo(report.format())
 
 
@@ -144,7 +183,8 @@ def generate_cmd(
     address: str = typer.Option(None, "--address", help="Ray cluster: 'auto' or 'ray://host:port'.", show_default="local Ray"),
     batch_size: int = typer.Option(GENERATE_DEFAULTS["batch_size"], "--batch-size", help="Views per teacher forward."),
     amp: str = typer.Option(GENERATE_DEFAULTS["amp"], "--amp", help="none | bf16 | fp16."),
-    compile: bool = typer.Option(GENERATE_DEFAULTS["compile"], "--compile/--no-compile", help="torch.compile the teacher."),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the teacher.",
+                                 show_default="on CUDA workers only"),
 ) -> None:
     """Label every shard not yet done (resumable; safe to re-run after a crash or Ctrl-C).
 

@@ -62,10 +62,11 @@ class GenerateSettings:
     view: dict = field(default_factory=default_view_settings)  # ViewSpec fields except size
     batch_size: int = 256
     amp: str = "bf16"
-    compile: bool = False
+    compile: bool | str = "auto"  # auto = torch.compile on CUDA workers
     address: str | None = None  # None = local Ray sized to the machine; "auto" or "ray://host:port"
     cpus_per_worker: float = 1.0  # CPU workers only (GPU workers get the node's CPUs per GPU)
-    decode_threads: int = 2
+    decode_threads: int = 0  # 0 = one decode thread per CPU the worker owns
+    decode_device: str = "cpu"  # cuda: nvJPEG decode on GPU workers (see docs/benchmarks.md for its pixel difference)
     render_backend: str = "auto"
     device: str = "auto"
     dump_views_dir: str | None = None
@@ -94,7 +95,8 @@ class GenerateSettings:
     def worker_settings(self) -> WorkerSettings:
         return WorkerSettings(checkpoint=self.checkpoint, batch_size=self.batch_size, amp=self.amp, compile=self.compile,
                               device=self.device, render_backend=self.render_backend,
-                              decode_threads=self.decode_threads, dump_views_dir=self.dump_views_dir)
+                              decode_threads=self.decode_threads, decode_device=self.decode_device,
+                              dump_views_dir=self.dump_views_dir)
 
 
 SHOWN_INVALID = 5  # invalid samples named in the summary; `stl-labels info --all-invalid` lists every one

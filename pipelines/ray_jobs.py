@@ -35,7 +35,8 @@ class ClusterPlan:
 
     def describe(self) -> str:
         kind = "GPU" if self.gpus_per_worker else "CPU"
-        return f"{self.num_workers} {kind} worker(s), {self.cpus_per_worker:g} CPU each"
+        threads = max(1, int(self.cpus_per_worker))
+        return f"{self.num_workers} {kind} worker(s), {self.cpus_per_worker:g} CPU each ({threads} decode thread(s))"
 
 
 @contextlib.contextmanager
@@ -61,11 +62,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 
 
 def plan_workers(num_shards: int, cpus_per_worker: float = 1.0) -> ClusterPlan:
-    """One worker per GPU; without GPUs, as many CPU workers as fit; never more workers than shards."""
+    """One worker per GPU holding all the node's CPUs per GPU (its decode pool); without GPUs, as many CPU
+    workers as fit; never more workers than shards."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     if gpus > 0:
-        per_gpu_cpus = max(1.0, min(8.0, cpus // gpus))
+        per_gpu_cpus = max(1.0, cpus // gpus)
         return ClusterPlan(max(1, min(gpus, num_shards)), 1.0, per_gpu_cpus)
     per = min(max(cpus_per_worker, 0.1), cpus)
     return ClusterPlan(max(1, min(int(cpus // per), num_shards)), 0.0, per)
@@ -77,8 +79,9 @@ def worker_settings_for(plan: ClusterPlan, settings: WorkerSettings) -> tuple[Wo
     A GPU worker holds one GPU and the node's CPUs per GPU, so it runs the teacher on that GPU and decodes
     with one thread per CPU it holds, whatever `device` and `decode_threads` say; CPU workers keep them.
     """
-    if not plan.gpus_per_worker:
-        return settings, None
+    if not plan.gpus_per_worker:  # 0 = auto: one decode thread per CPU the actor holds, not per CPU of the node
+        return (replace(settings, decode_threads=max(1, int(plan.cpus_per_worker))) if settings.decode_threads == 0
+                else settings), None
     chosen = replace(settings, device="cuda", decode_threads=max(1, int(plan.cpus_per_worker)))
     changed = [f"{name} {getattr(settings, name)!r} -> {getattr(chosen, name)!r}" for name in ("device", "decode_threads")
                if getattr(settings, name) != getattr(chosen, name)]

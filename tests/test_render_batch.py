@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import labeler.render_batch as rb
-from labeler.render_batch import SourceBatch, pad_images, render_batch, render_images, upload
+from labeler.render_batch import SourceBatch, pack_images, pad_images, render_batch, render_images, upload
 from labelstore.views import ViewSpec, draw_views, render, view_geometry
 
 SIZES = [(8, 8), (120, 160), (37, 129), (700, 500), (300, 290), (451, 470)]
@@ -75,6 +75,17 @@ def test_box_reduction_is_bit_exact_pillow_reduce():
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("hw,k", [((83, 97), 2), ((100, 100), 3), ((17, 33), 5), ((9, 7), 3), ((300, 290), 17)])
+def test_box_reduction_clips_edge_boxes_like_pillow(hw, k):
+    """Whole-image reductions whose last row/column of boxes is cut by the edge (sizes not multiples of k)."""
+    img = _images(k, [hw])[0]
+    src = upload(*pad_images([img]), "cpu")
+    h, w = hw
+    reduced_hw = torch.tensor([[-(-h // k), -(-w // k)]])
+    got = rb._reduced_crops(src, torch.tensor([0]), torch.tensor([[0, 0, w, h]]), torch.tensor([k]), reduced_hw)
+    np.testing.assert_array_equal(got[0].permute(1, 2, 0).numpy(), np.asarray(Image.fromarray(img).reduce(k)))
+
+
 def test_any_view_order_gives_the_same_pixels(precision):
     """Views need not be grouped by image: a shuffled index takes the general path, same pixels."""
     spec = SPECS["large crops (box reduction)"]
@@ -117,3 +128,14 @@ def test_pad_images_rounds_up_and_keeps_pixels():
     padded, hw = pad_images(images, multiple=32)
     assert padded.shape == (2, 64, 96, 3) and hw.tolist() == [[33, 10], [5, 70]]
     np.testing.assert_array_equal(padded[1, :5, :70], images[1])
+    assert not padded[0, :, 10:].any() and not padded[0, 33:].any() and not padded[1, 5:].any()  # padding is zero
+
+
+def test_pack_images_refills_recycled_buffers_with_zero_padding():
+    """pack_images writes only image + padding: a recycled buffer with old contents still comes out clean."""
+    big = [np.full((60, 60, 3), 255, np.uint8)]
+    for _ in range(3):  # torch's host allocator may hand back the same block
+        pack_images(big)
+    small, hw = pack_images(_images(7, [(40, 20)]), multiple=32)
+    assert tuple(small.shape) == (1, 64, 32, 3) and hw.tolist() == [[40, 20]]
+    assert not small[0, 40:].any() and not small[0, :, 20:].any()

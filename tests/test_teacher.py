@@ -25,6 +25,8 @@ class Recorder(torch.nn.Module):
         n = x.shape[0]
         return self.logits[0][:n], self.logits[1][:n]
 
+    forward_tokens = forward
+
 
 def test_topk_with_tail_matches_numpy_codec():
     logits = torch.randn(5, 7, 50, generator=torch.Generator().manual_seed(0)) * 4
@@ -42,10 +44,10 @@ def test_teacher_normalises_uses_eval_and_encodes():
     cls_logits, tok_logits = torch.randn(4, 20, generator=gen), torch.randn(4, 16, 20, generator=gen)
     model = Recorder(cls_logits, tok_logits).train()
     teacher = Teacher(model, MEAN, STD, topk=3, device="cpu", amp="none")
-    views = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8, generator=gen)
+    views = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=gen)
     tokens, cls = teacher(views)
     x, training, grad = model.seen
-    expected = (views.permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    expected = (views.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
     assert not training and not grad
     assert tokens.logit.shape == (4, 16, 3) and tokens.cls.dtype == np.int16 and tokens.tail_lse.shape == (4, 16)
@@ -57,14 +59,14 @@ def test_teacher_normalises_uses_eval_and_encodes():
 
 def test_dense_mode_and_bad_settings():
     model = Recorder(torch.zeros(2, 5), torch.ones(2, 4, 5))
-    tokens, cls = Teacher(model, MEAN, STD, topk=0)(np.zeros((2, 4, 4, 3), np.uint8))
+    tokens, cls = Teacher(model, MEAN, STD, topk=0)(np.zeros((2, 3, 4, 4), np.uint8))
     assert tokens.dense and tokens.logit.dtype == np.float16 and tokens.logit.shape == (2, 4, 5)
     with pytest.raises(ValueError, match="amp"):
         Teacher(model, MEAN, STD, topk=1, amp="fp8")
     with pytest.raises(ValueError, match="exceeds"):
-        Teacher(model, MEAN, STD, topk=9)(np.zeros((2, 4, 4, 3), np.uint8))
+        Teacher(model, MEAN, STD, topk=9)(np.zeros((2, 3, 4, 4), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
-        Teacher(model, MEAN, STD, topk=1)(np.zeros((2, 4, 4, 3), np.float32))
+        Teacher(model, MEAN, STD, topk=1)(np.zeros((2, 3, 4, 4), np.float32))
 
 
 def test_fan_teacher_amp_bf16_close_to_fp32():
@@ -72,7 +74,7 @@ def test_fan_teacher_amp_bf16_close_to_fp32():
 
     torch.manual_seed(0)
     model = models.create_token_model("fan_test_p4_hybrid_token", num_classes=10)
-    views = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    views = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     full = Teacher(model, MEAN, STD, topk=10, amp="none")
     tokens, cls = full(views)
     assert tokens.logit.shape == (3, 16, 10) and cls.logit.shape == (3, 10)
@@ -82,3 +84,20 @@ def test_fan_teacher_amp_bf16_close_to_fp32():
     cls32, _ = full.forward(views)
     cls16, _ = Teacher(model, MEAN, STD, topk=10, amp="bf16").forward(views)
     assert cls16.dtype == torch.float32 and (cls16 - cls32).abs().max().item() < 0.5
+
+
+def test_compile_setting_and_async_encode():
+    from labeler.teacher import resolve_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (resolve_compile("auto", cpu), resolve_compile("auto", cuda)) == (False, True)
+    assert resolve_compile(True, cpu) and not resolve_compile("false", cuda)
+    with pytest.raises(ValueError, match="compile"):
+        resolve_compile("sometimes", cpu)
+    logits = torch.randn(6, 4, 40, generator=torch.Generator().manual_seed(3))
+    teacher = Teacher(Recorder(logits[:, 0], logits), MEAN, STD, topk=5)
+    assert not teacher.compiled
+    got, ref = teacher.encode_async(logits).wait(), encode_topk(logits.numpy(), 5)
+    np.testing.assert_array_equal(got.cls, ref.cls)
+    np.testing.assert_array_equal(got.logit, ref.logit)
+    assert got.cls.dtype == ref.cls.dtype and got.tail_lse.dtype == np.float16

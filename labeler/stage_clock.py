@@ -1,0 +1,65 @@
+"""Where a work unit's wall time goes: host timers for CPU stages, CUDA events for device stages.
+
+Device stages (copy, render, forward, top-k) are queued asynchronously, so a host timer around them
+would measure only the launch. On CUDA each one is bracketed by a pair of events on the stream it
+runs on and the pairs are summed after the shard (one sync, no stall per batch); on CPU the work is
+synchronous and a host timer is exact. Host stages that several threads run at once (decode) add
+their busy seconds, so shares can exceed 100 % of the wall time.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Iterator
+
+import torch
+
+HOST_PHASES = ("read", "decode", "decode_wait", "result_wait", "write")
+DEVICE_PHASES = ("copy", "render", "forward", "topk")
+PHASES = ("read", "decode", "decode_wait", "copy", "render", "forward", "topk", "result_wait", "write")
+COMPUTE_PHASES = ("render", "forward", "topk")  # what runs on the compute stream, one after the other
+
+
+class StageClock:
+    """Seconds per phase; `resolve()` folds in the device events recorded so far."""
+
+    def __init__(self, device: torch.device):
+        self.seconds = {p: 0.0 for p in PHASES}
+        self._cuda = device.type == "cuda"
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._lock = threading.Lock()
+
+    def add(self, phase: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[phase] += seconds
+
+    @contextlib.contextmanager
+    def host(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - start)
+
+    @contextlib.contextmanager
+    def device(self, phase: str, stream: "torch.cuda.Stream | None" = None) -> Iterator[None]:
+        if not self._cuda:
+            with self.host(phase):
+                yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        try:
+            yield
+        finally:
+            end.record(stream)
+            self._events.append((phase, start, end))
+
+    def resolve(self) -> dict[str, float]:
+        """Wait for the recorded device events and add their durations; returns `seconds`."""
+        for phase, start, end in self._events:
+            end.synchronize()
+            self.seconds[phase] += start.elapsed_time(end) / 1000.0
+        self._events.clear()
+        return self.seconds
