@@ -113,7 +113,7 @@ def bench_generate_cmd(
     typer.echo(report.format())
 
 
-@bench_app.command("shards")
+@bench_app.command("shards", cls=HelpCommand)
 def bench_shards_cmd(
     out: str = typer.Argument(..., help="Output folder (gets bench-000000.tar, ...)."),
     shards: int = typer.Option(8, "--shards", help="Number of shards."),
@@ -131,7 +131,7 @@ def bench_shards_cmd(
                f"{paths[0]} … {paths[-1]}")
 
 
-@bench_app.command("jpeg")
+@bench_app.command("jpeg", cls=HelpCommand)
 def bench_jpeg_cmd(
     shards: list[str] = typer.Option(..., "--shards", help="Shard URLs or brace patterns (JPEGs are compared)."),
     model: str = typer.Option("fan_tiny_8_p4_hybrid_token", "--model", help="Teacher architecture (random weights unless --checkpoint)."),
@@ -152,7 +152,7 @@ def bench_jpeg_cmd(
 
 # Defaults of GenerateSettings, shown in --help; a flag overrides a --config preset only when typed
 # (tests/test_cli.py checks these against GenerateSettings).
-GENERATE_DEFAULTS = {"views": 32, "topk": 10, "seed": 0, "batch_size": 256, "amp": "bf16", "compile": False}
+GENERATE_DEFAULTS = {"views": 32, "topk": 10, "seed": 0, "batch_size": 256, "amp": "bf16"}
 RANDOM_TEACHER_WARNING = ("WARNING: no --checkpoint: the teacher has RANDOM weights; its token labels are noise "
                           "(use this only to test the pipeline)")
 
