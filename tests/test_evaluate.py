@@ -16,6 +16,9 @@ class FixedModel(torch.nn.Module):
         self.cls_logits, self.token_logits = cls_logits, token_logits
 
     def forward(self, x):
+        return self.cls_logits[: len(x)]
+
+    def forward_tokens(self, x):
         return self.cls_logits[: len(x)], self.token_logits[: len(x)]
 
 
