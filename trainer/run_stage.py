@@ -72,11 +72,13 @@ def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: 
     try:
         loader = build_student_loader(cfg.data, labels=labels, labeler=labeler, num_classes=cfg.model.num_classes,
                                       rank=info.rank, world_size=info.world_size,
-                                      pin_memory=info.device.type == "cuda")
+                                      pin_memory=info.device.type == "cuda",
+                                      render_on_device=cfg.data.augment_on_device(info.device))
         model = build_model(cfg)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=cfg.tokens,
                                 store_grid=loader.store_grid, student_grid=token_grid(model, loader.input_size),
-                                device=info.device, seed=cfg.data.seed, train=True)
+                                device=info.device, seed=cfg.data.seed, train=True, view_spec=loader.view_spec,
+                                rank=info.rank)
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
                      make_targets=lambda batch, device, step: targets(batch, step),
                      compute_loss=partial(student_loss, beta=cfg.tokens.beta),
@@ -98,7 +100,7 @@ def run_labeler(cfg: TrainConfig, *, out_dir: str | Path, resume: str | Path | N
         steps = max(1, -(-num_samples // (cfg.data.batch_size * info.world_size)))
         model = build_model(cfg)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=None, store_grid=None,
-                                device=info.device, seed=cfg.data.seed, train=True)
+                                device=info.device, seed=cfg.data.seed, train=True, rank=info.rank)
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
                      make_targets=lambda batch, device, step: targets(batch, step),
                      compute_loss=lambda c, t, y, _tokens: labeler_loss(c, t, y, alpha=cfg.loss.alpha),
