@@ -260,7 +260,7 @@ def run_bench(s: BenchSettings) -> BenchFigures:
         torch.manual_seed(s.seed)
         model = create_token_model(s.model, num_classes=num_classes).to(device, memory_format=memory_format).train()
         opt = create_optimizer(model, OptimConfig(), lr=1e-4)
-        step_model = torch.compile(model) if s.compile else model
+        step_model = torch.compile(model, dynamic=False) if s.compile else model
         make_targets = _variant_targets(variant, builder_for(variant, model), teacher_for(variant), tokens,
                                         num_classes, hw, s.amp)
         start = 0.0

@@ -141,7 +141,8 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     # ---- phase 3: wrap for speed and for several processes --------------------------------------------
     train_model = wrap_ddp(model, info)
     if cfg.model.compile:
-        train_model = torch.compile(train_model)
+        # Fixed shapes (the runners set data.drop_last with model.compile): one graph, no recompiles.
+        train_model = torch.compile(train_model, dynamic=False)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     stop = stop or StopRequest()
