@@ -52,17 +52,21 @@ def pillow_op(name: str, img: np.ndarray, arg: float) -> np.ndarray:
     return np.asarray(op(pil, float(arg)))
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,args,mean_bound,max_bound", CASES, ids=[c[0] for c in CASES])
-def test_op_matches_timm_pillow(name, args, mean_bound, max_bound):
+def test_op_matches_timm_pillow(name, args, mean_bound, max_bound, device):
     ims = photos()
-    batch = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous()
+    batch = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous().to(device)
     k = OP_NAMES.index(name)
     for arg in args:
         ops = np.full((len(ims), 1), k, np.int8)
         got = apply_photometric(batch, ops, np.full((len(ims), 1), arg, np.float32))
         want = np.stack([pillow_op(name, im, arg) for im in ims])
-        diff = np.abs(got.permute(0, 2, 3, 1).numpy().astype(int) - want.astype(int))
-        print(f"{name:<22} arg {arg:>6}: mean |Δ| {diff.mean():.4f}, max |Δ| {diff.max()}")
+        diff = np.abs(got.permute(0, 2, 3, 1).cpu().numpy().astype(int) - want.astype(int))
+        print(f"{device} {name:<22} arg {arg:>6}: mean |Δ| {diff.mean():.4f}, max |Δ| {diff.max()}")
         assert diff.mean() <= mean_bound and diff.max() <= max_bound, (name, arg, diff.mean(), diff.max())
         if name not in ("PosterizeIncreasing",) or arg < 8:
             if not (name.startswith("Solarize") and arg in (0, 256)) and not (name == "SolarizeAdd" and arg == 0):

@@ -151,6 +151,7 @@ class TimedBatches:
 
     def __call__(self, epoch: int, position: dict):
         batches = iter(self.epoch_batches(epoch, position))
+        first = True
         while True:
             t0 = time.perf_counter()
             if self.requested == self.warmup:
@@ -159,7 +160,10 @@ class TimedBatches:
             item = next(batches, None)
             t1 = time.perf_counter()
             if item is None:
+                if first:
+                    raise ValueError("bench: the shards yield no full batch in an epoch; lower --batch-size")
                 return
+            first = False
             self.requested += 1
             if self.start is not None and self.end is None:
                 if t0 - self.start >= self.seconds and self.requested > self.warmup + 1:
