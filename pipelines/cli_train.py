@@ -174,20 +174,27 @@ def bench_cmd(
     labels: str = typer.Option(..., "--labels", help="Label store holding --labeler's labels for these shards."),
     labeler: str = typer.Option(..., "--labeler", help="Labeler name inside the store."),
     model: str = typer.Option("fan_test_p4_hybrid_token", "--model", help="Student (and same-size online teacher)."),
-    steps: int = typer.Option(20, "--steps", help="Timed training steps per variant (after 3 warm-up steps)."),
+    seconds: float = typer.Option(60.0, "--seconds", help="Timed end-to-end run per variant, after the warm-up."),
+    steps: int = typer.Option(20, "--steps", help="Timed step-only steps per variant (batches in memory)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed warm-up steps (compile, worker start) per variant."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per step."),
-    workers: int = typer.Option(0, "--workers", help="Data-loader workers for the loader comparison."),
+    workers: int = typer.Option(0, "--workers", help="Data-loader workers (persistent)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     amp: str = typer.Option("none", "--amp", help="none | bf16 | fp16."),
-    repeats: int = typer.Option(3, "--repeats", help="Interleaved repeats per variant; the median is printed."),
+    compile_step: bool = typer.Option(False, "--compile", help="torch.compile the student (model.compile)."),
+    augment_device: str = typer.Option("auto", "--augment-device",
+                                       help="auto | cpu | cuda: where views are rendered and augmented."),
+    repeats: int = typer.Option(3, "--repeats", help="Interleaved step-only/loader repeats; the median is printed."),
 ) -> None:
-    """Student steps/s: (a) no token labels, (b) stored labels, (c) online teacher; loader images/s vs timm."""
+    """Student img/s end to end (real loop) and step only: (a) no token labels, (b) stored labels, (c) online
+    teacher; where the time goes; loader images/s vs timm."""
     with exit_2_on_user_error():
         from trainer.bench import BenchSettings, run_bench
 
-        figures = run_bench(BenchSettings(shards=tuple(shards), labels=labels, labeler=labeler, model=model, steps=steps,
-                                          batch_size=batch_size, workers=workers, device=device, amp=amp,
-                                          repeats=repeats))
+        figures = run_bench(BenchSettings(shards=tuple(shards), labels=labels, labeler=labeler, model=model,
+                                          seconds=seconds, steps=steps, warmup=warmup, batch_size=batch_size,
+                                          workers=workers, device=device, amp=amp, compile=compile_step,
+                                          augment_device=augment_device, repeats=repeats))
     typer.echo(figures.table())
 
 

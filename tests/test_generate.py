@@ -440,7 +440,7 @@ def test_generate_cli_rejects_bad_settings_before_work(data, tmp_path):
     assert "RANDOM weights" in typo.stderr  # --random-weights: allowed, and said loudly
     glob = CliRunner().invoke(app, ["generate", "--shards", str(root / "s-*.tar"), "--store", str(tmp_path / "l.zarr"),
                                     "--name", "x", "--model", MODEL, "--random-weights"])
-    errors = [line for line in glob.output.splitlines() if not line.startswith("WARNING")]
+    errors = [line for line in glob.output.splitlines() if line.startswith("error")]
     assert glob.exit_code == 2 and "is a glob pattern" in glob.output and len(errors) == 1
     size = CliRunner().invoke(app, base + ["--model", MODEL, "--set", "input_size=64"])
     assert size.exit_code == 2 and "input_size" in size.output and len(size.output.strip().splitlines()) == 1

@@ -225,3 +225,29 @@ def test_dense_store_batches(tiny):
     tb = TargetBuilder(num_classes=C, data=_cfg(tiny), tokens=TokenLabelConfig(mode="softmax"),
                        store_grid=loader.store_grid)
     assert tb(batch, step=1)[2].shape == (len(batch["label"]), 16, C)
+
+
+@pytest.mark.parametrize("augs", [False, True])
+def test_device_path_renders_and_augments_what_the_cpu_path_gives(tiny, augs):
+    """Workers decode only; TargetBuilder renders the stored view (labeler.render_batch) and applies the same
+    photometric draw (trainer.photometric_torch) on the device: the same images as the Pillow path in the workers."""
+    from trainer.target_builder import TargetBuilder
+
+    cfg = _cfg(tiny, student_augs=augs, rand_augment="rand-m9-n3-mstd0.5-inc1", shuffle_buffer=0)
+    cpu = build_student_loader(cfg, labels=tiny["store"], labeler="tl", num_classes=C)
+    dev = build_student_loader(cfg, labels=tiny["store"], labeler="tl", num_classes=C, render_on_device=True)
+    assert dev.render_on_device and not cpu.render_on_device
+    builder = TargetBuilder(num_classes=C, data=cfg, view_spec=dev.view_spec, train=False)
+    for ld in (cpu, dev):
+        ld.set_epoch(1)
+    applied = 0
+    for a, b in zip(cpu, dev, strict=True):
+        assert "image" not in b and b["source"].dtype == torch.uint8 and b["params"].shape[0] == len(b["row"])
+        assert torch.equal(a["row"], b["row"]) and torch.equal(a["token_logit"], b["token_logit"])
+        got = builder.render(b)
+        diff = (got.int() - a["image"].int()).abs()
+        assert diff.float().mean() <= 0.01 and diff.max() <= 1, (diff.float().mean(), diff.max())
+        if augs:
+            assert b["photo_ops"].shape == (len(b["row"]), 3)
+            applied += int((b["photo_ops"] >= 0).sum())
+    assert not augs or applied > 0  # the draw applied ops: the comparison covered the photometric path

@@ -139,11 +139,15 @@ def test_corrupt_image_mid_epoch_is_skipped_and_counted(world, tmp_path):
 def test_bench_prints_all_figures_and_ratios(world):
     shard_args = [a for s in world["train"] for a in ("--shards", s)]
     r = runner.invoke(app, ["bench", *shard_args, "--labels", str(world["root"] / "labels.zarr"), "--labeler", "tl",
-                            "--steps", "1", "--repeats", "1", "--batch-size", "8"])
+                            "--steps", "1", "--repeats", "1", "--batch-size", "8", "--seconds", "1", "--warmup", "1",
+                            "--workers", "1"])
     assert r.exit_code == 0, r.output
-    for text in ("(a) no token labels", "(b) stored token labels", "(c) online teacher", "replay loader (ours)",
-                 "timm train transform", "ratio b/a", "ratio b/c", "ratio replay/timm"):
+    for text in ("end to end (real loop)", "loader wait", "step only", "(a) no token labels", "(b) stored token labels",
+                 "(c) online teacher", "replay loader (ours)", "timm train transform", "ratio b/a end to end",
+                 "ratio b/c end to end", "ratio b/a step only", "ratio b end to end / step only", "ratio replay/timm"):
         assert text in r.output
+    rows = [line.split() for line in r.output.splitlines() if line.strip().startswith(("(a)", "(b)", "(c)"))]
+    assert len(rows) == 6 and all(float(row[4]) > 0 for row in rows[:3]), r.output  # end-to-end img/s measured
 
 
 @pytest.mark.timeout(300)

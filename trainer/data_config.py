@@ -13,6 +13,7 @@ VIEW_CHOICES = ("chunk", "first")
 TOKEN_MODES = ("gumbel", "softmax", "argmax")
 TOKEN_MIXES = ("follow", "none")
 ERASE_MODES = ("const", "rand", "pixel")
+AUGMENT_DEVICES = ("auto", "cpu", "cuda")
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -62,6 +63,11 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples shuffled within a data worker (0: shard order)
     student_augs: bool = True  # False: no RandAugment / erasing (replay checks, debugging)
     drop_last: bool = False  # True drops each worker's last partial batch (those samples are not seen)
+    # Where the student's view render + photometric ops run: cpu = Pillow in the data workers; cuda = workers
+    # only decode, the GPU renders and augments (docs/design.md "The train-time data path"); auto = cuda
+    # when the model is on a GPU.
+    augment_device: str = "auto"
+    prefetch_factor: int = 4  # batches each data worker keeps ready
 
     def __post_init__(self) -> None:
         if isinstance(self.shards, str):
@@ -76,6 +82,10 @@ class DataConfig:
             raise TrainConfigError(f"data.workers must be >= 0, got {self.workers!r}")
         if int(self.shuffle_buffer) < 0:
             raise TrainConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer!r}")
+        if self.augment_device not in AUGMENT_DEVICES:
+            raise TrainConfigError(f"data.augment_device must be one of {AUGMENT_DEVICES}, got {self.augment_device!r}")
+        if int(self.prefetch_factor) < 1:
+            raise TrainConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor!r}")
         if self.view_choice not in VIEW_CHOICES:
             raise TrainConfigError(f"data.view_choice must be one of {VIEW_CHOICES}, got {self.view_choice!r}")
         if self.rand_augment and not re.fullmatch(r"rand(-[a-z]+[0-9.]+)*", self.rand_augment):
@@ -95,6 +105,13 @@ class DataConfig:
             if len(v) != 3 or (name == "std" and min(v) <= 0):
                 raise TrainConfigError(f"data.{name} must be 3 numbers (std > 0), got {getattr(self, name)!r}")
             object.__setattr__(self, name, v)
+
+    def augment_on_device(self, device) -> bool:
+        """True when the student's render + photometric ops run on `device` (the model's) rather than in the workers."""
+        kind = getattr(device, "type", str(device))
+        if self.augment_device == "cuda" and kind != "cuda":
+            raise TrainConfigError(f"data.augment_device is 'cuda' but the run's device is {kind!r}: use 'auto' or 'cpu'")
+        return self.augment_device == "cuda" or (self.augment_device == "auto" and kind == "cuda")
 
     @property
     def mixing(self) -> bool:

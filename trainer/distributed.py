@@ -2,12 +2,19 @@
 
 torchrun exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them this is a
 single-process run and nothing is initialised. Only rank 0 prints, logs metrics and writes checkpoints.
+
+Randomness (docs/design.md "Randomness"): model init is identical on every rank (seeded before the model
+is built); every training step then reseeds the global generators from (seed, rank, step), so drop
+path, erasing noise and anything else drawn from them differ by rank and step and replay exactly.
+Control flags ("out of data", "stop requested") are agreed over a CPU (gloo) group, so asking costs no
+wait for the GPU.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -43,6 +50,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 device_id=dev if dev.type == "cuda" else None)
+    global _CONTROL_GROUP
+    if world_size > 1 and _CONTROL_GROUP is None:
+        # Every rank must create groups in the same order: here, right after the default group.
+        _CONTROL_GROUP = dist.new_group(backend="gloo") if dev.type == "cuda" else dist.group.WORLD
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -65,6 +76,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+_CONTROL_GROUP = None
+_STEP_TAG = 0x5253_5450  # "RSTP"
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The global generators' seed for one training step of one rank (63 bits)."""
+    state = np.random.SeedSequence(int(seed), spawn_key=(_STEP_TAG, int(rank), int(step))).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Reseed torch's CPU and CUDA generators for (seed, rank, step): a host-side call, no device sync."""
+    torch.manual_seed(step_seed(seed, rank, step))
+
+
+def any_rank(info: DistInfo, *flags: bool) -> list[bool]:
+    """For each flag: is it set on any rank? A CPU all-reduce (gloo), so the GPU queue is never waited on."""
+    if not info.distributed:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(bool(f)) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_CONTROL_GROUP)
+    return [bool(v > 0) for v in t.tolist()]
+
+
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum a tensor over ranks (identity on one process); used for eval counts and NaN agreement."""
     if info.distributed:
@@ -78,5 +113,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown_distributed(info: DistInfo) -> None:
+    global _CONTROL_GROUP
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+    _CONTROL_GROUP = None

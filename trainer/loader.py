@@ -14,11 +14,15 @@ Resuming with `set_epoch(epoch, skip_shards=done_shards)` re-reads only the shar
 gather the sets of all ranks for DDP. Skipped samples (corrupt image, invalid row, truncated tar)
 are counted in `skipped`, never dropped silently.
 
-Workers are not persistent: each `iter()` starts them with the epoch set by `set_epoch`.
+Workers are persistent (started once, reused every epoch): the epoch and the shards to skip live in a
+shared-memory tensor that `set_epoch` writes and every worker reads when its next epoch starts.
+Workers never sit idle unnoticed: a rank with more workers than shards gets a warning (shards are
+the unit of work split over workers).
 """
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import zlib
 from itertools import islice
@@ -35,8 +39,8 @@ from labelstore.shard_format import expand_shard_urls, image_field, parse_label
 from trainer.data_config import DataConfig
 from trainer.epoch_ledger import EpochLedger
 from trainer.stages import (
-    LabelJoin, augment_views, batch_samples, collate_student, enter_samples, join_labels, lookup_rows,
-    replay_views, track_shards,
+    LabelJoin, PhotometricSlotDraw, augment_views, batch_samples, collate_sources, collate_student, decode_views,
+    draw_photometric, enter_samples, join_labels, lookup_rows, replay_views, track_shards,
 )
 from trainer.student_augment import StudentAugment, keep_posterize_bits_positive, sample_seed, seeded_global_random
 
@@ -71,10 +75,28 @@ class ShardStream(IterableDataset):
         if rank is not None and not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.skip_shards = 0, frozenset()
+        # [epoch, skip flag of each shard position]: shared memory, so persistent workers see set_epoch.
+        self._state = torch.zeros(1 + len(self.urls), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    @property
+    def skip_shards(self) -> frozenset:
+        return frozenset(int(i) for i in torch.nonzero(self._state[1:]).flatten())
 
     def set_epoch(self, epoch: int, skip_shards: Iterable[int] = ()) -> None:
-        self.epoch, self.skip_shards = int(epoch), frozenset(int(p) for p in skip_shards)
+        skip = [int(p) for p in skip_shards]
+        if any(not 0 <= p < len(self.urls) for p in skip):
+            raise ValueError(f"skip_shards {sorted(skip)} outside this stream's {len(self.urls)} shard positions")
+        self._state.zero_()
+        self._state[0] = int(epoch)
+        self._state[1:][skip] = 1
+
+    def shards_per_rank(self) -> int:
+        world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        return math.ceil(len(self.urls) / max(1, world))
 
     def order(self) -> list[str]:
         return epoch_shard_order(self.urls, self.seed, self.epoch, self.shuffle_shards)
@@ -87,7 +109,8 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         order = self.order()
         positions = {u: i for i, u in enumerate(order)}
-        items = iter([{"url": u, "__pos__": i} for i, u in enumerate(order) if i not in self.skip_shards])
+        skip = self.skip_shards
+        items = iter([{"url": u, "__pos__": i} for i, u in enumerate(order) if i not in skip])
         items = wds.split_by_worker(self._split_by_rank(items))
         ledger = EpochLedger()
         samples = wds.tariterators.tarfile_samples(track_shards(items, ledger), handler=_keep_going)
@@ -104,8 +127,14 @@ def _worker_init(_: int) -> None:
 class StreamLoader:
     """Iterates a ShardStream through a torch DataLoader (batches collated in the workers)."""
 
-    def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool = False, prefetch_factor: int = 2):
+    def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool = False, prefetch_factor: int = 4):
         self.stream, self.workers, self.pin_memory, self.prefetch_factor = stream, int(workers), pin_memory, prefetch_factor
+        shards = stream.shards_per_rank()
+        if self.workers > shards:
+            warnings.warn(f"data.workers={self.workers} but each rank reads only {shards} shard(s): "
+                          f"{self.workers - shards} worker(s) per rank will sit idle (a shard is read by one worker); "
+                          f"write more, smaller shards or lower data.workers", stacklevel=3)
+        self._loader: DataLoader | None = None
         self.done_shards: set[int] = set()
         self.skipped: list[dict] = []
         self.samples_seen = 0
@@ -133,15 +162,17 @@ class StreamLoader:
         return len(self.skipped)
 
     def __iter__(self):
-        kw = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init) if self.workers > 0 else {}
-        dl = DataLoader(self.stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                        persistent_workers=False, **kw)
-        for item in dl:
+        if self._loader is None:  # built once: persistent workers survive the epochs
+            kw = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init,
+                      persistent_workers=True) if self.workers > 0 else {}
+            self._loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers,
+                                      pin_memory=self.pin_memory, **kw)
+        for item in self._loader:
             meta = item.pop("meta")
             self.done_shards.update(meta["done_shards"])
             self.skipped.extend(meta["skipped"])
-            if "image" in item:
-                self.samples_seen += len(item["image"])
+            if "label" in item:  # not a meta-only item
+                self.samples_seen += len(item["label"])
                 yield item
 
 
@@ -151,11 +182,13 @@ class StudentPipeline:
     """The student data-path steps for one worker's samples (picklable: the store opens lazily)."""
 
     def __init__(self, cfg: DataConfig, index: RowIndex, labeler_store, view_spec, rows_per_chunk: int,
-                 num_rows: int, num_views: int):
+                 num_rows: int, num_views: int, render_on_device: bool = False):
         self.cfg, self.index, self.labeler_store, self.view_spec = cfg, index, labeler_store, view_spec
         self.rows_per_chunk, self.num_rows, self.num_views = rows_per_chunk, num_rows, num_views
+        self.render_on_device = bool(render_on_device)
         self.aug = (StudentAugment(cfg.rand_augment, tuple(view_spec.fill))
                     if cfg.student_augs and cfg.rand_augment else None)
+        self.slot_draw = PhotometricSlotDraw(self.aug) if self.aug is not None and render_on_device else None
 
     def __call__(self, samples, ledger: EpochLedger, positions: dict, epoch: int, stream_id: tuple[int, int]):
         cfg = self.cfg
@@ -167,6 +200,9 @@ class StudentPipeline:
         if cfg.shuffle_buffer > 0:
             seed = np.random.SeedSequence(cfg.seed, spawn_key=(_SHUFFLE_TAG, epoch, *stream_id)).generate_state(1)[0]
             s = wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, seed=int(seed))(s)
+        if self.render_on_device:  # the device renders and augments (trainer.target_builder)
+            s = draw_photometric(decode_views(s, ledger), self.slot_draw, cfg.seed, epoch)
+            return batch_samples(s, cfg.batch_size, ledger, collate_sources, cfg.drop_last)
         s = replay_views(s, self.view_spec, ledger)
         s = augment_views(s, self.aug, cfg.seed, epoch)
         return batch_samples(s, cfg.batch_size, ledger, collate_student, cfg.drop_last)
@@ -174,10 +210,13 @@ class StudentPipeline:
 
 class StudentLoader(StreamLoader):
     """Batches: image uint8 (B,3,H,W) channels_last, label, row, view, token_logit (B,T,K|C) f16,
-    token_class (B,T,K) int, token_tail (B,T) f16 (the last two absent for a dense store)."""
+    token_class (B,T,K) int, token_tail (B,T) f16 (the last two absent for a dense store).
+    Device path: `source` (B,H,W,3) uint8 padded + `source_hw` (B,2) + `params` (B,P) + `photo_ops` /
+    `photo_args` (B,S) instead of `image` (rendered by `trainer.target_builder.TargetBuilder`)."""
 
-    def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool, labeler_spec, num_samples: int):
-        super().__init__(stream, workers=workers, pin_memory=pin_memory)
+    def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool, labeler_spec, num_samples: int,
+                 prefetch_factor: int = 4):
+        super().__init__(stream, workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
         self.labeler_spec = labeler_spec
         self.num_samples = num_samples  # labelled (valid) rows of the given shards: one epoch, all ranks
 
@@ -192,6 +231,14 @@ class StudentLoader(StreamLoader):
     @property
     def input_size(self) -> tuple[int, int]:
         return tuple(self.labeler_spec.view_spec.size)
+
+    @property
+    def view_spec(self):
+        return self.labeler_spec.view_spec
+
+    @property
+    def render_on_device(self) -> bool:
+        return self.stream.pipeline.render_on_device
 
     def view_choices(self, epoch: int) -> dict:
         """The epoch's view per store chunk of the streamed shards (deterministic; for the run log)."""
@@ -226,8 +273,9 @@ def open_labels(labels, labeler: str, *, num_classes: int | None = None, input_s
 
 def build_student_loader(cfg: DataConfig, *, labels, labeler: str, num_classes: int | None = None,
                          rank: int | None = None, world_size: int | None = None,
-                         pin_memory: bool = False) -> StudentLoader:
-    """The stage-2 loader: stream `cfg.shards`, join each sample to its stored row, replay the stored view.
+                         pin_memory: bool = False, render_on_device: bool = False) -> StudentLoader:
+    """The stage-2 loader: stream `cfg.shards`, join each sample to its stored row, replay the stored view
+    (in the workers, or on the training device with `render_on_device`: see `cfg.augment_on_device`).
 
     Raises SchemaMismatch (clear message) for a missing labeler, another class count, another view
     size, shards that are not in the store, or shards the labeler has not finished.
@@ -245,10 +293,10 @@ def build_student_loader(cfg: DataConfig, *, labels, labeler: str, num_classes: 
                       for i, s in enumerate(store.shards) if i in set(index.shard_of_url.values()))
     spec = lab.spec
     pipeline = StudentPipeline(cfg, index, lab, spec.view_spec, token_chunk_rows(lab), store.num_rows,
-                               int(spec.views))
+                               int(spec.views), render_on_device=render_on_device)
     stream = ShardStream(urls, pipeline, seed=cfg.seed, rank=rank, world_size=world_size)
     return StudentLoader(stream, workers=cfg.workers, pin_memory=pin_memory, labeler_spec=spec,
-                         num_samples=num_samples)
+                         num_samples=num_samples, prefetch_factor=cfg.prefetch_factor)
 
 
 # --- stage 1 (labeler training) and evaluation: timm transforms, no store ------------------------------
@@ -306,7 +354,7 @@ def build_labeler_loader(cfg: DataConfig, *, rank: int | None = None, world_size
         mean=cfg.mean, std=cfg.std, re_prob=0.0, use_prefetcher=True))
     stream = ShardStream(expand_shard_urls(cfg.shards), TransformPipeline(cfg, transform, cfg.drop_last, cfg.shuffle_buffer),
                          seed=cfg.seed, rank=rank, world_size=world_size)
-    return StreamLoader(stream, workers=cfg.workers, pin_memory=pin_memory)
+    return StreamLoader(stream, workers=cfg.workers, pin_memory=pin_memory, prefetch_factor=cfg.prefetch_factor)
 
 
 def build_eval_loader(cfg: DataConfig, shards=None, *, rank: int | None = None, world_size: int | None = None,

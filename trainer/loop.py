@@ -28,7 +28,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import TrainConfig
-from trainer.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
+from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, seed_step, wrap_ddp
 from trainer.errors import NonFiniteLoss
 from trainer.losses import LossTerms
 from trainer.optim import create_optimizer, create_scheduler
@@ -72,6 +72,26 @@ def gather_positions(position: dict, info: DistInfo) -> list[dict]:
     out: list = [None] * info.world_size
     torch.distributed.all_gather_object(out, position)
     return out
+
+
+class LossHealth:
+    """Non-finite losses, flagged on the device without a host sync; `check()` (every log_every updates and
+    before any checkpoint) reads the flag on every rank and reports the first bad (epoch, step, update)."""
+
+    def __init__(self, device: torch.device, info: DistInfo, report: Callable[[int, int, int], None]):
+        self.info, self.report = info, report
+        self.first_bad = torch.full((3,), -1, dtype=torch.int64, device=device)
+
+    def note(self, loss: torch.Tensor, epoch: int, step: int, update: int) -> None:
+        where = torch.tensor([epoch, step, update], dtype=torch.int64).to(self.first_bad.device, non_blocking=True)
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad[0] < 0)
+        self.first_bad.copy_(torch.where(bad, where, self.first_bad))
+
+    def check(self) -> None:
+        first = self.first_bad.cpu()
+        if any_rank(self.info, bool(first[0] >= 0))[0]:
+            epoch, step, update = (int(v) for v in first) if first[0] >= 0 else (-1, -1, -1)
+            self.report(epoch, step, update)
 
 
 def _next_or_none(it: Iterator) -> Any:
@@ -123,7 +143,8 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     # ---- phase 3: wrap for speed and for several processes --------------------------------------------
     train_model = wrap_ddp(TokenForward(model), info)  # forward = forward_tokens, so DDP/compile see both outputs
     if cfg.model.compile:
-        train_model = torch.compile(train_model)
+        # Fixed shapes (the runners set data.drop_last with model.compile): one graph, no recompiles.
+        train_model = torch.compile(train_model, dynamic=False)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     stop = stop or StopRequest()
@@ -138,6 +159,17 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
         return out_dir / LAST
 
     # ---- phase 4: epochs -------------------------------------------------------------------------------
+    def non_finite(epoch: int, step: int, update: int) -> None:
+        where = f"epoch {epoch}, step {step}, update {update}" if epoch >= 0 else "on another rank"
+        log.record("stop", epoch=state.epoch, update=state.global_update, loss=float("nan"))
+        log.message(f"loss is not finite at {where}; stopping. Last good checkpoint: {last_ckpt or 'none yet'}")
+        log.close()
+        raise NonFiniteLoss(
+            f"training loss became NaN/inf at {where}; the last good "
+            f"checkpoint is kept at {last_ckpt or '(none written yet)'}."
+            " Lower optim.lr, set optim.clip_grad, or check the inputs/labels.")
+
+    health = LossHealth(device, info, non_finite)
     def optimizer_update(synced: bool) -> None:
         """Unscale, clip, step, EMA, schedule. `synced=False`: the last micro-batches ran under no_sync."""
         if not synced and info.distributed:  # an epoch's leftover accumulation: average grads by hand
@@ -165,18 +197,21 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
             step = int(state.data_position.get("steps", 0))
             batches = iter(epoch_batches(state.epoch, dict(state.data_position)))
             rank_position: dict = {}
-            skipped, seen, pending, t0 = 0, 0, 0, time.perf_counter()
+            skipped, seen, pending, t0, last_terms = 0, 0, 0, time.perf_counter(), None
             optimizer.zero_grad(set_to_none=True)
             # The epoch runs until the data runs dry on any rank (every rank must take the same number of
             # steps for DDP's collectives), or to schedule.max_steps_per_epoch. steps_per_epoch (an
             # estimate from the sample count) only sizes the schedule and the progress bar.
             while cfg.schedule.max_steps_per_epoch is None or step < cfg.schedule.max_steps_per_epoch:
                 item = _next_or_none(batches)
-                if all_reduce_sum(torch.tensor([float(item is None)], device=device), info).item() > 0:
+                if any_rank(info, item is None)[0]:  # a CPU all-reduce: no wait on the GPU
                     break
                 batch, rank_position = item
                 # Seed index unique per micro-batch whatever the (estimated) epoch length: epoch·2^24 + step.
-                images, cls_target, token_target = make_targets(batch, device, (state.epoch << 24) + step)
+                # Everything drawn this step (targets, erasing, mixing, drop path) comes from (seed, rank, index).
+                seed_index = (state.epoch << 24) + step
+                seed_step(cfg.data.seed, info.rank, seed_index)
+                images, cls_target, token_target = make_targets(batch, device, seed_index)
                 images = images.contiguous(memory_format=memory_format)
                 boundary = (pending + 1) % accum == 0
                 sync = nullcontext() if boundary or not info.distributed else train_model.no_sync()
@@ -184,24 +219,15 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                     with amp_context(device, cfg.run.amp):
                         cls_logits, token_logits = split_outputs(train_model(images))
                     terms = compute_loss(cls_logits, token_logits, cls_target, token_target)
-                    # NaN/inf check on every rank together, before any weight changes.
-                    bad = all_reduce_sum((~torch.isfinite(terms.total.detach())).float().reshape(1), info).item()
-                    if bad > 0:
-                        log.record("stop", epoch=state.epoch, update=state.global_update, loss=float("nan"))
-                        log.message(f"loss is not finite at epoch {state.epoch}, step {step} (update "
-                                    f"{state.global_update}); stopping. Last good checkpoint: {last_ckpt or 'none yet'}")
-                        log.close()
-                        raise NonFiniteLoss(
-                            f"training loss became NaN/inf at epoch {state.epoch}, step {step}, update "
-                            f"{state.global_update}; the last good checkpoint is kept at {last_ckpt or '(none written yet)'}."
-                            " Lower optim.lr, set optim.clip_grad, or check the inputs/labels.")
+                    # NaN/inf: flagged on the device (no host sync here), read with the metrics below.
+                    health.note(terms.total, state.epoch, step, state.global_update)
                     loss = terms.total / accum
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 step += 1
                 pending += 1
                 seen += images.shape[0]
                 skipped = int(rank_position.get("skipped", skipped))
-                last_loss = float(terms.total.detach())
+                last_terms = terms
                 if not boundary:
                     continue
                 optimizer_update(synced=True)
@@ -209,12 +235,16 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
 
                 lr = optimizer.param_groups[0]["lr"]
                 rate = seen * info.world_size / max(time.perf_counter() - t0, 1e-9)
-                log.progress(state.epoch, total_epochs, step, steps_per_epoch, last_loss, lr, rate)
-                if state.global_update % cfg.run.log_every == 0:
+                if state.global_update % cfg.run.log_every == 0:  # the only host reads of device values
+                    health.check()
+                    last_loss = float(last_terms.total.detach())
                     log.record("train", epoch=state.epoch, update=state.global_update, loss=last_loss,
-                               loss_cls=float(terms.cls), loss_token=float(terms.token), lr=lr,
+                               loss_cls=float(last_terms.cls), loss_token=float(last_terms.token), lr=lr,
                                images_per_s=round(rate, 2), skipped_samples=skipped)
-                if all_reduce_sum(torch.tensor([float(stop.requested)], device=device), info).item() > 0:
+                log.progress(state.epoch, total_epochs, step, steps_per_epoch, last_loss, lr, rate)
+                if any_rank(info, stop.requested)[0]:
+                    health.check()
+                    last_loss = float(last_terms.total.detach())
                     state.data_position = {"steps": step, "ranks": gather_positions(rank_position, info)}
                     last_ckpt = checkpoint({"loss": last_loss})
                     log.record("sigterm", epoch=state.epoch, update=state.global_update, loss=last_loss)
@@ -224,6 +254,9 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                     return TrainResult("stopped", state.epoch, state.global_update, last_ckpt, None, last_loss)
             if pending:  # the epoch's last micro-batches still update (no sample's gradient is dropped)
                 optimizer_update(synced=accum == 1)
+            health.check()
+            if last_terms is not None:
+                last_loss = float(last_terms.total.detach())
 
             # -- end of epoch: the data position resets, a checkpoint is written --
             skipped = int(all_reduce_sum(torch.tensor([float(skipped)], device=device), info).item())

@@ -9,6 +9,7 @@ Both run alone or under `torchrun` (one process per device).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -50,6 +51,15 @@ def loader_epochs(loader) -> Callable[[int, dict], object]:
     return epoch_batches
 
 
+def fixed_shapes(cfg: TrainConfig) -> TrainConfig:
+    """model.compile wants one batch shape: drop each worker's last partial batch (data.drop_last)."""
+    if cfg.model.compile and not cfg.data.drop_last:
+        warnings.warn("model.compile: setting data.drop_last=true so every step has the same shape "
+                      "(each data worker's last partial batch is dropped, counted as skipped)", stacklevel=2)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, drop_last=True))
+    return cfg
+
+
 def _prepare(cfg: TrainConfig, out_dir: str | Path) -> DistInfo:
     info = init_distributed(cfg.run.device)
     torch.manual_seed(cfg.data.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -68,15 +78,18 @@ def build_model(cfg: TrainConfig):
 def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: str | Path,
                 resume: str | Path | None = None) -> TrainResult:
     """Stage 2, paper Eq. 5, on the token labels `labeler` stored in `labels`."""
+    cfg = fixed_shapes(cfg)
     info = _prepare(cfg, out_dir)
     try:
         loader = build_student_loader(cfg.data, labels=labels, labeler=labeler, num_classes=cfg.model.num_classes,
                                       rank=info.rank, world_size=info.world_size,
-                                      pin_memory=info.device.type == "cuda")
+                                      pin_memory=info.device.type == "cuda",
+                                      render_on_device=cfg.data.augment_on_device(info.device))
         model = build_model(cfg)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=cfg.tokens,
                                 store_grid=loader.store_grid, student_grid=token_grid(model, loader.input_size),
-                                device=info.device, seed=cfg.data.seed, train=True)
+                                device=info.device, seed=cfg.data.seed, train=True, view_spec=loader.view_spec,
+                                rank=info.rank)
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
                      make_targets=lambda batch, device, step: targets(batch, step),
                      compute_loss=partial(student_loss, beta=cfg.tokens.beta),
@@ -89,6 +102,7 @@ def run_labeler(cfg: TrainConfig, *, out_dir: str | Path, resume: str | Path | N
     """Stage 1, paper Eq. 2: class labels only, timm's full train augmentation (no label store)."""
     if cfg.data.input_size is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, input_size=(cfg.model.img_size,) * 2))
+    cfg = fixed_shapes(cfg)
     info = _prepare(cfg, out_dir)
     try:
         loader = build_labeler_loader(cfg.data, rank=info.rank, world_size=info.world_size,
@@ -98,7 +112,7 @@ def run_labeler(cfg: TrainConfig, *, out_dir: str | Path, resume: str | Path | N
         steps = max(1, -(-num_samples // (cfg.data.batch_size * info.world_size)))
         model = build_model(cfg)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=None, store_grid=None,
-                                device=info.device, seed=cfg.data.seed, train=True)
+                                device=info.device, seed=cfg.data.seed, train=True, rank=info.rank)
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
                      make_targets=lambda batch, device, step: targets(batch, step),
                      compute_loss=lambda c, t, y, _tokens: labeler_loss(c, t, y, alpha=cfg.loss.alpha),

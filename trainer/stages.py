@@ -1,7 +1,13 @@
 """The student data path as plain generator steps (each one testable on a Python list).
 
     shard urls ─► track_shards ─► tar samples ─► enter_samples ─► lookup_rows ─► join_labels
-        ─► (shuffle) ─► replay_views ─► augment_views ─► batch_samples
+        ─► (shuffle) ─► replay_views ─► augment_views ─► batch_samples(collate_student)        (CPU path)
+        ─► (shuffle) ─► decode_views ─► draw_photometric ─► batch_samples(collate_sources)     (device path)
+
+The CPU path renders the stored view (Pillow) and applies the photometric ops (timm's Pillow ops) in
+the workers. The device path stops at the decoded image: the collate pads the batch
+(`labeler.render_batch.pad_images`) and the training device renders the views and applies the drawn
+photometric slots (`trainer.target_builder`, `trainer.photometric_torch`).
 
 A sample is a dict: the tar fields plus `__url__`/`__key__` from webdataset, then `__pos__` (the
 shard's index in this epoch's shard order), `__row__`, `label`, `view`, `params`, `token_*`, and
@@ -9,16 +15,19 @@ finally `image` (the rendered view, HWC uint8). Skips always go through the ledg
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
+from labeler.render_batch import pad_images
 from labelstore import ImageDecodeError, decode_image, render
 from labelstore.shard_format import IMAGE_EXTS, image_field, parse_label
 from trainer.epoch_ledger import EpochLedger
-from trainer.student_augment import StudentAugment, sample_seed
+from trainer.photometric_torch import OP_NAMES
+from trainer.student_augment import StudentAugment, sample_seed, seeded_global_random
 from trainer.view_choice import choose_view
 
 _KEPT = ("label", "view", "params", "token_logit", "token_class", "token_tail")  # what replay_views passes on
@@ -121,11 +130,8 @@ def join_labels(samples: Iterable[dict], join: LabelJoin, index) -> Iterator[dic
         yield {**s, **join(s["__row__"], rows.first_row, rows.stop)}
 
 
-def replay_views(samples: Iterable[dict], spec, ledger: EpochLedger) -> Iterator[dict]:
-    """Decode with labelstore's one decode path and render the STORED view params (never re-sampled).
-
-    A corrupt image is skipped and recorded, not a crash. The encoded fields are dropped here.
-    """
+def _decoded(samples: Iterable[dict], ledger: EpochLedger) -> Iterator[tuple[dict, object]]:
+    """(sample without its encoded fields, decoded RGB image); a corrupt or missing image is skipped and recorded."""
     for s in samples:
         ext = image_field(s)
         if ext is None:
@@ -136,9 +142,76 @@ def replay_views(samples: Iterable[dict], spec, ledger: EpochLedger) -> Iterator
         except ImageDecodeError as e:
             ledger.skip(s["__pos__"], s["__url__"], s["__key__"], str(e))
             continue
-        out = {k: v for k, v in s.items() if k.startswith("__") or k in _KEPT}
-        out["image"] = render(img, s["params"], spec)
+        yield {k: v for k, v in s.items() if k.startswith("__") or k in _KEPT}, img
+
+
+def replay_views(samples: Iterable[dict], spec, ledger: EpochLedger) -> Iterator[dict]:
+    """Decode with labelstore's one decode path and render the STORED view params (never re-sampled).
+
+    A corrupt image is skipped and recorded, not a crash. The encoded fields are dropped here.
+    """
+    for out, img in _decoded(samples, ledger):
+        out["image"] = render(img, out["params"], spec)
         yield out
+
+
+def decode_views(samples: Iterable[dict], ledger: EpochLedger) -> Iterator[dict]:
+    """Device path: decode only; `image` is the whole decoded source (HWC uint8), rendered later on the device."""
+    for out, img in _decoded(samples, ledger):
+        out["image"] = np.asarray(img)
+        yield out
+
+
+# timm's non-increasing variants use the same pixel op (only their level → argument mapping differs).
+_OP_INDEX = {**{n: i for i, n in enumerate(OP_NAMES)},
+             **{n.removesuffix("Increasing"): i for i, n in enumerate(OP_NAMES) if n.endswith("Increasing")},
+             "Solarize": OP_NAMES.index("SolarizeIncreasing")}
+
+
+class PhotometricSlotDraw:
+    """Draws what `StudentAugment` would apply, without applying it: timm's own RandAugment op choice,
+    coin and magnitude (its AugmentOp objects with the pixel function swapped for a recorder), seeded
+    the same way, so the device path applies the same op with the same argument as the CPU path.
+
+    Returns (photo_ops int8 (S,), photo_args float32 (S,)), -1 = slot not applied.
+    """
+
+    def __init__(self, aug: StudentAugment):
+        self.ra = copy.deepcopy(aug._ra)
+        self.num_slots = int(self.ra.num_layers)
+        for op in self.ra.ops:
+            op.aug_fn = _SlotRecorder(_OP_INDEX[op.name])
+
+    def __call__(self, seed_seq: np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
+        slots: list = []
+        with seeded_global_random(seed_seq):
+            self.ra(slots)  # the "image" is the list the recorders append to
+        ops = np.full(self.num_slots, -1, np.int8)
+        args = np.zeros(self.num_slots, np.float32)
+        for i, (k, arg) in enumerate(slots):
+            ops[i], args[i] = k, arg
+        return ops, args
+
+
+class _SlotRecorder:
+    """Stands in for a timm pixel op: records (op index, argument) instead of changing pixels (picklable)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, slots: list, *level_args, **_kw) -> list:
+        slots.append((self.index, float(level_args[0]) if level_args else 0.0))
+        return slots
+
+
+def draw_photometric(samples: Iterable[dict], draw: PhotometricSlotDraw | None, run_seed: int,
+                     epoch: int) -> Iterator[dict]:
+    """Device path: attach `photo_ops` / `photo_args`, seeded per (run seed, epoch, row) as `augment_views`."""
+    for s in samples:
+        if draw is not None:
+            ops, args = draw(sample_seed(run_seed, epoch, s["__row__"]))
+            s = {**s, "photo_ops": ops, "photo_args": args}
+        yield s
 
 
 
@@ -154,8 +227,11 @@ def augment_views(samples: Iterable[dict], aug: StudentAugment | None, run_seed:
 def collate_student(samples: list[dict]) -> dict:
     """Stack a list of samples into tensors; images stay uint8 and NHWC in memory (= channels_last NCHW)."""
     images = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2)
+    return {"image": images, **_collate_labels(samples)}
+
+
+def _collate_labels(samples: list[dict]) -> dict:
     batch = {
-        "image": images,
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
         "row": torch.tensor([s["__row__"] for s in samples], dtype=torch.int64),
         "view": torch.tensor([s["view"] for s in samples], dtype=torch.int64),
@@ -164,6 +240,19 @@ def collate_student(samples: list[dict]) -> dict:
     if "token_class" in samples[0]:
         batch["token_class"] = torch.from_numpy(np.stack([s["token_class"] for s in samples]))
         batch["token_tail"] = torch.from_numpy(np.stack([s["token_tail"] for s in samples]))
+    return batch
+
+
+def collate_sources(samples: list[dict]) -> dict:
+    """Device path: the decoded sources padded to one array (`source` (N, H, W, 3) uint8, `source_hw` (N, 2)),
+    the stored view `params` (N, P) and the photometric slots, plus what `collate_student` gives minus `image`."""
+    padded, hw = pad_images([s["image"] for s in samples])
+    batch = _collate_labels(samples)
+    batch.update(source=torch.from_numpy(padded), source_hw=torch.from_numpy(hw),
+                 params=torch.from_numpy(np.stack([np.asarray(s["params"], np.float32) for s in samples])))
+    if "photo_ops" in samples[0]:
+        batch["photo_ops"] = torch.from_numpy(np.stack([s["photo_ops"] for s in samples]))
+        batch["photo_args"] = torch.from_numpy(np.stack([s["photo_args"] for s in samples]))
     return batch
 
 

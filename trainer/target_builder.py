@@ -1,17 +1,21 @@
 """The one call the training loop makes per step: a collated batch → (images, class target, token target).
 
-On the training device: uint8 → float normalised, random erasing, token targets from the stored
-logits (Gumbel/softmax/argmax, grid resampling, smoothing), then Mixup/CutMix of images, class
-targets and (token_mix=follow) token targets. All randomness comes from (seed, step), so a resumed
-run draws what the uninterrupted one drew.
+On the training device: for a device-path batch (decoded sources + stored view params), the replay
+render (`labeler.render_batch`, the labeler's one definition) and the drawn photometric slots
+(`trainer.photometric_torch`); then uint8 → float normalised, random erasing, token targets from the
+stored logits (Gumbel/softmax/argmax, grid resampling, smoothing), then Mixup/CutMix of images, class
+targets and (token_mix=follow) token targets. All randomness comes from (seed, rank, step): ranks draw
+differently, and a resumed run draws what the uninterrupted one drew.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from labeler.render_batch import render_batch, upload
 from trainer.data_config import DataConfig, TokenLabelConfig
 from trainer.mixing import MixParams, draw_mix, mix_class_targets, mix_images, mix_token_targets
+from trainer.photometric_torch import apply_photometric
 from trainer.student_augment import build_random_erasing, seeded_global_random
 from trainer.token_targets import token_targets
 
@@ -32,12 +36,16 @@ class TargetBuilder:
     (`labeler.models.token_grid(model, input_size)`), default = store grid. token_target is None
     when the batch carries no token logits (stage 1) or `tokens` is None.
     train=False: no erasing, no mixing, class target = one-hot (no smoothing).
+    view_spec: the store's ViewSpec, needed for device-path batches (`source` + `params`, see
+    `trainer.loader.StudentLoader`). rank: this process's rank; every draw is seeded by (seed, rank, step).
     """
 
     def __init__(self, *, num_classes: int, data: DataConfig, tokens: TokenLabelConfig | None = None,
                  store_grid: tuple[int, int] | None = None, student_grid: tuple[int, int] | None = None,
-                 device: torch.device | str = "cpu", seed: int | None = None, train: bool = True):
+                 device: torch.device | str = "cpu", seed: int | None = None, train: bool = True,
+                 view_spec=None, rank: int = 0):
         self.num_classes, self.data, self.tokens, self.train = int(num_classes), data, tokens, train
+        self.view_spec, self.rank = view_spec, int(rank)
         self.store_grid = tuple(store_grid) if store_grid is not None else None
         self.student_grid = tuple(student_grid) if student_grid is not None else self.store_grid
         self.device = torch.device(device)
@@ -47,12 +55,25 @@ class TargetBuilder:
         self.last_mix = MixParams()
 
     def _seeds(self, step: int) -> tuple[int, int, int]:
-        return tuple(int(x) for x in np.random.SeedSequence(self.seed, spawn_key=(_STEP_TAG, int(step)))
+        return tuple(int(x) for x in np.random.SeedSequence(self.seed, spawn_key=(_STEP_TAG, self.rank, int(step)))
                      .generate_state(3, dtype=np.uint64) >> np.uint64(1))
+
+    def render(self, batch: dict) -> torch.Tensor:
+        """The batch's student views as uint8 (B, 3, h, w) on the device (rendered here for a device-path batch)."""
+        if "image" in batch:
+            return batch["image"].to(self.device, non_blocking=True)
+        if self.view_spec is None:
+            raise ValueError("TargetBuilder got a device-path batch (source + params) but no view_spec to render it")
+        sources = upload(batch["source"], batch["source_hw"].numpy(), self.device)
+        n = len(sources.hw)
+        images = render_batch(sources, np.arange(n), batch["params"].numpy(), self.view_spec)
+        if "photo_ops" in batch:
+            images = apply_photometric(images, batch["photo_ops"], batch["photo_args"])
+        return images
 
     def __call__(self, batch: dict, step: int):
         gen_seed, mix_seed, erase_seed = self._seeds(step)
-        images = normalize(batch["image"].to(self.device, non_blocking=True), self.data.mean, self.data.std)
+        images = normalize(self.render(batch), self.data.mean, self.data.std)
         labels = batch["label"].to(self.device, non_blocking=True)
         if self.erase is not None:
             with seeded_global_random(np.random.SeedSequence(erase_seed)):  # timm erases with global `random`

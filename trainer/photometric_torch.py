@@ -1,0 +1,182 @@
+"""timm's photometric RandAugment ops on uint8 image tensors, batched on the training device.
+
+The student's photometric slots (op index + timm's argument, drawn in the data workers by
+`trainer.photometric`) are applied here after the GPU render: one group of kernels per (slot, op)
+for all the samples that drew it, with per-sample arguments; the grouping happens on the host from
+the collated slot arrays, so nothing waits on the device. Each op re-does timm's Pillow op
+(`timm.data.auto_augment`: ImageOps / ImageEnhance) with Pillow's integer conventions:
+
+* LUT ops (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd, Brightness, Contrast):
+  a per-sample, per-channel 256-entry table built exactly as Pillow builds it, then one gather;
+* blends (Color, Contrast, Brightness, Sharpness): `Image.blend(degenerate, img, f)` =
+  trunc(d + f·(x − d)) in float32, clipped to [0, 255], as Pillow's C code;
+* Color's grey is Pillow's RGB→L (R·19595 + G·38470 + B·7471 + 2^15) >> 16; Sharpness's degenerate is
+  ImageFilter.SMOOTH (3×3, centre 5, sum 13) inside, the original pixels on the 1-pixel border.
+
+tests/test_photometric_torch.py compares every op with timm's own Pillow op on real photos and prints
+the mean |Δ| (docs/design.md "The train-time data path").
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# timm's names in timm's order (`rand-...-inc1`); index = the stored `photo_ops` value, -1 = no op.
+OP_NAMES = ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+            "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
+
+
+def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """x uint8 (n, 3, H, W), lut (n, 3, 256) integer → uint8 (n, 3, H, W)."""
+    n, c, h, w = x.shape
+    lut = lut.clamp(0, 255).to(torch.uint8)
+    return torch.gather(lut, 2, x.reshape(n, c, h * w).long()).view(n, c, h, w)
+
+
+def _levels(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return torch.arange(256, device=x.device, dtype=dtype).expand(x.shape[0], x.shape[1], 256)
+
+
+def _histogram(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample, per-channel histograms (n, 3, 256) int64 in one bincount."""
+    n, c = x.shape[:2]
+    offsets = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1)
+    flat = (x.reshape(n, c, -1).long() + offsets).reshape(-1)
+    return torch.bincount(flat, minlength=n * c * 256).view(n, c, 256)
+
+
+def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Pillow's Image.blend(degenerate, x, factor): float32 d + f·(x − d), truncated, clipped."""
+    f = factor.to(torch.float32).view(-1, 1, 1, 1)
+    d = degenerate.to(torch.float32)
+    return (d + f * (x.to(torch.float32) - d)).clamp_(0, 255).trunc_().to(torch.uint8)
+
+
+def _blend_lut(degenerate: torch.Tensor, factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A blend with a constant degenerate per (sample, channel) as a LUT: (n, 3, 1) degenerate values."""
+    f = factor.to(torch.float32).view(-1, 1, 1)
+    d = degenerate.to(torch.float32)
+    lut = (d + f * (_levels(x) - d)).clamp_(0, 255).trunc_()
+    return _apply_lut(x, lut)
+
+
+def auto_contrast(x: torch.Tensor, _arg: torch.Tensor) -> torch.Tensor:
+    # ImageOps.autocontrast(cutoff=0): per channel, scale [lo, hi] to [0, 255] with int() truncation.
+    lo = x.amin(dim=(2, 3)).to(torch.float64)[..., None]
+    hi = x.amax(dim=(2, 3)).to(torch.float64)[..., None]
+    span = (hi - lo).clamp(min=1)
+    scale = torch.full_like(span, 255.0) / span  # a true division: `255.0 / t` is a reciprocal product in torch
+    lut = (_levels(x, torch.float64) * scale - lo * scale).trunc().clamp(0, 255)
+    lut = torch.where(hi > lo, lut, _levels(x, torch.float64))
+    return _apply_lut(x, lut)
+
+
+def equalize(x: torch.Tensor, _arg: torch.Tensor) -> torch.Tensor:
+    # ImageOps.equalize: step = (count − count of the last used level) // 255; lut[i] = (step//2 + Σ_{j<i} h_j) // step.
+    h = _histogram(x)
+    levels = torch.arange(256, device=x.device)
+    last = torch.where(h > 0, levels, -1).amax(dim=2, keepdim=True)
+    last_count = torch.gather(h, 2, last.clamp(min=0))
+    step = (h.sum(dim=2, keepdim=True) - last_count) // 255
+    used = (h > 0).sum(dim=2, keepdim=True)
+    before = torch.cumsum(h, dim=2) - h
+    lut = (step // 2 + before) // step.clamp(min=1)
+    lut = torch.where((used > 1) & (step > 0), lut, levels.expand_as(lut))
+    return _apply_lut(x, lut)
+
+
+def invert(x: torch.Tensor, _arg: torch.Tensor) -> torch.Tensor:
+    return 255 - x
+
+
+def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    # Keep the top `bits` bits (8 or more: unchanged, as timm's posterize).
+    b = bits.round().clamp(0, 8).to(torch.int32)
+    mask = ((0xFF << (8 - b)) & 0xFF).to(torch.uint8).view(-1, 1, 1, 1)
+    return x & mask
+
+
+def solarize(x: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
+    t = thresh.view(-1, 1, 1, 1)
+    return torch.where(x.to(torch.float32) >= t, 255 - x, x)
+
+
+def solarize_add(x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    # timm's solarize_add: levels below 128 get +add (capped at 255), the others stay.
+    a = add.round().to(torch.int32).view(-1, 1, 1, 1)
+    y = x.to(torch.int32)
+    return torch.where(y < 128, (y + a).clamp(0, 255), y).to(torch.uint8)
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's RGB → L (ITU-R 601-2 luma in 16-bit fixed point), (n, 1, H, W) int32."""
+    y = x.to(torch.int32)
+    return (y[:, 0:1] * 19595 + y[:, 1:2] * 38470 + y[:, 2:3] * 7471 + 0x8000) >> 16
+
+
+def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(grey(x).expand_as(x), x, factor)
+
+
+def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    # ImageEnhance.Contrast: a flat grey image at int(mean(L) + 0.5).
+    mean = grey(x).to(torch.float64).mean(dim=(1, 2, 3))
+    d = (mean + 0.5).floor().view(-1, 1, 1).expand(-1, 3, 1)
+    return _blend_lut(d, factor, x)
+
+
+def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend_lut(torch.zeros((x.shape[0], 3, 1), device=x.device), factor, x)
+
+
+_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+
+
+def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    # ImageFilter.SMOOTH, rounded to the nearest level; Pillow leaves the outer ring of pixels unfiltered.
+    n, c, h, w = x.shape
+    kernel = _SMOOTH.to(x.device).expand(c, 1, 3, 3)
+    smooth = F.conv2d(x.to(torch.float32), kernel, groups=c).add_(0.5).floor_().clamp_(0, 255)
+    degenerate = x.clone()
+    degenerate[:, :, 1:-1, 1:-1] = smooth.to(torch.uint8)
+    return _blend(degenerate, x, factor)
+
+
+OPS = (auto_contrast, equalize, invert, posterize, solarize, solarize_add, color, contrast, brightness, sharpness)
+
+
+def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tensor:
+    """Apply each sample's photometric slots in slot order → uint8 (B, 3, H, W) on the images' device.
+
+    images: uint8 (B, 3, H, W); photo_ops: int (B, S) index into OP_NAMES, -1 = slot not applied;
+    photo_args: float (B, S), timm's argument for the op (enhance factor, posterize bits, solarize
+    threshold, solarize-add amount; ignored by AutoContrast / Equalize / Invert). The slot arrays
+    should be on the host (they come from the collate): grouping them needs no device sync then.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"apply_photometric needs uint8 (B, 3, H, W) images, got {tuple(images.shape)} {images.dtype}")
+    ops = np.asarray(photo_ops.cpu() if torch.is_tensor(photo_ops) else photo_ops).astype(np.int64)
+    args = torch.as_tensor(np.asarray(photo_args.cpu() if torch.is_tensor(photo_args) else photo_args,
+                                      dtype=np.float32))
+    if ops.ndim != 2 or ops.shape[0] != images.shape[0] or args.shape != ops.shape:
+        raise ValueError(f"photo_ops {ops.shape} and photo_args {tuple(args.shape)} must both be (B, S) with "
+                         f"B = {images.shape[0]} images")
+    if ops.size and (ops.min() < -1 or ops.max() >= len(OPS)):
+        raise ValueError(f"photo_ops must lie in [-1, {len(OPS) - 1}] (index into {OP_NAMES}), got "
+                         f"{ops.min()}..{ops.max()}")
+    out = images
+    device_args = args.to(images.device, non_blocking=True)
+    for slot in range(ops.shape[1]):
+        for k in np.unique(ops[:, slot]):
+            if k < 0:
+                continue
+            rows = np.flatnonzero(ops[:, slot] == k)
+            if out is images:
+                out = images.clone()  # the caller's batch is never changed in place
+            if len(rows) == len(ops):
+                out = OPS[k](out, device_args[:, slot])
+            else:
+                idx = torch.from_numpy(rows).to(images.device, non_blocking=True)
+                out[idx] = OPS[k](out[idx], device_args[idx, slot])
+    return out
