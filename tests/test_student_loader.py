@@ -104,7 +104,32 @@ def test_corrupt_and_invalid_skipped_and_counted(tiny):
     assert loader.num_skipped == 2 and loader.samples_seen == len(rows)
     reasons = {s["key"]: s["reason"] for s in loader.skipped}
     assert "cannot decode" in reasons["s1_002"] and "invalid" in reasons["s2_000"]
-    assert loader.position() == {"epoch": 0, "done_shards": [0, 1, 2, 3]}
+    position = loader.position()
+    assert position["done_shards"] == [0, 1, 2, 3] and position["skipped"] == 2
+    assert position["samples_seen"] == len(rows) and position["workers"] == 0
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_any_batch_continues_exactly(tiny, workers):
+    """A position taken after any batch resumes with exactly the batches (rows, pixels) that followed it:
+    shuffle buffer on, several workers (round-robin), a corrupt and an invalid row skipped on the way."""
+    cfg = _cfg(tiny, workers=workers, batch_size=3, student_augs=True, rand_augment="rand-m9-n2-mstd0.5-inc1")
+    loader = build_student_loader(cfg, labels=tiny["store"], labeler="tl")
+    loader.set_epoch(1)
+    full, positions = [], []
+    for batch in loader:
+        full.append(batch)
+        positions.append(loader.position())
+    assert len(full) >= 5
+    for cut in range(1, len(full)):
+        loader.set_epoch(1, resume=positions[cut - 1])
+        rest = list(loader)
+        assert _rows(rest) == _rows(full[cut:]), f"resume after batch {cut}"
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[cut:]))
+        assert loader.num_skipped == 2 and loader.samples_seen == sum(len(b["row"]) for b in full)
+    with pytest.raises(Exception, match="data.workers"):
+        loader.set_epoch(1, resume={**positions[0], "workers": workers + 1})
 
 
 def test_student_augs_change_pixels_not_shapes(tiny):

@@ -146,11 +146,11 @@ def test_bench_prints_all_figures_and_ratios(world):
         assert text in r.output
 
 
-@pytest.mark.timeout(300)
-def test_student_resume_mid_epoch_on_the_real_data_path(world, tmp_path):
-    """SIGTERM mid-epoch (real loader, TargetBuilder, FAN test model): the position skips finished shards, and
-    two resumes from the same checkpoint end with identical weights. (Bit-equality with an uninterrupted run
-    is tested in test_train_loop, where the stop falls on a recorded shard boundary.)"""
+@pytest.mark.timeout(400)
+def test_student_resume_mid_epoch_equals_the_uninterrupted_run(world, tmp_path):
+    """Exact resume on the real data path (loader with 2 workers and a shuffle buffer, RandAugment, TargetBuilder,
+    drop path, FAN test model): after SIGTERM mid-epoch, and from a periodic checkpoint as a SIGKILL leaves it,
+    `--resume` ends with the weights of the uninterrupted run, bit for bit, and the same number of updates."""
     import os
     import signal
     from functools import partial
@@ -164,15 +164,16 @@ def test_student_resume_mid_epoch_on_the_real_data_path(world, tmp_path):
     from trainer.loader import build_student_loader
     from trainer.loop import train
     from trainer.losses import student_loss
-    from trainer.run_stage import build_model, loader_epochs
+    from trainer.run_stage import build_model, data_identity, loader_epochs
     from trainer.target_builder import TargetBuilder
 
-    cfg = load_config(TrainConfig, PRESET, ["data.batch_size=16", "data.shuffle_buffer=0", "schedule.warmup_epochs=0",
-                                                   "schedule.epochs=2", "schedule.max_steps_per_epoch=null",
-                                                   "run.progress_bar=false", "model.drop_path_rate=0.1"],
+    cfg = load_config(TrainConfig, PRESET, ["data.batch_size=12", "data.workers=2", "data.shuffle_buffer=16",
+                                            "schedule.warmup_epochs=0", "schedule.epochs=2",
+                                            "schedule.max_steps_per_epoch=null", "run.progress_bar=false",
+                                            "model.drop_path_rate=0.1", "run.checkpoint_every=1"],
                       {"data": {"shards": world["train"]}})
 
-    def run(out, stop_at=None, resume=None):
+    def run(out, hook=None, resume=None):
         torch.manual_seed(0)
         loader = build_student_loader(cfg.data, labels=world["root"] / "labels.zarr", labeler="tl", num_classes=10,
                                       rank=0, world_size=1)
@@ -183,29 +184,45 @@ def test_student_resume_mid_epoch_on_the_real_data_path(world, tmp_path):
 
         def targets(batch, device, step):
             calls["n"] += 1
-            if calls["n"] == stop_at:
-                os.kill(os.getpid(), signal.SIGTERM)
+            if hook:
+                hook(calls["n"], out)
             return builder(batch, step)
 
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out, epoch_batches=loader_epochs(loader),
                      make_targets=targets, compute_loss=partial(student_loss, beta=1.0),
-                     steps_per_epoch=loader.batches_per_epoch(1), resume=resume)
+                     steps_per_epoch=loader.batches_per_epoch(1), resume=resume,
+                     data_identity=data_identity(loader.stream.urls, loader.num_samples))
 
-    # 2 shards × 32 samples, batch 16. Shard 0 is known to be done once shard 1 is being read (step 3); the
-    # position is kept "to the shard", so a resume skips shard 0 and re-reads shard 1 from its start.
-    part = run(tmp_path / "part", stop_at=3)
-    assert part.status == "stopped"
+    def sigterm_at(n):
+        def hook(call, out):
+            if call == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return hook
+
+    def snapshot_at(n, to):  # what SIGKILL leaves behind: the periodic checkpoint written before call n
+        def hook(call, out):
+            if call == n:
+                to.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(out / LAST, to)
+        return hook
+
+    # 2 shards x 32 samples over 2 workers, batch 12: per epoch each worker gives 12 + 12 + 8 → 6 updates.
+    killed = tmp_path / "killed" / LAST
+    full = run(tmp_path / "full", hook=snapshot_at(9, killed))
+    assert full.status == "finished" and full.global_update == 12
+    part = run(tmp_path / "part", hook=sigterm_at(4))  # mid-epoch 0: worker 0 gave 2 batches, worker 1 one
+    assert part.status == "stopped" and part.global_update == 4
     position = load_checkpoint_file(tmp_path / "part" / LAST)["data_position"]
-    assert position["steps"] == 3 and position["ranks"][0]["done_shards"] == [0], position
-    (tmp_path / "again").mkdir()
-    shutil.copy(tmp_path / "part" / LAST, tmp_path / "again" / LAST)
-    first = run(tmp_path / "part", resume=tmp_path / "part" / LAST)
-    second = run(tmp_path / "again", resume=tmp_path / "again" / LAST)
-    assert first.global_update == second.global_update == 3 + 2 + 4  # shard 1 again in epoch 0, then epoch 1
-    a, b = load_checkpoint_file(first.last_checkpoint), load_checkpoint_file(second.last_checkpoint)
-    for key in ("state_dict", "state_dict_ema"):  # everything restored: the continuation is deterministic
-        for name, t in a[key].items():
-            assert torch.equal(t, b[key][name]), f"{key}.{name}"
+    assert position["steps"] == 4 and position["ranks"][0]["taken"] == {"0": 2, "1": 2}, position
+    resumed = run(tmp_path / "part", resume=tmp_path / "part" / LAST)
+    after_kill = run(killed.parent, resume=killed)  # mid-epoch 1, update 8
+    reference = load_checkpoint_file(full.last_checkpoint)
+    for result in (resumed, after_kill):
+        assert result.status == "finished" and result.global_update == 12  # no replayed or lost update
+        got = load_checkpoint_file(result.last_checkpoint)
+        for key in ("state_dict", "state_dict_ema"):
+            for name, t in reference[key].items():
+                assert torch.equal(t, got[key][name]), f"{result.last_checkpoint}: {key}.{name}"
 
 
 @pytest.mark.timeout(300)

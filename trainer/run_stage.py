@@ -9,6 +9,7 @@ Both run alone or under `torchrun` (one process per device).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -28,14 +29,14 @@ from trainer.target_builder import TargetBuilder
 def loader_epochs(loader) -> Callable[[int, dict], object]:
     """Adapt a `trainer.loader` StreamLoader to the loop's `epoch_batches(epoch, position)`.
 
-    A mid-epoch checkpoint holds every rank's done shards; their union is skipped on resume and the
-    remaining shards are split over the ranks again, so every sample is still seen once in the epoch.
+    A mid-epoch checkpoint holds every rank's `loader.position()`; each rank continues exactly from its
+    own (same world size and data.workers required: the loop checks the world size, the loader the workers).
     """
+    rank = loader.stream.rank or 0
+
     def epoch_batches(epoch: int, position: dict):
-        done = set()
-        for rank_position in position.get("ranks", []):
-            done.update(rank_position.get("done_shards", []))
-        loader.set_epoch(epoch, skip_shards=done)
+        ranks = position.get("ranks") or []
+        loader.set_epoch(epoch, resume=ranks[rank] if ranks else None)
         batches = iter(loader)
         # Starting the DataLoader draws its worker seeds from the global torch RNG; keep that draw out of
         # the training RNG stream, so a run resumed mid-epoch draws the same drop-path masks as an
@@ -44,10 +45,16 @@ def loader_epochs(loader) -> Callable[[int, dict], object]:
             first = next(batches, None)
         if first is None:
             return
-        yield first, {"done_shards": sorted(loader.done_shards), "skipped": loader.num_skipped}
+        yield first, loader.position()
         for batch in batches:
-            yield batch, {"done_shards": sorted(loader.done_shards), "skipped": loader.num_skipped}
+            yield batch, loader.position()
     return epoch_batches
+
+
+def data_identity(urls, num_samples: int) -> dict:
+    """What a checkpoint records of its data and `--resume` compares: shard names (not paths: shards may be
+    mounted elsewhere) in the given order, and the sample count."""
+    return {"shards": [os.path.basename(str(u).rstrip("/")) for u in urls], "num_samples": int(num_samples)}
 
 
 def _prepare(cfg: TrainConfig, out_dir: str | Path) -> DistInfo:
@@ -80,7 +87,8 @@ def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: 
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
                      make_targets=lambda batch, device, step: targets(batch, step),
                      compute_loss=partial(student_loss, beta=cfg.tokens.beta),
-                     steps_per_epoch=loader.batches_per_epoch(info.world_size), info=info, resume=resume)
+                     steps_per_epoch=loader.batches_per_epoch(info.world_size), info=info, resume=resume,
+                     data_identity=data_identity(loader.stream.urls, loader.num_samples))
     finally:
         shutdown_distributed(info)
 
@@ -102,6 +110,7 @@ def run_labeler(cfg: TrainConfig, *, out_dir: str | Path, resume: str | Path | N
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
                      make_targets=lambda batch, device, step: targets(batch, step),
                      compute_loss=lambda c, t, y, _tokens: labeler_loss(c, t, y, alpha=cfg.loss.alpha),
-                     steps_per_epoch=steps, info=info, resume=resume)
+                     steps_per_epoch=steps, info=info, resume=resume,
+                     data_identity=data_identity(loader.stream.urls, num_samples))
     finally:
         shutdown_distributed(info)
