@@ -35,6 +35,15 @@ def _train_config(config: str | None, sets: list[str] | None, **extra):
     return load_config(TrainConfig, config, sets or [], nested)
 
 
+EXIT_STOPPED = 143  # 128 + SIGTERM: the run was stopped, its checkpoint written; `--resume` continues exactly
+
+
+def _exit_if_stopped(result) -> None:
+    """A SIGTERM'd run wrote its checkpoint; it still exits non-zero, so schedulers see it did not finish."""
+    if result.status == "stopped":
+        raise typer.Exit(EXIT_STOPPED)
+
+
 def _is_rank0() -> bool:
     """Under torchrun every rank returns from training; only rank 0 prints the summary."""
     import os
@@ -61,6 +70,7 @@ def student_cmd(
         result = run_student(cfg, labels=labels, labeler=labeler, out_dir=out, resume=resume)
     if _is_rank0():  # under torchrun every rank returns; one line is enough
         typer.echo(f"{result.status}: epoch {result.epoch}, {result.global_update} updates, checkpoint {result.last_checkpoint}")
+    _exit_if_stopped(result)
 
 
 @app.command("labeler")
@@ -80,6 +90,7 @@ def labeler_cmd(
         result = run_labeler(cfg, out_dir=out, resume=resume)
     if _is_rank0():
         typer.echo(f"{result.status}: epoch {result.epoch}, {result.global_update} updates, export {result.export}")
+    _exit_if_stopped(result)
 
 
 @app.command("eval")

@@ -250,3 +250,60 @@ def test_dense_store_batches(tiny):
     tb = TargetBuilder(num_classes=C, data=_cfg(tiny), tokens=TokenLabelConfig(mode="softmax"),
                        store_grid=loader.store_grid)
     assert tb(batch, step=1)[2].shape == (len(batch["label"]), 16, C)
+
+
+def _rewrite_shard(src, dst, change):
+    """Copy a shard keeping names and keys; `change(key, jpeg bytes) -> bytes`."""
+    with wds.TarWriter(str(dst)) as w:
+        for s in wds.WebDataset(src, shardshuffle=False):
+            w.write({"__key__": s["__key__"], "jpg": change(s["__key__"], s["jpg"]), "cls": s["cls"]})
+
+
+def _resized(factor):
+    def change(key, data):
+        img = Image.open(io.BytesIO(data))
+        b = io.BytesIO()
+        img.resize((max(1, int(img.width * factor)), max(1, int(img.height * factor)))).save(b, "JPEG")
+        return b.getvalue()
+    return change
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("factor, workers", [(2.0, 0), (0.5, 2)])
+def test_images_changed_since_labelling_stop_the_run_naming_the_shard(tiny, tmp_path, factor, workers):
+    from trainer.errors import ShardsChanged
+
+    moved = tmp_path / "train-000000.tar"  # same name and keys as labelled, every image resized
+    _rewrite_shard(tiny["urls"][0], moved, _resized(factor))
+    loader = build_student_loader(_cfg(tiny, shards=(str(moved),), workers=workers), labels=tiny["store"], labeler="tl")
+    with pytest.raises(ShardsChanged, match=r"train-000000.tar.*changed since labelling") as e:
+        list(loader)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_one_changed_image_is_a_skipped_row_with_its_reason(tiny, tmp_path):
+    moved = tmp_path / "train-000000.tar"
+    _rewrite_shard(tiny["urls"][0], moved, lambda key, data: _resized(2.0)(key, data) if key == "s0_001" else data)
+    loader = build_student_loader(_cfg(tiny, shards=(str(moved),)), labels=tiny["store"], labeler="tl")
+    rows = _rows(loader)
+    assert len(rows) == PER_SHARD - 1 and loader.num_skipped == 1
+    assert loader.skipped[0]["key"] == "s0_001" and "changed since labelling" in loader.skipped[0]["reason"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_label_chunk_is_one_line_naming_the_shard(tiny, tmp_path, workers):
+    import shutil
+
+    from labelstore import StoreError
+    from trainer.errors import TrainerError
+
+    store = tmp_path / "labels.zarr"
+    shutil.copytree(tiny["store"], store)
+    chunks = sorted((store / "labelers" / "tl" / "tokens" / "topk_logit" / "c").rglob("*"))
+    for chunk in [c for c in chunks if c.is_file()]:
+        chunk.write_bytes(chunk.read_bytes()[:7])  # truncated: zarr's checksum / decompression fails
+    loader = build_student_loader(_cfg(tiny, workers=workers), labels=str(store), labeler="tl")
+    with pytest.raises((StoreError, TrainerError), match=r"train-00000\d.tar|shard") as e:
+        list(loader)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value), str(e.value)

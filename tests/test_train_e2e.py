@@ -245,3 +245,60 @@ def test_torchrun_two_process_student(world, tmp_path):
     assert r.stdout.count("finished: epoch 2, 4 updates") == 1, r.stdout
     epochs = [json.loads(x) for x in (tmp_path / "st" / "metrics.jsonl").read_text().splitlines()]
     assert [m["update"] for m in epochs if m["kind"] == "epoch"] == [2, 4]
+
+
+def test_a_stopped_run_exits_143(monkeypatch, tmp_path):
+    """SIGTERM: the loop writes its checkpoint and returns "stopped"; the command exits non-zero (128 + 15)."""
+    import trainer.run_stage
+    from trainer.loop import TrainResult
+
+    monkeypatch.setattr(trainer.run_stage, "run_student", lambda cfg, **kw: TrainResult(
+        "stopped", 0, 3, tmp_path / "last.pth", None, 1.0))
+    r = runner.invoke(app, ["student", "--config", PRESET, "--shards", "x.tar", "--labels", "l.zarr", "--labeler", "tl",
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 143 and "stopped: epoch 0, 3 updates" in r.output, r.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_signals_to_a_real_process_then_resume_match_the_uninterrupted_run(world, tmp_path, sig):
+    """`stl-train student` as a process: SIGTERM → checkpoint + exit 143; SIGKILL → the last periodic checkpoint;
+    either way `--resume` ends with the uninterrupted run's update count and weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from trainer.checkpoint import load_checkpoint_file
+
+    sets = ["--set", "schedule.epochs=2", "--set", "schedule.max_steps_per_epoch=null", "--set", "data.batch_size=8",
+            "--set", "data.workers=2", "--set", "schedule.warmup_epochs=0", "--set", "run.checkpoint_every=1",
+            "--set", "run.progress_bar=false"]
+    shard_args = [a for s in world["train"] for a in ("--shards", s)]
+
+    def args(out, *extra):
+        return ["student", "--config", PRESET, *shard_args, "--labels", str(world["root"] / "labels.zarr"),
+                "--labeler", "tl", "--out", str(out), *sets, *extra]
+
+    r = runner.invoke(app, args(tmp_path / "full"))
+    assert r.exit_code == 0 and "finished: epoch 2, 16 updates" in r.output, r.output
+    stl_train = Path(sys.executable).with_name("stl-train")
+    proc = subprocess.Popen([sys.executable, str(stl_train), *args(tmp_path / "part")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "part" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3):
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == (143 if sig == "SIGTERM" else -signal.SIGKILL), out
+    assert "Traceback" not in out, out
+    r = runner.invoke(app, args(tmp_path / "part", "--resume", str(tmp_path / "part" / "last.pth")))
+    assert r.exit_code == 0 and "finished: epoch 2, 16 updates" in r.output, r.output
+    a, b = load_checkpoint_file(tmp_path / "full" / "last.pth"), load_checkpoint_file(tmp_path / "part" / "last.pth")
+    for key in ("state_dict", "state_dict_ema"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), f"{key}.{name}"

@@ -34,11 +34,12 @@ import webdataset as wds
 from timm.data import create_transform
 from torch.utils.data import DataLoader, IterableDataset
 
-from labelstore import ImageDecodeError, LabelStore, RowIndex, SchemaMismatch, decode_image
+from labelstore import ImageDecodeError, LabelStore, RowIndex, SchemaMismatch, StoreError, decode_image
 from labelstore.shard_format import expand_shard_urls, image_field, parse_label
 from trainer.data_config import DataConfig
 from trainer.epoch_ledger import EpochLedger, skip_consumed
-from trainer.errors import TrainCheckpointError
+from trainer.source_check import SourceCheck
+from trainer.errors import TrainCheckpointError, TrainerError
 from trainer.stages import (
     LabelJoin, augment_views, batch_samples, collate_student, enter_samples, join_labels, lookup_rows,
     replay_views, track_shards,
@@ -105,9 +106,16 @@ class ShardStream(IterableDataset):
         taken, ledger.resume_from = self.resume.get(worker, (0, 0))
         for _ in range(taken):  # placeholders for the items trained on before the checkpoint (see module doc)
             yield {"meta": {"worker": worker, "placeholder": True}}
-        for item in self.pipeline(samples, ledger, positions, self.epoch, stream_id):
-            item["meta"]["worker"] = worker
-            yield item
+        try:
+            for item in self.pipeline(samples, ledger, positions, self.epoch, stream_id):
+                item["meta"]["worker"] = worker
+                yield item
+        except (StoreError, TrainerError) as e:
+            if info is None:
+                raise
+            # In a worker, hand the error to the main process as data: raised there as itself, one line,
+            # instead of torch's re-raise with the worker's traceback pasted into the message.
+            yield {"meta": {"worker": worker, "error": e}}
 
 
 def _worker_init(_: int) -> None:
@@ -172,6 +180,8 @@ class StreamLoader:
             self._taken[worker] = self._taken.get(worker, 0) + 1
             if meta.get("placeholder"):
                 continue
+            if "error" in meta:
+                raise meta["error"]
             self._streamed[worker] = meta["streamed"]
             self.done_shards.update(meta["done_shards"])
             for skip in meta["skipped"]:  # a resumed epoch may meet a skip again: count each sample once
@@ -206,7 +216,7 @@ class StudentPipeline:
             seed = np.random.SeedSequence(cfg.seed, spawn_key=(_SHUFFLE_TAG, epoch, *stream_id)).generate_state(1)[0]
             s = wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, seed=int(seed))(s)
         s = skip_consumed(s, ledger)  # exact resume: the order is fixed from here on
-        s = replay_views(s, self.view_spec, ledger)
+        s = replay_views(s, self.view_spec, ledger, SourceCheck(self.index))
         s = augment_views(s, self.aug, cfg.seed, epoch)
         return batch_samples(s, cfg.batch_size, ledger, collate_student, cfg.drop_last)
 
