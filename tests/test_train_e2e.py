@@ -284,11 +284,13 @@ def test_signals_to_a_real_process_then_resume_match_the_uninterrupted_run(world
         return ["student", "--config", PRESET, *shard_args, "--labels", str(world["root"] / "labels.zarr"),
                 "--labeler", "tl", "--out", str(out), *sets, *extra]
 
-    r = runner.invoke(app, args(tmp_path / "full"))
-    assert r.exit_code == 0 and "finished: epoch 2, 16 updates" in r.output, r.output
-    stl_train = Path(sys.executable).with_name("stl-train")
-    proc = subprocess.Popen([sys.executable, str(stl_train), *args(tmp_path / "part")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # Every run a process with the same thread count: float sums must group the same way to compare bit for bit.
+    command = [sys.executable, str(Path(sys.executable).with_name("stl-train"))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*command, *args(tmp_path / "full")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "finished: epoch 2, 16 updates" in r.stdout, r.stdout + r.stderr
+    proc = subprocess.Popen([*command, *args(tmp_path / "part")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
     metrics = tmp_path / "part" / "metrics.jsonl"
     while proc.poll() is None and not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3):
         time.sleep(0.05)
@@ -296,8 +298,9 @@ def test_signals_to_a_real_process_then_resume_match_the_uninterrupted_run(world
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == (143 if sig == "SIGTERM" else -signal.SIGKILL), out
     assert "Traceback" not in out, out
-    r = runner.invoke(app, args(tmp_path / "part", "--resume", str(tmp_path / "part" / "last.pth")))
-    assert r.exit_code == 0 and "finished: epoch 2, 16 updates" in r.output, r.output
+    r = subprocess.run([*command, *args(tmp_path / "part", "--resume", str(tmp_path / "part" / "last.pth"))],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "finished: epoch 2, 16 updates" in r.stdout, r.stdout + r.stderr
     a, b = load_checkpoint_file(tmp_path / "full" / "last.pth"), load_checkpoint_file(tmp_path / "part" / "last.pth")
     for key in ("state_dict", "state_dict_ema"):
         for name, t in a[key].items():

@@ -190,3 +190,19 @@ def test_torch_compile_trains_and_checkpoints_plain_keys(tmp_path):
     assert result.status == "finished" and result.global_update == 3
     keys = load_checkpoint_file(tmp_path / LAST)["state_dict"]
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+
+
+@pytest.mark.parametrize("name, grid", [("vit_tiny_patch16_224", (4, 4)), ("resnet18", (2, 2)),
+                                        ("fan_test_p4_hybrid_token", (4, 4))])
+def test_the_student_is_built_for_the_store_view_size(name, grid):
+    """A ViT student on a 64-px store gets img_size=64 (its position embedding), models without one build as usual."""
+    from labeler.models import token_grid
+    from trainer.run_stage import build_model
+
+    cfg = load_config(TrainConfig, None, [f"model.name={name}", "model.num_classes=10", "model.drop_path_rate=0.0"])
+    model = build_model(cfg, (64, 64)).eval()
+    assert token_grid(model, (64, 64)) == grid
+    with torch.no_grad():
+        cls_logits, tokens = model.forward_tokens(torch.zeros(1, 3, 64, 64)) if hasattr(model, "forward_tokens") \
+            else model(torch.zeros(1, 3, 64, 64))
+    assert cls_logits.shape == (1, 10) and tokens.shape == (1, grid[0] * grid[1], 10)

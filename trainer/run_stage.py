@@ -66,10 +66,21 @@ def _prepare(cfg: TrainConfig, out_dir: str | Path) -> DistInfo:
     return info
 
 
-def build_model(cfg: TrainConfig):
-    """The token model with the configured (or the paper's per-size) drop-path rate."""
-    return create_token_model(cfg.model.name, num_classes=cfg.model.num_classes,
-                              drop_path_rate=cfg.model.resolved_drop_path_rate)
+def build_model(cfg: TrainConfig, input_size: tuple[int, int] | None = None):
+    """The token model with the configured (or the paper's per-size) drop-path rate, built for `input_size`
+    (the student: the store's view size) when its timm constructor takes an `img_size` (ViT-style position
+    embeddings are sized by it); CNN-style models take any size and are built as they are."""
+    kwargs = {"drop_path_rate": cfg.model.resolved_drop_path_rate}
+    if input_size is None:
+        return create_token_model(cfg.model.name, num_classes=cfg.model.num_classes, **kwargs)
+    h, w = input_size
+    try:
+        return create_token_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=h if h == w else (h, w),
+                                  **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        return create_token_model(cfg.model.name, num_classes=cfg.model.num_classes, **kwargs)
 
 
 def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: str | Path,
@@ -80,7 +91,7 @@ def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: 
         loader = build_student_loader(cfg.data, labels=labels, labeler=labeler, num_classes=cfg.model.num_classes,
                                       rank=info.rank, world_size=info.world_size,
                                       pin_memory=info.device.type == "cuda")
-        model = build_model(cfg)
+        model = build_model(cfg, loader.input_size)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=cfg.tokens,
                                 store_grid=loader.store_grid, student_grid=token_grid(model, loader.input_size),
                                 device=info.device, seed=cfg.data.seed, train=True)
@@ -104,7 +115,7 @@ def run_labeler(cfg: TrainConfig, *, out_dir: str | Path, resume: str | Path | N
         # Stage 1 has no store whose sample table would tell the epoch length the schedule needs.
         num_samples = sum(count_samples(url) for url in expand_shard_urls(cfg.data.shards))
         steps = max(1, -(-num_samples // (cfg.data.batch_size * info.world_size)))
-        model = build_model(cfg)
+        model = build_model(cfg, cfg.data.input_size)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=None, store_grid=None,
                                 device=info.device, seed=cfg.data.seed, train=True)
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
