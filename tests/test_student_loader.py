@@ -307,3 +307,18 @@ def test_a_damaged_label_chunk_is_one_line_naming_the_shard(tiny, tmp_path, work
     with pytest.raises((StoreError, TrainerError), match=r"train-00000\d.tar|shard") as e:
         list(loader)
     assert "\n" not in str(e.value) and "Traceback" not in str(e.value), str(e.value)
+
+
+@pytest.mark.timeout(120)
+def test_labeler_loader_resumes_exactly_too(tiny):
+    loader = build_labeler_loader(_cfg(tiny, input_size=24, workers=2, batch_size=3))
+    loader.set_epoch(2)
+    full, positions = [], []
+    for batch in loader:
+        full.append(batch)
+        positions.append(loader.position())
+    for cut in (1, len(full) // 2, len(full) - 1):
+        loader.set_epoch(2, resume=positions[cut - 1])
+        rest = list(loader)
+        assert [b["key"] for b in rest] == [b["key"] for b in full[cut:]]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[cut:]))

@@ -51,14 +51,14 @@ class SourceCheck:
         rows = self.index.shard_rows(sample["__url__"])
         reason = self.mismatch(rows, sample["__row__"], data, decoded_hw)
         if reason is not None:
-            self.record(rows, sample["__key__"], reason)
+            self.record(rows, sample["__url__"], sample["__key__"], reason)
         return reason
 
-    def record(self, rows, key: str, reason: str) -> None:
+    def record(self, rows, url: str, key: str, reason: str) -> None:
         """Count a mismatch; most of a shard's rows differing means the shards themselves changed."""
         n = self._mismatched.get(rows.shard_index, 0) + 1
         self._mismatched[rows.shard_index] = n
         if n > rows.num_samples // 2:
-            raise ShardsChanged(f"shard {rows.url!r}: {n} of its {rows.num_samples} images differ from the ones "
+            raise ShardsChanged(f"shard {url!r}: {n} of its {rows.num_samples} images differ from the ones "
                                 f"labelled (e.g. key {key!r}: {reason}); the shards changed since labelling: "
                                 f"relabel them with `stl-labels generate` or train on the labelled shards")
