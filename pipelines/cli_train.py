@@ -81,6 +81,15 @@ def _failed_run_set_aside(out: str) -> Iterator[None]:
         raise
 
 
+EXIT_STOPPED = 143  # 128 + SIGTERM: the run was stopped, its checkpoint written; `--resume` continues exactly
+
+
+def _exit_if_stopped(result) -> None:
+    """A SIGTERM'd run wrote its checkpoint; it still exits non-zero, so schedulers see it did not finish."""
+    if result.status == "stopped":
+        raise typer.Exit(EXIT_STOPPED)
+
+
 def _is_rank0() -> bool:
     """Under torchrun every rank returns from training; only rank 0 prints the summary."""
     import os
@@ -109,7 +118,8 @@ def student_cmd(
         from trainer.run_stage import run_student
 
         with _failed_run_set_aside(out):  # the run's own log ends with its one end-of-run line
-            run_student(cfg, labels=labels, labeler=labeler, out_dir=out, resume=resume)
+            result = run_student(cfg, labels=labels, labeler=labeler, out_dir=out, resume=resume)
+    _exit_if_stopped(result)
 
 
 @app.command("labeler", cls=TrainCommand)
@@ -131,7 +141,8 @@ def labeler_cmd(
         from trainer.run_stage import run_labeler
 
         with _failed_run_set_aside(out):
-            run_labeler(cfg, out_dir=out, resume=resume)
+            result = run_labeler(cfg, out_dir=out, resume=resume)
+    _exit_if_stopped(result)
 
 
 @app.command("eval", cls=TrainCommand)

@@ -150,11 +150,11 @@ def test_bench_prints_all_figures_and_ratios(world):
     assert len(rows) == 6 and all(float(row[4]) > 0 for row in rows[:3]), r.output  # end-to-end img/s measured
 
 
-@pytest.mark.timeout(300)
-def test_student_resume_mid_epoch_on_the_real_data_path(world, tmp_path):
-    """SIGTERM mid-epoch (real loader, TargetBuilder, FAN test model): the position skips finished shards, and
-    two resumes from the same checkpoint end with identical weights. (Bit-equality with an uninterrupted run
-    is tested in test_train_loop, where the stop falls on a recorded shard boundary.)"""
+@pytest.mark.timeout(400)
+def test_student_resume_mid_epoch_equals_the_uninterrupted_run(world, tmp_path):
+    """Exact resume on the real data path (loader with 2 workers and a shuffle buffer, RandAugment, TargetBuilder,
+    drop path, FAN test model): after SIGTERM mid-epoch, and from a periodic checkpoint as a SIGKILL leaves it,
+    `--resume` ends with the weights of the uninterrupted run, bit for bit, and the same number of updates."""
     import os
     import signal
     from functools import partial
@@ -168,15 +168,16 @@ def test_student_resume_mid_epoch_on_the_real_data_path(world, tmp_path):
     from trainer.loader import build_student_loader
     from trainer.loop import train
     from trainer.losses import student_loss
-    from trainer.run_stage import build_model, loader_epochs
+    from trainer.run_stage import build_model, data_identity, loader_epochs
     from trainer.target_builder import TargetBuilder
 
-    cfg = load_config(TrainConfig, PRESET, ["data.batch_size=16", "data.shuffle_buffer=0", "schedule.warmup_epochs=0",
-                                                   "schedule.epochs=2", "schedule.max_steps_per_epoch=null",
-                                                   "run.progress_bar=false", "model.drop_path_rate=0.1"],
+    cfg = load_config(TrainConfig, PRESET, ["data.batch_size=12", "data.workers=2", "data.shuffle_buffer=16",
+                                            "schedule.warmup_epochs=0", "schedule.epochs=2",
+                                            "schedule.max_steps_per_epoch=null", "run.progress_bar=false",
+                                            "model.drop_path_rate=0.1", "run.checkpoint_every=1"],
                       {"data": {"shards": world["train"]}})
 
-    def run(out, stop_at=None, resume=None):
+    def run(out, hook=None, resume=None):
         torch.manual_seed(0)
         loader = build_student_loader(cfg.data, labels=world["root"] / "labels.zarr", labeler="tl", num_classes=10,
                                       rank=0, world_size=1)
@@ -187,29 +188,45 @@ def test_student_resume_mid_epoch_on_the_real_data_path(world, tmp_path):
 
         def targets(batch, device, step):
             calls["n"] += 1
-            if calls["n"] == stop_at:
-                os.kill(os.getpid(), signal.SIGTERM)
+            if hook:
+                hook(calls["n"], out)
             return builder(batch, step)
 
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out, epoch_batches=loader_epochs(loader),
                      make_targets=targets, compute_loss=partial(student_loss, beta=1.0),
-                     steps_per_epoch=loader.batches_per_epoch(1), resume=resume)
+                     steps_per_epoch=loader.batches_per_epoch(1), resume=resume,
+                     data_identity=data_identity(loader.stream.urls, loader.num_samples))
 
-    # 2 shards × 32 samples, batch 16. Shard 0 is known to be done once shard 1 is being read (step 3); the
-    # position is kept "to the shard", so a resume skips shard 0 and re-reads shard 1 from its start.
-    part = run(tmp_path / "part", stop_at=3)
-    assert part.status == "stopped"
+    def sigterm_at(n):
+        def hook(call, out):
+            if call == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return hook
+
+    def snapshot_at(n, to):  # what SIGKILL leaves behind: the periodic checkpoint written before call n
+        def hook(call, out):
+            if call == n:
+                to.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(out / LAST, to)
+        return hook
+
+    # 2 shards x 32 samples over 2 workers, batch 12: per epoch each worker gives 12 + 12 + 8 → 6 updates.
+    killed = tmp_path / "killed" / LAST
+    full = run(tmp_path / "full", hook=snapshot_at(9, killed))
+    assert full.status == "finished" and full.global_update == 12
+    part = run(tmp_path / "part", hook=sigterm_at(4))  # mid-epoch 0: worker 0 gave 2 batches, worker 1 one
+    assert part.status == "stopped" and part.global_update == 4
     position = load_checkpoint_file(tmp_path / "part" / LAST)["data_position"]
-    assert position["steps"] == 3 and position["ranks"][0]["done_shards"] == [0], position
-    (tmp_path / "again").mkdir()
-    shutil.copy(tmp_path / "part" / LAST, tmp_path / "again" / LAST)
-    first = run(tmp_path / "part", resume=tmp_path / "part" / LAST)
-    second = run(tmp_path / "again", resume=tmp_path / "again" / LAST)
-    assert first.global_update == second.global_update == 3 + 2 + 4  # shard 1 again in epoch 0, then epoch 1
-    a, b = load_checkpoint_file(first.last_checkpoint), load_checkpoint_file(second.last_checkpoint)
-    for key in ("state_dict", "state_dict_ema"):  # everything restored: the continuation is deterministic
-        for name, t in a[key].items():
-            assert torch.equal(t, b[key][name]), f"{key}.{name}"
+    assert position["steps"] == 4 and position["ranks"][0]["taken"] == {"0": 2, "1": 2}, position
+    resumed = run(tmp_path / "part", resume=tmp_path / "part" / LAST)
+    after_kill = run(killed.parent, resume=killed)  # mid-epoch 1, update 8
+    reference = load_checkpoint_file(full.last_checkpoint)
+    for result in (resumed, after_kill):
+        assert result.status == "finished" and result.global_update == 12  # no replayed or lost update
+        got = load_checkpoint_file(result.last_checkpoint)
+        for key in ("state_dict", "state_dict_ema"):
+            for name, t in reference[key].items():
+                assert torch.equal(t, got[key][name]), f"{result.last_checkpoint}: {key}.{name}"
 
 
 @pytest.mark.timeout(300)
@@ -232,3 +249,63 @@ def test_torchrun_two_process_student(world, tmp_path):
     assert r.stderr.count("done: 2 epochs, 4 updates") == 1 and "done:" not in r.stdout, r.stdout + r.stderr
     epochs = [json.loads(x) for x in (tmp_path / "st" / "metrics.jsonl").read_text().splitlines()]
     assert [m["update"] for m in epochs if m["kind"] == "epoch"] == [2, 4]
+
+
+def test_a_stopped_run_exits_143(monkeypatch, tmp_path):
+    """SIGTERM: the loop writes its checkpoint and returns "stopped"; the command exits non-zero (128 + 15)."""
+    import trainer.run_stage
+    from trainer.loop import TrainResult
+
+    monkeypatch.setattr(trainer.run_stage, "run_student", lambda cfg, **kw: TrainResult(
+        "stopped", 0, 3, tmp_path / "last.pth", None, 1.0))
+    r = runner.invoke(app, ["student", "--config", PRESET, "--shards", "x.tar", "--labels", "l.zarr", "--labeler", "tl",
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 143 and "stopped: epoch 0, 3 updates" in r.output, r.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_signals_to_a_real_process_then_resume_match_the_uninterrupted_run(world, tmp_path, sig):
+    """`stl-train student` as a process: SIGTERM → checkpoint + exit 143; SIGKILL → the last periodic checkpoint;
+    either way `--resume` ends with the uninterrupted run's update count and weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from trainer.checkpoint import load_checkpoint_file
+
+    sets = ["--set", "schedule.epochs=2", "--set", "schedule.max_steps_per_epoch=null", "--set", "data.batch_size=8",
+            "--set", "data.workers=2", "--set", "schedule.warmup_epochs=0", "--set", "run.checkpoint_every=1",
+            "--set", "run.progress_bar=false"]
+    shard_args = [a for s in world["train"] for a in ("--shards", s)]
+
+    def args(out, *extra):
+        return ["student", "--config", PRESET, *shard_args, "--labels", str(world["root"] / "labels.zarr"),
+                "--labeler", "tl", "--out", str(out), *sets, *extra]
+
+    # Every run a process with the same thread count: float sums must group the same way to compare bit for bit.
+    command = [sys.executable, str(Path(sys.executable).with_name("stl-train"))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*command, *args(tmp_path / "full")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "finished: epoch 2, 16 updates" in r.stdout, r.stdout + r.stderr
+    proc = subprocess.Popen([*command, *args(tmp_path / "part")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = tmp_path / "part" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3):
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == (143 if sig == "SIGTERM" else -signal.SIGKILL), out
+    assert "Traceback" not in out, out
+    r = subprocess.run([*command, *args(tmp_path / "part", "--resume", str(tmp_path / "part" / "last.pth"))],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "finished: epoch 2, 16 updates" in r.stdout, r.stdout + r.stderr
+    a, b = load_checkpoint_file(tmp_path / "full" / "last.pth"), load_checkpoint_file(tmp_path / "part" / "last.pth")
+    for key in ("state_dict", "state_dict_ema"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), f"{key}.{name}"

@@ -145,9 +145,42 @@ def test_resume_into_another_model_or_from_a_bad_file_is_a_clear_error(tmp_path)
         def __init__(self):
             super().__init__(dim=48)
 
-    with pytest.raises(TrainCheckpointError, match="does not fit"):
+    with pytest.raises(TrainCheckpointError, match="does not fit") as e:  # one line, not every key of the model
         train(model=Wider(), arch="toy", cfg=config(), out_dir=tmp_path / "c", epoch_batches=ToySource().epoch_batches,
               make_targets=make_targets, compute_loss=loss_fn, steps_per_epoch=4, resume=tmp_path / LAST)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 500
+
+
+def test_resume_refuses_another_model_batch_size_or_data_in_one_line(tmp_path):
+    from trainer.checkpoint import resume_mismatches
+    from trainer.errors import TrainCheckpointError
+
+    data = {"shards": ["a-0.tar", "a-1.tar"], "num_samples": 64}
+    cfg = config(epochs=1, **{"schedule.warmup_epochs": 0})
+    torch.manual_seed(0)
+    train(model=ToyTokenModel(), arch="toy", cfg=cfg, out_dir=tmp_path, epoch_batches=ToySource(shards=1).epoch_batches,
+          make_targets=make_targets, compute_loss=loss_fn, steps_per_epoch=1, data_identity=data)
+
+    def resume(arch="toy", data=data, **sets):
+        torch.manual_seed(0)
+        with pytest.raises(TrainCheckpointError) as e:
+            train(model=ToyTokenModel(), arch=arch, cfg=config(epochs=2, **{"schedule.warmup_epochs": 0, **sets}),
+                  out_dir=tmp_path / "r", epoch_batches=ToySource().epoch_batches, make_targets=make_targets,
+                  compute_loss=loss_fn, steps_per_epoch=4, resume=tmp_path / LAST, data_identity=data)
+        message = str(e.value)
+        assert "\n" not in message and len(message) < 400, message
+        return message
+
+    assert "model 'toy' → 'other'" in resume(arch="other")
+    assert "data.batch_size 16 → 8" in resume(**{"data.batch_size": 8})
+    assert "shards 2 → 1 (missing: a-1.tar)" in resume(data={"shards": ["a-0.tar"], "num_samples": 32})
+    assert "samples 64 → 60" in resume(data={"shards": ["a-0.tar", "a-1.tar"], "num_samples": 60})
+    # What may change: more epochs, another learning rate, the log cadence.
+    ck = load_checkpoint_file(tmp_path / LAST)
+    ok = config(epochs=5, **{"schedule.warmup_epochs": 0, "optim.lr": 0.1, "run.log_every": 3}).to_dict()
+    assert resume_mismatches(ck, arch="toy", config=ok, data=data) == []
+    mid = {**ck, "data_position": {"steps": 1, "ranks": [{}, {}]}, "world_size": 2}
+    assert "processes 2 → 1" in resume_mismatches(mid, arch="toy", config=ok, data=data)[0]
 
 
 @pytest.mark.slow
@@ -157,3 +190,19 @@ def test_torch_compile_trains_and_checkpoints_plain_keys(tmp_path):
     assert result.status == "finished" and result.global_update == 3
     keys = load_checkpoint_file(tmp_path / LAST)["state_dict"]
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+
+
+@pytest.mark.parametrize("name, grid", [("vit_tiny_patch16_224", (4, 4)), ("resnet18", (2, 2)),
+                                        ("fan_test_p4_hybrid_token", (4, 4))])
+def test_the_student_is_built_for_the_store_view_size(name, grid):
+    """A ViT student on a 64-px store gets img_size=64 (its position embedding), models without one build as usual."""
+    from labeler.models import token_grid
+    from trainer.run_stage import build_model
+
+    cfg = load_config(TrainConfig, None, [f"model.name={name}", "model.num_classes=10", "model.drop_path_rate=0.0"])
+    model = build_model(cfg, (64, 64)).eval()
+    assert token_grid(model, (64, 64)) == grid
+    with torch.no_grad():
+        cls_logits, tokens = model.forward_tokens(torch.zeros(1, 3, 64, 64)) if hasattr(model, "forward_tokens") \
+            else model(torch.zeros(1, 3, 64, 64))
+    assert cls_logits.shape == (1, 10) and tokens.shape == (1, grid[0] * grid[1], 10)

@@ -30,7 +30,11 @@ class TrainState:
 
     epoch: int = 0
     global_update: int = 0
-    data_position: dict = field(default_factory=dict)  # the loader's own record, e.g. {"shards_done": [...]}
+    data_position: dict = field(default_factory=dict)  # {"steps": n, "ranks": [each rank's loader.position()]}
+
+# Settings a resume must not change: they fix which samples an update sees, or the network itself.
+RESUME_FIXED = ("model.name", "model.num_classes", "model.img_size", "data.batch_size", "data.seed",
+                "data.shuffle_buffer", "data.view_choice", "data.drop_last", "optim.accumulation_steps")
 
 
 def rng_state() -> dict:
@@ -79,10 +83,16 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                     ema: torch.nn.Module | None, scaler: torch.amp.GradScaler | None, state: TrainState,
-                    config: Mapping, arch: str, metrics: Mapping | None = None) -> None:
-    """Write the full training checkpoint atomically (model must be unwrapped: no DDP `module.` prefix)."""
+                    config: Mapping, arch: str, metrics: Mapping | None = None, data: Mapping | None = None,
+                    world_size: int = 1) -> None:
+    """Write the full training checkpoint atomically (model must be unwrapped: no DDP `module.` prefix).
+
+    `data`: what identifies the training data ({"shards": names, "num_samples": n}), checked on resume.
+    """
     atomic_save({
         "arch": arch,
+        "data": dict(data or {}),
+        "world_size": int(world_size),
         "state_dict": model.state_dict(),
         "state_dict_ema": ema.module.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict(),
@@ -113,6 +123,53 @@ def load_checkpoint_file(path: str | Path) -> dict:
     return ckpt
 
 
+def _setting(config: Mapping, dotted: str):
+    section, key = dotted.split(".")
+    return (config.get(section) or {}).get(key)
+
+
+def _short(values) -> str:
+    values = list(values)
+    return ", ".join(map(str, values[:3])) + (f" … ({len(values)} in all)" if len(values) > 3 else "")
+
+
+def resume_mismatches(ckpt: Mapping, *, arch: str, config: Mapping, data: Mapping | None = None,
+                      world_size: int = 1) -> list[str]:
+    """What differs between a checkpoint and the run resuming from it (empty: it fits). Pure."""
+    out = []
+    if ckpt.get("arch") is not None and ckpt["arch"] != arch:
+        out.append(f"model {ckpt['arch']!r} → {arch!r}")
+    for dotted in RESUME_FIXED:
+        if dotted == "model.name":
+            continue  # the arch above
+        old, new = _setting(ckpt["config"], dotted), _setting(config, dotted)
+        if old is not None and old != new:
+            out.append(f"{dotted} {old!r} → {new!r}")
+    old_data = ckpt.get("data") or {}
+    if data and old_data.get("shards") is not None and list(old_data["shards"]) != list(data["shards"]):
+        gone = [s for s in old_data["shards"] if s not in set(data["shards"])]
+        new = [s for s in data["shards"] if s not in set(old_data["shards"])]
+        out.append(f"shards {len(old_data['shards'])} → {len(data['shards'])}"
+                   + (f" (missing: {_short(gone)})" if gone else "") + (f" (new: {_short(new)})" if new else "")
+                   + ("" if gone or new else " (same names, other order)"))
+    elif data and old_data.get("num_samples") is not None and old_data["num_samples"] != data.get("num_samples"):
+        out.append(f"samples {old_data['num_samples']} → {data.get('num_samples')}")
+    mid_epoch = bool((ckpt.get("data_position") or {}).get("ranks"))
+    if mid_epoch and int(ckpt.get("world_size", len(ckpt["data_position"]["ranks"]))) != world_size:
+        out.append(f"processes {ckpt.get('world_size', len(ckpt['data_position']['ranks']))} → {world_size} "
+                   f"(written mid-epoch: the same number of ranks is needed)")
+    return out
+
+
+def check_resume_fits(ckpt: Mapping, *, arch: str, config: Mapping, data: Mapping | None = None,
+                      world_size: int = 1, source: str = "") -> None:
+    """Refuse, in one line, a resume whose model, data, batch size or world differs from the checkpoint's."""
+    diff = resume_mismatches(ckpt, arch=arch, config=config, data=data, world_size=world_size)
+    if diff:
+        raise TrainCheckpointError(f"--resume {source}: the checkpoint does not fit this run ({'; '.join(diff)}); "
+                                   f"resume with the checkpoint's settings and data, or start a new run in another --out")
+
+
 def restore_checkpoint(ckpt: Mapping, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                        ema: torch.nn.Module | None, scaler: torch.amp.GradScaler | None, source: str = "") -> TrainState:
     """Load every part of a training checkpoint back into live objects; returns where to continue."""
@@ -129,7 +186,8 @@ def restore_checkpoint(ckpt: Mapping, *, model: torch.nn.Module, optimizer: torc
     except (RuntimeError, KeyError, ValueError) as e:
         if isinstance(e, TrainCheckpointError):
             raise
-        raise TrainCheckpointError(f"checkpoint {source} does not fit this model/run: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainCheckpointError(f"checkpoint {source} does not fit this model/run: {first[:300]}") from None
     set_rng_state(ckpt["rng"])
     return TrainState(epoch=int(ckpt["epoch"]), global_update=int(ckpt["global_update"]),
                       data_position=dict(ckpt.get("data_position") or {}))

@@ -145,8 +145,11 @@ class RunConfig:
     metrics_format: Literal["jsonl", "csv"] = "jsonl"
     tensorboard: bool = True  # used only when tensorboard is installed
     progress_bar: bool = True
+    checkpoint_every: int | None = None  # also write last.pth every N updates (mid-epoch; survives SIGKILL)
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise TrainConfigError(f"run.checkpoint_every must be >= 1 or null, got {self.checkpoint_every}")
         if self.amp not in ("bf16", "fp16", "none"):
             raise TrainConfigError(f"run.amp must be bf16, fp16 or none, got {self.amp!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:

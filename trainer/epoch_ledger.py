@@ -2,10 +2,14 @@
 
 A shard is *done* when its tar has been read to the end, its sample count is final (checked
 against the store's keys where there is a store) and every sample that came out of it has left the
-pipeline (in a batch, or skipped with a reason). Done shards are the resume position
-("to the shard"); skipped samples are counted, never dropped silently. Data-path steps record into
-the ledger; the batcher drains it into each batch's `meta`, and the loader in the main process
-sums it up over workers.
+pipeline (in a batch, or skipped with a reason); skipped samples are counted, never dropped
+silently. Data-path steps record into the ledger; the batcher drains it into each batch's `meta`,
+and the loader in the main process sums it up over workers.
+
+The exact resume position is `streamed`: how many samples this worker's stream has handed on after
+its shuffle (the last order-changing step). The stream before that point is a pure function of
+(seed, epoch, rank, worker), so a resumed worker replays it up to `resume_from` without decoding
+or rendering (`skip_consumed`) and goes on with exactly the samples an uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ class EpochLedger:
         self._reported: set[int] = set()
         self._skips: list[dict] = []
         self.seen_keys: dict[int, set] = defaultdict(set)
+        self.streamed = 0  # samples handed on after the shuffle, this epoch (the resume position)
+        self.resume_from = 0  # samples a checkpoint says were already consumed: skipped without decoding
 
     # --- data-path steps record ----------------------------------------------------------------
     def opened(self, pos: int, url: str) -> None:
@@ -61,4 +67,18 @@ class EpochLedger:
         done = sorted(p for p in self._finished - self._reported if self._entered[p] == self._left[p])
         self._reported.update(done)
         skips, self._skips = self._skips, []
-        return {"done_shards": done, "skipped": skips}
+        return {"done_shards": done, "skipped": skips, "streamed": self.streamed}
+
+
+def skip_consumed(samples, ledger: EpochLedger):
+    """Count samples past the shuffle; drop the first `ledger.resume_from` (trained on before the checkpoint).
+
+    Sits right after the shuffle and before decoding, so a resume costs tar + label reads of the
+    consumed part, not its decode and render.
+    """
+    for s in samples:
+        ledger.streamed += 1
+        if ledger.streamed <= ledger.resume_from:
+            ledger.left(s["__pos__"])
+            continue
+        yield s

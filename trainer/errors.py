@@ -19,3 +19,11 @@ class TrainCheckpointError(TrainerError):
 
 class NonFiniteLoss(TrainerError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class TrainDataError(TrainerError):
+    """The training data cannot be read as stored (e.g. a damaged label chunk); names the array, shard and rows."""
+
+
+class ShardsChanged(TrainDataError):
+    """Most images of a shard differ from the ones labelled; names the shard and an example key."""

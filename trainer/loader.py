@@ -8,11 +8,15 @@ shuffle is seeded once and repeats every epoch (docs/design.md "Library behaviou
 epoch. Ranks may get different numbers of batches (shards differ in size): a DDP loop must stop
 together (e.g. all-reduce a "have a batch" flag, or torch.distributed.algorithms.Join).
 
-Position in the epoch (exact resume "to the shard"): each batch reports the shards fully consumed
-by its worker; the loader keeps their union (`done_shards`, positions in this epoch's shard order).
-Resuming with `set_epoch(epoch, skip_shards=done_shards)` re-reads only the shards not finished;
-gather the sets of all ranks for DDP. Skipped samples (corrupt image, invalid row, truncated tar)
-are counted in `skipped`, never dropped silently.
+Position in the epoch (exact resume, docs/design.md "Exact resume"): each worker's stream is a pure
+function of (seed, epoch, rank, worker). `position()` records, per worker, the DataLoader items
+the training loop has taken and the samples the worker had handed on past its shuffle
+(`EpochLedger.streamed`). `set_epoch(epoch, resume=position)` makes each worker replay its stream
+to that point without decoding (`skip_consumed`) and first emit one placeholder per item already
+taken, so the DataLoader's round-robin over workers lines up with the uninterrupted run; the
+placeholders are dropped here. The batches that follow are exactly those the uninterrupted run
+would have trained on. Skipped samples (corrupt image, invalid row, truncated tar) are counted in
+`skipped`, never dropped silently.
 
 Workers are persistent (started once, reused every epoch): the epoch and the shards to skip live in a
 shared-memory tensor that `set_epoch` writes and every worker reads when its next epoch starts.
@@ -34,10 +38,12 @@ import webdataset as wds
 from timm.data import create_transform
 from torch.utils.data import DataLoader, IterableDataset
 
-from labelstore import ImageDecodeError, LabelStore, RowIndex, SchemaMismatch, decode_image
+from labelstore import ImageDecodeError, LabelStore, RowIndex, SchemaMismatch, StoreError, decode_image
 from labelstore.shard_format import expand_shard_urls, image_field, parse_label
 from trainer.data_config import DataConfig
-from trainer.epoch_ledger import EpochLedger
+from trainer.epoch_ledger import EpochLedger, skip_consumed
+from trainer.source_check import SourceCheck
+from trainer.errors import TrainCheckpointError, TrainerError
 from trainer.stages import (
     LabelJoin, PhotometricSlotDraw, augment_views, batch_samples, collate_sources, collate_student, decode_views,
     draw_photometric, enter_samples, join_labels, lookup_rows, replay_views, track_shards,
@@ -63,6 +69,9 @@ def _keep_going(exn: Exception) -> bool:
     return True
 
 
+MAX_WORKERS = 256  # data workers per rank whose resume point the shared state can hold
+
+
 class ShardStream(IterableDataset):
     """One epoch of batches from shards: order by (seed, epoch), split by rank then worker, then `pipeline`."""
 
@@ -75,8 +84,10 @@ class ShardStream(IterableDataset):
         if rank is not None and not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.rank, self.world_size = rank, world_size
-        # [epoch, skip flag of each shard position]: shared memory, so persistent workers see set_epoch.
+        # [epoch, skip flag of each shard position] and each worker's resume point (items taken, samples
+        # streamed): shared memory, so persistent workers see what set_epoch set.
         self._state = torch.zeros(1 + len(self.urls), dtype=torch.int64).share_memory_()
+        self._resume = torch.zeros((MAX_WORKERS, 2), dtype=torch.int64).share_memory_()
 
     @property
     def epoch(self) -> int:
@@ -86,13 +97,24 @@ class ShardStream(IterableDataset):
     def skip_shards(self) -> frozenset:
         return frozenset(int(i) for i in torch.nonzero(self._state[1:]).flatten())
 
-    def set_epoch(self, epoch: int, skip_shards: Iterable[int] = ()) -> None:
+    @property
+    def resume(self) -> dict[int, tuple[int, int]]:
+        """worker → (items taken, samples streamed) to continue from (empty: the start of the epoch)."""
+        return {int(w): (int(self._resume[w, 0]), int(self._resume[w, 1])) for w in torch.nonzero(self._resume.any(1)).flatten()}
+
+    def set_epoch(self, epoch: int, skip_shards: Iterable[int] = (),
+                  resume: dict[int, tuple[int, int]] | None = None) -> None:
         skip = [int(p) for p in skip_shards]
         if any(not 0 <= p < len(self.urls) for p in skip):
             raise ValueError(f"skip_shards {sorted(skip)} outside this stream's {len(self.urls)} shard positions")
+        if any(not 0 <= int(w) < MAX_WORKERS for w in (resume or {})):
+            raise ValueError(f"resume: worker ids {sorted(resume)} outside 0..{MAX_WORKERS - 1}")
         self._state.zero_()
         self._state[0] = int(epoch)
         self._state[1:][skip] = 1
+        self._resume.zero_()
+        for w, (taken, streamed) in (resume or {}).items():
+            self._resume[int(w), 0], self._resume[int(w), 1] = int(taken), int(streamed)
 
     def shards_per_rank(self) -> int:
         world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
@@ -115,9 +137,21 @@ class ShardStream(IterableDataset):
         ledger = EpochLedger()
         samples = wds.tariterators.tarfile_samples(track_shards(items, ledger), handler=_keep_going)
         info = torch.utils.data.get_worker_info()
-        stream_id = (self.rank if self.rank is not None else wds.utils.pytorch_worker_info()[0],
-                     info.id if info is not None else 0)
-        yield from self.pipeline(samples, ledger, positions, self.epoch, stream_id)
+        worker = info.id if info is not None else 0
+        stream_id = (self.rank if self.rank is not None else wds.utils.pytorch_worker_info()[0], worker)
+        taken, ledger.resume_from = self.resume.get(worker, (0, 0))
+        for _ in range(taken):  # placeholders for the items trained on before the checkpoint (see module doc)
+            yield {"meta": {"worker": worker, "placeholder": True}}
+        try:
+            for item in self.pipeline(samples, ledger, positions, self.epoch, stream_id):
+                item["meta"]["worker"] = worker
+                yield item
+        except (StoreError, TrainerError) as e:
+            if info is None:
+                raise
+            # In a worker, hand the error to the main process as data: raised there as itself, one line,
+            # instead of torch's re-raise with the worker's traceback pasted into the message.
+            yield {"meta": {"worker": worker, "error": e}}
 
 
 def _worker_init(_: int) -> None:
@@ -137,7 +171,10 @@ class StreamLoader:
         self._loader: DataLoader | None = None
         self.done_shards: set[int] = set()
         self.skipped: list[dict] = []
+        self._skipped_keys: set[tuple[str, str]] = set()
         self.samples_seen = 0
+        self._taken: dict[int, int] = {}  # worker → DataLoader items taken this epoch (placeholders included)
+        self._streamed: dict[int, int] = {}  # worker → samples past its shuffle when its last item was taken
 
     @property
     def epoch(self) -> int:
@@ -147,19 +184,33 @@ class StreamLoader:
     def num_shards(self) -> int:
         return len(self.stream.urls)
 
-    def set_epoch(self, epoch: int, skip_shards: Iterable[int] = ()) -> None:
-        """Select the epoch (shard order, view choice, aug seeds) and the shards already consumed in it."""
-        self.stream.set_epoch(epoch, skip_shards)
-        self.done_shards = set(self.stream.skip_shards)
-        self.skipped, self.samples_seen = [], 0
+    def set_epoch(self, epoch: int, skip_shards: Iterable[int] = (), resume: dict | None = None) -> None:
+        """Select the epoch (shard order, view choice, aug seeds); `resume`: this rank's `position()` from a
+        mid-epoch checkpoint, continued exactly. (`skip_shards` drops whole shards: not exact, tests only.)"""
+        taken, streamed = {}, {}
+        if resume:
+            if int(resume.get("workers", -1)) != self.workers:
+                raise TrainCheckpointError(
+                    f"the checkpoint was written mid-epoch with data.workers={resume.get('workers')}, this run has "
+                    f"data.workers={self.workers}: set data.workers={resume.get('workers')} to resume exactly")
+            taken = {int(w): int(n) for w, n in resume["taken"].items()}
+            streamed = {int(w): int(n) for w, n in resume["streamed"].items()}
+        self.stream.set_epoch(epoch, skip_shards, {w: (taken[w], streamed.get(w, 0)) for w in taken})
+        self.done_shards = set(self.stream.skip_shards) | set((resume or {}).get("done_shards", ()))
+        self.skipped, self.samples_seen = [], int((resume or {}).get("samples_seen", 0))
+        self._skipped_keys = {(u, k) for u, k in (resume or {}).get("skipped_keys", ())}
+        self._taken, self._streamed = taken, streamed
 
     def position(self) -> dict:
-        """What a checkpoint stores to resume this rank's epoch at shard granularity."""
-        return {"epoch": self.epoch, "done_shards": sorted(self.done_shards)}
+        """This rank's exact place in the epoch (plain values: it goes into the checkpoint as is)."""
+        return {"epoch": self.epoch, "workers": self.workers, "taken": {str(w): n for w, n in self._taken.items()},
+                "streamed": {str(w): n for w, n in self._streamed.items()}, "done_shards": sorted(self.done_shards),
+                "samples_seen": self.samples_seen, "skipped": self.num_skipped,
+                "skipped_keys": sorted([u, k] for u, k in self._skipped_keys)}
 
     @property
     def num_skipped(self) -> int:
-        return len(self.skipped)
+        return len(self._skipped_keys)
 
     def __iter__(self):
         if self._loader is None:  # built once: persistent workers survive the epochs
@@ -169,8 +220,18 @@ class StreamLoader:
                                       pin_memory=self.pin_memory, **kw)
         for item in self._loader:
             meta = item.pop("meta")
+            worker = meta["worker"]
+            self._taken[worker] = self._taken.get(worker, 0) + 1
+            if meta.get("placeholder"):
+                continue
+            if "error" in meta:
+                raise meta["error"]
+            self._streamed[worker] = meta["streamed"]
             self.done_shards.update(meta["done_shards"])
-            self.skipped.extend(meta["skipped"])
+            for skip in meta["skipped"]:  # a resumed epoch may meet a skip again: count each sample once
+                if (skip["url"], skip["key"]) not in self._skipped_keys:
+                    self._skipped_keys.add((skip["url"], skip["key"]))
+                    self.skipped.append(skip)
             if "label" in item:  # not a meta-only item
                 self.samples_seen += len(item["label"])
                 yield item
@@ -200,10 +261,12 @@ class StudentPipeline:
         if cfg.shuffle_buffer > 0:
             seed = np.random.SeedSequence(cfg.seed, spawn_key=(_SHUFFLE_TAG, epoch, *stream_id)).generate_state(1)[0]
             s = wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, seed=int(seed))(s)
+        s = skip_consumed(s, ledger)  # exact resume: the order is fixed from here on
+        check = SourceCheck(self.index)
         if self.render_on_device:  # the device renders and augments (trainer.target_builder)
-            s = draw_photometric(decode_views(s, ledger), self.slot_draw, cfg.seed, epoch)
+            s = draw_photometric(decode_views(s, ledger, check), self.slot_draw, cfg.seed, epoch)
             return batch_samples(s, cfg.batch_size, ledger, collate_sources, cfg.drop_last)
-        s = replay_views(s, self.view_spec, ledger)
+        s = replay_views(s, self.view_spec, ledger, check)
         s = augment_views(s, self.aug, cfg.seed, epoch)
         return batch_samples(s, cfg.batch_size, ledger, collate_student, cfg.drop_last)
 
@@ -339,6 +402,7 @@ class TransformPipeline:
         if self.shuffle_buffer > 0:
             seed = np.random.SeedSequence(self.cfg.seed, spawn_key=(_SHUFFLE_TAG, epoch, *stream_id)).generate_state(1)[0]
             s = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=int(seed))(s)
+        s = skip_consumed(s, ledger)  # exact resume: the order is fixed from here on
         s = decode_and_transform(s, ledger, self.transform, self.cfg.seed, epoch)
         return batch_samples(s, self.cfg.batch_size, ledger, collate_plain, self.drop_last)
 

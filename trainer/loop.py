@@ -24,8 +24,8 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 
 from labeler.models import TokenForward
 from trainer.checkpoint import (
-    EXPORT, LAST, StopRequest, TrainState, export_for_labeling, load_checkpoint_file, restore_checkpoint,
-    save_checkpoint,
+    EXPORT, LAST, StopRequest, TrainState, check_resume_fits, export_for_labeling, load_checkpoint_file,
+    restore_checkpoint, save_checkpoint,
 )
 from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, seed_step, wrap_ddp
@@ -104,8 +104,10 @@ def _next_or_none(it: Iterator) -> Any:
 def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str | Path,
           epoch_batches: EpochBatches, make_targets: MakeTargets, compute_loss: ComputeLoss,
           steps_per_epoch: int, info: DistInfo | None = None, resume: str | Path | None = None,
-          log: RunLog | None = None, stop: StopRequest | None = None) -> TrainResult:
-    """Train `model` for `cfg.schedule.total_epochs`; checkpoints every epoch and on SIGTERM."""
+          log: RunLog | None = None, stop: StopRequest | None = None,
+          data_identity: dict | None = None) -> TrainResult:
+    """Train `model` for `cfg.schedule.total_epochs`; checkpoints every epoch, every `run.checkpoint_every`
+    updates and on SIGTERM. `data_identity` ({"shards": names, "num_samples": n}) is recorded and checked on resume."""
     info = info or DistInfo()
     out_dir = Path(out_dir)
     device = info.device
@@ -134,6 +136,8 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     # ---- phase 2: resume (model, optimizer, scheduler, EMA, scaler, RNGs, epoch, data position) ----------
     if resume is not None:
         ckpt = load_checkpoint_file(resume)
+        check_resume_fits(ckpt, arch=arch, config=cfg.to_dict(), data=data_identity, world_size=info.world_size,
+                          source=str(resume))
         state = restore_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
                                    scaler=scaler, source=str(resume))
         log.message(f"resumed from {resume}: epoch {state.epoch}, update {state.global_update}, "
@@ -154,7 +158,8 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     def checkpoint(metrics: dict) -> Path | None:
         if info.is_main:
             save_checkpoint(out_dir / LAST, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                            scaler=scaler, state=state, config=cfg.to_dict(), arch=arch, metrics=metrics)
+                            scaler=scaler, state=state, config=cfg.to_dict(), arch=arch, metrics=metrics,
+                            data=data_identity, world_size=info.world_size)
         barrier(info)
         return out_dir / LAST
 
@@ -242,11 +247,16 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                                loss_cls=float(last_terms.cls), loss_token=float(last_terms.token), lr=lr,
                                images_per_s=round(rate, 2), skipped_samples=skipped)
                 log.progress(state.epoch, total_epochs, step, steps_per_epoch, last_loss, lr, rate)
-                if any_rank(info, stop.requested)[0]:
+                stopping = any_rank(info, stop.requested)[0]  # agreed on a CPU group: no wait on the device
+                every = cfg.run.checkpoint_every
+                if stopping or (every is not None and state.global_update % every == 0):
+                    # Mid-epoch: every rank's exact loader position (resume continues with the next batch);
+                    # the loss health is read first so no checkpoint ever holds non-finite weights.
                     health.check()
                     last_loss = float(last_terms.total.detach())
                     state.data_position = {"steps": step, "ranks": gather_positions(rank_position, info)}
                     last_ckpt = checkpoint({"loss": last_loss})
+                if stopping:
                     log.record("sigterm", epoch=state.epoch, update=state.global_update, loss=last_loss)
                     log.message(f"SIGTERM: checkpoint written to {last_ckpt} at epoch {state.epoch}, step {step}; "
                                 f"continue with --resume {last_ckpt}")

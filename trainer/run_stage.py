@@ -9,6 +9,7 @@ Both run alone or under `torchrun` (one process per device).
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -29,14 +30,14 @@ from trainer.target_builder import TargetBuilder
 def loader_epochs(loader) -> Callable[[int, dict], object]:
     """Adapt a `trainer.loader` StreamLoader to the loop's `epoch_batches(epoch, position)`.
 
-    A mid-epoch checkpoint holds every rank's done shards; their union is skipped on resume and the
-    remaining shards are split over the ranks again, so every sample is still seen once in the epoch.
+    A mid-epoch checkpoint holds every rank's `loader.position()`; each rank continues exactly from its
+    own (same world size and data.workers required: the loop checks the world size, the loader the workers).
     """
+    rank = loader.stream.rank or 0
+
     def epoch_batches(epoch: int, position: dict):
-        done = set()
-        for rank_position in position.get("ranks", []):
-            done.update(rank_position.get("done_shards", []))
-        loader.set_epoch(epoch, skip_shards=done)
+        ranks = position.get("ranks") or []
+        loader.set_epoch(epoch, resume=ranks[rank] if ranks else None)
         batches = iter(loader)
         # Starting the DataLoader draws its worker seeds from the global torch RNG; keep that draw out of
         # the training RNG stream, so a run resumed mid-epoch draws the same drop-path masks as an
@@ -45,9 +46,9 @@ def loader_epochs(loader) -> Callable[[int, dict], object]:
             first = next(batches, None)
         if first is None:
             return
-        yield first, {"done_shards": sorted(loader.done_shards), "skipped": loader.num_skipped}
+        yield first, loader.position()
         for batch in batches:
-            yield batch, {"done_shards": sorted(loader.done_shards), "skipped": loader.num_skipped}
+            yield batch, loader.position()
     return epoch_batches
 
 
@@ -60,6 +61,12 @@ def fixed_shapes(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def data_identity(urls, num_samples: int) -> dict:
+    """What a checkpoint records of its data and `--resume` compares: shard names (not paths: shards may be
+    mounted elsewhere) in the given order, and the sample count."""
+    return {"shards": [os.path.basename(str(u).rstrip("/")) for u in urls], "num_samples": int(num_samples)}
+
+
 def _prepare(cfg: TrainConfig, out_dir: str | Path) -> DistInfo:
     info = init_distributed(cfg.run.device)
     torch.manual_seed(cfg.data.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -69,10 +76,21 @@ def _prepare(cfg: TrainConfig, out_dir: str | Path) -> DistInfo:
     return info
 
 
-def build_model(cfg: TrainConfig):
-    """The token model with the configured (or the paper's per-size) drop-path rate."""
-    return create_token_model(cfg.model.name, num_classes=cfg.model.num_classes,
-                              drop_path_rate=cfg.model.resolved_drop_path_rate)
+def build_model(cfg: TrainConfig, input_size: tuple[int, int] | None = None):
+    """The token model with the configured (or the paper's per-size) drop-path rate, built for `input_size`
+    (the student: the store's view size) when its timm constructor takes an `img_size` (ViT-style position
+    embeddings are sized by it); CNN-style models take any size and are built as they are."""
+    kwargs = {"drop_path_rate": cfg.model.resolved_drop_path_rate}
+    if input_size is None:
+        return create_token_model(cfg.model.name, num_classes=cfg.model.num_classes, **kwargs)
+    h, w = input_size
+    try:
+        return create_token_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=h if h == w else (h, w),
+                                  **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        return create_token_model(cfg.model.name, num_classes=cfg.model.num_classes, **kwargs)
 
 
 def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: str | Path,
@@ -85,7 +103,7 @@ def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: 
                                       rank=info.rank, world_size=info.world_size,
                                       pin_memory=info.device.type == "cuda",
                                       render_on_device=cfg.data.augment_on_device(info.device))
-        model = build_model(cfg)
+        model = build_model(cfg, loader.input_size)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=cfg.tokens,
                                 store_grid=loader.store_grid, student_grid=token_grid(model, loader.input_size),
                                 device=info.device, seed=cfg.data.seed, train=True, view_spec=loader.view_spec,
@@ -93,7 +111,8 @@ def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: 
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
                      make_targets=lambda batch, device, step: targets(batch, step),
                      compute_loss=partial(student_loss, beta=cfg.tokens.beta),
-                     steps_per_epoch=loader.batches_per_epoch(info.world_size), info=info, resume=resume)
+                     steps_per_epoch=loader.batches_per_epoch(info.world_size), info=info, resume=resume,
+                     data_identity=data_identity(loader.stream.urls, loader.num_samples))
     finally:
         shutdown_distributed(info)
 
@@ -110,12 +129,13 @@ def run_labeler(cfg: TrainConfig, *, out_dir: str | Path, resume: str | Path | N
         # Stage 1 has no store whose sample table would tell the epoch length the schedule needs.
         num_samples = sum(count_samples(url) for url in expand_shard_urls(cfg.data.shards))
         steps = max(1, -(-num_samples // (cfg.data.batch_size * info.world_size)))
-        model = build_model(cfg)
+        model = build_model(cfg, cfg.data.input_size)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=None, store_grid=None,
                                 device=info.device, seed=cfg.data.seed, train=True, rank=info.rank)
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
                      make_targets=lambda batch, device, step: targets(batch, step),
                      compute_loss=lambda c, t, y, _tokens: labeler_loss(c, t, y, alpha=cfg.loss.alpha),
-                     steps_per_epoch=steps, info=info, resume=resume)
+                     steps_per_epoch=steps, info=info, resume=resume,
+                     data_identity=data_identity(loader.stream.urls, num_samples))
     finally:
         shutdown_distributed(info)

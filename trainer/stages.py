@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 
 from labeler.render_batch import pad_images
-from labelstore import ImageDecodeError, decode_image, render
+from labelstore import ImageDecodeError, StoreError, decode_image, render
 from labelstore.shard_format import IMAGE_EXTS, image_field, parse_label
 from trainer.epoch_ledger import EpochLedger
+from trainer.errors import TrainDataError
 from trainer.photometric_torch import OP_NAMES
 from trainer.student_augment import StudentAugment, sample_seed, seeded_global_random
 from trainer.view_choice import choose_view
@@ -104,14 +105,26 @@ class LabelJoin:
     def view_of_chunk(self, chunk: int) -> int:
         return 0 if self.view_choice == "first" else choose_view(self.run_seed, self.epoch, chunk, self.num_views)
 
-    def __call__(self, row: int, shard_first: int, shard_stop: int) -> dict:
+    def _read(self, start: int, stop: int, view: int, shard: str) -> dict:
+        """One chunk read; a damaged chunk (zarr: checksum/decompression errors) becomes one line naming it."""
+        try:
+            return self.reader.read(slice(start, stop), view)
+        except StoreError:
+            raise  # labelstore names array, shard and rows itself
+        except (ValueError, RuntimeError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise TrainDataError(f"labeler {getattr(self.reader, 'name', '')!r}: stored labels (params/tokens/cls, "
+                                 f"view {view}) of rows {start}..{stop - 1}, shard {shard!r}, cannot be read "
+                                 f"({first}); run `stl-labels verify` on the store") from None
+
+    def __call__(self, row: int, shard_first: int, shard_stop: int, shard: str = "") -> dict:
         """The chosen view's data for `row`; reads the rows of its chunk that belong to its shard."""
         chunk = row // self.rows_per_chunk
         if self._chunk is None or self._chunk[0] != chunk:
             start = max(chunk * self.rows_per_chunk, shard_first)
             stop = min((chunk + 1) * self.rows_per_chunk, shard_stop, self.num_rows)  # no padding rows
             view = self.view_of_chunk(chunk)
-            self._chunk = (chunk, start, {"view": view, **self.reader.read(slice(start, stop), view)})
+            self._chunk = (chunk, start, {"view": view, **self._read(start, stop, view, shard)})
         _, start, data = self._chunk
         i = row - start
         tokens = data["tokens"]
@@ -127,11 +140,15 @@ def join_labels(samples: Iterable[dict], join: LabelJoin, index) -> Iterator[dic
     """Attach the chunk's view index, the stored view params and the encoded token logits."""
     for s in samples:
         rows = index.shard_rows(s["__url__"])
-        yield {**s, **join(s["__row__"], rows.first_row, rows.stop)}
+        yield {**s, **join(s["__row__"], rows.first_row, rows.stop, rows.url)}
 
 
-def _decoded(samples: Iterable[dict], ledger: EpochLedger) -> Iterator[tuple[dict, object]]:
-    """(sample without its encoded fields, decoded RGB image); a corrupt or missing image is skipped and recorded."""
+def _decoded(samples: Iterable[dict], ledger: EpochLedger, check=None) -> Iterator[tuple[dict, object]]:
+    """(sample without its encoded fields, decoded RGB image) through labelstore's one decode path.
+
+    A corrupt or missing image is skipped and recorded, not a crash; so is one that differs from the image
+    labelled (`check`: a `trainer.source_check.SourceCheck`).
+    """
     for s in samples:
         ext = image_field(s)
         if ext is None:
@@ -142,22 +159,23 @@ def _decoded(samples: Iterable[dict], ledger: EpochLedger) -> Iterator[tuple[dic
         except ImageDecodeError as e:
             ledger.skip(s["__pos__"], s["__url__"], s["__key__"], str(e))
             continue
+        reason = check(s, s[ext], img.size[::-1]) if check is not None else None
+        if reason is not None:
+            ledger.skip(s["__pos__"], s["__url__"], s["__key__"], reason)
+            continue
         yield {k: v for k, v in s.items() if k.startswith("__") or k in _KEPT}, img
 
 
-def replay_views(samples: Iterable[dict], spec, ledger: EpochLedger) -> Iterator[dict]:
-    """Decode with labelstore's one decode path and render the STORED view params (never re-sampled).
-
-    A corrupt image is skipped and recorded, not a crash. The encoded fields are dropped here.
-    """
-    for out, img in _decoded(samples, ledger):
+def replay_views(samples: Iterable[dict], spec, ledger: EpochLedger, check=None) -> Iterator[dict]:
+    """CPU path: decode and render the STORED view params (never re-sampled); the encoded fields are dropped."""
+    for out, img in _decoded(samples, ledger, check):
         out["image"] = render(img, out["params"], spec)
         yield out
 
 
-def decode_views(samples: Iterable[dict], ledger: EpochLedger) -> Iterator[dict]:
+def decode_views(samples: Iterable[dict], ledger: EpochLedger, check=None) -> Iterator[dict]:
     """Device path: decode only; `image` is the whole decoded source (HWC uint8), rendered later on the device."""
-    for out, img in _decoded(samples, ledger):
+    for out, img in _decoded(samples, ledger, check):
         out["image"] = np.asarray(img)
         yield out
 
