@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from labeler.models import create_token_model, load_efficientnet_lite0_weights, token_grid
-from labelstore import LabelerSpec, LabelStore, ViewSpec, draw_view_params, encode_topk, render
+from labelstore import NUM_PARAMS, LabelerSpec, LabelStore, ViewSpec, draw_view_params, encode_topk, render
 from labelstore.schema import DONE, ERRORS
 
 TEACHER_ARCH = "tf_efficientnet_lite0"
@@ -115,7 +115,7 @@ def _bench_one(root: Path, k: int, rows: int, cfg: StoreBenchConfig, tok: np.nda
     # Encode every distinct view once; row r, view v shows distinct view (7 r + 31 v) mod U, a bijection on
     # each chunk of rows (7 is odd, U a multiple of the chunk), so no chunk repeats data zstd could exploit.
     enc_tok, enc_cls = encode_topk(tok, k), encode_topk(cls, k)
-    params = np.zeros((rpc, s, 10), np.float32)
+    params = np.zeros((rpc, s, NUM_PARAMS), np.float32)
     params[..., 2:4] = size
     write_s, raw_bytes = 0.0, 0
     for info in store.shards:

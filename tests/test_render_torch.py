@@ -52,7 +52,7 @@ def test_render_views_matches_reference_render(size):
 
 def test_render_views_geometry_extremes():
     """Strong rotation/shear/translation (fill everywhere outside the crop) and pure flips still match."""
-    spec = ViewSpec(size=(40, 40), geo_num_ops=3, geo_prob=1.0, geo_magnitude=10.0, hflip=1.0)
+    spec = ViewSpec(size=(40, 40), ra_ops=('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'), ra_num_ops=3, ra_prob=1.0, ra_magnitude=10.0, hflip=1.0)
     img = np.random.default_rng(3).integers(0, 256, (90, 70, 3), dtype=np.uint8)
     params = draw_views(spec, 5, 0, 10, img.shape[:2])
     d = np.abs(render_views(img, params, spec).numpy().astype(int) - np.stack([render(img, p, spec) for p in params]))
