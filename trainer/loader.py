@@ -154,7 +154,7 @@ class StudentPipeline:
                  num_rows: int, num_views: int):
         self.cfg, self.index, self.labeler_store, self.view_spec = cfg, index, labeler_store, view_spec
         self.rows_per_chunk, self.num_rows, self.num_views = rows_per_chunk, num_rows, num_views
-        self.aug = (StudentAugment(cfg.rand_augment, tuple(view_spec.fill))
+        self.aug = (StudentAugment(cfg.rand_augment, view_spec)
                     if cfg.student_augs and cfg.rand_augment else None)
 
     def __call__(self, samples, ledger: EpochLedger, positions: dict, epoch: int, stream_id: tuple[int, int]):

@@ -143,10 +143,11 @@ def replay_views(samples: Iterable[dict], spec, ledger: EpochLedger) -> Iterator
 
 
 def augment_views(samples: Iterable[dict], aug: StudentAugment | None, run_seed: int, epoch: int) -> Iterator[dict]:
-    """Student photometric RandAugment, seeded per (run seed, epoch, row); `aug=None` passes through."""
+    """The photometric slots of each sample's stored RandAugment draw, seeded per (run seed, epoch, row);
+    `aug=None` passes through."""
     for s in samples:
         if aug is not None:
-            img = aug(Image.fromarray(s["image"]), sample_seed(run_seed, epoch, s["__row__"]))
+            img = aug(Image.fromarray(s["image"]), s["params"], sample_seed(run_seed, epoch, s["__row__"]))
             s = {**s, "image": np.asarray(img)}
         yield s
 
