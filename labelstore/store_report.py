@@ -71,7 +71,7 @@ def format_info(info: dict[str, Any]) -> str:
             f"{'dense' if lab['topk'] == 0 else 'top-' + str(lab['topk'])}, seed {lab['seed']}, "
             f"checkpoint {lab['checkpoint_sha256'][:12] or 'NONE: random weights (no checkpoint)'}",
             f"            views: scale {vs['scale']}, ratio {[round(r, 3) for r in vs['ratio']]}, hflip {vs['hflip']}, "
-            f"ops {vs['geo_ops']} x{vs['geo_num_ops']} p={vs['geo_prob']} m={vs['geo_magnitude']}, "
+            f"RandAugment {len(vs['ra_ops'])} ops x{vs['ra_num_ops']} slots p={vs['ra_prob']} m={vs['ra_magnitude']}, "
             f"{vs['interpolation']}, algo v{vs['algo_version']}",
             f"            shards done {lab['shards_done']}/{lab['shards_total']}, rows {lab['rows_done']}, "
             f"recorded errors {lab['errors']}, on disk {lab['bytes_on_disk'] / 1e6:.2f} MB = {per_view}",

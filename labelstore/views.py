@@ -1,8 +1,15 @@
 """Views: the one definition of the spatial transform the teacher saw, replayed exactly by the trainer.
 
-A view is random-resized-crop → horizontal flip → geometric RandAugment ops (rotate, shear-x/y,
-translate-x/y; timm semantics), drawn once from `SeedSequence(store_seed, spawn_key=(row, view))`
-into a fixed float32 record (`PARAM_FIELDS`) that the store keeps. Readers never re-sample.
+A view is random-resized-crop → horizontal flip → ONE RandAugment draw (timm `rand-m9-mstd0.5-inc1`:
+`ra_num_ops` slots, each an op drawn with replacement from timm's 15 `inc1` ops, a magnitude
+~ N(m, std) clipped, an "applied" coin with p = `ra_prob`, and the sign coin of the ops timm negates),
+drawn once from `SeedSequence(store_seed, spawn_key=(row, view))` into a fixed float32 record
+(`PARAM_FIELDS`) that the store keeps. Readers never re-sample the geometry.
+
+The draw is split by kind: the geometric slots (Rotate, ShearX/Y, TranslateX/YRel) are resolved into
+the rotate/shear/translate fields that the render applies (the teacher sees them); the photometric
+slots of the same draw are applied by the student (trainer/photometric.py), which may re-draw them
+each epoch conditioned on their kind, so the per-image op distribution stays timm's.
 
 Pixel convention (the only one used anywhere): pixel i spans [i, i+1); a 2×3 matrix maps *output*
 pixel coordinates to *source* coordinates, exactly Pillow's AFFINE `data`.
@@ -14,8 +21,9 @@ Rendering, in this order (every backend must do the same):
   3. `view_matrix(params, src_hw, spec)`: affine from output pixels into the *reduced crop*
      (size ceil(w/k) × ceil(h/k)); samples outside it take `spec.fill`.
 Geometric ops are applied in a fixed canonical order (rotate, shear-x, shear-y, translate-x,
-translate-y) and an op drawn twice adds up, which keeps the record fixed-size; timm draws the order
-at random, a difference in the view distribution only, not in replay.
+translate-y) and an op drawn twice adds up; timm applies them in slot order, which differs only when
+two distinct geometric ops are both applied (about 2 % of views): a difference in the view
+distribution, not in replay. The student's photometric ops come after the whole geometric render.
 Any change to drawing or rendering must bump ALGO_VERSION (golden tests pin both).
 """
 from __future__ import annotations
@@ -32,7 +40,7 @@ from PIL import Image
 from .errors import ViewSpecError
 from .images import DEFAULT_FILL, to_rgb
 
-ALGO_VERSION = 1
+ALGO_VERSION = 2  # 2: one RandAugment draw per view over all 15 ops, slots stored (1: 2 geometric-only slots)
 
 PARAM_FIELDS = (
     "crop_x", "crop_y", "crop_w", "crop_h",  # integer crop box in source pixels (x0, y0, width, height)
@@ -41,10 +49,22 @@ PARAM_FIELDS = (
     "shear_x", "shear_y",  # shear factors (timm ShearX/ShearY)
     "translate_x", "translate_y",  # fractions of the output width/height (timm TranslateXRel/YRel)
 )
+# timm's `inc1` RandAugment op list (timm.data.auto_augment._RAND_INCREASING_TRANSFORMS, its order; a test
+# pins it): a slot's op is an index into it. labelstore does not import timm (no torch here).
+RA_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+          "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+          "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+GEO_FIELD = {"Rotate": "rotate", "ShearX": "shear_x", "ShearY": "shear_y", "TranslateXRel": "translate_x",
+             "TranslateYRel": "translate_y"}  # geometric op → the param field it adds to
+PHOTO_OPS = tuple(o for o in RA_OPS if o not in GEO_FIELD)
+MAX_SLOTS = 3  # slots the record holds; unused ones have op = -1
+SLOT_FIELDS = ("op", "magnitude", "applied", "negate")  # op: index into RA_OPS; magnitude: clipped level
+PARAM_FIELDS = PARAM_FIELDS + tuple(f"slot{i}_{f}" for i in range(MAX_SLOTS) for f in SLOT_FIELDS)
+SLOT0 = PARAM_FIELDS.index("slot0_op")
 NUM_PARAMS = len(PARAM_FIELDS)
 _IDX = {name: i for i, name in enumerate(PARAM_FIELDS)}
 
-GEO_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+GEO_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")  # the geometric param fields
 _LEVEL_DENOM = 10.0  # timm: level = magnitude / 10, so magnitude 10 gives the op's maximum
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC}
@@ -68,12 +88,12 @@ class ViewSpec:
     scale: tuple[float, float] = (0.08, 1.0)  # crop area fraction (torchvision RandomResizedCrop)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect w/h
     hflip: float = 0.5  # probability of a horizontal flip
-    geo_ops: tuple[str, ...] = GEO_OPS
-    geo_num_ops: int = 2  # op slots per view (ops drawn with replacement, as timm RandAugment)
-    geo_prob: float = 0.5  # probability that a drawn op is applied
-    geo_magnitude: float = 9.0  # RandAugment m
-    geo_magnitude_std: float = 0.5  # magnitude ~ N(m, std), clipped to [0, geo_magnitude_max]
-    geo_magnitude_max: float = 10.0
+    ra_ops: tuple[str, ...] = RA_OPS  # timm names, a subset of RA_OPS
+    ra_num_ops: int = 2  # RandAugment slots per view (ops drawn with replacement, as timm's n)
+    ra_prob: float = 0.5  # probability that a slot's op is applied (timm's p)
+    ra_magnitude: float = 9.0  # RandAugment m
+    ra_magnitude_std: float = 0.5  # magnitude ~ N(m, std), clipped to [0, ra_magnitude_max]
+    ra_magnitude_max: float = 10.0
     rotate_max_deg: float = 30.0  # value at level 1 (magnitude 10)
     shear_max: float = 0.3
     translate_max: float = 0.45  # fraction of the output size
@@ -86,12 +106,12 @@ class ViewSpec:
         set_("size", _pair(self.size, "size", int))
         set_("scale", _pair(self.scale, "scale", float))
         set_("ratio", _pair(self.ratio, "ratio", float))
-        set_("geo_ops", tuple(str(o) for o in self.geo_ops))
+        set_("ra_ops", tuple(str(o) for o in self.ra_ops))
         try:
             set_("fill", tuple(int(v) for v in self.fill))
         except (TypeError, ValueError) as e:
             raise ViewSpecError(f"ViewSpec.fill must be 3 ints in 0..255, got {self.fill!r}") from e
-        for name in ("hflip", "geo_prob", "geo_magnitude", "geo_magnitude_std", "geo_magnitude_max",
+        for name in ("hflip", "ra_prob", "ra_magnitude", "ra_magnitude_std", "ra_magnitude_max",
                      "rotate_max_deg", "shear_max", "translate_max"):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
@@ -103,11 +123,11 @@ class ViewSpec:
             (0 < self.ratio[0] <= self.ratio[1] and math.isfinite(self.ratio[1]),
              f"ratio must satisfy 0 < lo <= hi, got {self.ratio}"),
             (self.hflip <= 1, f"hflip is a probability, got {self.hflip}"),
-            (self.geo_prob <= 1, f"geo_prob is a probability, got {self.geo_prob}"),
-            (set(self.geo_ops) <= set(GEO_OPS) and len(set(self.geo_ops)) == len(self.geo_ops),
-             f"geo_ops must be distinct names from {GEO_OPS}, got {self.geo_ops}"),
-            (isinstance(self.geo_num_ops, int) and self.geo_num_ops >= 0,
-             f"geo_num_ops must be an int >= 0, got {self.geo_num_ops!r}"),
+            (self.ra_prob <= 1, f"ra_prob is a probability, got {self.ra_prob}"),
+            (set(self.ra_ops) <= set(RA_OPS) and len(set(self.ra_ops)) == len(self.ra_ops),
+             f"ra_ops must be distinct names from timm's inc1 list {RA_OPS}, got {self.ra_ops}"),
+            (isinstance(self.ra_num_ops, int) and 0 <= self.ra_num_ops <= MAX_SLOTS,
+             f"ra_num_ops must be an int in 0..{MAX_SLOTS} (slots the view record holds), got {self.ra_num_ops!r}"),
             (len(self.fill) == 3 and all(0 <= v <= 255 for v in self.fill), f"fill must be 3 ints in 0..255, got {self.fill}"),
             (self.interpolation in _RESAMPLE, f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}"),
         ]
@@ -124,6 +144,11 @@ class ViewSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ViewSpec":
+        version = d.get("algo_version", ALGO_VERSION)
+        if version != ALGO_VERSION:  # before the key check: an old store's spec has other keys
+            raise ViewSpecError(f"ViewSpec.algo_version {version} cannot be replayed by this code (view algorithm "
+                                f"version {ALGO_VERSION}: one RandAugment draw per view, slots stored); relabel "
+                                f"with `stl-labels generate` or use the release that wrote it (docs/store-format.md)")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ViewSpecError(f"unknown ViewSpec keys: {sorted(unknown)}")
@@ -138,12 +163,20 @@ class ViewSpec:
 
     def max_abs(self, op: str) -> float:
         """Largest |value| of a param field that all op slots together can reach (for range checks)."""
-        if op not in self.geo_ops:
+        if op not in {GEO_FIELD[o] for o in self.ra_ops if o in GEO_FIELD}:
             return 0.0
-        level = self.geo_magnitude_max / _LEVEL_DENOM  # magnitudes are clipped to [0, max]
-        per_op = {"rotate": self.rotate_max_deg, "shear_x": self.shear_max, "shear_y": self.shear_max,
-                  "translate_x": self.translate_max, "translate_y": self.translate_max}[op]
-        return self.geo_num_ops * level * per_op
+        level = self.ra_magnitude_max / _LEVEL_DENOM  # magnitudes are clipped to [0, max]
+        return self.ra_num_ops * level * self.op_max(op)
+
+    def op_max(self, field: str) -> float:
+        """A geometric field's value at level 1 (magnitude 10)."""
+        return {"rotate": self.rotate_max_deg, "shear_x": self.shear_max, "shear_y": self.shear_max,
+                "translate_x": self.translate_max, "translate_y": self.translate_max}[field]
+
+    @property
+    def photometric_ops(self) -> tuple[str, ...]:
+        """The photometric members of ra_ops (what the student applies), in timm's order."""
+        return tuple(o for o in self.ra_ops if o not in GEO_FIELD)
 
 
 # --- drawing -------------------------------------------------------------------------------------
@@ -183,18 +216,36 @@ def draw_view_params(spec: ViewSpec, store_seed: int, row: int, view: int, image
     p = np.zeros(NUM_PARAMS, np.float64)
     p[0:4] = _draw_crop(rng, spec, height, width)
     p[_IDX["flip"]] = float(rng.random() < spec.hflip)
-    per_op = {"rotate": spec.rotate_max_deg, "shear_x": spec.shear_max, "shear_y": spec.shear_max,
-              "translate_x": spec.translate_max, "translate_y": spec.translate_max}
-    for _ in range(spec.geo_num_ops if spec.geo_ops else 0):
+    p[SLOT0::len(SLOT_FIELDS)] = -1.0  # empty slots
+    for slot in range(spec.ra_num_ops if spec.ra_ops else 0):
         # Four draws per slot whether or not the op applies, so the stream layout is fixed.
-        op = spec.geo_ops[int(rng.integers(len(spec.geo_ops)))]
-        applied = rng.random() < spec.geo_prob
-        m = rng.normal(spec.geo_magnitude, spec.geo_magnitude_std) if spec.geo_magnitude_std > 0 else spec.geo_magnitude
-        negate = rng.random() < 0.5
-        if applied:
-            value = min(max(m, 0.0), spec.geo_magnitude_max) / _LEVEL_DENOM * per_op[op]
-            p[_IDX[op]] += -value if negate else value
+        op, applied, m, negate = draw_slot(rng, spec)
+        base = SLOT0 + slot * len(SLOT_FIELDS)
+        p[base:base + len(SLOT_FIELDS)] = (RA_OPS.index(op), m, float(applied), float(negate))
+        if applied and op in GEO_FIELD:
+            field = GEO_FIELD[op]
+            value = m / _LEVEL_DENOM * spec.op_max(field)
+            p[_IDX[field]] += -value if negate else value
     return p.astype(np.float32)
+
+
+def draw_slot(rng: np.random.Generator, spec: ViewSpec, ops: tuple[str, ...] | None = None) -> tuple[str, bool, float, bool]:
+    """One RandAugment slot as timm draws it: (op, applied, clipped magnitude, sign coin).
+
+    `ops` restricts the op choice (uniform over it, as timm's uniform choice conditioned on the kind).
+    """
+    ops = spec.ra_ops if ops is None else ops
+    op = ops[int(rng.integers(len(ops)))]
+    applied = bool(rng.random() < spec.ra_prob)
+    m = rng.normal(spec.ra_magnitude, spec.ra_magnitude_std) if spec.ra_magnitude_std > 0 else spec.ra_magnitude
+    negate = bool(rng.random() < 0.5)
+    return op, applied, float(min(max(m, 0.0), spec.ra_magnitude_max)), negate
+
+
+def view_slots(params: Any) -> np.ndarray:
+    """The stored slots of view records (..., P) as (..., MAX_SLOTS, 4) float32: op, magnitude, applied, negate."""
+    p = np.asarray(params, np.float32)
+    return p[..., SLOT0:SLOT0 + MAX_SLOTS * len(SLOT_FIELDS)].reshape(*p.shape[:-1], MAX_SLOTS, len(SLOT_FIELDS))
 
 
 def draw_views(spec: ViewSpec, store_seed: int, row: int, num_views: int, image_hw: tuple[int, int]) -> np.ndarray:
@@ -343,6 +394,19 @@ def view_param_faults(params: np.ndarray, image_hw: np.ndarray, spec: ViewSpec) 
     for op in GEO_OPS:
         lim = spec.max_abs(op)
         faults[f"{op} outside ±{lim:.4g}"] = np.abs(q[..., _IDX[op]]) > lim * (1 + 1e-5) + 1e-6
+    slots = view_slots(q)
+    op, mag, applied, negate = (slots[..., i] for i in range(len(SLOT_FIELDS)))
+    allowed = np.array([RA_OPS.index(o) for o in spec.ra_ops] + [-1], np.float32)
+    used = np.arange(MAX_SLOTS) < spec.ra_num_ops
+    faults["slot op not in ViewSpec.ra_ops (or -1 past ra_num_ops)"] = np.any(
+        np.where(used, ~np.isin(op, allowed[:-1]), op != -1), -1)
+    faults[f"slot magnitude outside [0, {spec.ra_magnitude_max:g}]"] = np.any(
+        used & ((mag < 0) | (mag > spec.ra_magnitude_max * (1 + 1e-6))), -1)
+    faults["slot applied/negate not 0/1"] = np.any(((applied != 0) & (applied != 1)) | ((negate != 0) & (negate != 1)), -1)
+    for name, field in GEO_FIELD.items():  # the rendered fields are the sum of the applied geometric slots
+        hit = (op == RA_OPS.index(name)) & (applied == 1)
+        value = np.where(hit, np.where(negate == 1, -1.0, 1.0) * mag / _LEVEL_DENOM * spec.op_max(field), 0.0).sum(-1)
+        faults[f"{field} disagrees with the slots"] = np.abs(q[..., _IDX[field]] - value) > 1e-4 * (1 + np.abs(value))
     return faults
 
 

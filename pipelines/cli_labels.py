@@ -75,13 +75,17 @@ def bench_store_cmd(
     unique_views: int = typer.Option(256, "--unique-views", help="Distinct teacher views to compute (tiled over rows)."),
     random_reads: int = typer.Option(200, "--random-reads", help="Single-view random reads per store."),
     seed: int = typer.Option(0, "--seed"),
+    fidelity_views: int = typer.Option(48, "--fidelity-views", help="Teacher views (448 px, 14x14 tokens) of the token-label fidelity table; 0 skips it."),
+    fidelity_ks: str = typer.Option("1,5,10,20", "--fidelity-ks", help="Comma-separated K values of the fidelity table."),
 ) -> None:
-    """Bytes per view on disk, write MB/s and read views/s (chunk-sequential and random) for each K."""
+    """Token-label fidelity (TV per token vs the teacher's softmax) and bytes per view, then bytes on disk,
+    write MB/s and read views/s (chunk-sequential and random) for each K."""
     from labeler.bench_store import StoreBenchConfig, run_store_bench
 
     cfg = StoreBenchConfig(out=out, rows=rows, dense_rows=dense_rows, views=views, rows_per_chunk=rows_per_chunk,
                            ks=tuple(int(k) for k in ks.split(",") if k.strip()), logits=logits,
-                           unique_views=unique_views, random_reads=random_reads, seed=seed)
+                           unique_views=unique_views, random_reads=random_reads, seed=seed, fidelity_views=fidelity_views,
+                           fidelity_ks=tuple(int(k) for k in fidelity_ks.split(",") if k.strip()))
     run_store_bench(cfg, echo=typer.echo)
 
 

@@ -31,6 +31,17 @@ def test_defaults_follow_the_paper_recipe():
     assert cfg.run.ema_decay == 0.99992 and cfg.tokens.beta == 1.0 and cfg.loss.alpha == 1.0
 
 
+@pytest.mark.parametrize("size, lr, global_batch, warmup", [("tiny", 2e-3, 1024, 5), ("small", 2e-3, 1024, 5),
+                                                          ("base", 4e-3, 2048, 10), ("large", 4e-3, 2048, 10)])
+def test_paper_presets_match_the_paper(size, lr, global_batch, warmup):
+    """lr at the paper's batch, unmixed token labels (the reference), eval crop 1.0 (FAN), 350 + 10 epochs as timm."""
+    cfg = load_train_config(PRESET_DIR / f"paper_{size}.yaml", ["data.shards=x.tar"])
+    assert (cfg.optim.lr, cfg.optim.lr_base_batch, cfg.data.batch_size * 8) == (lr, global_batch, global_batch)
+    assert cfg.tokens.token_mix == "none" and cfg.data.crop_pct == 1.0
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.total_epochs) == (350, warmup, 360)
+    assert cfg.data.rand_augment == "rand-m9-mstd0.5-inc1"
+
+
 @pytest.mark.parametrize("name, rate", [("fan_tiny_8_p4_hybrid_token", 0.05), ("fan_small_12_p4_hybrid_token", 0.25),
                                         ("fan_base_16_p4_hybrid", 0.35), ("fan_large_16_p4_hybrid_token", 0.45),
                                         ("fan_test_p4_hybrid_token", 0.0)])

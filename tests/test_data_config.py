@@ -53,19 +53,23 @@ def test_default_rand_augment_never_asks_pillow_for_zero_bit_posterize():
     from PIL import Image
     from timm.data import create_transform
 
+    from labelstore import ViewSpec
+    from trainer.photometric import PHOTOMETRIC_OPS, apply_photometric_pil, level_args
     from trainer.student_augment import StudentAugment, keep_posterize_bits_positive
 
     cfg = DataConfig(shards="x-{0..1}.tar")
-    student = StudentAugment(cfg.rand_augment)
+    student = StudentAugment(cfg.rand_augment, ViewSpec())
+    post = PHOTOMETRIC_OPS.index("PosterizeIncreasing")
+    assert level_args(np.array(post), np.array(10.0), np.array(False)) == 1
     stage1 = keep_posterize_bits_positive(create_transform(32, is_training=True, auto_augment=cfg.rand_augment))
-    for ra in (student._ra, next(t for t in stage1.transforms if hasattr(t, "ops"))):
-        posterize = [op for op in ra.ops if op.name.startswith("Posterize")]
-        assert posterize and all(op.level_fn(10.0, op.hparams) == (1,) for op in posterize)
-        for op in posterize:  # magnitude 10 every time, applied every time
-            op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0
+    ra = next(t for t in stage1.transforms if hasattr(t, "ops"))
+    posterize = [op for op in ra.ops if op.name.startswith("Posterize")]
+    assert posterize and all(op.level_fn(10.0, op.hparams) == (1,) for op in posterize)
+    for op in posterize:  # magnitude 10 every time, applied every time
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     random.seed(0); np.random.seed(0)
     for _ in range(100):
-        student(img, np.random.SeedSequence(0))
         stage1(img)
+    apply_photometric_pil(img, np.array([post], np.int8), np.array([1.0], np.float32))
     pickle.loads(pickle.dumps(student))  # still picklable for DataLoader workers

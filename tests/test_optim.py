@@ -30,15 +30,38 @@ def test_no_decay_on_norms_biases_cls_token_and_pos_embedding(fan):
     assert type(opt).__name__ == "AdamW"
 
 
-def test_cosine_with_warmup_prefix_and_per_update_steps():
+def test_cosine_as_timm_builds_it_per_update_steps():
+    """timm's meaning: the warmup is inside `epochs`, cool-down epochs come after at min_lr."""
     opt = create_optimizer(torch.nn.Linear(2, 2), OptimConfig(), lr=1.0)
-    sched = create_scheduler(opt, ScheduleConfig(epochs=4, warmup_epochs=2, cooldown_epochs=1, warmup_lr=0.0,
-                                                 min_lr=0.0), updates_per_epoch=10)
+    cfg = ScheduleConfig(epochs=4, warmup_epochs=2, cooldown_epochs=1, warmup_lr=0.0, min_lr=0.0)
+    sched = create_scheduler(opt, cfg, updates_per_epoch=10)
     lrs = []
-    for update in range(71):
+    for update in range(51):
         sched.step_update(num_updates=update)
         lrs.append(opt.param_groups[0]["lr"])
+    assert cfg.total_epochs == 5
     assert lrs[0] == pytest.approx(0.0) and lrs[10] == pytest.approx(0.5)  # linear warmup over 20 updates
-    assert lrs[20] == pytest.approx(1.0)  # the cosine starts at the full lr after the warmup prefix
-    assert lrs[40] == pytest.approx(0.5, abs=1e-6)  # half way through the 40-update cosine
-    assert lrs[60] == pytest.approx(0.0, abs=1e-6) and lrs[70] == pytest.approx(0.0, abs=1e-6)  # cool-down
+    assert lrs[20] == pytest.approx(0.5, abs=1e-6)  # the cosine runs from update 0: half way at update 20
+    assert lrs[40] == pytest.approx(0.0, abs=1e-6) and lrs[50] == pytest.approx(0.0, abs=1e-6)  # cool-down
+
+
+def test_epochs_is_the_total_as_in_timm():
+    """epochs=1 with 5 warmup epochs runs one epoch (it ran 16 with warmup + cool-down added around it)."""
+    from timm.scheduler import create_scheduler_v2
+
+    cfg = ScheduleConfig(epochs=1, warmup_epochs=5)
+    assert cfg.total_epochs == 1
+    assert ScheduleConfig(epochs=1, warmup_epochs=5, cooldown_epochs=10).total_epochs == 11  # timm: 1 + 10
+    for c in (cfg, ScheduleConfig(epochs=7, warmup_epochs=2, cooldown_epochs=3, warmup_lr=0.01, min_lr=0.001)):
+        ours = create_optimizer(torch.nn.Linear(2, 2), OptimConfig(), lr=1.0)
+        ref = create_optimizer(torch.nn.Linear(2, 2), OptimConfig(), lr=1.0)
+        sched = create_scheduler(ours, c, updates_per_epoch=4)
+        # timm's train.py defaults: warmup inside the cosine; it reports the epochs it will run
+        ref_sched, timm_epochs = create_scheduler_v2(
+            ref, "cosine", num_epochs=c.epochs, warmup_epochs=c.warmup_epochs, warmup_lr=c.warmup_lr, min_lr=c.min_lr,
+            cooldown_epochs=c.cooldown_epochs, step_on_epochs=False, updates_per_epoch=4)
+        assert timm_epochs == c.total_epochs
+        for update in range(4 * c.total_epochs):
+            sched.step_update(num_updates=update)
+            ref_sched.step_update(num_updates=update)
+            assert ours.param_groups[0]["lr"] == pytest.approx(ref.param_groups[0]["lr"])

@@ -8,7 +8,7 @@ from PIL import Image
 
 import labeler.render_batch as rb
 from labeler.render_batch import SourceBatch, pack_images, pad_images, render_batch, render_images, upload
-from labelstore.views import ViewSpec, draw_views, render, view_geometry
+from labelstore.views import NUM_PARAMS, ViewSpec, draw_views, render, view_geometry
 
 SIZES = [(8, 8), (120, 160), (37, 129), (700, 500), (300, 290), (451, 470)]
 
@@ -38,7 +38,7 @@ def precision(request, monkeypatch):
 SPECS = {
     "default": ViewSpec(size=(64, 64)),
     "non-square": ViewSpec(size=(48, 32)),
-    "every geometric op, flips": ViewSpec(size=(40, 40), geo_num_ops=3, geo_prob=1.0, geo_magnitude=10.0, hflip=1.0),
+    "every geometric op, flips": ViewSpec(size=(40, 40), ra_ops=('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'), ra_num_ops=3, ra_prob=1.0, ra_magnitude=10.0, hflip=1.0),
     "large crops (box reduction)": ViewSpec(size=(32, 32), scale=(0.5, 1.0)),
 }
 
@@ -64,10 +64,10 @@ def test_batches_exercise_box_reduction_and_direct_sampling():
 def test_box_reduction_is_bit_exact_pillow_reduce():
     """k >= 2 views with the identity warp show the reduced crop itself: equal to Image.reduce(k, box)."""
     img = _images(2, [(301, 287)])[0]
-    spec = ViewSpec(size=(40, 50), geo_num_ops=0, hflip=0.0)
+    spec = ViewSpec(size=(40, 50), ra_num_ops=0, hflip=0.0)
     # crop (x, y, w, h) with w/50 and h/40 >= k, so reduce_factor = k and the warp is an exact scale by 1
     for k, (x, y) in [(2, (3, 5)), (3, (0, 0)), (5, (7, 1))]:
-        p = np.zeros((1, 10), np.float32)
+        p = np.zeros((1, NUM_PARAMS), np.float32)
         p[0, :4] = (x, y, 50 * k, 40 * k)
         assert view_geometry(p, img.shape[:2], spec).factors[0] == k
         got = render_batch(upload(*pad_images([img]), "cpu"), [0], p, spec)[0].permute(1, 2, 0).numpy()
@@ -103,7 +103,7 @@ def test_fill_outside_the_image():
     """A view translated far off its crop shows the ViewSpec fill colour."""
     spec = ViewSpec(size=(16, 16), fill=(1, 2, 3))
     img = _images(4, [(40, 40)])[0]
-    p = np.zeros((1, 10), np.float32)
+    p = np.zeros((1, NUM_PARAMS), np.float32)
     p[0, :4] = (0, 0, 40, 40)
     p[0, 8] = 5.0  # translate_x by five output widths: every output pixel maps outside the crop
     got = render_batch(upload(*pad_images([img]), "cpu"), [0], p, spec)

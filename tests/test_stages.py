@@ -127,11 +127,12 @@ def test_replay_views_renders_stored_params_and_skips_corrupt():
 
 
 def test_augment_views_seeded_per_row_and_photometric_only():
-    aug = StudentAugment("rand-m9-n4-mstd0.5-inc1")
+    spec = ViewSpec(size=(16, 16), ra_prob=1.0)
+    aug = StudentAugment("rand-m9-mstd0.5-inc1-p1", spec)
     assert not {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"} & set(aug.ops)
     img = np.asarray(Image.open(io.BytesIO(_png(90, 16, 16))).convert("RGB")).copy()
     img[4:8] = 200
-    src = [{"__row__": r, "image": img} for r in range(12)]
+    src = [{"__row__": r, "image": img, "params": draw_view_params(spec, 0, r, 0, (16, 16))} for r in range(12)]
     a = list(augment_views(iter(src), aug, run_seed=0, epoch=0))
     b = list(augment_views(iter(src[::-1]), aug, run_seed=0, epoch=0))[::-1]  # order does not matter
     assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))

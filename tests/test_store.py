@@ -40,7 +40,7 @@ def test_layout_matches_design(store, tiny_labeler_spec):
     root = zarr.open_group(store.path, mode="r")
     assert root.attrs["format"] == "stl-labels" and root.attrs["schema_version"] == 2
     lab = root["labelers/tiny"]
-    expect = {"views/params": ((32, 3, 10), "float32"), "tokens/topk_logit": ((32, 3, 16, 4), "float16"),
+    expect = {"views/params": ((32, 3, L.NUM_PARAMS), "float32"), "tokens/topk_logit": ((32, 3, 16, 4), "float16"),
               "tokens/topk_class": ((32, 3, 16, 4), "int16"), "tokens/tail_lse": ((32, 3, 16), "float16"),
               "cls/topk_logit": ((32, 3, 4), "float16"), "cls/topk_class": ((32, 3, 4), "int16"),
               "cls/tail_lse": ((32, 3), "float16"), "done": ((3,), "uint8")}

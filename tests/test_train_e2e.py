@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pipelines.cli_train import app
 
 PRESET = str(Path(__file__).parents[1] / "pipelines" / "presets" / "cpu_smoke.yaml")
-FAST = ["--set", "schedule.max_steps_per_epoch=2", "--set", "schedule.warmup_epochs=0", "--set", "data.batch_size=16", "--set", "run.progress_bar=false"]
+FAST = ["--set", "schedule.max_steps_per_epoch=2", "--set", "schedule.epochs=1", "--set", "schedule.warmup_epochs=0", "--set", "data.batch_size=16", "--set", "run.progress_bar=false"]
 runner = CliRunner()
 
 
@@ -127,7 +127,7 @@ def test_corrupt_image_mid_epoch_is_skipped_and_counted(world, tmp_path):
     r = runner.invoke(app, ["student", "--config", PRESET, "--shards", str(good / Path(src).name),
                             "--labels", str(tmp_path / "labels.zarr"), "--labeler", "tl", "--out", str(tmp_path / "st"),
                             "--set", "data.batch_size=16", "--set", "schedule.max_steps_per_epoch=null",
-                            "--set", "schedule.warmup_epochs=0",
+                            "--set", "schedule.warmup_epochs=0", "--set", "schedule.epochs=1",
                             "--set", "run.progress_bar=false", "--set", "data.shuffle_buffer=0"])
     assert r.exit_code == 0, r.output
     epochs = [json.loads(x) for x in (tmp_path / "st" / "metrics.jsonl").read_text().splitlines()]

@@ -97,11 +97,16 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Cosine with a warmup *prefix* (warmup epochs come before the cosine) and a cool-down at min_lr."""
+    """timm's cosine schedule with timm's meaning of each field (docs/design.md "Library behaviour").
 
-    epochs: int = 350
+    epochs: the total epochs of the cosine, warmup included (timm's `--epochs`); cooldown_epochs: extra
+    epochs at min_lr after it, which timm adds to the run (timm's `--cooldown-epochs`, default 0). So a
+    run is `epochs + cooldown_epochs` epochs: epochs=1 with 5 warmup epochs is one epoch (still warming up).
+    """
+
+    epochs: int = 300
     warmup_epochs: int = 5
-    cooldown_epochs: int = 10
+    cooldown_epochs: int = 0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-6
     max_steps_per_epoch: int | None = None  # cap for smoke runs and benchmarks; None = the whole epoch
@@ -118,8 +123,8 @@ class ScheduleConfig:
 
     @property
     def total_epochs(self) -> int:
-        """What timm's scheduler runs: warmup prefix + cosine epochs + cool-down."""
-        return self.warmup_epochs + self.epochs + self.cooldown_epochs
+        """What timm's train script runs: the cosine's epochs (warmup inside them) + cool-down."""
+        return self.epochs + self.cooldown_epochs
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from trainer.epoch_ledger import EpochLedger, skip_consumed
 from trainer.source_check import SourceCheck
 from trainer.errors import TrainCheckpointError, TrainerError
 from trainer.stages import (
-    LabelJoin, PhotometricSlotDraw, augment_views, batch_samples, collate_sources, collate_student, decode_views,
+    LabelJoin, augment_views, batch_samples, collate_sources, collate_student, decode_views,
     draw_photometric, enter_samples, join_labels, lookup_rows, replay_views, track_shards,
 )
 from trainer.student_augment import StudentAugment, keep_posterize_bits_positive, sample_seed, seeded_global_random
@@ -247,9 +247,8 @@ class StudentPipeline:
         self.cfg, self.index, self.labeler_store, self.view_spec = cfg, index, labeler_store, view_spec
         self.rows_per_chunk, self.num_rows, self.num_views = rows_per_chunk, num_rows, num_views
         self.render_on_device = bool(render_on_device)
-        self.aug = (StudentAugment(cfg.rand_augment, tuple(view_spec.fill))
+        self.aug = (StudentAugment(cfg.rand_augment, view_spec)
                     if cfg.student_augs and cfg.rand_augment else None)
-        self.slot_draw = PhotometricSlotDraw(self.aug) if self.aug is not None and render_on_device else None
 
     def __call__(self, samples, ledger: EpochLedger, positions: dict, epoch: int, stream_id: tuple[int, int]):
         cfg = self.cfg
@@ -264,7 +263,7 @@ class StudentPipeline:
         s = skip_consumed(s, ledger)  # exact resume: the order is fixed from here on
         check = SourceCheck(self.index)
         if self.render_on_device:  # the device renders and augments (trainer.target_builder)
-            s = draw_photometric(decode_views(s, ledger, check), self.slot_draw, cfg.seed, epoch)
+            s = draw_photometric(decode_views(s, ledger, check), self.aug, cfg.seed, epoch)
             return batch_samples(s, cfg.batch_size, ledger, collate_sources, cfg.drop_last)
         s = replay_views(s, self.view_spec, ledger, check)
         s = augment_views(s, self.aug, cfg.seed, epoch)

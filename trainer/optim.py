@@ -1,8 +1,8 @@
 """Optimiser and learning-rate schedule: timm's factories with the paper's settings.
 
-AdamW with no weight decay on norms, biases, the class token and the positional encoding; cosine schedule
-whose warmup comes *before* the cosine (timm's default runs the warmup inside it) and that is stepped
-every optimiser update, not every epoch (docs/design.md "Library behaviour").
+AdamW with no weight decay on norms, biases, the class token and the positional encoding; timm's cosine
+schedule with timm's defaults (warmup inside `epochs`, cool-down after), stepped every optimiser update,
+not every epoch (docs/design.md "Library behaviour").
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> tor
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, updates_per_epoch: int) -> Scheduler:
-    """Cosine over `epochs` after a `warmup_epochs` prefix, then `cooldown_epochs` at min_lr; per-update steps.
+    """Cosine over `epochs` (its first `warmup_epochs` a linear warmup), then `cooldown_epochs` at min_lr, as
+    timm's train script builds it; per-update steps.
 
     Call `scheduler.step_update(num_updates=global_update)` after every optimiser step (and once with 0
     before the first) so the lr is a function of the update count only: that is what makes resume exact.
@@ -45,6 +46,6 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, upda
         raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch}")
     scheduler, _ = create_scheduler_v2(
         optimizer, "cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs, warmup_prefix=True, step_on_epochs=False,
+        min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs, warmup_prefix=False, step_on_epochs=False,
         updates_per_epoch=updates_per_epoch)
     return scheduler

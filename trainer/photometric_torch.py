@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.photometric import PHOTOMETRIC_OPS
+
 # timm's names in timm's order (`rand-...-inc1`); index = the stored `photo_ops` value, -1 = no op.
-OP_NAMES = ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
-            "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
+OP_NAMES = PHOTOMETRIC_OPS
 
 
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:

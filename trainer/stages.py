@@ -27,8 +27,7 @@ from labelstore import ImageDecodeError, StoreError, decode_image, render
 from labelstore.shard_format import IMAGE_EXTS, image_field, parse_label
 from trainer.epoch_ledger import EpochLedger
 from trainer.errors import TrainDataError
-from trainer.photometric_torch import OP_NAMES
-from trainer.student_augment import StudentAugment, sample_seed, seeded_global_random
+from trainer.student_augment import StudentAugment, sample_seed
 from trainer.view_choice import choose_view
 
 _KEPT = ("label", "view", "params", "token_logit", "token_class", "token_tail")  # what replay_views passes on
@@ -180,64 +179,24 @@ def decode_views(samples: Iterable[dict], ledger: EpochLedger, check=None) -> It
         yield out
 
 
-# timm's non-increasing variants use the same pixel op (only their level → argument mapping differs).
-_OP_INDEX = {**{n: i for i, n in enumerate(OP_NAMES)},
-             **{n.removesuffix("Increasing"): i for i, n in enumerate(OP_NAMES) if n.endswith("Increasing")},
-             "Solarize": OP_NAMES.index("SolarizeIncreasing")}
-
-
-class PhotometricSlotDraw:
-    """Draws what `StudentAugment` would apply, without applying it: timm's own RandAugment op choice,
-    coin and magnitude (its AugmentOp objects with the pixel function swapped for a recorder), seeded
-    the same way, so the device path applies the same op with the same argument as the CPU path.
-
-    Returns (photo_ops int8 (S,), photo_args float32 (S,)), -1 = slot not applied.
-    """
-
-    def __init__(self, aug: StudentAugment):
-        self.ra = copy.deepcopy(aug._ra)
-        self.num_slots = int(self.ra.num_layers)
-        for op in self.ra.ops:
-            op.aug_fn = _SlotRecorder(_OP_INDEX[op.name])
-
-    def __call__(self, seed_seq: np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
-        slots: list = []
-        with seeded_global_random(seed_seq):
-            self.ra(slots)  # the "image" is the list the recorders append to
-        ops = np.full(self.num_slots, -1, np.int8)
-        args = np.zeros(self.num_slots, np.float32)
-        for i, (k, arg) in enumerate(slots):
-            ops[i], args[i] = k, arg
-        return ops, args
-
-
-class _SlotRecorder:
-    """Stands in for a timm pixel op: records (op index, argument) instead of changing pixels (picklable)."""
-
-    def __init__(self, index: int):
-        self.index = index
-
-    def __call__(self, slots: list, *level_args, **_kw) -> list:
-        slots.append((self.index, float(level_args[0]) if level_args else 0.0))
-        return slots
-
-
-def draw_photometric(samples: Iterable[dict], draw: PhotometricSlotDraw | None, run_seed: int,
+def draw_photometric(samples: Iterable[dict], aug: StudentAugment | None, run_seed: int,
                      epoch: int) -> Iterator[dict]:
-    """Device path: attach `photo_ops` / `photo_args`, seeded per (run seed, epoch, row) as `augment_views`."""
+    """Device path: attach the sample's `photo_ops` / `photo_args` (the photometric slots of its view's
+    RandAugment draw, trainer/photometric.py), seeded per (run seed, epoch, row) as `augment_views` is."""
     for s in samples:
-        if draw is not None:
-            ops, args = draw(sample_seed(run_seed, epoch, s["__row__"]))
+        if aug is not None:
+            ops, args = aug.draw(s["params"], sample_seed(run_seed, epoch, s["__row__"]))
             s = {**s, "photo_ops": ops, "photo_args": args}
         yield s
 
 
 
 def augment_views(samples: Iterable[dict], aug: StudentAugment | None, run_seed: int, epoch: int) -> Iterator[dict]:
-    """Student photometric RandAugment, seeded per (run seed, epoch, row); `aug=None` passes through."""
+    """The photometric slots of each sample's stored RandAugment draw, seeded per (run seed, epoch, row);
+    `aug=None` passes through."""
     for s in samples:
         if aug is not None:
-            img = aug(Image.fromarray(s["image"]), sample_seed(run_seed, epoch, s["__row__"]))
+            img = aug(Image.fromarray(s["image"]), s["params"], sample_seed(run_seed, epoch, s["__row__"]))
             s = {**s, "image": np.asarray(img)}
         yield s
 

@@ -1,11 +1,11 @@
-"""Student-only augmentation: photometric RandAugment (per sample, in the data workers) and random
-erasing (per batch, on the training device).
+"""Student-only augmentation: the photometric slots of the view's RandAugment draw (per sample, in the
+data workers) and random erasing (per batch, on the training device).
 
-The geometric RandAugment ops (rotate, shear, translate) are part of the stored view the teacher
-saw, so the student gets only the colour ops here; timm's RandAugment does the work, given an
-explicit transform list. timm's ops draw from the global `random` / `np.random`; we reseed both
-from (run seed, epoch, row) around each call and put the caller's state back, so a sample's
-augmentation is the same whatever worker or rank draws it, and replayable on resume.
+The view record holds one RandAugment draw (labelstore/views.py); its geometric slots are already in the
+rendered pixels the teacher saw, its photometric slots are applied here with timm's own Pillow ops
+(trainer/photometric.py), re-drawn per epoch from an explicit Generator seeded by (run seed, epoch, row),
+so a sample's augmentation is the same whatever worker or rank draws it, and replayable on resume.
+`seeded_global_random` is for timm code that uses the global `random` / `np.random` (stage-1 transforms).
 """
 from __future__ import annotations
 
@@ -16,16 +16,11 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import rand_augment_transform
 from timm.data.random_erasing import RandomErasing  # not exported by timm.data
 
-# Colour/tone ops of timm's RandAugment sets; geometric ones (Rotate, ShearX/Y, TranslateX/YRel)
-# are deliberately absent: they are in the view.
-PHOTOMETRIC_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd",
-                   "Color", "Contrast", "Brightness", "Sharpness")
-PHOTOMETRIC_OPS_INCREASING = ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing",
-                              "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-                              "BrightnessIncreasing", "SharpnessIncreasing")
+from labelstore.views import RA_OPS, ViewSpec
+from trainer.errors import TrainConfigError
+from trainer.photometric import apply_photometric_pil, draw_photometric
 
 _AUG_TAG = 0x4155_4732  # "AUG2": separates this stream from the view choice on the same run seed
 
@@ -83,28 +78,51 @@ class _at_least_one_bit:
         return (max(1, int(bits)),)
 
 
-def photometric_ops(config_str: str) -> tuple[str, ...]:
-    """The op list matching the config's `inc` flag (timm picks the *Increasing variants for inc1)."""
-    m = re.search(r"-inc(\d+)", config_str)
-    return PHOTOMETRIC_OPS_INCREASING if m and int(m.group(1)) else PHOTOMETRIC_OPS
+def parse_rand_augment(config_str: str) -> dict:
+    """timm's RandAugment config string ('rand-m9-mstd0.5-inc1') → its settings, with timm's defaults."""
+    parts = config_str.split("-")
+    if parts[0] != "rand":
+        raise TrainConfigError(f"data.rand_augment must start with 'rand', got {config_str!r}")
+    out = {"m": 10.0, "n": 2, "mstd": 0.0, "mmax": 10.0, "p": 0.5, "inc": 0}  # timm's rand_augment_transform defaults
+    for part in parts[1:]:
+        m = re.fullmatch(r"([a-z]+)([0-9.]+)", part)
+        if not m or m.group(1) not in out:
+            raise TrainConfigError(f"data.rand_augment {config_str!r}: unsupported part {part!r} "
+                             f"(known: {', '.join(k + '<x>' for k in out)})")
+        out[m.group(1)] = type(out[m.group(1)])(float(m.group(2)))
+    return out
 
 
 class StudentAugment:
-    """Photometric RandAugment on a rendered view (PIL RGB in, PIL RGB out)."""
+    """The photometric slots of each sample's stored RandAugment draw, re-drawn per epoch (PIL RGB in and out).
 
-    def __init__(self, config_str: str, fill: tuple[int, int, int] = (124, 116, 104)):
-        self.config_str = config_str
-        self.ops = photometric_ops(config_str)
-        # img_mean: fill colour for ops that need one (none of the photometric ones, kept for safety).
-        self._ra = keep_posterize_bits_positive(rand_augment_transform(
-            config_str, {"img_mean": tuple(int(v) for v in fill)}, transforms=list(self.ops)))
+    The RandAugment draw itself lives in the view (labelstore/views.py); `config_str` (the trainer's
+    `data.rand_augment`) must describe the same RandAugment as the store's ViewSpec, else a clear error.
+    """
 
-    def __call__(self, img: Image.Image, seed_seq: np.random.SeedSequence) -> Image.Image:
-        with seeded_global_random(seed_seq):
-            return self._ra(img)
+    def __init__(self, config_str: str, view_spec: ViewSpec, redraw: bool = True):
+        ra = parse_rand_augment(config_str)
+        want = {"m": view_spec.ra_magnitude, "n": view_spec.ra_num_ops, "mstd": view_spec.ra_magnitude_std,
+                "mmax": view_spec.ra_magnitude_max, "p": view_spec.ra_prob, "inc": 1}
+        diff = [f"{k}: {ra[k]} here vs {want[k]} in the store's views" for k in want
+                if not np.isclose(float(ra[k]), float(want[k]))]
+        if diff or set(view_spec.ra_ops) != set(RA_OPS):
+            raise TrainConfigError(f"data.rand_augment {config_str!r} does not match the RandAugment the label store's "
+                             f"views were drawn with ({'; '.join(diff) or 'ops ' + str(view_spec.ra_ops)}); set "
+                             f"data.rand_augment to match (inc1 only) or '' for no photometric ops")
+        self.config_str, self.view_spec, self.redraw = config_str, view_spec, redraw
+        self.ops = view_spec.photometric_ops
+
+    def draw(self, params, seed_seq: np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
+        """(photo_ops, photo_args) of one sample (trainer/photometric.py), from its own seed."""
+        return draw_photometric(params, self.view_spec, np.random.default_rng(seed_seq), redraw=self.redraw)
+
+    def __call__(self, img: Image.Image, params, seed_seq: np.random.SeedSequence) -> Image.Image:
+        ops, args = self.draw(params, seed_seq)
+        return apply_photometric_pil(img, ops, args)
 
     def __repr__(self) -> str:
-        return f"StudentAugment({self.config_str!r}, ops={list(self.ops)})"
+        return f"StudentAugment({self.config_str!r}, ops={list(self.ops)}, redraw={self.redraw})"
 
 
 def build_random_erasing(probability: float, mode: str, device):

@@ -38,8 +38,8 @@ class DemoSettings:
     num_val_corrupt: int = 300
     corruptions: tuple[str, ...] = tuple(CORRUPTIONS)
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-    labeler_epochs: int = 10
-    student_epochs: int = 8
+    labeler_epochs: int = 11  # in all, the 1 warmup epoch of demo.yaml included
+    student_epochs: int = 9
     max_steps_per_epoch: int | None = None   # None = whole epochs
     views: int = 4
     topk: int = 5
