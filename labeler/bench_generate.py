@@ -133,8 +133,13 @@ def _forward_rate(teacher: Teacher, views: torch.Tensor, batches: int, sync) -> 
 def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, views: int, topk: int = 10,
                    num_classes: int | None = None, input_size: int | None = None, device: str = "auto",
                    render_backend: str = "auto", decode_threads: int = 0, checkpoint: str | None = None,
-                   compile: str = "auto", decode_device: str = "cpu", forward_batches: int | None = None) -> BenchReport:
-    """Measure pipeline, bare eager and compiled forward; the teacher has random weights unless `checkpoint`."""
+                   compile: str = "auto", decode_device: str = "cpu", forward_batches: int | None = None,
+                   keep_store: str | None = None) -> BenchReport:
+    """Measure pipeline, bare eager and compiled forward; the teacher has random weights unless `checkpoint`.
+
+    The labels go to a scratch store, deleted afterwards, or to `keep_store` (labeler "bench"), which a
+    training bench can then read (`stl-train bench --labels ... --labeler bench`) on a node without Ray.
+    """
     urls = expand_shard_urls(shards)
     dev = resolve_device(device)
     worker = WorkerSettings(checkpoint=checkpoint, batch_size=batch_size, amp=amp, device=str(dev), compile=compile,
@@ -143,7 +148,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         torch.manual_seed(0)
         spec = build_labeler_spec(name="bench", model=model, num_classes=num_classes, views=views, topk=topk,
                                   checkpoint=checkpoint, input_size=(input_size, input_size) if input_size else None)
-        store, _ = open_labeler_store(f"{tmp}/bench.zarr", seed=0, rows_per_chunk=256, spec=spec)
+        store, _ = open_labeler_store(keep_store or f"{tmp}/bench.zarr", seed=0, rows_per_chunk=256, spec=spec)
         store.register_shards([(u, count_samples(u)) for u in urls])
         work = ShardLabeler(store.path, "bench", worker)
         teacher = work.teacher

@@ -107,13 +107,15 @@ def bench_generate_cmd(
     decode_threads: int = typer.Option(0, "--decode-threads", help="Decode pool threads (0 = one per CPU)."),
     compile: str = typer.Option("auto", "--compile", help="torch.compile the teacher: auto (on CUDA) | true | false."),
     decode_device: str = typer.Option("cpu", "--decode-device", help="cpu (Pillow) | cuda (nvJPEG, see bench jpeg)."),
+    keep_store: str = typer.Option(None, "--keep-store", help="Keep the labels in this store (labeler 'bench') instead of a scratch one."),
 ) -> None:
     """Views/s of the labeling pipeline vs the bare forward (eager, compiled), TFLOP/s, and where the time went."""
     from labeler.bench_generate import bench_generate
 
     with exit_2_on_user_error():
         report = bench_generate(shards, model, batch_size, amp, views, topk, num_classes, input_size, device,
-                                render_backend, decode_threads, checkpoint, compile=compile, decode_device=decode_device)
+                                render_backend, decode_threads, checkpoint, compile=compile, decode_device=decode_device,
+                                keep_store=keep_store)
     typer.echo(report.format())
 
 
