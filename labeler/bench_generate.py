@@ -51,12 +51,14 @@ def bf16_peak_tflops(device_name: str) -> float | None:
 
 
 def flops_per_view(teacher: Teacher, views: torch.Tensor) -> float:
-    """Forward FLOPs of one batch / batch size, counted by torch.utils.flop_counter (eager model)."""
+    """Forward FLOPs of one batch / batch size, counted by torch.utils.flop_counter (eager model).
+
+    Counted in float32 without autocast: the count does not depend on the dtype, and under the counter's
+    dispatch mode autocast leaves mixed-dtype einsum operands uncast (a dtype error on the FAN gate).
+    """
     x = teacher.normalize(views)
-    dtype = AMP_DTYPES[teacher.amp]
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter, torch.autocast(device_type=teacher.device.type,
-                                                         dtype=dtype or torch.float32, enabled=dtype is not None):
+    with torch.inference_mode(), counter:
         teacher.model.forward_tokens(x)
     return counter.get_total_flops() / views.shape[0]
 

@@ -40,16 +40,3 @@ def fake_shard(store: "L.LabelStore", spec: "L.LabelerSpec", shard_index: int, n
 @pytest.fixture
 def make_fake_shard():
     return fake_shard
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _forward_tokens_until_models_land():
-    """Compatibility for the labeler.models contract (`forward_tokens` on every token model) while a branch
-    lacks it: alias it to `forward`, which returns (cls, tokens) there. A no-op once the models have it."""
-    from labeler.models.fan_hybrid import FanHybrid
-    from labeler.models.token_head import TokenHeadWrapper
-
-    for cls in (FanHybrid, TokenHeadWrapper):
-        if not hasattr(cls, "forward_tokens"):
-            cls.forward_tokens = cls.forward
-    yield

@@ -28,8 +28,6 @@ class Recorder(torch.nn.Module):
         n = x.shape[0]
         return self.logits[0][:n], self.logits[1][:n]
 
-    forward_tokens = forward
-
 
 def test_topk_with_tail_matches_numpy_codec():
     logits = torch.randn(5, 7, 50, generator=torch.Generator().manual_seed(0)) * 4

@@ -260,7 +260,8 @@ def test_a_stopped_run_exits_143(monkeypatch, tmp_path):
         "stopped", 0, 3, tmp_path / "last.pth", None, 1.0))
     r = runner.invoke(app, ["student", "--config", PRESET, "--shards", "x.tar", "--labels", "l.zarr", "--labeler", "tl",
                             "--out", str(tmp_path)])
-    assert r.exit_code == 143 and "stopped: epoch 0, 3 updates" in r.output, r.output
+    # the loop's own log says where the checkpoint is (one end-of-run line); the command only sets the code
+    assert r.exit_code == 143 and "Traceback" not in r.output, r.output
 
 
 @pytest.mark.slow
