@@ -20,10 +20,10 @@ step() {  # step NAME LIMIT_S CMD...: run, log to OUT/NAME.txt, never abort the 
 }
 labels=("$PY" -m pipelines.cli_labels); train=("$PY" -m pipelines.cli_train)  # arrays: `timeout` runs programs, not functions
 nvidia-smi -L 2>/dev/null; $PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
-step shards 60 "${labels[@]}" bench shards "$DATA" --shards "$SHARDS" --per-shard "$PER_SHARD"
+step shards 45 "${labels[@]}" bench shards "$DATA" --shards "$SHARDS" --per-shard "$PER_SHARD"
 step generate_small 110 "${labels[@]}" bench generate --shards "$all" --model "$SMALL" --views "$VIEWS" --batch-size 256 --amp bf16 --keep-store "$DATA/labels.zarr" $EXTRA
-step train_small 200 "${train[@]}" bench --shards "$all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 ${TRAIN_EXTRA:-}
-step generate_tiny 70 "${labels[@]}" bench generate --shards "$all" --model "$TINY" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
-step generate_large 130 "${labels[@]}" bench generate --shards "$all" --model "$LARGE" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
-step jpeg 40 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
-step cuda_tests 60 $PY -m pytest -q -s -p no:cacheprovider tests/test_render_batch.py tests/test_photometric_torch.py
+step train_small 170 "${train[@]}" bench --shards "$all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 ${TRAIN_EXTRA:-}
+step generate_tiny 60 "${labels[@]}" bench generate --shards "$all" --model "$TINY" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
+step generate_large 110 "${labels[@]}" bench generate --shards "$all" --model "$LARGE" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
+step jpeg 30 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
+step cuda_tests 45 $PY -m pytest -q -s -p no:cacheprovider tests/test_render_batch.py tests/test_photometric_torch.py
