@@ -1,22 +1,13 @@
 """Two-process DDP (gloo, CPU) smoke: both ranks train in lock-step, rank 0 alone writes the checkpoint."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from gloo_ranks import become_rank, free_port
 
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     from test_train_loop import config, loss_fn
     from train_toy import ToySource, ToyTokenModel, make_targets
     from trainer.distributed import init_distributed, shutdown_distributed

@@ -1,24 +1,15 @@
 """Per-rank randomness in two gloo processes: model init is the same on every rank; targets, mixing lam,
 erasing and drop path differ between ranks and repeat exactly when drawn again (a fresh builder, the steps
 in another order: each draw depends on (seed, rank, step) only)."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from gloo_ranks import become_rank, free_port
 
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     from timm.layers import DropPath
     from test_train_loop import config
     from trainer.data_config import TokenLabelConfig

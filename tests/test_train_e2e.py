@@ -236,7 +236,7 @@ def test_torchrun_two_process_student(world, tmp_path):
     import subprocess
     import sys
 
-    from test_ddp import free_port
+    from gloo_ranks import free_port
 
     stl_train = Path(sys.executable).with_name("stl-train")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
