@@ -123,9 +123,11 @@ def _normalized(pos: torch.Tensor, size: int) -> torch.Tensor:
 def _reduced_crops(sources: SourceBatch, image_index: torch.Tensor, boxes: torch.Tensor, factors: torch.Tensor,
                    reduced_hw: torch.Tensor) -> torch.Tensor:
     """`Image.reduce(k, box)` of V crops at once → (V, 3, Hr, Wr) uint8 (padded by edge replication)."""
-    px = sources.pixels
+    # Summed-area table (images used here only, H+1, W+1, 3): any box sum is 4 gathers, exact in int32
+    # up to 8k × 8k images. Only the images of the k >= 2 views are summed (usually a few per batch).
+    used, image_index = torch.unique(image_index, return_inverse=True)
+    px = sources.pixels[used]
     n, _, hmax, wmax = px.shape
-    # Summed-area table (N, H+1, W+1, 3): any box sum is 4 gathers, exact in int32 up to 8k × 8k images.
     sat = torch.zeros((n, hmax + 1, wmax + 1, 3), dtype=torch.int32, device=px.device)
     sat[:, 1:, 1:] = px.permute(0, 2, 3, 1).to(torch.int32).cumsum(1).cumsum(2)
     hr, wr = int(reduced_hw[:, 0].max()), int(reduced_hw[:, 1].max())

@@ -15,8 +15,6 @@ from typing import Iterator
 
 import torch
 
-HOST_PHASES = ("read", "decode", "decode_wait", "result_wait", "write")
-DEVICE_PHASES = ("copy", "render", "forward", "topk")
 PHASES = ("read", "decode", "decode_wait", "copy", "render", "forward", "topk", "result_wait", "write")
 COMPUTE_PHASES = ("render", "forward", "topk")  # what runs on the compute stream, one after the other
 

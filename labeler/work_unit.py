@@ -38,7 +38,7 @@ from labeler.models import create_token_model
 from labeler.models.checkpoint import load_checkpoint
 from labeler.render_batch import pack_images, render_batch, upload
 from labeler.stage_clock import PHASES, StageClock
-from labeler.teacher import COMPILE_CHOICES, HostCopy, Teacher
+from labeler.teacher import HostCopy, Teacher, resolve_compile
 from labelstore import (NUM_PARAMS, EncodedLogits, ImageDecodeError, LabelStore, ShardCapacityError, ShardConflict,
                         decode_image, draw_views, render)
 from labelstore.shard_format import ShardSample, image_fingerprint, iter_shard
@@ -68,10 +68,8 @@ class WorkerSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.render_backend not in RENDER_BACKENDS:
             raise ValueError(f"render_backend must be one of {RENDER_BACKENDS}, got {self.render_backend!r}")
-        if self.decode_threads < 0:
-            raise ValueError(f"decode_threads must be >= 0 (0 = one per CPU), got {self.decode_threads}")
-        if str(self.compile).lower() not in COMPILE_CHOICES:
-            raise ValueError(f"compile must be one of {COMPILE_CHOICES} (or true/false), got {self.compile!r}")
+        resolve_decode_threads(self.decode_threads)  # the resolvers' own checks: one message per setting
+        resolve_compile(self.compile, torch.device("cpu"))
         if self.decode_device not in DECODE_DEVICES:
             raise ValueError(f"decode_device must be one of {DECODE_DEVICES}, got {self.decode_device!r}")
 
@@ -128,6 +126,7 @@ class _Prepared:
     jpeg: bytes | None = None  # undecoded baseline JPEG (decode_device cuda)
     views: np.ndarray | None = None  # (S, h, w, 3) uint8 (Pillow backend)
     error: str | None = None
+    fingerprint: int = 0  # of the encoded image bytes (0 = no image): inputs are checked against the store
 
 
 @dataclass
@@ -188,6 +187,12 @@ class ShardLabeler:
 
     # --- per sample (decode threads) ----------------------------------------------------------------
     def _prepare(self, item: tuple[int, ShardSample], first_row: int, url: str) -> _Prepared:
+        out = self._decode(item, first_row, url)
+        if out.sample.image is not None:  # hashed here, in the decode threads, not on the device loop
+            out.fingerprint = image_fingerprint(out.sample.image)
+        return out
+
+    def _decode(self, item: tuple[int, ShardSample], first_row: int, url: str) -> _Prepared:
         pos, sample = item
         if sample.error is not None:
             return _Prepared(pos, sample, error=sample.error)
@@ -416,8 +421,7 @@ class _ShardRows:
             key = f"{key}#duplicate-at-{pos}"
         self._seen.add(key)
         self.keys[pos], self.labels[pos] = key, item.sample.label
-        if item.sample.image is not None:
-            self.fingerprints[pos] = image_fingerprint(item.sample.image)
+        self.fingerprints[pos] = item.fingerprint
         if item.error is not None:
             self.errors.append({"key": key, "reason": item.error})
         else:

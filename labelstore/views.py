@@ -229,13 +229,9 @@ def draw_view_params(spec: ViewSpec, store_seed: int, row: int, view: int, image
     return p.astype(np.float32)
 
 
-def draw_slot(rng: np.random.Generator, spec: ViewSpec, ops: tuple[str, ...] | None = None) -> tuple[str, bool, float, bool]:
-    """One RandAugment slot as timm draws it: (op, applied, clipped magnitude, sign coin).
-
-    `ops` restricts the op choice (uniform over it, as timm's uniform choice conditioned on the kind).
-    """
-    ops = spec.ra_ops if ops is None else ops
-    op = ops[int(rng.integers(len(ops)))]
+def draw_slot(rng: np.random.Generator, spec: ViewSpec) -> tuple[str, bool, float, bool]:
+    """One RandAugment slot as timm draws it: (op, applied, clipped magnitude, sign coin)."""
+    op = spec.ra_ops[int(rng.integers(len(spec.ra_ops)))]
     applied = bool(rng.random() < spec.ra_prob)
     m = rng.normal(spec.ra_magnitude, spec.ra_magnitude_std) if spec.ra_magnitude_std > 0 else spec.ra_magnitude
     negate = bool(rng.random() < 0.5)
@@ -423,11 +419,9 @@ def check_view_params(params: Any, image_hw: tuple[int, int], spec: ViewSpec) ->
 def render(image: Image.Image | np.ndarray, params: Any, spec: ViewSpec) -> np.ndarray:
     """Render one view: (h, w, 3) uint8. Same params + same decoded image ⇒ byte-identical pixels."""
     img = to_rgb(image, spec.fill)
-    src_hw = (img.height, img.width)
-    k = reduce_factor(params, src_hw, spec)
-    box = crop_box(params)
+    geo = view_geometry(_as_params(params)[None], (img.height, img.width), spec)  # box, k and matrix at once
+    k, box, m = int(geo.factors[0]), tuple(int(v) for v in geo.boxes[0]), geo.matrices[0]
     src = img.reduce(k, box=box) if k > 1 else img.crop(box)
-    m = _matrix(_as_params(params), spec, k)[:2]
     out_h, out_w = spec.size
     out = src.transform((out_w, out_h), Image.Transform.AFFINE, data=tuple(float(v) for v in m.ravel()),
                         resample=_RESAMPLE[spec.interpolation], fillcolor=spec.fill)

@@ -12,22 +12,13 @@ from trainer.source_check import SourceCheck
 N = 6
 
 
-class FakeStore:
-    def __init__(self, fingerprints):
-        self.fingerprints = fingerprints
-
-    def read_samples(self, rows):
-        cols = {"image_hw": np.tile([[40, 30]], (N, 1))}
-        if self.fingerprints is not None:
-            cols["fingerprint"] = self.fingerprints
-        return cols
-
-
 class FakeIndex:
+    """One shard's stored rows, all labelled at 40 x 30; `fingerprints` None = a store without them."""
+
     def __init__(self, fingerprints):
-        self.store = FakeStore(fingerprints)
         self.rows = ShardRows(shard_index=0, url="/data/a-0.tar", first_row=0, num_samples=N,
-                              keys={f"k{i}": i for i in range(N)}, valid=np.ones(N, bool), labels=np.zeros(N, int))
+                              keys={f"k{i}": i for i in range(N)}, valid=np.ones(N, bool), labels=np.zeros(N, int),
+                              fingerprints=fingerprints, image_hw=np.tile([[40, 30]], (N, 1)))
 
     def shard_rows(self, url):
         return self.rows

@@ -46,7 +46,7 @@ from trainer.source_check import SourceCheck
 from trainer.errors import TrainCheckpointError, TrainerError
 from trainer.stages import (
     LabelJoin, augment_views, batch_samples, collate_sources, collate_student, decode_views,
-    draw_photometric, enter_samples, join_labels, lookup_rows, replay_views, track_shards,
+    attach_photometric, enter_samples, join_labels, lookup_rows, replay_views, track_shards,
 )
 from trainer.student_augment import StudentAugment, keep_posterize_bits_positive, sample_seed, seeded_global_random
 
@@ -263,7 +263,7 @@ class StudentPipeline:
         s = skip_consumed(s, ledger)  # exact resume: the order is fixed from here on
         check = SourceCheck(self.index)
         if self.render_on_device:  # the device renders and augments (trainer.target_builder)
-            s = draw_photometric(decode_views(s, ledger, check), self.aug, cfg.seed, epoch)
+            s = attach_photometric(decode_views(s, ledger, check), self.aug, cfg.seed, epoch)
             return batch_samples(s, cfg.batch_size, ledger, collate_sources, cfg.drop_last)
         s = replay_views(s, self.view_spec, ledger, check)
         s = augment_views(s, self.aug, cfg.seed, epoch)

@@ -21,9 +21,7 @@ from timm.data.auto_augment import NAME_TO_OP
 
 from labelstore.views import PHOTO_OPS, RA_OPS, ViewSpec, view_slots
 
-PHOTOMETRIC_OPS = ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
-                   "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
-assert PHOTOMETRIC_OPS == PHOTO_OPS  # timm's names in timm's order, as labelstore's view record uses them
+PHOTOMETRIC_OPS = PHOTO_OPS  # timm's inc1 photometric op names in timm's order, as the view record uses them
 
 _LEVEL_DENOM = 10.0
 _ENHANCE = {PHOTOMETRIC_OPS.index(n) for n in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",

@@ -24,8 +24,6 @@ import torch.nn.functional as F
 
 from trainer.photometric import PHOTOMETRIC_OPS
 
-# timm's names in timm's order (`rand-...-inc1`); index = the stored `photo_ops` value, -1 = no op.
-OP_NAMES = PHOTOMETRIC_OPS
 
 
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -150,7 +148,7 @@ OPS = (auto_contrast, equalize, invert, posterize, solarize, solarize_add, color
 def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tensor:
     """Apply each sample's photometric slots in slot order → uint8 (B, 3, H, W) on the images' device.
 
-    images: uint8 (B, 3, H, W); photo_ops: int (B, S) index into OP_NAMES, -1 = slot not applied;
+    images: uint8 (B, 3, H, W); photo_ops: int (B, S) index into PHOTOMETRIC_OPS, -1 = slot not applied;
     photo_args: float (B, S), timm's argument for the op (enhance factor, posterize bits, solarize
     threshold, solarize-add amount; ignored by AutoContrast / Equalize / Invert). The slot arrays
     should be on the host (they come from the collate): grouping them needs no device sync then.
@@ -164,7 +162,7 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
         raise ValueError(f"photo_ops {ops.shape} and photo_args {tuple(args.shape)} must both be (B, S) with "
                          f"B = {images.shape[0]} images")
     if ops.size and (ops.min() < -1 or ops.max() >= len(OPS)):
-        raise ValueError(f"photo_ops must lie in [-1, {len(OPS) - 1}] (index into {OP_NAMES}), got "
+        raise ValueError(f"photo_ops must lie in [-1, {len(OPS) - 1}] (index into {PHOTOMETRIC_OPS}), got "
                          f"{ops.min()}..{ops.max()}")
     out = images
     device_args = args.to(images.device, non_blocking=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from labeler.models import create_token_model, token_grid
-from labelstore.shard_format import count_samples, expand_shard_urls
+from labelstore.shard_format import count_samples
 from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, init_distributed, shutdown_distributed
 from trainer.loader import build_labeler_loader, build_student_loader
@@ -127,7 +127,7 @@ def run_labeler(cfg: TrainConfig, *, out_dir: str | Path, resume: str | Path | N
         loader = build_labeler_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                                       pin_memory=info.device.type == "cuda")
         # Stage 1 has no store whose sample table would tell the epoch length the schedule needs.
-        num_samples = sum(count_samples(url) for url in expand_shard_urls(cfg.data.shards))
+        num_samples = sum(count_samples(url) for url in loader.stream.urls)
         steps = max(1, -(-num_samples // (cfg.data.batch_size * info.world_size)))
         model = build_model(cfg, cfg.data.input_size)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=None, store_grid=None,

@@ -8,41 +8,27 @@ the shards changed since labelling and the run stops with one line naming the sh
 """
 from __future__ import annotations
 
-import numpy as np
-
+from labelstore.shard_format import image_fingerprint
 from trainer.errors import ShardsChanged
-
-try:  # per-row fingerprints come with store schema 2; older stores are checked by image size only
-    from labelstore.shard_format import image_fingerprint
-except ImportError:  # pragma: no cover - depends on the installed labelstore
-    image_fingerprint = None
 
 
 class SourceCheck:
-    """Per-worker check of streamed images against their stored rows (picklable; reads each shard's rows once)."""
+    """Per-worker check of streamed images against their stored rows (picklable). The rows' `image_hw` and
+    fingerprints come with the shard's `ShardRows`, which the key join has already read."""
 
     def __init__(self, index):
-        self.index, self.store = index, index.store
-        self._shard: tuple[int, np.ndarray, np.ndarray | None] | None = None
+        self.index = index
         self._mismatched: dict[int, int] = {}
-
-    def _stored(self, rows) -> tuple[np.ndarray, np.ndarray | None]:
-        if self._shard is None or self._shard[0] != rows.shard_index:
-            cols = self.store.read_samples(slice(rows.first_row, rows.stop))
-            fp = cols.get("fingerprint")
-            self._shard = (rows.shard_index, np.asarray(cols["image_hw"]),
-                           None if fp is None or image_fingerprint is None else np.asarray(fp, np.uint64))
-        return self._shard[1], self._shard[2]
 
     def mismatch(self, rows, row: int, data: bytes, decoded_hw: tuple[int, int]) -> str | None:
         """Why this sample is not the labelled image (None: it is, as far as the store can tell)."""
-        hw, fingerprints = self._stored(rows)
         i = row - rows.first_row
-        stored_hw = tuple(int(v) for v in hw[i])
+        stored_hw = tuple(int(v) for v in rows.image_hw[i])
         if stored_hw != tuple(decoded_hw):
             return (f"image is {decoded_hw[0]}x{decoded_hw[1]} (h x w) but was labelled at "
                     f"{stored_hw[0]}x{stored_hw[1]}: it changed since labelling")
-        if fingerprints is not None and int(fingerprints[i]) != 0 and int(fingerprints[i]) != image_fingerprint(data):
+        stored = rows.fingerprint(row)  # 0: none recorded (schema-1 store), checked by size only
+        if stored != 0 and stored != image_fingerprint(data):
             return "image bytes differ from those labelled (fingerprint): it changed since labelling"
         return None
 

@@ -2,7 +2,7 @@
 
     shard urls ─► track_shards ─► tar samples ─► enter_samples ─► lookup_rows ─► join_labels
         ─► (shuffle) ─► replay_views ─► augment_views ─► batch_samples(collate_student)        (CPU path)
-        ─► (shuffle) ─► decode_views ─► draw_photometric ─► batch_samples(collate_sources)     (device path)
+        ─► (shuffle) ─► decode_views ─► attach_photometric ─► batch_samples(collate_sources)     (device path)
 
 The CPU path renders the stored view (Pillow) and applies the photometric ops (timm's Pillow ops) in
 the workers. The device path stops at the decoded image: the collate pads the batch
@@ -15,7 +15,6 @@ finally `image` (the rendered view, HWC uint8). Skips always go through the ledg
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -179,7 +178,7 @@ def decode_views(samples: Iterable[dict], ledger: EpochLedger, check=None) -> It
         yield out
 
 
-def draw_photometric(samples: Iterable[dict], aug: StudentAugment | None, run_seed: int,
+def attach_photometric(samples: Iterable[dict], aug: StudentAugment | None, run_seed: int,
                      epoch: int) -> Iterator[dict]:
     """Device path: attach the sample's `photo_ops` / `photo_args` (the photometric slots of its view's
     RandAugment draw, trainer/photometric.py), seeded per (run seed, epoch, row) as `augment_views` is."""
