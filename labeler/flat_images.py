@@ -1,0 +1,108 @@
+"""Images of different sizes in one flat host buffer: how decoded pixels travel to the render device.
+
+A zero-padded (N, H, W, 3) batch of 300–640 px images is about twice the bytes of the images
+themselves (every image padded to the batch's largest side), and every byte is copied several times
+on its way to the device: into shared memory by a data worker, into page-locked memory, over PCIe.
+`FlatImages` keeps only the images' own bytes, back to back; `upload_flat` copies that one buffer
+to the device and lays the images out there as the padded `SourceBatch` the renderer reads (one
+small device copy per image). `pack_flat(shared=True)` writes straight into shared memory, so a
+DataLoader worker or decode process hands the batch over without another copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from labeler.render_batch import SourceBatch
+
+
+@dataclass(frozen=True)
+class FlatImages:
+    """N HWC uint8 RGB images back to back in `data` (1-D uint8 tensor); `hw` (N, 2) int64 their sizes."""
+
+    data: torch.Tensor
+    hw: np.ndarray
+
+    def __post_init__(self) -> None:
+        hw = np.asarray(self.hw, dtype=np.int64).reshape(-1, 2)
+        if self.data.dtype != torch.uint8 or self.data.ndim != 1:
+            raise ValueError(f"FlatImages.data must be a 1-D uint8 tensor, got {tuple(self.data.shape)} {self.data.dtype}")
+        if hw.size and hw.min() < 1:
+            raise ValueError(f"FlatImages.hw has an empty image: {hw.tolist()}")
+        need = int((hw[:, 0] * hw[:, 1]).sum() * 3)
+        if need != self.data.numel():
+            raise ValueError(f"FlatImages: sizes {hw.tolist()} need {need} bytes, data has {self.data.numel()}")
+        object.__setattr__(self, "hw", hw)
+
+    def __len__(self) -> int:
+        return len(self.hw)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """(N + 1,) byte offsets: image i is data[offsets[i]:offsets[i + 1]]."""
+        return np.concatenate([[0], np.cumsum(self.hw[:, 0] * self.hw[:, 1] * 3)]).astype(np.int64)
+
+    def image(self, i: int) -> np.ndarray:
+        """Image i as an (h, w, 3) numpy view (host data only)."""
+        off, (h, w) = self.offsets[i], self.hw[i]
+        return self.data[int(off):int(off) + int(h * w * 3)].numpy().reshape(int(h), int(w), 3)
+
+    def slice(self, start: int, stop: int) -> "FlatImages":
+        """Images start..stop-1 (a view of the same bytes)."""
+        off = self.offsets
+        return FlatImages(self.data[int(off[start]):int(off[stop])], self.hw[start:stop])
+
+    def pin_memory(self) -> "FlatImages":
+        """Page-locked copy (torch's DataLoader calls this on batch items when `pin_memory=True`)."""
+        return FlatImages(self.data.pin_memory(), self.hw)
+
+
+def pack_flat(images: Sequence[np.ndarray], *, pin_memory: bool = False, shared: bool = False) -> FlatImages:
+    """HWC uint8 RGB images → one FlatImages (page-locked with `pin_memory`, in shared memory with `shared`)."""
+    if pin_memory and shared:
+        raise ValueError("pack_flat: pin_memory and shared exclude each other (pin in the receiving process)")
+    for i, im in enumerate(images):
+        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            raise ValueError(f"image {i}: expected HWC uint8 RGB, got {im.shape} {im.dtype}")
+    hw = np.array([im.shape[:2] for im in images], dtype=np.int64).reshape(-1, 2)
+    total = int((hw[:, 0] * hw[:, 1]).sum() * 3)
+    data = torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
+    if shared:
+        data.share_memory_()  # allocated in shared memory now: handing it to another process copies nothing
+    out, off = data.numpy(), 0
+    for im in images:
+        out[off:off + im.size] = im.reshape(-1)
+        off += im.size
+    return FlatImages(data, hw)
+
+
+def upload_flat(flat: FlatImages, device: torch.device | str, multiple: int = 32) -> SourceBatch:
+    """FlatImages → SourceBatch on `device`: one (non-blocking when pinned) copy of the bytes, then each
+    image into its corner of a zeroed (N, 3, H, W) buffer (sides rounded up to `multiple`)."""
+    if not len(flat):
+        raise ValueError("upload_flat needs at least one image")
+    device = torch.device(device)
+    data = flat.data.to(device, non_blocking=flat.data.is_pinned())
+    hw = flat.hw
+    h = int(-(-hw[:, 0].max() // multiple) * multiple)
+    w = int(-(-hw[:, 1].max() // multiple) * multiple)
+    pixels = torch.zeros((len(flat), h, w, 3), dtype=torch.uint8, device=device)
+    for i, (off, (ih, iw)) in enumerate(zip(flat.offsets[:-1].tolist(), hw.tolist())):
+        pixels[i, :ih, :iw] = data[off:off + ih * iw * 3].view(ih, iw, 3)
+    return SourceBatch(pixels=pixels.permute(0, 3, 1, 2), hw=hw)
+
+
+def concat_flat(parts: Sequence[FlatImages], *, pin_memory: bool = False) -> FlatImages:
+    """Several FlatImages → one (a forward batch assembled from decoded chunks), copied once."""
+    if not parts:
+        raise ValueError("concat_flat needs at least one part")
+    total = sum(p.data.numel() for p in parts)
+    data = torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
+    off = 0
+    for p in parts:
+        data[off:off + p.data.numel()].copy_(p.data)
+        off += p.data.numel()
+    return FlatImages(data, np.concatenate([p.hw for p in parts]))

@@ -1,0 +1,66 @@
+"""FlatImages: images of mixed sizes travel flat and come out on the device exactly as the padded batch."""
+import numpy as np
+import pytest
+import torch
+
+from labeler.flat_images import FlatImages, concat_flat, pack_flat, upload_flat
+from labeler.render_batch import pad_images, render_batch, upload
+from labelstore.views import ViewSpec, draw_views
+
+
+def _images(seed, sizes):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+def test_pack_flat_round_trip_and_slices():
+    images = _images(0, [(5, 7), (3, 2), (9, 4)])
+    flat = pack_flat(images)
+    assert flat.data.numel() == sum(im.size for im in images)
+    for i, im in enumerate(images):
+        np.testing.assert_array_equal(flat.image(i), im)
+    part = flat.slice(1, 3)
+    np.testing.assert_array_equal(part.image(1), images[2])
+    joined = concat_flat([flat.slice(2, 3), flat.slice(0, 1)])
+    np.testing.assert_array_equal(joined.image(0), images[2])
+    np.testing.assert_array_equal(joined.image(1), images[0])
+
+
+def test_upload_flat_equals_padded_upload():
+    images = _images(1, [(40, 33), (17, 64), (64, 10)])
+    flat = upload_flat(pack_flat(images), "cpu")
+    padded = upload(*pad_images(images), "cpu")
+    assert flat.pixels.shape == padded.pixels.shape
+    assert torch.equal(flat.pixels, padded.pixels)
+    np.testing.assert_array_equal(flat.hw, padded.hw)
+
+
+def test_render_from_flat_matches_padded():
+    images = _images(2, [(120, 90), (70, 150)])
+    spec = ViewSpec(size=(32, 32))
+    params = np.concatenate([draw_views(spec, 0, i, 3, im.shape[:2]) for i, im in enumerate(images)])
+    index = np.repeat([0, 1], 3)
+    a = render_batch(upload_flat(pack_flat(images), "cpu"), index, params, spec)
+    b = render_batch(upload(*pad_images(images), "cpu"), index, params, spec)
+    assert torch.equal(a, b)
+
+
+def test_shared_pack_survives_pickling_to_another_process():
+    import torch.multiprocessing as mp
+
+    flat = pack_flat(_images(3, [(8, 8), (4, 6)]), shared=True)
+    assert flat.data.is_shared()
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    q.put(flat)
+    back = q.get()
+    np.testing.assert_array_equal(back.image(1), flat.image(1))
+
+
+def test_bad_inputs_named():
+    with pytest.raises(ValueError, match="HWC uint8"):
+        pack_flat([np.zeros((4, 4), np.uint8)])
+    with pytest.raises(ValueError, match="need 36 bytes"):
+        FlatImages(torch.zeros(10, dtype=torch.uint8), np.array([[3, 4]]))
+    with pytest.raises(ValueError, match="exclude"):
+        pack_flat(_images(0, [(2, 2)]), pin_memory=True, shared=True)
