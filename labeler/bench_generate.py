@@ -1,8 +1,8 @@
 """`stl-labels bench generate`: the labeling pipeline's views/s against the bare teacher forward.
 
-All in one process on one device, batch shape and precision: first the whole work unit (read tar →
-decode → pack → copy → render S views → forward → top-k → copy back → write) over the given shards
-into a scratch store, then the teacher's forward alone on device-resident uint8 views of the same
+On one device, batch shape and precision, without Ray: first the whole work unit (decode workers read
+tar → decode → pack; the device loop copies → renders S views → forward → top-k → copies back; shard
+writes) over the given shards into a scratch store, several shards in flight as in a job, then the teacher's forward alone on device-resident uint8 views of the same
 shape, eager and `torch.compile`d. FLOPs per view come from `torch.utils.flop_counter` on one batch
 (matmuls, convolutions, attention); TFLOP/s is FLOPs × views/s, set against the device's dense bf16
 peak where the table below knows the card. The breakdown says where the pipeline's wall time went:
@@ -30,15 +30,15 @@ BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 SXM", 989.0), ("H100 80GB HBM3", 989
                     ("A100", 312.0))
 
 PHASE_NOTES = {
-    "read": "tar reading (producer thread)",
-    "decode": "JPEG decode (+ Pillow render on CPU), busy seconds summed over the decode threads",
+    "read": "tar reading, busy seconds summed over the decode workers",
+    "decode": "JPEG decode + view params (+ Pillow render on CPU), summed over the decode workers",
     "decode_wait": "device loop waiting for the next decoded batch",
     "copy": "host → device copies (side stream, overlaps the compute)",
     "render": "batched render of all views",
     "forward": "teacher forward",
     "topk": "top-k + tail LSE + async copy back",
     "result_wait": "device loop waiting for a batch's results (device busy)",
-    "write": "filing results + the shard's store write",
+    "write": "filing results + the shards' store writes (overlap the device work)",
 }
 
 
@@ -70,7 +70,9 @@ class BenchReport:
     batch_views: int
     amp: str
     views_per_sample: int
-    decode_threads: int
+    decode_workers: int
+    decode_pool: str
+    shards_in_flight: int
     render_backend: str
     pipeline_compiled: bool
     pipeline_views: int
@@ -102,7 +104,9 @@ class BenchReport:
         peak = f"{self.peak_tflops:g} TFLOP/s dense bf16" if self.peak_tflops else "unknown"
         lines = [
             f"device {self.device} (peak {peak}), model {self.model}, batch {self.batch_views} views, amp {self.amp}, "
-            f"{self.views_per_sample} views/sample, {self.decode_threads} decode threads, render {self.render_backend}",
+            f"{self.views_per_sample} views/sample, {self.decode_workers} decode "
+            f"{'processes' if self.decode_pool == 'process' else 'threads'}, "
+            f"{self.shards_in_flight} shard(s) in flight, render {self.render_backend}",
             f"forward FLOPs {self.flops_per_view / 1e9:.2f} GFLOP/view (torch.utils.flop_counter)",
             self._rate_line("pipeline", self.pipeline_rate,
                             f"({self.pipeline_views} views in {wall:.2f} s, teacher "
@@ -134,9 +138,9 @@ def _forward_rate(teacher: Teacher, views: torch.Tensor, batches: int, sync) -> 
 
 def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, views: int, topk: int = 10,
                    num_classes: int | None = None, input_size: int | None = None, device: str = "auto",
-                   render_backend: str = "auto", decode_threads: int = 0, checkpoint: str | None = None,
+                   render_backend: str = "auto", decode_workers: int = 0, checkpoint: str | None = None,
                    compile: str = "auto", decode_device: str = "cpu", forward_batches: int | None = None,
-                   keep_store: str | None = None) -> BenchReport:
+                   keep_store: str | None = None, decode_pool: str = "auto", shards_in_flight: int = 0) -> BenchReport:
     """Measure pipeline, bare eager and compiled forward; the teacher has random weights unless `checkpoint`.
 
     The labels go to a scratch store, deleted afterwards, or to `keep_store` (labeler "bench"), which a
@@ -145,7 +149,8 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
     urls = expand_shard_urls(shards)
     dev = resolve_device(device)
     worker = WorkerSettings(checkpoint=checkpoint, batch_size=batch_size, amp=amp, device=str(dev), compile=compile,
-                            render_backend=render_backend, decode_threads=decode_threads, decode_device=decode_device)
+                            render_backend=render_backend, decode_workers=decode_workers, decode_device=decode_device,
+                            decode_pool=decode_pool, shards_in_flight=shards_in_flight)
     with tempfile.TemporaryDirectory(prefix="stl-bench-") as tmp:
         torch.manual_seed(0)
         spec = build_labeler_spec(name="bench", model=model, num_classes=num_classes, views=views, topk=topk,
@@ -153,6 +158,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         store, _ = open_labeler_store(keep_store or f"{tmp}/bench.zarr", seed=0, rows_per_chunk=256, spec=spec)
         store.register_shards([(u, count_samples(u)) for u in urls])
         work = ShardLabeler(store.path, "bench", worker)
+        work.start()  # decode processes start (and import) before the clock runs, as in a long job
         teacher = work.teacher
         h, w = spec.input_size
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -160,14 +166,17 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         teacher.encode(teacher.forward(fixed)[1])  # warm-up of the pipeline's teacher (compile happens here)
         sync()
 
+        before = dict(work.clock.seconds)
         start = time.perf_counter()
-        outcomes = [work(i) for i in range(len(urls))]
+        outcomes = list(work.label_shards(range(len(urls))))
         pipeline_seconds = time.perf_counter() - start
+        work.close()
+        work.clock.resolve()
+        phases = {p: work.clock.seconds[p] - before[p] for p in PHASES}
         failed = [o for o in outcomes if not o.ok]
         if failed:
             raise RuntimeError(f"bench: shard {failed[0].url} failed: {failed[0].error}")
         pipeline_views = sum(o.views for o in outcomes)
-        phases = {p: sum(o.phase_seconds.get(p, 0.0) for o in outcomes) for p in PHASES}
 
         n_batches = forward_batches or max(3, round(pipeline_views / work.views_per_batch))
         eager = teacher if not teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp)
@@ -181,7 +190,8 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         fpv = flops_per_view(eager, fixed)
     name = str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev)
     return BenchReport(device=name, model=model, batch_views=work.views_per_batch, amp=amp, views_per_sample=views,
-                       decode_threads=work.decode_threads, render_backend=work.render_backend,
+                       decode_workers=work.decode_workers, decode_pool=work.decode_pool,
+                       shards_in_flight=work.shards_in_flight, render_backend=work.render_backend,
                        pipeline_compiled=teacher.compiled, pipeline_views=pipeline_views,
                        pipeline_seconds=pipeline_seconds, eager_rate=eager_rate, compiled_rate=compiled_rate,
                        flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases)

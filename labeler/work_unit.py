@@ -1,52 +1,58 @@
-"""The labeling work unit: one dataset shard → its rows of one labeler in the store, `done` last.
+"""The labeling work unit: dataset shards → their rows of one labeler in the store, `done` last.
 
-Three stages overlap so the device never waits on the CPU (docs/design.md, "The labeling work unit"):
+Three kinds of threads and processes overlap so the device never waits (docs/design.md, "The labeling
+work unit"):
 
-1. a decode pool (`labeler.decode_pool`, one thread per CPU the worker owns) decodes each image once
-   and draws its S view params; a producer thread groups the decoded images into forward batches of
-   `batch_size // S` images and packs each batch into page-locked host memory (`pack_images`);
-2. the device loop copies a batch up on a side stream (non-blocking), renders all its views in one
-   `render_batch` call, runs the teacher and the top-k + tail on the device, and queues the results'
-   copy back into pinned host memory behind an event;
-3. while the device works on that batch, the loop collects the previous batch's results.
+1. decode workers (`labeler.decode_workers`: processes on a GPU node, threads on CPU) each take a whole
+   shard, read its tar, decode each image once, draw its S view params and send the rows back in chunks
+   (`labeler.decode_chunks`) — the images' own bytes, in shared memory;
+2. one device loop (a thread) takes images from every shard in flight, fills fixed-shape forward batches
+   of `batch_size // S` images (a shard's tail shares a batch with the next shard's head), copies each
+   batch up on a side stream, renders all its views in one `render_batch` call, runs the teacher and the
+   top-k + tail on the device, and copies the results back behind an event while the next batch runs;
+3. each shard's caller (one thread per shard in flight: `label_shards` here, a threaded Ray actor in a
+   job) files its rows and, once its last image's results are back, writes the shard in one
+   `write_shard` call, while the device goes on with the other shards.
 
-The last batch is padded to the full batch (its padding views are dropped), so a compiled teacher
-sees one shape. On CPU the default renderer is Pillow in the decode threads (faster there); the
-stages then simply run in turn. Results stay in memory until the shard is complete and are written
-in one `write_shard` call: a worker killed mid-shard leaves nothing behind, and a retry (same params
-from the same seeds, same teacher) writes the same rows.
+A batch that cannot be filled (the last images) is padded to the full batch (its padding views are
+dropped), so a compiled teacher sees one shape. Results stay in memory until their shard is complete:
+a worker killed mid-shard leaves nothing behind, and a retry (same params from the same seeds, same
+teacher) writes the same rows.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import os
+import queue
 import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from labeler.decode_pool import BackgroundIter, ordered_prefetch, resolve_decode_threads
+from labeler.decode_chunks import DecodedChunk, DecodeJob, gpu_decodable_jpeg
+from labeler.decode_workers import (DECODE_POOLS, DecodeFailed, DecodeWorkers, resolve_decode_pool,
+                                    resolve_decode_workers)
 from labeler.device import resolve_device
+from labeler.flat_images import FlatImages, concat_flat, upload_flat
 from labeler.models import create_token_model
 from labeler.models.checkpoint import load_checkpoint
-from labeler.render_batch import pack_images, render_batch, upload
+from labeler.render_batch import SourceBatch, render_batch
 from labeler.stage_clock import PHASES, StageClock
 from labeler.teacher import HostCopy, Teacher, resolve_compile
-from labelstore import (NUM_PARAMS, EncodedLogits, ImageDecodeError, LabelStore, ShardCapacityError, ShardConflict,
-                        decode_image, draw_views, render)
-from labelstore.shard_format import ShardSample, image_fingerprint, iter_shard
+from labelstore import NUM_PARAMS, EncodedLogits, LabelStore
 
 RENDER_BACKENDS = ("auto", "torch", "pillow")
 DECODE_DEVICES = ("cpu", "cuda")
-__all__ = ["PHASES", "RENDER_BACKENDS", "DECODE_DEVICES", "WorkerSettings", "FaultInjection", "ShardOutcome", "gpu_decodable_jpeg",
-           "ShardLabeler", "build_teacher"]
+__all__ = ["PHASES", "RENDER_BACKENDS", "DECODE_DEVICES", "DECODE_POOLS", "WorkerSettings", "FaultInjection",
+           "ShardOutcome", "gpu_decodable_jpeg", "ShardLabeler", "build_teacher", "resolve_shards_in_flight"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,9 @@ class WorkerSettings:
     compile: bool | str = "auto"  # auto = torch.compile on CUDA, eager on CPU
     device: str = "auto"  # auto = cuda if available, else cpu
     render_backend: str = "auto"  # auto = batched torch on cuda, Pillow (the reference renderer) on cpu
-    decode_threads: int = 0  # 0 = one per CPU this worker may use
+    decode_workers: int = 0  # 0 = one per CPU this worker may use
+    decode_pool: str = "auto"  # auto = processes on cuda, threads on cpu (see labeler.decode_workers)
+    shards_in_flight: int = 0  # 0 = decode processes + 2 (process pool) or 1 (thread pool)
     decode_device: str = "cpu"  # cuda = decode baseline JPEGs with nvJPEG (torchvision); others stay on Pillow
     dump_views_dir: str | None = None  # debug hook: save every rendered view of a shard (tests)
 
@@ -68,8 +76,11 @@ class WorkerSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.render_backend not in RENDER_BACKENDS:
             raise ValueError(f"render_backend must be one of {RENDER_BACKENDS}, got {self.render_backend!r}")
-        resolve_decode_threads(self.decode_threads)  # the resolvers' own checks: one message per setting
+        resolve_decode_workers(self.decode_workers)  # the resolvers' own checks: one message per setting
+        resolve_decode_pool(self.decode_pool, "cpu")
         resolve_compile(self.compile, torch.device("cpu"))
+        if self.shards_in_flight < 0:
+            raise ValueError(f"shards_in_flight must be >= 0 (0 = automatic), got {self.shards_in_flight}")
         if self.decode_device not in DECODE_DEVICES:
             raise ValueError(f"decode_device must be one of {DECODE_DEVICES}, got {self.decode_device!r}")
 
@@ -111,55 +122,68 @@ class ShardOutcome:
     seconds: float = 0.0
     bytes_written: int = 0
     error: str | None = None
-    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_shards_in_flight(settings: WorkerSettings, device_type: str) -> int:
+    """How many shards one work unit labels at once: with decode processes, one per process and two more
+    (a process never waits for its next shard while finished shards are being written); with decode
+    threads, one (its threads already share the CPUs)."""
+    if settings.shards_in_flight:
+        return settings.shards_in_flight
+    if resolve_decode_pool(settings.decode_pool, device_type) == "process":
+        return resolve_decode_workers(settings.decode_workers) + 2
+    return 1
+
+
+class _ShardRun:
+    """One shard being labelled: its rows (filed by its caller), its results (filed by the device loop)."""
+
+    def __init__(self, shard: Any, spec: Any, dump: bool):
+        self.shard = shard
+        self.rows = _ShardRows(shard.num_samples, spec.views)
+        self.out = _ResultBuffers(shard.num_samples, spec.views, spec)
+        self.dump: dict[int, np.ndarray] | None = {} if dump else None
+        self.outstanding = 0  # valid images handed to the device loop whose results are not back yet
+        self.decode_ended = False
+        self.error: str | None = None
+        self.done = threading.Event()
+
+    def fail(self, error: str) -> None:
+        self.error = self.error or error
+        self.done.set()
+
+    def check_done(self) -> None:
+        if self.decode_ended and self.outstanding == 0:
+            self.done.set()
 
 
 @dataclass
-class _Prepared:
-    """One sample after decode (+ Pillow render on CPU); `error` set when the sample is invalid."""
+class _Piece:
+    """Valid images a..b-1 (in the chunk's valid-row order) of one chunk, placed in a forward batch."""
 
-    pos: int
-    sample: ShardSample
-    image_hw: tuple[int, int] = (0, 0)
-    params: np.ndarray | None = None
-    pixels: np.ndarray | None = None  # HWC uint8 RGB (torch backend, CPU decode)
-    jpeg: bytes | None = None  # undecoded baseline JPEG (decode_device cuda)
-    views: np.ndarray | None = None  # (S, h, w, 3) uint8 (Pillow backend)
-    error: str | None = None
-    fingerprint: int = 0  # of the encoded image bytes (0 = no image): inputs are checked against the store
+    run: _ShardRun
+    chunk: DecodedChunk
+    a: int
+    b: int
 
-
-@dataclass
-class _Batch:
-    """A forward batch as the producer hands it over: every sample consumed since the last batch (valid
-    or not, in order) and the valid ones packed for the device, padded to the full batch."""
-
-    items: list[_Prepared]
-    images: list[_Prepared]
-    host: torch.Tensor | None  # (N, H, W, 3) pixels, or (V, h, w, 3) Pillow-rendered views; pinned on CUDA
-    hw: np.ndarray | None
+    @property
+    def positions(self) -> np.ndarray:
+        return self.chunk.valid_positions[self.a:self.b]
 
 
 @dataclass
 class _InFlight:
-    images: list[_Prepared]
+    pieces: list[_Piece]
     tokens: HostCopy
     cls: HostCopy
 
 
-def gpu_decodable_jpeg(data: bytes) -> tuple[int, int] | None:
-    """(h, w) of a JPEG that nvJPEG decodes like Pillow would (RGB or grey), read from the header only."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format == "JPEG" and img.mode in ("RGB", "L"):
-                return img.height, img.width
-    except Exception:  # noqa: BLE001 - not decodable: the Pillow path reports it
-        return None
-    return None
+_END = "end"
 
 
 class ShardLabeler:
-    """The work unit: label one shard into the store. Loads the teacher once; call once per shard."""
+    """The work unit: label shards into the store. Loads the teacher once; `__call__(shard)` labels one shard
+    (thread-safe: concurrent calls share the device), `label_shards` many with several in flight."""
 
     def __init__(self, store_path: str, labeler_name: str, settings: WorkerSettings, teacher: Teacher | None = None,
                  fault: FaultInjection | None = None):
@@ -172,194 +196,231 @@ class ShardLabeler:
         self.render_backend = ("torch" if self.device.type == "cuda" else "pillow") if backend == "auto" else backend
         if settings.decode_device == "cuda" and (self.device.type != "cuda" or self.render_backend != "torch"):
             raise ValueError("decode_device 'cuda' needs device cuda and the torch render backend")
-        self.decode_threads = resolve_decode_threads(settings.decode_threads)
+        self.decode_workers = resolve_decode_workers(settings.decode_workers)
+        self.decode_pool = resolve_decode_pool(settings.decode_pool, self.device.type)
+        self.shards_in_flight = resolve_shards_in_flight(settings, self.device.type)
         self.images_per_batch = max(1, settings.batch_size // self.spec.views)
         self.teacher = teacher if teacher is not None else build_teacher(self.spec, settings, self.device)
         self.fault = fault
         self.samples_done = 0  # per process, across shards: what the fault switch counts
         self.clock = StageClock(self.device)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._lock = threading.Lock()
+        self._decoder: DecodeWorkers | None = None
+        self._inbox: queue.Queue = queue.Queue(maxsize=4 * max(1, self.shards_in_flight))
+        self._loop: threading.Thread | None = None
 
     @property
     def views_per_batch(self) -> int:
         """The one forward shape: whole images of S views each (the last batch is padded to it)."""
         return self.images_per_batch * self.spec.views
 
-    # --- per sample (decode threads) ----------------------------------------------------------------
-    def _prepare(self, item: tuple[int, ShardSample], first_row: int, url: str) -> _Prepared:
-        out = self._decode(item, first_row, url)
-        if out.sample.image is not None:  # hashed here, in the decode threads, not on the device loop
-            out.fingerprint = image_fingerprint(out.sample.image)
-        return out
-
-    def _decode(self, item: tuple[int, ShardSample], first_row: int, url: str) -> _Prepared:
-        pos, sample = item
-        if sample.error is not None:
-            return _Prepared(pos, sample, error=sample.error)
-        gpu_hw = gpu_decodable_jpeg(sample.image) if self.settings.decode_device == "cuda" else None
-        if gpu_hw is not None:
-            params = draw_views(self.spec.view_spec, self.store.seed, first_row + pos, self.spec.views, gpu_hw)
-            return _Prepared(pos, sample, gpu_hw, params, jpeg=bytes(sample.image))
-        start = time.perf_counter()
-        try:
-            image = decode_image(sample.image, f"{url}:{sample.image_name}")
-        except ImageDecodeError as e:
-            return _Prepared(pos, sample, error=str(e))
-        hw = (image.height, image.width)
-        params = draw_views(self.spec.view_spec, self.store.seed, first_row + pos, self.spec.views, hw)
-        if self.render_backend == "torch":
-            out = _Prepared(pos, sample, hw, params, pixels=np.asarray(image))
-        else:
-            out = _Prepared(pos, sample, hw, params, views=np.stack([render(image, p, self.spec.view_spec) for p in params]))
-        self.clock.add("decode", time.perf_counter() - start)
-        return out
-
-    # --- producer thread: samples → packed forward batches -------------------------------------------
-    def _batches(self, shard) -> Iterator[_Batch]:
-        prepared = ordered_prefetch(lambda it: self._prepare(it, shard.first_row, shard.url), self._samples(shard),
-                                    threads=self.decode_threads, depth=max(2 * self.images_per_batch, 4 * self.decode_threads))
-        items: list[_Prepared] = []
-        images: list[_Prepared] = []
-        with contextlib.closing(prepared):
-            for item in prepared:
-                items.append(item)
-                if item.error is None:
-                    images.append(item)
-                if len(images) == self.images_per_batch:
-                    yield self._pack(items, images)
-                    items, images = [], []
-        if items:
-            yield self._pack(items, images)
-
-    def _pack(self, items: list[_Prepared], images: list[_Prepared]) -> _Batch:
-        if not images:
-            return _Batch(items, images, None, None)
-        padded = images + [images[-1]] * (self.images_per_batch - len(images))  # one shape for the compiled forward
-        pin = self.device.type == "cuda"
+    @property
+    def chunk_mode(self) -> str:
         if self.render_backend == "pillow":
-            host, hw = pack_images([v for im in padded for v in im.views], multiple=1, pin_memory=pin)
-        elif self.settings.decode_device == "cuda":
-            return _Batch(items, images, None, np.array([im.image_hw for im in padded], np.int64))
-        else:
-            host, hw = pack_images([im.pixels for im in padded], pin_memory=pin)
-        return _Batch(items, images, host, hw)
+            return "views"
+        return "jpeg" if self.settings.decode_device == "cuda" else "pixels"
 
-    # --- per shard ------------------------------------------------------------------------------------
+    # --- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the decode workers and the device loop (the first shard does it otherwise)."""
+        with self._lock:
+            if self._decoder is None:
+                self._decoder = DecodeWorkers(self.decode_workers, self.decode_pool)
+            if self._loop is None or not self._loop.is_alive():
+                self._loop = threading.Thread(target=self._device_loop, name="stl-device-loop", daemon=True)
+                self._loop.start()
+
+    def close(self) -> None:
+        """Stop the device loop and the decode workers (they are started again by the next call)."""
+        with self._lock:
+            loop, decoder = self._loop, self._decoder
+            self._loop, self._decoder = None, None
+        if loop is not None:
+            self._inbox.put(None)
+            loop.join()
+        if decoder is not None:
+            decoder.close()
+
+    def __enter__(self) -> "ShardLabeler":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- per shard (caller threads) -----------------------------------------------------------------------
+    def label_shards(self, shard_indices: Sequence[int], urls: Sequence[str | None] | None = None) -> Iterator[ShardOutcome]:
+        """Label shards with `shards_in_flight` of them at once; outcomes in the order given."""
+        urls = list(urls) if urls is not None else [None] * len(shard_indices)
+        with ThreadPoolExecutor(max_workers=max(1, self.shards_in_flight), thread_name_prefix="stl-shard") as pool:
+            yield from pool.map(self.__call__, shard_indices, urls)
+
     def __call__(self, shard_index: int, url: str | None = None) -> ShardOutcome:
         shard = self.store.shard(shard_index)
         if url:  # where the shard is now (the store knows shards by name; they may have moved since registration)
             shard = dataclasses.replace(shard, url=url)
         start = time.perf_counter()
-        before = dict(self.clock.seconds)
         try:
             num_invalid, bytes_written = self._label(shard)
         except Exception as e:  # noqa: BLE001 - unreadable tar, store or device error: report it with the URL
-            return ShardOutcome(shard_index, shard.url, ok=False, error=f"{type(e).__name__}: {e}",
-                                seconds=time.perf_counter() - start)
-        phases = {k: self.clock.seconds[k] - before[k] for k in PHASES}
+            text = str(e) if isinstance(e, DecodeFailed) else f"{type(e).__name__}: {e}"
+            return ShardOutcome(shard_index, shard.url, ok=False, error=text, seconds=time.perf_counter() - start)
         valid = shard.num_samples - num_invalid
         return ShardOutcome(shard_index, shard.url, ok=True, num_samples=shard.num_samples, num_invalid=num_invalid,
                             views=valid * self.spec.views, seconds=time.perf_counter() - start,
-                            bytes_written=bytes_written, phase_seconds=phases)
+                            bytes_written=bytes_written)
 
-    def _samples(self, shard) -> Iterator[tuple[int, ShardSample]]:
-        """(position, sample) of every sample; stops at once if the shard outgrew its registered rows."""
-        pos = -1
-        reader = iter_shard(shard.url)
-        while True:
-            t0 = time.perf_counter()
-            sample = next(reader, None)
-            self.clock.add("read", time.perf_counter() - t0)
-            if sample is None:
-                break
-            pos += 1
-            if pos >= shard.num_samples:  # before any compute: nothing of this shard gets written
-                raise ShardCapacityError(
-                    f"shard {shard.url} has more samples than the {shard.num_samples} rows registered for it in "
-                    f"{self.store.path} (the file changed since it was registered): nothing was written; "
-                    "restore the original file or label it into a new store")
-            yield pos, sample
-        if pos + 1 != shard.num_samples:
-            raise ShardConflict(f"shard {shard.url} has {pos + 1} samples but {shard.num_samples} were registered "
-                                f"in {self.store.path}: the file changed since it was registered")
+    def _job(self, shard: Any) -> DecodeJob:
+        process = self.decode_pool == "process"
+        return DecodeJob(url=shard.url, num_samples=shard.num_samples, first_row=shard.first_row,
+                         store_seed=self.store.seed, store_path=str(self.store.path), view_spec=self.spec.view_spec,
+                         views=self.spec.views, mode=self.chunk_mode, chunk_images=self.images_per_batch,
+                         threads=1 if process else self.decode_workers, shared=process)
 
-    def _label(self, shard) -> tuple[int, int]:
-        spec, n, s = self.spec, shard.num_samples, self.spec.views
-        rows = _ShardRows(n, s)
-        out = _ResultBuffers(n, s, spec)
-        dump = {} if self.settings.dump_views_dir else None
-        pending: _InFlight | None = None
-        batches = BackgroundIter(self._batches(shard), depth=2)
-        with contextlib.closing(batches):
-            it = iter(batches)
-            while True:
-                with self.clock.host("decode_wait"):  # the device loop had nothing to do
-                    batch = next(it, None)
-                if batch is None:
+    def _label(self, shard: Any) -> tuple[int, int]:
+        self.start()
+        run = _ShardRun(shard, self.spec, dump=self.settings.dump_views_dir is not None)
+        chunks = self._decoder.submit(self._job(shard))
+        try:
+            for chunk in chunks:
+                self.clock.add("read", chunk.read_s)
+                self.clock.add("decode", chunk.decode_s)
+                run.rows.record(chunk)
+                with self._lock:
+                    self.samples_done += len(chunk.positions)
+                    done = self.samples_done
+                if self.fault is not None:
+                    self.fault.tick(done)
+                if chunk.num_valid:
+                    self._inbox.put(("chunk", run, chunk))
+                if run.error:
                     break
-                launched = self._launch(batch, rows, dump) if batch.images else None
-                for item in batch.items:
-                    rows.record(item)
-                    self.samples_done += 1
-                    if self.fault is not None:
-                        self.fault.tick(self.samples_done)
-                if pending is not None:
-                    self._collect(pending, out)
-                pending = launched
-            if pending is not None:
-                self._collect(pending, out)
-        self.clock.resolve()
-        if dump is not None:
-            self._dump(shard, dump, n)
-        tokens, cls = out.encoded()
+        finally:
+            self._inbox.put((_END, run, None))
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        run.done.wait()
+        if run.error:
+            raise RuntimeError(run.error)
+        if run.dump is not None:
+            self._dump(shard, run.dump, shard.num_samples)
+        tokens, cls = run.out.encoded()
+        rows = run.rows
         with self.clock.host("write"):
             self.labels.write_shard(shard.index, keys=rows.keys, labels=rows.labels, image_hw=rows.image_hw,
                                     valid=rows.valid, params=rows.params, tokens=tokens, cls=cls, errors=rows.errors,
                                     fingerprints=rows.fingerprints)
-        return len(rows.errors), out.nbytes + rows.params.nbytes
+        return len(rows.errors), run.out.nbytes + rows.params.nbytes
 
-    def _sources(self, batch: _Batch):
-        """The batch's images (or Pillow views) on the device, copied on the side stream."""
-        if batch.host is not None:
-            return upload(batch.host, batch.hw, self.device)
-        return self._decode_on_device(batch)
+    # --- the device loop (one thread) ---------------------------------------------------------------------
+    def _device_loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        pending: deque[_Piece] = deque()  # images not in a batch yet, in arrival order
+        count = 0  # valid images in `pending`
+        in_flight: _InFlight | None = None
+        while True:
+            # Take what has arrived; wait only when there is nothing else to do.
+            idle = count < self.images_per_batch and in_flight is None and not _any_ended(pending)
+            try:
+                if idle:
+                    with self.clock.host("decode_wait"):
+                        msg = self._inbox.get()
+                else:
+                    msg = self._inbox.get_nowait()
+            except queue.Empty:
+                msg = False
+            if msg is None:  # close()
+                if in_flight is not None:
+                    self._collect_safely(in_flight)
+                for piece in pending:
+                    piece.run.fail("the work unit was closed while the shard was being labelled")
+                return
+            if msg:
+                kind, run, chunk = msg
+                if kind == _END:
+                    run.decode_ended = True
+                    run.check_done()
+                elif run.error is None:
+                    run.outstanding += chunk.num_valid
+                    pending.append(_Piece(run, chunk, 0, chunk.num_valid))
+                    count += chunk.num_valid
+                continue
+            if count >= self.images_per_batch or (count and in_flight is None and _any_ended(pending)):
+                pieces = _take(pending, self.images_per_batch)
+                count -= sum(p.b - p.a for p in pieces)
+                launched = self._launch_safely(pieces)
+                if in_flight is not None:
+                    self._collect_safely(in_flight)
+                in_flight = launched
+            elif in_flight is not None:  # nothing to launch yet: file the batch on the device meanwhile
+                self._collect_safely(in_flight)
+                in_flight = None
 
-    def _decode_on_device(self, batch: _Batch):
-        """nvJPEG decode of the batch (`decode_device: cuda`); a batch it refuses is decoded by Pillow."""
+    def _launch_safely(self, pieces: list[_Piece]) -> _InFlight | None:
+        try:
+            return self._launch(pieces)
+        except Exception as e:  # noqa: BLE001 - a device error fails the shards in this batch, not the loop
+            _fail_pieces(pieces, f"{type(e).__name__}: {e}")
+            return None
+
+    def _collect_safely(self, done: _InFlight) -> None:
+        try:
+            self._collect(done)
+        except Exception as e:  # noqa: BLE001
+            _fail_pieces(done.pieces, f"{type(e).__name__}: {e}")
+
+    def _host_batch(self, pieces: list[_Piece]) -> tuple[FlatImages | None, np.ndarray]:
+        """The batch's pixels (or Pillow views) in one host buffer, padded with the last image to the full
+        batch (one shape for the compiled forward), and its view params (V, P)."""
+        s, n_img = self.spec.views, sum(p.b - p.a for p in pieces)
+        pad = self.images_per_batch - n_img
+        params = np.concatenate([p.chunk.params[p.a:p.b] for p in pieces]
+                                + [pieces[-1].chunk.params[pieces[-1].b - 1:pieces[-1].b]] * pad)
+        params = params.reshape(-1, params.shape[-1])
+        if self.chunk_mode == "jpeg":
+            return None, params
+        per = s if self.chunk_mode == "views" else 1
+        parts = [p.chunk.pixels.slice(p.a * per, p.b * per) for p in pieces]
+        last = pieces[-1]
+        parts += [last.chunk.pixels.slice((last.b - 1) * per, last.b * per)] * pad
+        return concat_flat(parts, pin_memory=self.device.type == "cuda"), params
+
+    def _sources(self, pieces: list[_Piece], host: FlatImages | None) -> SourceBatch:
+        if host is not None:
+            return upload_flat(host, self.device, multiple=1 if self.chunk_mode == "views" else 32)
+        return self._decode_on_device(pieces)
+
+    def _decode_on_device(self, pieces: list[_Piece]) -> SourceBatch:
+        """nvJPEG decode of the batch's baseline JPEGs (`decode_device: cuda`); the others came as pixels."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        try:
-            data = [torch.frombuffer(bytearray(im.jpeg), dtype=torch.uint8) for im in batch.images]
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
-            decoded = None
-        if decoded is None or any(tuple(d.shape[1:]) != tuple(im.image_hw) for d, im in zip(decoded, batch.images)):
-            for im in list(batch.images):
-                try:
-                    im.pixels = np.asarray(decode_image(im.jpeg, im.sample.image_name))
-                except ImageDecodeError as e:
-                    im.error, im.params = str(e), None
-            batch.images[:] = [im for im in batch.images if im.error is None]
-            if not batch.images:
-                return None
-            padded = batch.images + [batch.images[-1]] * (self.images_per_batch - len(batch.images))
-            host, hw = pack_images([im.pixels for im in padded], pin_memory=True)
-            return upload(host, hw, self.device)
-        decoded = list(decoded) + [decoded[-1]] * (self.images_per_batch - len(decoded))
-        h, w = (int(-(-max(d.shape[i + 1] for d in decoded) // 32) * 32) for i in range(2))
-        pixels = torch.zeros((len(decoded), 3, h, w), dtype=torch.uint8, device=self.device)
-        for i, d in enumerate(decoded):
-            pixels[i, :, : d.shape[1], : d.shape[2]] = d
-        from labeler.render_batch import SourceBatch
+        images: list[torch.Tensor] = []  # (3, h, w) uint8 on the device, in batch order
+        for p in pieces:
+            mask = p.chunk.jpeg_rows
+            jpeg_at = np.cumsum(mask) - 1
+            pixel_at = np.cumsum(~mask) - 1
+            for j in range(p.a, p.b):
+                if mask[j]:
+                    data = torch.frombuffer(bytearray(p.chunk.jpegs[jpeg_at[j]]), dtype=torch.uint8)
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                else:
+                    host = torch.from_numpy(p.chunk.pixels.image(int(pixel_at[j])).copy())
+                    images.append(host.to(self.device).permute(2, 0, 1))
+        images += [images[-1]] * (self.images_per_batch - len(images))
+        hw = np.array([im.shape[1:] for im in images], np.int64)
+        h, w = (int(-(-hw[:, i].max() // 32) * 32) for i in range(2))
+        pixels = torch.zeros((len(images), 3, h, w), dtype=torch.uint8, device=self.device)
+        for i, im in enumerate(images):
+            pixels[i, :, : im.shape[1], : im.shape[2]] = im
+        return SourceBatch(pixels, hw)
 
-        return SourceBatch(pixels, batch.hw)
-
-    def _launch(self, batch: _Batch, rows: "_ShardRows", dump: dict | None) -> _InFlight | None:
+    def _launch(self, pieces: list[_Piece]) -> _InFlight:
         """Queue copy → render → forward → top-k → copy back for one batch; nothing here waits for the device."""
+        host, params = self._host_batch(pieces)
         with self.clock.device("copy", self._copy_stream), _on_stream(self._copy_stream):
-            sources = self._sources(batch)
-        if sources is None:  # every image of a GPU-decoded batch turned out undecodable
-            return None
+            sources = self._sources(pieces, host)
         if self._copy_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
             sources.pixels.record_stream(torch.cuda.current_stream(self.device))  # allocated on the side stream
@@ -368,27 +429,36 @@ class ShardLabeler:
                 views = sources.pixels  # the Pillow views themselves, (V, 3, h, w)
             else:
                 index = np.repeat(np.arange(self.images_per_batch), self.spec.views)
-                params = np.concatenate([im.params for im in batch.images]
-                                        + [batch.images[-1].params] * (self.images_per_batch - len(batch.images)))
                 views = render_batch(sources, index, params, self.spec.view_spec)
         with self.clock.device("forward"):
             cls_logits, token_logits = self.teacher.forward(views)
         with self.clock.device("topk"):
             tokens, cls = self.teacher.encode_async(token_logits), self.teacher.encode_async(cls_logits)
-        if dump is not None:
+        if any(p.run.dump is not None for p in pieces):
             seen = views.permute(0, 2, 3, 1).cpu().numpy()
-            for j, im in enumerate(batch.images):
-                dump[im.pos] = seen[j * self.spec.views:(j + 1) * self.spec.views]
-        return _InFlight(list(batch.images), tokens, cls)
+            s, at = self.spec.views, 0
+            for p in pieces:
+                for pos in p.positions:
+                    if p.run.dump is not None:
+                        p.run.dump[int(pos)] = seen[at * s:(at + 1) * s]
+                    at += 1
+        return _InFlight(pieces, tokens, cls)
 
-    def _collect(self, done: _InFlight, out: "_ResultBuffers") -> None:
-        """Wait for a batch's results (queued behind its forward) and file them at their rows."""
+    def _collect(self, done: _InFlight) -> None:
+        """Wait for a batch's results (queued behind its forward) and file them at their shards' rows."""
         with self.clock.host("result_wait"):
             tokens, cls = done.tokens.wait(), done.cls.wait()
         with self.clock.host("write"):
-            s = self.spec.views
-            flat = (np.array([im.pos for im in done.images])[:, None] * s + np.arange(s)).ravel()
-            out.put(flat, tokens[: len(flat)], cls[: len(flat)])
+            s, at = self.spec.views, 0
+            for p in done.pieces:
+                n = (p.b - p.a) * s
+                if p.run.error is None:
+                    flat = (p.positions[:, None] * s + np.arange(s)).ravel()
+                    p.run.out.put(flat, _rows(tokens, at, at + n), _rows(cls, at, at + n))
+                at += n
+        for p in done.pieces:
+            p.run.outstanding -= p.b - p.a
+            p.run.check_done()
 
     def _dump(self, shard, dump: dict[int, np.ndarray], n: int) -> None:
         h, w = self.spec.input_size
@@ -398,6 +468,37 @@ class ShardLabeler:
         path = Path(self.settings.dump_views_dir) / f"shard-{shard.index:06d}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, views)
+
+
+def _any_ended(pending: Iterable[_Piece]) -> bool:
+    """Some pending image belongs to a shard whose decode has ended: its batch will not fill from it."""
+    return any(p.run.decode_ended for p in pending)
+
+
+def _take(pending: deque, n: int) -> list[_Piece]:
+    """Up to n images from the front of `pending` (splitting a piece if needed)."""
+    out: list[_Piece] = []
+    while pending and n > 0:
+        p = pending[0]
+        k = min(n, p.b - p.a)
+        out.append(_Piece(p.run, p.chunk, p.a, p.a + k))
+        n -= k
+        if p.a + k == p.b:
+            pending.popleft()
+        else:
+            pending[0] = _Piece(p.run, p.chunk, p.a + k, p.b)
+    return out
+
+
+def _rows(enc: EncodedLogits, a: int, b: int) -> EncodedLogits:
+    """Rows a..b-1 of a batch's encoded outputs."""
+    return EncodedLogits(*(None if x is None else x[a:b] for x in (enc.logit, enc.cls, enc.tail_lse)))
+
+
+def _fail_pieces(pieces: list[_Piece], error: str) -> None:
+    for p in pieces:
+        p.run.outstanding -= p.b - p.a
+        p.run.fail(error)
 
 
 def _on_stream(stream: "torch.cuda.Stream | None"):
@@ -415,17 +516,21 @@ class _ShardRows:
         self.errors: list[dict[str, str]] = []
         self._seen: set[str] = set()
 
-    def record(self, item: _Prepared) -> None:
-        pos, key = item.pos, item.sample.key
-        if key in self._seen:  # keep the first one joinable by `__key__`; this row stays invalid
-            key = f"{key}#duplicate-at-{pos}"
-        self._seen.add(key)
-        self.keys[pos], self.labels[pos] = key, item.sample.label
-        self.fingerprints[pos] = item.fingerprint
-        if item.error is not None:
-            self.errors.append({"key": key, "reason": item.error})
-        else:
-            self.valid[pos], self.image_hw[pos], self.params[pos] = True, item.image_hw, item.params
+    def record(self, chunk: DecodedChunk) -> None:
+        valid_at = 0
+        for i, pos in enumerate(chunk.positions.tolist()):
+            key = chunk.keys[i]
+            if key in self._seen:  # keep the first one joinable by `__key__`; this row stays invalid
+                key = f"{key}#duplicate-at-{pos}"
+            self._seen.add(key)
+            self.keys[pos], self.labels[pos] = key, chunk.labels[i]
+            self.fingerprints[pos] = chunk.fingerprints[i]
+            if chunk.errors[i] is not None:
+                self.errors.append({"key": key, "reason": chunk.errors[i]})
+            else:
+                self.valid[pos], self.image_hw[pos] = True, chunk.image_hw[i]
+                self.params[pos] = chunk.params[valid_at]
+                valid_at += 1
 
 
 class _ResultBuffers:

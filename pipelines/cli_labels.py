@@ -104,7 +104,9 @@ def bench_generate_cmd(
     input_size: int = typer.Option(None, "--input-size", help="Square input size (default: the model's)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:i]."),
     render_backend: str = typer.Option("auto", "--render-backend", help="auto (torch on GPU, Pillow on CPU) | torch | pillow."),
-    decode_threads: int = typer.Option(0, "--decode-threads", help="Decode pool threads (0 = one per CPU)."),
+    decode_workers: int = typer.Option(0, "--decode-workers", help="Decode workers (0 = one per CPU)."),
+    decode_pool: str = typer.Option("auto", "--decode-pool", help="auto (processes on GPU, threads on CPU) | process | thread."),
+    shards_in_flight: int = typer.Option(0, "--shards-in-flight", help="Shards labelled at once (0 = automatic)."),
     compile: str = typer.Option("auto", "--compile", help="torch.compile the teacher: auto (on CUDA) | true | false."),
     decode_device: str = typer.Option("cpu", "--decode-device", help="cpu (Pillow) | cuda (nvJPEG, see bench jpeg)."),
     keep_store: str = typer.Option(None, "--keep-store", help="Keep the labels in this store (labeler 'bench') instead of a scratch one."),
@@ -114,7 +116,8 @@ def bench_generate_cmd(
 
     with exit_2_on_user_error():
         report = bench_generate(shards, model, batch_size, amp, views, topk, num_classes, input_size, device,
-                                render_backend, decode_threads, checkpoint, compile=compile, decode_device=decode_device,
+                                render_backend, decode_workers, checkpoint, compile=compile, decode_device=decode_device,
+                                decode_pool=decode_pool, shards_in_flight=shards_in_flight,
                                 keep_store=keep_store)
     typer.echo(report.format())
 

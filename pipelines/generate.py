@@ -65,7 +65,9 @@ class GenerateSettings:
     compile: bool | str = "auto"  # auto = torch.compile on CUDA workers
     address: str | None = None  # None = local Ray sized to the machine; "auto" or "ray://host:port"
     cpus_per_worker: float = 1.0  # CPU workers only (GPU workers get the node's CPUs per GPU)
-    decode_threads: int = 0  # 0 = one decode thread per CPU the worker owns
+    decode_workers: int = 0  # 0 = one per CPU the worker owns (processes on GPU workers, threads on CPU)
+    decode_pool: str = "auto"  # auto | process | thread
+    shards_in_flight: int = 0  # per worker; 0 = decode processes + 2 on GPU workers, 1 on CPU workers
     decode_device: str = "cpu"  # cuda: nvJPEG decode on GPU workers (see docs/benchmarks.md for its pixel difference)
     render_backend: str = "auto"
     device: str = "auto"
@@ -95,7 +97,8 @@ class GenerateSettings:
     def worker_settings(self) -> WorkerSettings:
         return WorkerSettings(checkpoint=self.checkpoint, batch_size=self.batch_size, amp=self.amp, compile=self.compile,
                               device=self.device, render_backend=self.render_backend,
-                              decode_threads=self.decode_threads, decode_device=self.decode_device,
+                              decode_workers=self.decode_workers, decode_pool=self.decode_pool,
+                              shards_in_flight=self.shards_in_flight, decode_device=self.decode_device,
                               dump_views_dir=self.dump_views_dir)
 
 

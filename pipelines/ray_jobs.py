@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 import ray
 
-from labeler.work_unit import FaultInjection, ShardLabeler, ShardOutcome, WorkerSettings
+from labeler.work_unit import FaultInjection, ShardLabeler, ShardOutcome, WorkerSettings, resolve_shards_in_flight
 from labelstore.shard_format import ShardReadError, shard_identity
 
 WORKER_RESTARTS = 3  # per actor: process deaths survived (and in-flight shards retried)
@@ -35,8 +35,9 @@ class ClusterPlan:
 
     def describe(self) -> str:
         kind = "GPU" if self.gpus_per_worker else "CPU"
-        threads = max(1, int(self.cpus_per_worker))
-        return f"{self.num_workers} {kind} worker(s), {self.cpus_per_worker:g} CPU each ({threads} decode thread(s))"
+        decoders = max(1, int(self.cpus_per_worker))
+        pool = "process(es)" if self.gpus_per_worker else "thread(s)"
+        return f"{self.num_workers} {kind} worker(s), {self.cpus_per_worker:g} CPU each ({decoders} decode {pool})"
 
 
 @contextlib.contextmanager
@@ -77,18 +78,18 @@ def worker_settings_for(plan: ClusterPlan, settings: WorkerSettings) -> tuple[Wo
     """The settings the plan's workers run with, and a line saying what was changed and why (None: nothing).
 
     A GPU worker holds one GPU and the node's CPUs per GPU, so it runs the teacher on that GPU and decodes
-    with one thread per CPU it holds, whatever `device` and `decode_threads` say; CPU workers keep them.
+    with one process per CPU it holds, whatever `device` and `decode_workers` say; CPU workers keep them.
     """
     if not plan.gpus_per_worker:  # 0 = auto: one decode thread per CPU the actor holds, not per CPU of the node
-        return (replace(settings, decode_threads=max(1, int(plan.cpus_per_worker))) if settings.decode_threads == 0
+        return (replace(settings, decode_workers=max(1, int(plan.cpus_per_worker))) if settings.decode_workers == 0
                 else settings), None
-    chosen = replace(settings, device="cuda", decode_threads=max(1, int(plan.cpus_per_worker)))
-    changed = [f"{name} {getattr(settings, name)!r} -> {getattr(chosen, name)!r}" for name in ("device", "decode_threads")
+    chosen = replace(settings, device="cuda", decode_workers=max(1, int(plan.cpus_per_worker)))
+    changed = [f"{name} {getattr(settings, name)!r} -> {getattr(chosen, name)!r}" for name in ("device", "decode_workers")
                if getattr(settings, name) != getattr(chosen, name)]
     if not changed:
         return chosen, None
     return chosen, (f"GPU workers: {', '.join(changed)} (each worker holds one GPU and "
-                    f"{plan.cpus_per_worker:g} CPUs, one decode thread per CPU)")
+                    f"{plan.cpus_per_worker:g} CPUs, one decode process per CPU)")
 
 
 def _identify_one(url: str) -> tuple[str, tuple[int, str, str] | None, str | None]:
@@ -113,7 +114,10 @@ class _LabelActor:
         self.labeler = ShardLabeler(store_path, labeler_name, settings, fault=fault)
 
     def label(self, shard_index: int, url: str) -> ShardOutcome:
-        return self.labeler(shard_index, url)
+        return self.labeler(shard_index, url)  # thread-safe: the actor runs several calls at once
+
+    def close(self) -> None:
+        self.labeler.close()  # stop its decode processes before Ray kills the actor
 
 
 def _first_lines(error: Exception, limit: int = 800) -> str:
@@ -138,11 +142,14 @@ def label_shards(
     (another driver may hold or have finished it: then it is left out), and `release(index)` follows its
     outcome."""
     urls = dict(shards)
+    # Each actor labels several shards at once (a threaded actor): while one shard is written, its decode
+    # processes already read the next ones and the GPU never waits between shards.
+    in_flight_per_actor = resolve_shards_in_flight(settings, "cuda" if plan.gpus_per_worker else "cpu")
     actor_cls = ray.remote(_LabelActor).options(
-        num_gpus=plan.gpus_per_worker, num_cpus=plan.cpus_per_worker,
+        num_gpus=plan.gpus_per_worker, num_cpus=plan.cpus_per_worker, max_concurrency=in_flight_per_actor,
         max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS)
     actors = [actor_cls.remote(store_path, labeler_name, settings, fault) for _ in range(plan.num_workers)]
-    todo, idle = deque(index for index, _ in shards), list(actors)
+    todo, idle = deque(index for index, _ in shards), [a for a in actors for _ in range(in_flight_per_actor)]
     in_flight: dict = {}
     outcomes: list[ShardOutcome] = []
     try:
@@ -172,6 +179,8 @@ def label_shards(
             outcomes.append(outcome)
             on_outcome(outcome)
     finally:
+        with contextlib.suppress(Exception):  # best effort: a dead actor has nothing left to close
+            ray.get([a.close.remote() for a in actors], timeout=30)
         for actor in actors:  # never leave actors holding CPUs/GPUs
             ray.kill(actor)
     return outcomes

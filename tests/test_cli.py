@@ -86,17 +86,17 @@ def test_gpu_workers_say_which_settings_they_replace():
     from labeler.work_unit import WorkerSettings
     from pipelines.ray_jobs import ClusterPlan, worker_settings_for
 
-    mine = WorkerSettings(checkpoint=None, device="cpu", decode_threads=2)
+    mine = WorkerSettings(checkpoint=None, device="cpu", decode_workers=2)
     same, note = worker_settings_for(ClusterPlan(2, 0.0, 1.0), mine)
     assert same == mine and note is None  # CPU workers run as configured
     chosen, note = worker_settings_for(ClusterPlan(1, 1.0, 8.0), mine)
-    assert (chosen.device, chosen.decode_threads) == ("cuda", 8)
-    assert note and "device 'cpu' -> 'cuda'" in note and "decode_threads 2 -> 8" in note and "one GPU" in note
-    _, note = worker_settings_for(ClusterPlan(1, 1.0, 8.0), WorkerSettings(checkpoint=None, device="cuda", decode_threads=8))
+    assert (chosen.device, chosen.decode_workers) == ("cuda", 8)
+    assert note and "device 'cpu' -> 'cuda'" in note and "decode_workers 2 -> 8" in note and "one GPU" in note
+    _, note = worker_settings_for(ClusterPlan(1, 1.0, 8.0), WorkerSettings(checkpoint=None, device="cuda", decode_workers=8))
     assert note is None  # nothing changed: nothing to say
-    auto, _ = worker_settings_for(ClusterPlan(3, 0.0, 2.0), WorkerSettings(checkpoint=None, decode_threads=0))
-    assert auto.decode_threads == 2  # auto: the CPUs the actor holds, not every CPU of its node
-    assert "16 CPU each (16 decode thread(s))" in ClusterPlan(1, 1.0, 16.0).describe()
+    auto, _ = worker_settings_for(ClusterPlan(3, 0.0, 2.0), WorkerSettings(checkpoint=None, decode_workers=0))
+    assert auto.decode_workers == 2  # auto: the CPUs the actor holds, not every CPU of its node
+    assert "16 CPU each (16 decode process(es))" in ClusterPlan(1, 1.0, 16.0).describe()
 
 
 def test_models_command_prints_grid_and_rejects_a_bad_size():

@@ -87,7 +87,7 @@ def data(tmp_path_factory):
 def settings(root, store: str, shards, **kw) -> GenerateSettings:
     base = dict(shards=shards, store=store, name="fan_t", model=MODEL, checkpoint=str(root / "teacher.pth"),
                 num_classes=10, views=3, topk=4, rows_per_chunk=8, batch_size=8, amp="none",
-                render_backend="torch", decode_threads=1)
+                render_backend="torch", decode_workers=1)
     return GenerateSettings(**{**base, **kw})
 
 
@@ -213,7 +213,7 @@ def test_resume_truncated_shard_fails_then_rerun_retries(built, data, tmp_path):
     args = ["generate", "--shards", str(work / "s-{000000..000003}.tar"), "--store", s.store, "--name", "fan_t",
             "--model", MODEL, "--checkpoint", s.checkpoint, "--views", "3", "--topk", "4",  # 10 classes: read from it
             "--batch-size", "8", "--amp", "none", "--set", "rows_per_chunk=8", "--set", "render_backend=torch",
-            "--set", "decode_threads=1", "--set", "cpus_per_worker=2"]  # one actor: faster start
+            "--set", "decode_workers=1", "--set", "cpus_per_worker=2"]  # one actor: faster start
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 1, first.output
     assert "skipping 1 shard already done" in first.output and "labelled 2 shards" in first.output
@@ -302,7 +302,7 @@ def test_two_generate_drivers_on_one_fresh_store_label_each_shard_once(data, tmp
     args = [sys.executable, "-m", "pipelines.cli_labels", "generate", "--shards", str(root / "s-{000000..000002}.tar"),
             "--store", store, "--name", "fan_t", "--model", MODEL, "--checkpoint", str(root / "teacher.pth"),
             "--views", "3", "--topk", "4", "--batch-size", "8", "--amp", "none", "--set", "rows_per_chunk=8",
-            "--set", "decode_threads=1", "--set", "cpus_per_worker=1"]
+            "--set", "decode_workers=1", "--set", "cpus_per_worker=1"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
@@ -403,7 +403,7 @@ def test_bench_generate_prints_pipeline_forward_and_phases(data):
     _, paths = data
     result = CliRunner().invoke(app, ["bench", "generate", "--shards", paths[2], "--model", MODEL, "--batch-size", "4",
                                       "--amp", "none", "--views", "2", "--num-classes", "10", "--topk", "3",
-                                      "--device", "cpu", "--decode-threads", "2"])
+                                      "--device", "cpu", "--decode-workers", "2"])
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "batch 4 views" in out and "2 decode threads" in out and "render pillow" in out

@@ -1,18 +1,22 @@
 """The work unit in-process (no Ray): batched renderer vs the Pillow path, the padded last batch, the decode
-pool, and the bench helpers (shards of real-looking JPEGs, the nvJPEG comparison run on CPU)."""
+workers (threads and processes), shards in flight sharing batches, and the bench helpers (shards of real-looking JPEGs, the nvJPEG comparison run on CPU)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from labeler.bench_shards import make_bench_shards
-from labeler.decode_pool import BackgroundIter, default_decode_threads, ordered_prefetch, resolve_decode_threads
+from labeler.decode_chunks import DecodeJob, decode_chunks
+from labeler.decode_workers import (DecodeFailed, DecodeWorkers, default_decode_workers, resolve_decode_pool,
+                                    resolve_decode_workers)
+from labeler.ordered_prefetch import ordered_prefetch
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
-from labeler.work_unit import ShardLabeler, WorkerSettings, build_teacher
-from labelstore import LabelStore, decode_image
+from labeler.work_unit import ShardLabeler, WorkerSettings, build_teacher, resolve_shards_in_flight
+from labelstore import LabelStore, ShardCapacityError, ShardConflict, decode_image, draw_views
 from labelstore.shard_format import count_samples, iter_shard
 
 MODEL = "fan_test_p4_hybrid_token"
@@ -33,11 +37,11 @@ def labelled(tmp_path, shard_paths, name="t", **settings):
     store.register_shards([(p, count_samples(p)) for p in shard_paths])
     dump = tmp_path / "views"
     teacher = settings.pop("teacher", None)
-    base = dict(checkpoint=None, batch_size=6, amp="none", device="cpu", decode_threads=2, dump_views_dir=str(dump))
-    work = ShardLabeler(store.path, name, WorkerSettings(**{**base, **settings}), teacher=teacher)
-    for i in range(len(shard_paths)):
-        outcome = work(i)
-        assert outcome.ok, outcome.error
+    base = dict(checkpoint=None, batch_size=6, amp="none", device="cpu", decode_workers=2, dump_views_dir=str(dump))
+    with ShardLabeler(store.path, name, WorkerSettings(**{**base, **settings}), teacher=teacher) as work:
+        for i in range(len(shard_paths)):
+            outcome = work(i)
+            assert outcome.ok, outcome.error
     return store.path, [np.load(dump / f"shard-{i:06d}.npy") for i in range(len(shard_paths))], work
 
 
@@ -90,7 +94,7 @@ def test_last_batch_is_padded_to_the_fixed_shape(shards, tmp_path, backend):
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_decode_pool_keeps_order_and_uses_its_threads():
+def test_ordered_prefetch_keeps_order_and_uses_its_threads():
     seen = set()
 
     def work(i):
@@ -99,35 +103,109 @@ def test_decode_pool_keeps_order_and_uses_its_threads():
 
     assert list(ordered_prefetch(work, range(40), threads=3, depth=6)) == [i * i for i in range(40)]
     assert seen and all(name.startswith("stl-decode") for name in seen)
-    assert resolve_decode_threads(0) == default_decode_threads() >= 1 and resolve_decode_threads(5) == 5
-    with pytest.raises(ValueError, match="decode_threads"):
-        resolve_decode_threads(-1)
-    with pytest.raises(ValueError, match="decode_threads"):
-        WorkerSettings(checkpoint=None, decode_threads=-2)
+
+
+def test_decode_settings_are_checked_by_name():
+    assert resolve_decode_workers(0) == default_decode_workers() >= 1 and resolve_decode_workers(5) == 5
+    assert resolve_decode_pool("auto", "cuda") == "process" and resolve_decode_pool("auto", "cpu") == "thread"
+    with pytest.raises(ValueError, match="decode_workers"):
+        resolve_decode_workers(-1)
+    with pytest.raises(ValueError, match="decode_workers"):
+        WorkerSettings(checkpoint=None, decode_workers=-2)
+    with pytest.raises(ValueError, match="decode_pool"):
+        WorkerSettings(checkpoint=None, decode_pool="fibers")
+    with pytest.raises(ValueError, match="shards_in_flight"):
+        WorkerSettings(checkpoint=None, shards_in_flight=-1)
     with pytest.raises(ValueError, match="compile"):
         WorkerSettings(checkpoint=None, compile="maybe")
+    proc = WorkerSettings(checkpoint=None, decode_workers=6, decode_pool="process")
+    assert resolve_shards_in_flight(proc, "cpu") == 8  # one per process + 2
+    assert resolve_shards_in_flight(WorkerSettings(checkpoint=None), "cpu") == 1
 
 
-def test_background_iter_hands_over_items_errors_and_stops_on_close():
-    assert list(BackgroundIter(iter(range(7)), depth=2)) == list(range(7))
+def _job(url, n, mode="pixels", chunk=2, threads=1, shared=False):
+    spec = build_labeler_spec(name="t", model=MODEL, num_classes=10, views=VIEWS, topk=4)
+    return DecodeJob(url=url, num_samples=n, first_row=8, store_seed=3, store_path="s.zarr", view_spec=spec.view_spec,
+                     views=VIEWS, mode=mode, chunk_images=chunk, threads=threads, shared=shared)
 
-    def failing():
-        yield 1
-        raise ValueError("bad shard")
 
-    with pytest.raises(ValueError, match="bad shard"):
-        list(BackgroundIter(failing()))
-    produced = []
+def test_decode_chunks_account_for_every_row_in_order(shards):
+    job = _job(shards[0], 5, chunk=2, threads=2)
+    chunks = list(decode_chunks(job))
+    assert [c.num_valid for c in chunks] == [2, 2, 1]
+    assert np.concatenate([c.positions for c in chunks]).tolist() == list(range(5))
+    samples = list(iter_shard(shards[0]))
+    first = chunks[0]
+    img = np.asarray(decode_image(samples[1].image))
+    np.testing.assert_array_equal(first.pixels.image(1), img)
+    np.testing.assert_array_equal(first.params[1], draw_views(job.view_spec, 3, 8 + 1, VIEWS, img.shape[:2]))
+    views = list(decode_chunks(_job(shards[0], 5, mode="views", chunk=5)))[0]
+    assert views.pixels.hw.tolist() == [list(job.view_spec.size)] * (5 * VIEWS)
+    with pytest.raises(ShardCapacityError, match="more samples than the 4 rows"):
+        list(decode_chunks(_job(shards[0], 4)))
+    with pytest.raises(ShardConflict, match="has 5 samples but 6"):
+        list(decode_chunks(_job(shards[0], 6)))
 
-    def endless():
-        while True:
-            produced.append(1)
-            yield len(produced)
 
-    it = BackgroundIter(endless(), depth=2)
-    assert next(iter(it)) == 1
-    it.close()  # returns: the producer stopped although the generator never ends
-    assert len(produced) <= 5
+@pytest.mark.timeout(120)
+def test_decode_processes_match_threads_and_report_errors(shards, tmp_path):
+    workers = DecodeWorkers(2, "process", max_chunks_ahead=1)
+    try:
+        bad = tmp_path / "missing.tar"
+        jobs = [workers.submit(_job(shards[i % 2], 5, shared=True)) for i in range(3)]
+        failing = workers.submit(_job(str(bad), 5, shared=True))
+        got = [list(j) for j in jobs]  # three shards on two processes, one chunk ahead each: no deadlock
+        want = list(decode_chunks(_job(shards[0], 5)))
+        for a, b in zip(got[0], want):
+            np.testing.assert_array_equal(a.positions, b.positions)
+            np.testing.assert_array_equal(a.params, b.params)
+            assert torch.equal(a.pixels.data, b.pixels.data) and a.keys == b.keys
+        with pytest.raises(DecodeFailed, match="missing.tar"):
+            list(failing)
+        abandoned = workers.submit(_job(shards[1], 5, chunk=1, shared=True))
+        next(abandoned)
+        abandoned.close()  # the rest is drained: the process takes the next job
+        assert len(list(workers.submit(_job(shards[1], 5, shared=True)))) == 3
+        victim = workers._procs[0]
+        victim.kill()
+        victim.join()
+        deadline = time.monotonic() + 30
+        while workers._procs[0] is victim and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert workers._procs[0] is not victim and workers._procs[0].is_alive()  # replaced: the pool keeps its size
+        assert [c.num_valid for c in workers.submit(_job(shards[0], 5, chunk=5, shared=True))] == [5]
+    finally:
+        workers.close()
+    assert not any(p.is_alive() for p in workers._procs)
+
+
+@pytest.mark.timeout(300)
+def test_shards_in_flight_share_batches_and_label_like_one_at_a_time(shards, tmp_path):
+    """Two shards of 5 images, 2 images per batch: labelled concurrently their images share batches (the
+    device sees 5 full batches, not 6 with two padded) and every row equals the one-at-a-time result."""
+    spec = build_labeler_spec(name="t", model=MODEL, num_classes=10, views=VIEWS, topk=4)
+    torch.manual_seed(0)
+    teacher = build_teacher(spec, WorkerSettings(checkpoint=None, amp="none"), torch.device("cpu"))
+    one, _, _ = labelled(tmp_path / "one", shards, render_backend="torch", teacher=teacher)
+    calls = []
+    forward = teacher.forward
+    teacher.forward = lambda views: (calls.append(views.shape[0]), forward(views))[1]
+    spec_store = build_labeler_spec(name="t", model=MODEL, num_classes=10, views=VIEWS, topk=4)
+    store, _ = open_labeler_store(str(tmp_path / "many" / "l.zarr"), seed=3, rows_per_chunk=8, spec=spec_store)
+    store.register_shards([(p, count_samples(p)) for p in shards])
+    settings = WorkerSettings(checkpoint=None, batch_size=6, amp="none", device="cpu", render_backend="torch",
+                              decode_workers=1, shards_in_flight=2)
+    with ShardLabeler(store.path, "t", settings, teacher=teacher) as work:
+        outcomes = list(work.label_shards([0, 1]))
+    assert [o.ok for o in outcomes] == [True, True] and [o.views for o in outcomes] == [15, 15]
+    assert len(calls) == 5
+    lab_one, lab_many = LabelStore.open(one).labeler("t"), LabelStore.open(store.path).labeler("t")
+    for name in lab_one.array_paths:
+        a, b = np.asarray(lab_one.array(name)[:]), np.asarray(lab_many.array(name)[:])
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_bench_shards_are_jpegs_in_the_size_range(shards, tmp_path):

@@ -94,8 +94,9 @@ def label_photos(cfg: PhotoLabelingConfig, progress: Callable[[str], None] | Non
     info = store.register_shards([(str(shard.resolve()), n)])[0]
     store.add_labeler(spec)
     settings = WorkerSettings(checkpoint=None, batch_size=cfg.batch_size, amp="none", device="cpu",
-                              render_backend="pillow", decode_threads=1)
-    outcome = ShardLabeler(store_path, LABELER_NAME, settings, teacher=teacher)(info.index)
+                              render_backend="pillow", decode_workers=1)
+    with ShardLabeler(store_path, LABELER_NAME, settings, teacher=teacher) as work:
+        outcome = work(info.index)
     if not outcome.ok:
         raise RuntimeError(f"demo-photos: labelling {shard} failed: {outcome.error}")
     say(f"labelled {n} photos x {cfg.views} views with {ARCH} ({time.perf_counter() - t0:.1f} s) -> {store_path}")
