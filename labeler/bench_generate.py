@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,7 @@ class BenchReport:
     compiled_rate: float | None  # None: not measured (CPU without --compile true)
     flops_per_view: float
     peak_tflops: float | None
+    decode_rate: float = 0.0  # views/s the decode workers alone deliver (images/s × S)
     phase_seconds: dict = field(default_factory=dict)
 
     @property
@@ -111,6 +113,7 @@ class BenchReport:
             self._rate_line("pipeline", self.pipeline_rate,
                             f"({self.pipeline_views} views in {wall:.2f} s, teacher "
                             f"{'compiled' if self.pipeline_compiled else 'eager'})"),
+            f"{'decode workers alone':24s} {self.decode_rate:10.1f} views/s  (the CPU side's ceiling, no device work)",
             self._rate_line("bare forward eager", self.eager_rate),
             self._rate_line("bare forward compiled", self.compiled_rate,
                             "" if self.compiled_rate is not None else "(not measured on CPU; --compile true measures it)"),
@@ -136,6 +139,17 @@ def _forward_rate(teacher: Teacher, views: torch.Tensor, batches: int, sync) -> 
     return batches * views.shape[0] / (time.perf_counter() - start)
 
 
+def _decode_alone(work: ShardLabeler, decoder, num_shards: int) -> tuple[int, float]:
+    """The decode workers' own rate (no device): every shard decoded, as many in flight as in the pipeline."""
+    def one(index: int) -> int:
+        return sum(c.num_valid for c in decoder.submit(work.decode_job(work.store.shard(index))))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=work.shards_in_flight) as pool:
+        images = sum(pool.map(one, range(num_shards)))
+    return images, time.perf_counter() - start
+
+
 def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, views: int, topk: int = 10,
                    num_classes: int | None = None, input_size: int | None = None, device: str = "auto",
                    render_backend: str = "auto", decode_workers: int = 0, checkpoint: str | None = None,
@@ -158,7 +172,8 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         store, _ = open_labeler_store(keep_store or f"{tmp}/bench.zarr", seed=0, rows_per_chunk=256, spec=spec)
         store.register_shards([(u, count_samples(u)) for u in urls])
         work = ShardLabeler(store.path, "bench", worker)
-        work.start()  # decode processes start (and import) before the clock runs, as in a long job
+        decoder = work.start(wait=True)  # decode processes start (and import) before the clock runs, as in a long job
+        decode_images, decode_seconds = _decode_alone(work, decoder, len(urls))
         teacher = work.teacher
         h, w = spec.input_size
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -194,4 +209,5 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                        shards_in_flight=work.shards_in_flight, render_backend=work.render_backend,
                        pipeline_compiled=teacher.compiled, pipeline_views=pipeline_views,
                        pipeline_seconds=pipeline_seconds, eager_rate=eager_rate, compiled_rate=compiled_rate,
-                       flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases)
+                       flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases,
+                       decode_rate=decode_images * views / max(decode_seconds, 1e-9))

@@ -71,6 +71,7 @@ def _process_main(worker: int, conn, credits) -> None:
     import torch
 
     torch.set_num_threads(1)  # pixels are packed with numpy; torch threads would only contend
+    conn.send(("ready", None))  # imports done: `wait_ready` returns once every process got here
     while True:
         try:
             job = conn.recv()
@@ -112,6 +113,8 @@ class DecodeWorkers:
         self._closed = False
         self._procs: list = []
         self._waiting: deque[int] = deque()  # process pool: submitted jobs no process has taken yet
+        self._ready: set[int] = set()
+        self._ready_changed = threading.Condition(self._lock)
         if pool == "process":
             self._ctx = mp.get_context("spawn")  # never fork a process that holds a CUDA context and threads
             self._conns: list = [None] * self.workers
@@ -237,7 +240,21 @@ class DecodeWorkers:
                     return
                 self._replace(w)
 
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until every decode process has started and imported what it needs (threads: at once)."""
+        if self.pool != "process":
+            return
+        with self._ready_changed:
+            if not self._ready_changed.wait_for(lambda: len(self._ready) == self.workers, timeout=timeout):
+                raise DecodeFailed(f"only {len(self._ready)} of {self.workers} decode processes started within "
+                                   f"{timeout:g} s")
+
     def _route(self, worker: int, kind: str, payload) -> None:
+        if kind == "ready":
+            with self._ready_changed:
+                self._ready.add(worker)
+                self._ready_changed.notify_all()
+            return
         with self._lock:
             job_id = self._busy[worker]
             entry = self._jobs.get(job_id) if job_id is not None else None
@@ -269,6 +286,7 @@ class DecodeWorkers:
             job_id = self._busy[worker]
             entry = self._jobs.get(job_id) if job_id is not None else None
             conn.close()
+            self._ready.discard(worker)
             self._start(worker)
             self._assign()
         if entry is not None:

@@ -209,6 +209,7 @@ class ShardLabeler:
         self._decoder: DecodeWorkers | None = None
         self._inbox: queue.Queue = queue.Queue(maxsize=4 * max(1, self.shards_in_flight))
         self._loop: threading.Thread | None = None
+        self._active = 0  # shards being labelled now (calls in progress)
 
     @property
     def views_per_batch(self) -> int:
@@ -222,14 +223,19 @@ class ShardLabeler:
         return "jpeg" if self.settings.decode_device == "cuda" else "pixels"
 
     # --- lifecycle --------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the decode workers and the device loop (the first shard does it otherwise)."""
+    def start(self, wait: bool = False) -> DecodeWorkers:
+        """Start the decode workers and the device loop (the first shard does it otherwise); `wait` until
+        every decode process is ready. Returns the decode workers."""
         with self._lock:
             if self._decoder is None:
                 self._decoder = DecodeWorkers(self.decode_workers, self.decode_pool)
             if self._loop is None or not self._loop.is_alive():
                 self._loop = threading.Thread(target=self._device_loop, name="stl-device-loop", daemon=True)
                 self._loop.start()
+            decoder = self._decoder
+        if wait:
+            decoder.wait_ready()
+        return decoder
 
     def close(self) -> None:
         """Stop the device loop and the decode workers (they are started again by the next call)."""
@@ -270,7 +276,8 @@ class ShardLabeler:
                             views=valid * self.spec.views, seconds=time.perf_counter() - start,
                             bytes_written=bytes_written)
 
-    def _job(self, shard: Any) -> DecodeJob:
+    def decode_job(self, shard: Any) -> DecodeJob:
+        """What a decode worker needs to prepare `shard` (a `LabelStore.shard` row) for this work unit."""
         process = self.decode_pool == "process"
         return DecodeJob(url=shard.url, num_samples=shard.num_samples, first_row=shard.first_row,
                          store_seed=self.store.seed, store_path=str(self.store.path), view_spec=self.spec.view_spec,
@@ -278,9 +285,18 @@ class ShardLabeler:
                          threads=1 if process else self.decode_workers, shared=process)
 
     def _label(self, shard: Any) -> tuple[int, int]:
-        self.start()
+        decoder = self.start()
+        with self._lock:
+            self._active += 1
+        try:
+            return self._label_run(decoder, shard)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _label_run(self, decoder: DecodeWorkers, shard: Any) -> tuple[int, int]:
         run = _ShardRun(shard, self.spec, dump=self.settings.dump_views_dir is not None)
-        chunks = self._decoder.submit(self._job(shard))
+        chunks = decoder.submit(self.decode_job(shard))
         try:
             for chunk in chunks:
                 self.clock.add("read", chunk.read_s)
@@ -324,11 +340,7 @@ class ShardLabeler:
             # Take what has arrived; wait only when there is nothing else to do.
             idle = count < self.images_per_batch and in_flight is None and not _any_ended(pending)
             try:
-                if idle:
-                    with self.clock.host("decode_wait"):
-                        msg = self._inbox.get()
-                else:
-                    msg = self._inbox.get_nowait()
+                msg = self._wait_for_work() if idle else self._inbox.get_nowait()
             except queue.Empty:
                 msg = False
             if msg is None:  # close()
@@ -357,6 +369,19 @@ class ShardLabeler:
             elif in_flight is not None:  # nothing to launch yet: file the batch on the device meanwhile
                 self._collect_safely(in_flight)
                 in_flight = None
+
+    def _wait_for_work(self):
+        """The next inbox message; the wait counts as "decode_wait" only while some shard is being labelled
+        (an idle work unit between jobs is not a device starved by its decoders)."""
+        while True:
+            start = time.perf_counter()
+            try:
+                return self._inbox.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            finally:
+                if self._active:
+                    self.clock.add("decode_wait", time.perf_counter() - start)
 
     def _launch_safely(self, pieces: list[_Piece]) -> _InFlight | None:
         try:
