@@ -249,6 +249,19 @@ def test_worker_killed_mid_shard_is_retried_and_store_equals_uninterrupted(built
     assert_same_labels(read_all(s.store), read_all(built[1].store))
 
 
+@pytest.mark.timeout(300)
+def test_decode_processes_inside_ray_actors_label_like_threads(built, data, tmp_path):
+    """What a GPU worker runs (spawned decode processes, several shards in flight on a threaded actor), here
+    on a CPU actor: the store equals the thread-pool one row for row."""
+    root, _ = data
+    s = settings(root, str(tmp_path / "labels.zarr"), [str(root / "s-{000000..000002}.tar")],
+                 decode_pool="process", decode_workers=2, shards_in_flight=3)
+    result = run_generate(s, log=lambda line: None)
+    assert result.ok, result.failed
+    assert verify_store(s.store) == []
+    assert_same_labels(read_all(s.store), read_all(built[1].store))
+
+
 @pytest.mark.timeout(240)
 def test_moved_shards_are_the_same_shards_and_relative_paths_work(built, data, tmp_path, monkeypatch):
     root, paths = data
