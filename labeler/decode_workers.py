@@ -1,7 +1,7 @@
 """Decode workers: shards decoded in parallel, each by one worker, chunks streamed back in order.
 
 Processes on a GPU node: reading a tar, decoding, drawing view params and packing are Python around C
-calls, and in threads of one process they serialise on the GIL (measured: 14 decode threads on a
+calls, and in threads of one process they serialise on the GIL (measured: 16 decode threads on a
 16-core node kept only ~2.4 cores busy). Each decode process takes a whole shard (`DecodeJob`) and
 sends its chunks back through a torch.multiprocessing queue; their pixels were packed in shared memory
 (`pack_flat(shared=True)`), so only a handle crosses the process boundary. Processes are spawned once
