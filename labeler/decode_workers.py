@@ -3,7 +3,7 @@
 Processes on a GPU node: reading a tar, decoding, drawing view params and packing are Python around C
 calls, and in threads of one process they serialise on the GIL (measured: 16 decode threads on a
 16-core node kept only ~2.4 cores busy). Each decode process takes a whole shard (`DecodeJob`) and
-sends its chunks back through a torch.multiprocessing queue; their pixels were packed in shared memory
+sends its chunks back through its own pipe; their pixels were packed in shared memory
 (`pack_flat(shared=True)`), so only a handle crosses the process boundary. Processes are spawned once
 and kept for the work unit's life; they import numpy, Pillow and torch (CPU), never CUDA.
 

@@ -210,6 +210,7 @@ class ShardLabeler:
         self._inbox: queue.Queue = queue.Queue(maxsize=4 * max(1, self.shards_in_flight))
         self._loop: threading.Thread | None = None
         self._active = 0  # shards being labelled now (calls in progress)
+        self._loop_error: str | None = None
 
     @property
     def views_per_batch(self) -> int:
@@ -308,15 +309,16 @@ class ShardLabeler:
                 if self.fault is not None:
                     self.fault.tick(done)
                 if chunk.num_valid:
-                    self._inbox.put(("chunk", run, chunk))
+                    self._send(("chunk", run, chunk))
                 if run.error:
                     break
         finally:
-            self._inbox.put((_END, run, None))
+            self._send((_END, run, None))
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
-        run.done.wait()
+        while not run.done.wait(timeout=1.0):
+            self._check_loop()
         if run.error:
             raise RuntimeError(run.error)
         if run.dump is not None:
@@ -329,8 +331,29 @@ class ShardLabeler:
                                     fingerprints=rows.fingerprints)
         return len(rows.errors), run.out.nbytes + rows.params.nbytes
 
+    def _send(self, msg: tuple) -> None:
+        """Hand a message to the device loop (waits while its inbox is full, fails if the loop has died)."""
+        while True:
+            try:
+                self._inbox.put(msg, timeout=1.0)
+                return
+            except queue.Full:
+                self._check_loop()
+
+    def _check_loop(self) -> None:
+        loop = self._loop
+        if loop is None or not loop.is_alive():
+            raise RuntimeError(f"the work unit's device loop stopped: {self._loop_error or 'closed'}")
+
     # --- the device loop (one thread) ---------------------------------------------------------------------
     def _device_loop(self) -> None:
+        try:
+            self._run_device_loop()
+        except BaseException as e:  # a bug, not a device error (those fail their batch's shards): say so
+            self._loop_error = f"{type(e).__name__}: {e}"
+            raise
+
+    def _run_device_loop(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         pending: deque[_Piece] = deque()  # images not in a batch yet, in arrival order
