@@ -27,3 +27,12 @@ step generate_tiny 60 "${labels[@]}" bench generate --shards "$all" --model "$TI
 step generate_large 110 "${labels[@]}" bench generate --shards "$all" --model "$LARGE" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
 step jpeg 30 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
 step cuda_tests 45 $PY -m pytest -q -s -p no:cacheprovider tests/test_render_batch.py tests/test_photometric_torch.py
+# The figures the docs record, one table (from the step outputs above).
+echo "=== summary"
+for g in generate_tiny generate_small generate_large; do
+  f="$out/$g.txt"; [ -f "$f" ] || continue
+  printf '%-15s %s | %s | %s | %s\n' "$g" "$(grep -m1 '^pipeline ' "$f" | awk '{print $2, "views/s"}')" \
+    "decode alone $(grep -m1 '^decode workers alone' "$f" | awk '{print $4}')" \
+    "compiled $(grep -m1 '^bare forward compiled' "$f" | awk '{print $4}')" "$(grep -m1 '^pipeline / ' "$f")"
+done
+[ -f "$out/train_small.txt" ] && grep -iE "end to end|step only|ratio|b/a|b/c|loader" "$out/train_small.txt" | head -12
