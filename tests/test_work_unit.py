@@ -2,6 +2,7 @@
 workers (threads and processes), shards in flight sharing batches, and the bench helpers (shards of real-looking JPEGs, the nvJPEG comparison run on CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -230,3 +231,50 @@ def test_bench_jpeg_compares_decoders_on_cpu(shards):
     assert 0 <= report.mean_abs <= report.max_abs and 0 <= report.cls_top1_agree <= 1
     text = report.format()
     assert "mean |Δ|" in text and "top-1 agreement" in text
+
+
+@pytest.mark.timeout(300)
+def test_jpeg_mode_keeps_rows_in_place_among_pillow_decoded_images(tmp_path):
+    """`decode_device: cuda` sends baseline JPEG bytes and decodes the rest (PNG, CMYK) with Pillow; a batch mixes
+    both. Run here with torchvision's CPU JPEG decoder (libjpeg, as Pillow's) in place of nvJPEG: every row must
+    come out exactly where the all-Pillow run puts it."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from labelstore.shard_writer import write_tar_sample
+
+    rng = np.random.default_rng(0)
+    shard = tmp_path / "mixed-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(7):
+            img = Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 60 - 3 * i, 3), dtype=np.uint8))
+            buf = io.BytesIO()
+            if i % 3 == 1:
+                img.save(buf, format="PNG")
+                ext = "png"
+            elif i % 3 == 2:
+                img.convert("CMYK").save(buf, format="JPEG")  # not nvJPEG-able: decoded by Pillow
+                ext = "jpg"
+            else:
+                img.save(buf, format="JPEG", quality=90)
+                ext = "jpg"
+            write_tar_sample(tar, f"k{i:02d}", {ext: buf.getvalue(), "cls": str(i % 10).encode()})
+    spec = build_labeler_spec(name="t", model=MODEL, num_classes=10, views=VIEWS, topk=4)
+    teacher = build_teacher(spec, WorkerSettings(checkpoint=None, amp="none"), torch.device("cpu"))
+    pixels, _, _ = labelled(tmp_path / "p", [str(shard)], render_backend="torch", teacher=teacher)
+    store, _ = open_labeler_store(str(tmp_path / "j" / "l.zarr"), seed=3, rows_per_chunk=8, spec=spec)
+    store.register_shards([(str(shard), count_samples(str(shard)))])
+    settings = WorkerSettings(checkpoint=None, batch_size=6, amp="none", device="cpu", render_backend="torch",
+                              decode_workers=2)
+    with ShardLabeler(store.path, "t", settings, teacher=teacher) as work:
+        work.settings = dataclasses.replace(settings, decode_device="cuda")  # the jpeg path, on this CPU
+        assert work.chunk_mode == "jpeg"
+        assert work(0).ok
+    got, want = read_labels(store.path), read_labels(pixels)
+    for name in got:
+        if got[name].dtype.kind == "f":
+            np.testing.assert_allclose(got[name].astype(np.float32), want[name].astype(np.float32), atol=2e-3, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
