@@ -26,7 +26,7 @@ step train_small 170 "${train[@]}" bench --shards "$all" --labels "$DATA/labels.
 step generate_tiny 60 "${labels[@]}" bench generate --shards "$all" --model "$TINY" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
 step generate_large 110 "${labels[@]}" bench generate --shards "$all" --model "$LARGE" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
 step jpeg 30 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
-step cuda_tests 45 $PY -m pytest -q -s -p no:cacheprovider tests/test_render_batch.py tests/test_photometric_torch.py
+step cuda_tests 60 $PY -m pytest -q -s -p no:cacheprovider tests/test_render_batch.py tests/test_photometric_torch.py tests/test_work_unit_cuda.py
 # The figures the docs record, one table (from the step outputs above).
 echo "=== summary"
 for g in generate_tiny generate_small generate_large; do

@@ -52,12 +52,25 @@ class StageClock:
             yield
         finally:
             end.record(stream)
-            self._events.append((phase, start, end))
+            with self._lock:
+                self._events.append((phase, start, end))
 
-    def resolve(self) -> dict[str, float]:
-        """Wait for the recorded device events and add their durations; returns `seconds`."""
-        for phase, start, end in self._events:
-            end.synchronize()
-            self.seconds[phase] += start.elapsed_time(end) / 1000.0
-        self._events.clear()
+    def resolve(self, block: bool = True) -> dict[str, float]:
+        """Add the durations of the device events recorded so far and forget them; returns `seconds`.
+
+        `block=False` folds in only the events that have already happened (the device loop calls it after
+        every batch, so a long job keeps a bounded list and never stalls on work still queued)."""
+        with self._lock:
+            events, self._events = self._events, []
+        keep = []
+        for phase, start, end in events:
+            if block:
+                end.synchronize()
+            elif not end.query():
+                keep.append((phase, start, end))
+                continue
+            self.add(phase, start.elapsed_time(end) / 1000.0)
+        if keep:
+            with self._lock:
+                self._events[:0] = keep
         return self.seconds

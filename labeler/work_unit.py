@@ -507,6 +507,7 @@ class ShardLabeler:
         for p in done.pieces:
             p.run.outstanding -= p.b - p.a
             p.run.check_done()
+        self.clock.resolve(block=False)  # the events of finished batches: a long job keeps few of them
 
     def _dump(self, shard, dump: dict[int, np.ndarray], n: int) -> None:
         h, w = self.spec.input_size
