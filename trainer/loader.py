@@ -273,7 +273,7 @@ class StudentPipeline:
 class StudentLoader(StreamLoader):
     """Batches: image uint8 (B,3,H,W) channels_last, label, row, view, token_logit (B,T,K|C) f16,
     token_class (B,T,K) int, token_tail (B,T) f16 (the last two absent for a dense store).
-    Device path: `source` (B,H,W,3) uint8 padded + `source_hw` (B,2) + `params` (B,P) + `photo_ops` /
+    Device path: `source` (a `labeler.flat_images.FlatImages` of the B decoded images) + `params` (B,P) + `photo_ops` /
     `photo_args` (B,S) instead of `image` (rendered by `trainer.target_builder.TargetBuilder`)."""
 
     def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool, labeler_spec, num_samples: int,

@@ -5,8 +5,9 @@
         ─► (shuffle) ─► decode_views ─► attach_photometric ─► batch_samples(collate_sources)     (device path)
 
 The CPU path renders the stored view (Pillow) and applies the photometric ops (timm's Pillow ops) in
-the workers. The device path stops at the decoded image: the collate pads the batch
-(`labeler.render_batch.pad_images`) and the training device renders the views and applies the drawn
+the workers. The device path stops at the decoded image: the collate packs the batch's images back to
+back, unpadded, straight into shared memory (`labeler.flat_images.pack_flat`), so the DataLoader hands
+it over without another copy, and the training device renders the views and applies the drawn
 photometric slots (`trainer.target_builder`, `trainer.photometric_torch`).
 
 A sample is a dict: the tar fields plus `__url__`/`__key__` from webdataset, then `__pos__` (the
@@ -20,8 +21,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
-from labeler.render_batch import pad_images
+from labeler.flat_images import pack_flat
 from labelstore import ImageDecodeError, StoreError, decode_image, render
 from labelstore.shard_format import IMAGE_EXTS, image_field, parse_label
 from trainer.epoch_ledger import EpochLedger
@@ -220,11 +222,13 @@ def _collate_labels(samples: list[dict]) -> dict:
 
 
 def collate_sources(samples: list[dict]) -> dict:
-    """Device path: the decoded sources padded to one array (`source` (N, H, W, 3) uint8, `source_hw` (N, 2)),
-    the stored view `params` (N, P) and the photometric slots, plus what `collate_student` gives minus `image`."""
-    padded, hw = pad_images([s["image"] for s in samples])
+    """Device path: the decoded sources as one `labeler.flat_images.FlatImages` (`source`: the images' own
+    bytes, no padding; in shared memory inside a DataLoader worker, so handing it over copies nothing), the
+    stored view `params` (N, P) and the photometric slots, plus what `collate_student` gives minus `image`."""
+    in_worker = get_worker_info() is not None
+    flat = pack_flat([s["image"] for s in samples], shared=in_worker)
     batch = _collate_labels(samples)
-    batch.update(source=torch.from_numpy(padded), source_hw=torch.from_numpy(hw),
+    batch.update(source=flat,
                  params=torch.from_numpy(np.stack([np.asarray(s["params"], np.float32) for s in samples])))
     if "photo_ops" in samples[0]:
         batch["photo_ops"] = torch.from_numpy(np.stack([s["photo_ops"] for s in samples]))

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from labeler.render_batch import render_batch, upload
+from labeler.flat_images import upload_flat
+from labeler.render_batch import render_batch
 from trainer.data_config import DataConfig, TokenLabelConfig
 from trainer.mixing import MixParams, draw_mix, mix_class_targets, mix_images, mix_token_targets
 from trainer.photometric_torch import apply_photometric
@@ -64,7 +65,7 @@ class TargetBuilder:
             return batch["image"].to(self.device, non_blocking=True)
         if self.view_spec is None:
             raise ValueError("TargetBuilder got a device-path batch (source + params) but no view_spec to render it")
-        sources = upload(batch["source"], batch["source_hw"].numpy(), self.device)
+        sources = upload_flat(batch["source"], self.device)
         n = len(sources.hw)
         images = render_batch(sources, np.arange(n), batch["params"].numpy(), self.view_spec)
         if "photo_ops" in batch:
