@@ -79,9 +79,13 @@ def pack_flat(images: Sequence[np.ndarray], *, pin_memory: bool = False, shared:
     return FlatImages(data, hw)
 
 
-def upload_flat(flat: FlatImages, device: torch.device | str, multiple: int = 32) -> SourceBatch:
+def upload_flat(flat: FlatImages, device: torch.device | str, multiple: int = 32, *,
+                image_hw: np.ndarray | None = None, origins: np.ndarray | None = None) -> SourceBatch:
     """FlatImages → SourceBatch on `device`: one (non-blocking when pinned) copy of the bytes, then each
-    image into its corner of a zeroed (N, 3, H, W) buffer (sides rounded up to `multiple`)."""
+    image into its corner of a zeroed (N, 3, H, W) buffer (sides rounded up to `multiple`).
+
+    When the flat images are regions of larger images (`labeler.render_batch.source_footprint`), give the
+    whole images' sizes `image_hw` (N, 2) and the regions' `origins` (N, 2) (y0, x0)."""
     if not len(flat):
         raise ValueError("upload_flat needs at least one image")
     device = torch.device(device)
@@ -92,7 +96,10 @@ def upload_flat(flat: FlatImages, device: torch.device | str, multiple: int = 32
     pixels = torch.zeros((len(flat), h, w, 3), dtype=torch.uint8, device=device)
     for i, (off, (ih, iw)) in enumerate(zip(flat.offsets[:-1].tolist(), hw.tolist())):
         pixels[i, :ih, :iw] = data[off:off + ih * iw * 3].view(ih, iw, 3)
-    return SourceBatch(pixels=pixels.permute(0, 3, 1, 2), hw=hw)
+    if image_hw is None and origins is not None:
+        raise ValueError("upload_flat: origins of regions need the whole images' sizes (image_hw) too")
+    return SourceBatch(pixels=pixels.permute(0, 3, 1, 2), hw=hw if image_hw is None else image_hw, origins=origins,
+                       region_hw=hw)
 
 
 def concat_flat(parts: Sequence[FlatImages], *, pin_memory: bool = False) -> FlatImages:

@@ -267,8 +267,11 @@ def test_device_path_renders_and_augments_what_the_cpu_path_gives(tiny, augs):
     builder = TargetBuilder(num_classes=C, data=cfg, view_spec=dev.view_spec, train=False)
     for ld in (cpu, dev):
         ld.set_epoch(1)
-    applied = 0
+    applied, sent, whole = 0, 0, 0
     for a, b in zip(cpu, dev, strict=True):
+        region, image = b["source"].hw, b["source_hw"].numpy()  # workers send the view's footprint only
+        assert (b["source_origin"].numpy() + region <= image).all()
+        sent, whole = sent + int(np.prod(region, 1).sum()), whole + int(np.prod(image, 1).sum())
         assert "image" not in b and isinstance(b["source"], FlatImages) and b["params"].shape[0] == len(b["row"])
         assert torch.equal(a["row"], b["row"]) and torch.equal(a["token_logit"], b["token_logit"])
         got = builder.render(b)
@@ -278,6 +281,7 @@ def test_device_path_renders_and_augments_what_the_cpu_path_gives(tiny, augs):
             assert b["photo_ops"].shape[0] == len(b["row"]) and b["photo_ops"].shape == b["photo_args"].shape
             applied += int((b["photo_ops"] >= 0).sum())
     assert not augs or applied > 0  # the draw applied ops: the comparison covered the photometric path
+    assert sent < whole
 
 
 @pytest.mark.timeout(120)

@@ -263,7 +263,7 @@ class StudentPipeline:
         s = skip_consumed(s, ledger)  # exact resume: the order is fixed from here on
         check = SourceCheck(self.index)
         if self.render_on_device:  # the device renders and augments (trainer.target_builder)
-            s = attach_photometric(decode_views(s, ledger, check), self.aug, cfg.seed, epoch)
+            s = attach_photometric(decode_views(s, ledger, check, self.view_spec), self.aug, cfg.seed, epoch)
             return batch_samples(s, cfg.batch_size, ledger, collate_sources, cfg.drop_last)
         s = replay_views(s, self.view_spec, ledger, check)
         s = augment_views(s, self.aug, cfg.seed, epoch)
@@ -273,7 +273,8 @@ class StudentPipeline:
 class StudentLoader(StreamLoader):
     """Batches: image uint8 (B,3,H,W) channels_last, label, row, view, token_logit (B,T,K|C) f16,
     token_class (B,T,K) int, token_tail (B,T) f16 (the last two absent for a dense store).
-    Device path: `source` (a `labeler.flat_images.FlatImages` of the B decoded images) + `params` (B,P) + `photo_ops` /
+    Device path: `source` (a `labeler.flat_images.FlatImages` of the part of each decoded image its view reads)
+    + `source_origin` (B,2) + `source_hw` (B,2) + `params` (B,P) + `photo_ops` /
     `photo_args` (B,S) instead of `image` (rendered by `trainer.target_builder.TargetBuilder`)."""
 
     def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool, labeler_spec, num_samples: int,
