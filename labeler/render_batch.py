@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from labeler.device import to_device
 from labelstore.views import ViewSpec, view_geometry
 
 # Pillow truncates its bilinear result; a small epsilon absorbs float error on exact integers (without
@@ -231,7 +232,7 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
         return out
 
     def put(dev_rows: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(dev_rows).to(device, non_blocking=True)
+        return to_device(dev_rows, device)  # page-locked first on CUDA: no host sync per copy
 
     matrices = put(geo.matrices).to(dtype)
     reduced_hw = put(geo.reduced_hw)
@@ -285,7 +286,7 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
         grid = torch.stack([_normalized(su[r], wmax), _normalized(sv[r], hmax)], -1)
         values[r] = F.grid_sample(crops.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    fill = torch.tensor(list(spec.fill), dtype=dtype, device=device)[None, :, None, None]
+    fill = to_device(np.array(spec.fill, np.float64), device).to(dtype)[None, :, None, None]
     values = torch.where(inside[:, None], values, fill)
     out.copy_(values.add_(_TRUNC_EPS[dtype]).floor_().clamp_(0, 255))
     return out

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from labeler.device import to_device
 from trainer.photometric import PHOTOMETRIC_OPS
 
 
@@ -156,8 +157,8 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"apply_photometric needs uint8 (B, 3, H, W) images, got {tuple(images.shape)} {images.dtype}")
     ops = np.asarray(photo_ops.cpu() if torch.is_tensor(photo_ops) else photo_ops).astype(np.int64)
-    args = torch.as_tensor(np.asarray(photo_args.cpu() if torch.is_tensor(photo_args) else photo_args,
-                                      dtype=np.float32))
+    args = (photo_args.cpu().float() if torch.is_tensor(photo_args)
+            else torch.as_tensor(np.asarray(photo_args, dtype=np.float32)))
     if ops.ndim != 2 or ops.shape[0] != images.shape[0] or args.shape != ops.shape:
         raise ValueError(f"photo_ops {ops.shape} and photo_args {tuple(args.shape)} must both be (B, S) with "
                          f"B = {images.shape[0]} images")
@@ -165,7 +166,7 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
         raise ValueError(f"photo_ops must lie in [-1, {len(OPS) - 1}] (index into {PHOTOMETRIC_OPS}), got "
                          f"{ops.min()}..{ops.max()}")
     out = images
-    device_args = args.to(images.device, non_blocking=True)
+    device_args = to_device(args, images.device)
     for slot in range(ops.shape[1]):
         for k in np.unique(ops[:, slot]):
             if k < 0:
@@ -176,6 +177,6 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
             if len(rows) == len(ops):
                 out = OPS[k](out, device_args[:, slot])
             else:
-                idx = torch.from_numpy(rows).to(images.device, non_blocking=True)
+                idx = to_device(rows, images.device)
                 out[idx] = OPS[k](out[idx], device_args[idx, slot])
     return out
