@@ -42,6 +42,7 @@ from labelstore import ImageDecodeError, LabelStore, RowIndex, SchemaMismatch, S
 from labelstore.shard_format import expand_shard_urls, image_field, parse_label
 from trainer.data_config import DataConfig
 from trainer.epoch_ledger import EpochLedger, skip_consumed
+from trainer.packed_tensors import pack_tensors, unpack_tensors
 from trainer.source_check import SourceCheck
 from trainer.errors import TrainCheckpointError, TrainerError
 from trainer.stages import (
@@ -145,7 +146,8 @@ class ShardStream(IterableDataset):
         try:
             for item in self.pipeline(samples, ledger, positions, self.epoch, stream_id):
                 item["meta"]["worker"] = worker
-                yield item
+                # In a worker: the batch's tensors travel as one shared buffer (trainer/packed_tensors.py).
+                yield pack_tensors(item) if info is not None else item
         except (StoreError, TrainerError) as e:
             if info is None:
                 raise
@@ -219,6 +221,7 @@ class StreamLoader:
             self._loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers,
                                       pin_memory=self.pin_memory, **kw)
         for item in self._loader:
+            item = unpack_tensors(item)
             meta = item.pop("meta")
             worker = meta["worker"]
             self._taken[worker] = self._taken.get(worker, 0) + 1
