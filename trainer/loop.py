@@ -116,9 +116,11 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
           epoch_batches: EpochBatches, make_targets: MakeTargets, compute_loss: ComputeLoss,
           steps_per_epoch: int, info: DistInfo | None = None, resume: str | Path | None = None,
           log: RunLog | None = None, stop: StopRequest | None = None,
-          data_identity: dict | None = None) -> TrainResult:
+          data_identity: dict | None = None, forward: torch.nn.Module | None = None) -> TrainResult:
     """Train `model` for `cfg.schedule.total_epochs`; checkpoints every epoch, every `run.checkpoint_every`
-    updates and on SIGTERM. `data_identity` ({"shards": names, "num_samples": n}) is recorded and checked on resume."""
+    updates and on SIGTERM. `data_identity` ({"shards": names, "num_samples": n}) is recorded and checked on resume.
+    `forward`: what the loop calls instead of `TokenForward(model)` (DDP-wrapped, compiled per model.compile);
+    one process only. The bench passes one forward, compiled once, to several runs on the same `model`."""
     info = info or DistInfo()
     out_dir = Path(out_dir)
     device = info.device
@@ -156,8 +158,10 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     scheduler.step_update(num_updates=state.global_update)
 
     # ---- phase 3: wrap for speed and for several processes --------------------------------------------
-    train_model = wrap_ddp(TokenForward(model), info)  # forward = forward_tokens, so DDP/compile see both outputs
-    if cfg.model.compile:
+    if forward is not None and info.distributed:
+        raise ValueError("train(forward=...) is for one process; under DDP the loop wraps the model itself")
+    train_model = forward if forward is not None else wrap_ddp(TokenForward(model), info)  # both outputs
+    if cfg.model.compile and forward is None:
         # Fixed shapes (the runners set data.drop_last with model.compile): one graph, no recompiles.
         train_model = torch.compile(train_model, dynamic=False)
     if info.is_main:
