@@ -163,17 +163,19 @@ def _normalized(pos: torch.Tensor, size: int) -> torch.Tensor:
     return (2.0 * pos + 1.0) / size - 1.0
 
 
-def _reduced_crops(sources: SourceBatch, image_index: torch.Tensor, boxes: torch.Tensor, factors: torch.Tensor,
-                   reduced_hw: torch.Tensor) -> torch.Tensor:
-    """`Image.reduce(k, box)` of V crops at once → (V, 3, Hr, Wr) uint8 (padded by edge replication)."""
+def _reduced_crops(sources: SourceBatch, used: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor,
+                   factors: torch.Tensor, reduced_hw: torch.Tensor, max_hw: tuple[int, int]) -> torch.Tensor:
+    """`Image.reduce(k, box)` of V crops at once → (V, 3, Hr, Wr) uint8 (padded by edge replication).
+
+    used: the images the V views read; image_index: each view's position in `used`; max_hw: the largest
+    reduced crop (Hr, Wr). All three come from the host: finding them here would wait on the device."""
     # Summed-area table (images used here only, H+1, W+1, 3): any box sum is 4 gathers, exact in int32
     # up to 8k × 8k images. Only the images of the k >= 2 views are summed (usually a few per batch).
-    used, image_index = torch.unique(image_index, return_inverse=True)
     px = sources.pixels[used]
     n, _, hmax, wmax = px.shape
     sat = torch.zeros((n, hmax + 1, wmax + 1, 3), dtype=torch.int32, device=px.device)
     sat[:, 1:, 1:] = px.permute(0, 2, 3, 1).to(torch.int32).cumsum(1).cumsum(2)
-    hr, wr = int(reduced_hw[:, 0].max()), int(reduced_hw[:, 1].max())
+    hr, wr = max_hw
     k = factors[:, None]
     ry = torch.minimum(torch.arange(hr, device=px.device)[None], reduced_hw[:, :1] - 1)  # replicate padding
     rx = torch.minimum(torch.arange(wr, device=px.device)[None], reduced_hw[:, 1:] - 1)
@@ -280,8 +282,10 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
     reduced = np.flatnonzero(geo.factors > 1)
     if len(reduced):
         r = put(reduced)
-        crops = _reduced_crops(sources, put(index[reduced]), put(local_boxes[reduced]), put(geo.factors[reduced]),
-                               reduced_hw[r])
+        used, slot = np.unique(index[reduced], return_inverse=True)
+        crops = _reduced_crops(sources, put(used), put(slot.reshape(-1)), put(local_boxes[reduced]),
+                               put(geo.factors[reduced]), reduced_hw[r],
+                               tuple(int(v) for v in geo.reduced_hw[reduced].max(0)))
         _, _, hmax, wmax = crops.shape
         grid = torch.stack([_normalized(su[r], wmax), _normalized(sv[r], hmax)], -1)
         values[r] = F.grid_sample(crops.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)

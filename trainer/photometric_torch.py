@@ -39,11 +39,13 @@ def _levels(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 
 def _histogram(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample, per-channel histograms (n, 3, 256) int64 in one bincount."""
+    """Per-sample, per-channel histograms (n, 3, 256) int64 in one scatter-add (bincount would read the
+    largest value back to the host to size its output: a device sync)."""
     n, c = x.shape[:2]
     offsets = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1)
     flat = (x.reshape(n, c, -1).long() + offsets).reshape(-1)
-    return torch.bincount(flat, minlength=n * c * 256).view(n, c, 256)
+    counts = torch.zeros(n * c * 256, dtype=torch.int64, device=x.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(n, c, 256)
 
 
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -136,7 +138,7 @@ _SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13
 def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     # ImageFilter.SMOOTH, rounded to the nearest level; Pillow leaves the outer ring of pixels unfiltered.
     n, c, h, w = x.shape
-    kernel = _SMOOTH.to(x.device).expand(c, 1, 3, 3)
+    kernel = to_device(_SMOOTH, x.device).expand(c, 1, 3, 3)
     smooth = F.conv2d(x.to(torch.float32), kernel, groups=c).add_(0.5).floor_().clamp_(0, 255)
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth.to(torch.uint8)
