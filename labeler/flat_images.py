@@ -60,6 +60,12 @@ class FlatImages:
         return FlatImages(self.data.pin_memory(), self.hw)
 
 
+def shared_bytes(nbytes: int) -> torch.Tensor:
+    """A 1-D uint8 tensor allocated in shared memory (`share_memory_()` on a fresh tensor would allocate twice
+    and copy)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(int(nbytes)))
+
+
 def pack_flat(images: Sequence[np.ndarray], *, pin_memory: bool = False, shared: bool = False) -> FlatImages:
     """HWC uint8 RGB images → one FlatImages (page-locked with `pin_memory`, in shared memory with `shared`)."""
     if pin_memory and shared:
@@ -69,9 +75,8 @@ def pack_flat(images: Sequence[np.ndarray], *, pin_memory: bool = False, shared:
             raise ValueError(f"image {i}: expected HWC uint8 RGB, got {im.shape} {im.dtype}")
     hw = np.array([im.shape[:2] for im in images], dtype=np.int64).reshape(-1, 2)
     total = int((hw[:, 0] * hw[:, 1]).sum() * 3)
-    data = torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
-    if shared:
-        data.share_memory_()  # allocated in shared memory now: handing it to another process copies nothing
+    # In shared memory from the start: handing it to another process copies nothing.
+    data = shared_bytes(total) if shared else torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
     out, off = data.numpy(), 0
     for im in images:
         out[off:off + im.size] = im.reshape(-1)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from labeler.flat_images import shared_bytes
+
 _ALIGN = 16  # every tensor starts on a 16-byte boundary, so its dtype view is aligned
 
 
@@ -45,9 +47,8 @@ def pack_tensors(batch: dict, *, shared: bool = True) -> dict:
         t = batch[name]
         layout.append((name, t.dtype, tuple(t.shape), offset))
         offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    data = torch.empty(offset, dtype=torch.uint8)
-    if shared:
-        data.share_memory_()  # allocated in shared memory now: handing it to another process copies nothing
+    # In shared memory from the start: handing it to another process copies nothing.
+    data = shared_bytes(offset) if shared else torch.empty(offset, dtype=torch.uint8)
     packed = PackedTensors(data, tuple(layout))
     for name, view in packed.tensors().items():
         view.copy_(batch[name])
