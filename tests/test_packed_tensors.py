@@ -7,7 +7,8 @@ from trainer.packed_tensors import PackedTensors, pack_tensors, unpack_tensors
 def test_round_trip_keeps_dtypes_shapes_values_and_other_entries():
     batch = {"label": torch.tensor([3, 1, 2]), "token_logit": torch.randn(3, 5, 4).half(),
              "token_class": torch.randint(0, 9, (3, 5, 4), dtype=torch.int16), "flag": torch.tensor([True, False, True]),
-             "params": torch.randn(3, 22), "empty": torch.zeros(0, 4), "meta": {"worker": 1}, "key": ["a", "b", "c"]}
+             "params": torch.randn(3, 22), "empty": torch.zeros(0, 4), "meta": {"worker": 1}, "key": ["a", "b", "c"],
+             "image": torch.randint(0, 255, (3, 5, 6, 3), dtype=torch.uint8).permute(0, 3, 1, 2)}  # NHWC in memory
     packed = pack_tensors(dict(batch))
     assert set(packed) == {"meta", "key", "packed"} and packed["packed"].data.is_shared()
     back = unpack_tensors(packed)
@@ -17,7 +18,8 @@ def test_round_trip_keeps_dtypes_shapes_values_and_other_entries():
             assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
         else:
             assert back[k] == v
-    offsets = [offset for *_, offset in packed_layout(batch)]
+    assert back["image"].is_contiguous(memory_format=torch.channels_last)  # the collate's NHWC order is kept
+    offsets = [offset for _, _, _, offset, _ in packed_layout(batch)]
     assert all(o % 16 == 0 for o in offsets)
 
 

@@ -20,10 +20,11 @@ _ALIGN = 16  # every tensor starts on a 16-byte boundary, so its dtype view is a
 
 @dataclass(frozen=True)
 class PackedTensors:
-    """Tensors back to back in `data` (1-D uint8); `layout`: (name, dtype, shape, byte offset) of each."""
+    """Tensors back to back in `data` (1-D uint8); `layout`: (name, dtype, shape, byte offset, channels_last)
+    of each (a channels-last 4-D tensor keeps its memory order: NHWC images stay NHWC)."""
 
     data: torch.Tensor
-    layout: tuple[tuple[str, torch.dtype, tuple[int, ...], int], ...]
+    layout: tuple[tuple[str, torch.dtype, tuple[int, ...], int, bool], ...]
 
     def pin_memory(self) -> "PackedTensors":
         """Page-locked copy (torch's DataLoader calls this on batch items when `pin_memory=True`)."""
@@ -31,9 +32,14 @@ class PackedTensors:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for name, dtype, shape, offset in self.layout:
+        for name, dtype, shape, offset, channels_last in self.layout:
             size = torch.Size(shape).numel() * dtype.itemsize
-            out[name] = self.data[offset:offset + size].view(dtype).view(shape)
+            flat = self.data[offset:offset + size].view(dtype)
+            if channels_last:
+                n, c, h, w = shape
+                out[name] = flat.view(n, h, w, c).permute(0, 3, 1, 2)
+            else:
+                out[name] = flat.view(shape)
         return out
 
 
@@ -45,7 +51,8 @@ def pack_tensors(batch: dict, *, shared: bool = True) -> dict:
     layout, offset = [], 0
     for name in names:
         t = batch[name]
-        layout.append((name, t.dtype, tuple(t.shape), offset))
+        channels_last = t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+        layout.append((name, t.dtype, tuple(t.shape), offset, channels_last))
         offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
     # In shared memory from the start: handing it to another process copies nothing.
     data = shared_bytes(offset) if shared else torch.empty(offset, dtype=torch.uint8)
