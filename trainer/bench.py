@@ -194,13 +194,14 @@ class TimedBatches:
 
 
 def _variant_targets(variant: str, builder: TargetBuilder, teacher_forward, teacher_grid, tokens: TokenLabelConfig,
-                     num_classes: int, amp: str):
-    """The loop's make_targets for one variant (c: the online teacher labels the student's batch)."""
+                     num_classes: int, amp: str, memory_format):
+    """The loop's make_targets for one variant (c: the online teacher labels the student's batch, in the
+    student's memory format: one layout, so a compiled teacher never sees another stride)."""
     def make_targets(batch, device, step):
         images, cls_target, token_target = builder(batch, step)
         if variant == "c_online":
             with torch.no_grad(), amp_context(device, amp):
-                _, teacher_tokens = split_outputs(teacher_forward(images))
+                _, teacher_tokens = split_outputs(teacher_forward(images.contiguous(memory_format=memory_format)))
             gen = torch.Generator(device=device).manual_seed(int(step))
             token_target = token_targets(teacher_tokens.float(), None, None, num_classes=num_classes, cfg=tokens,
                                          src_grid=teacher_grid, generator=gen)
@@ -280,7 +281,7 @@ def run_bench(s: BenchSettings) -> BenchFigures:
 
     def targets_for(variant: str):
         return _variant_targets(variant, builder_for(variant), shared.teacher_forward, teacher_grid, tokens,
-                                num_classes, s.amp)
+                                num_classes, s.amp, memory_format)
 
     # ---- batches for the step-only figures (and the compile warm-up), held in memory ----
     batches, need = [], s.steps + s.warmup
