@@ -2,16 +2,21 @@
 # The GPU figures of docs/benchmarks.md, reproduced on one CUDA node (16 cores). No Ray needed: the labeling
 # work unit runs in-process. Usage: bash docker/bench-gpu.sh [OUT_DIR]   (each step has its own time limit,
 # in priority order, so a slow step cannot take the others' figures with it).
-# Knobs (env): SHARDS (16) PER_SHARD (250) VIEWS (8) TRAIN_SECONDS (20) WORKERS (14) BATCH (128) PY (python3)
-# (16 shards so that every data worker of the training bench has a shard of its own).
+# Knobs (env): SHARDS (28) PER_SHARD (143) VIEWS (8) TRAIN_SECONDS (20) WORKERS (14) BATCH (128) PY (python3)
+# Shards are the unit of work of the student loader's workers: the training step reads the largest multiple of
+# WORKERS shards (all 28 = 2 per worker by default), so every worker is busy until the epoch ends together.
 set -uo pipefail
 out=${1:-bench_out}; mkdir -p "$out"
-PY=${PY:-python3}; SHARDS=${SHARDS:-16}; PER_SHARD=${PER_SHARD:-250}; VIEWS=${VIEWS:-8}
+PY=${PY:-python3}; SHARDS=${SHARDS:-28}; PER_SHARD=${PER_SHARD:-143}; VIEWS=${VIEWS:-8}
 TRAIN_SECONDS=${TRAIN_SECONDS:-20}; WORKERS=${WORKERS:-14}; BATCH=${BATCH:-128}; DATA=${DATA:-/tmp/stl-bench}
 TINY=${TINY:-fan_tiny_8_p4_hybrid_token}; SMALL=${SMALL:-fan_small_12_p4_hybrid_token}; LARGE=${LARGE:-fan_large_16_p4_hybrid_token}
 EXTRA=${EXTRA:-}   # e.g. "--input-size 64 --device cpu" for a CPU dry run
 last=$(printf '%06d' $((SHARDS - 1)))
 all="$DATA/bench-{000000..$last}.tar"
+train_shards=$SHARDS  # fewer shards than workers (or WORKERS=0): all of them
+if [ "$WORKERS" -gt 0 ] && [ "$SHARDS" -ge "$WORKERS" ]; then train_shards=$(( SHARDS / WORKERS * WORKERS )); fi
+[ "$train_shards" -eq "$SHARDS" ] || echo "training bench: $train_shards of $SHARDS shards (a multiple of WORKERS=$WORKERS)"
+train_all="$DATA/bench-{000000..$(printf '%06d' $((train_shards - 1)))}.tar"
 step() {  # step NAME LIMIT_S CMD...: run, log to OUT/NAME.txt, never abort the script
   local name=$1 limit=$2; shift 2
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
@@ -20,13 +25,13 @@ step() {  # step NAME LIMIT_S CMD...: run, log to OUT/NAME.txt, never abort the 
 }
 labels=("$PY" -m pipelines.cli_labels); train=("$PY" -m pipelines.cli_train)  # arrays: `timeout` runs programs, not functions
 nvidia-smi -L 2>/dev/null; $PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
-step shards 45 "${labels[@]}" bench shards "$DATA" --shards "$SHARDS" --per-shard "$PER_SHARD"
+step shards 35 "${labels[@]}" bench shards "$DATA" --shards "$SHARDS" --per-shard "$PER_SHARD"
 step generate_small 110 "${labels[@]}" bench generate --shards "$all" --model "$SMALL" --views "$VIEWS" --batch-size 256 --amp bf16 --keep-store "$DATA/labels.zarr" $EXTRA
-step train_small 170 "${train[@]}" bench --shards "$all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 ${TRAIN_EXTRA:-}
+step train_small 170 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 ${TRAIN_EXTRA:-}
 step generate_tiny 60 "${labels[@]}" bench generate --shards "$all" --model "$TINY" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
-step generate_large 110 "${labels[@]}" bench generate --shards "$all" --model "$LARGE" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
-step jpeg 30 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
-step cuda_tests 60 $PY -m pytest -q -s -p no:cacheprovider tests/test_render_batch.py tests/test_photometric_torch.py tests/test_work_unit_cuda.py
+step generate_large 90 "${labels[@]}" bench generate --shards "$all" --model "$LARGE" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
+step jpeg 25 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
+step cuda_tests 65 $PY -m pytest -q -s -p no:cacheprovider tests/test_render_batch.py tests/test_photometric_torch.py tests/test_hot_loop_sync.py tests/test_source_footprint.py::test_cuda_regions_within_the_render_bound_of_whole_images tests/test_work_unit_cuda.py
 # The figures the docs record, one table (from the step outputs above).
 echo "=== summary"
 for g in generate_tiny generate_small generate_large; do

@@ -1,4 +1,5 @@
-"""The one device resolver of the labeler and the trainer: a setting (`auto`, `cpu`, `cuda`, `cuda:N`) → torch.device."""
+"""The one device resolver of the labeler and the trainer: a setting (`auto`, `cpu`, `cuda`, `cuda:N`) → torch.device;
+and the one way small host arrays go to the device inside a hot loop (`to_device`)."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +22,14 @@ def resolve_device(spec: str | torch.device, local_rank: int = 0) -> torch.devic
         return torch.device(name)
     except RuntimeError as e:
         raise DeviceError(f"device {spec!r}: {e}") from None
+
+
+def to_device(host, device: torch.device | str) -> torch.Tensor:
+    """A host array (numpy or CPU tensor) → `device`, never waiting on the device: on CUDA a copy from pageable
+    memory first waits for the stream to drain (a host sync per call), so the bytes are page-locked first
+    (torch's caching host allocator recycles the buffer once the copy has run)."""
+    device = torch.device(device)
+    t = torch.as_tensor(host)
+    if device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

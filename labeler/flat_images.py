@@ -60,6 +60,12 @@ class FlatImages:
         return FlatImages(self.data.pin_memory(), self.hw)
 
 
+def shared_bytes(nbytes: int) -> torch.Tensor:
+    """A 1-D uint8 tensor allocated in shared memory (`share_memory_()` on a fresh tensor would allocate twice
+    and copy)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(int(nbytes)))
+
+
 def pack_flat(images: Sequence[np.ndarray], *, pin_memory: bool = False, shared: bool = False) -> FlatImages:
     """HWC uint8 RGB images → one FlatImages (page-locked with `pin_memory`, in shared memory with `shared`)."""
     if pin_memory and shared:
@@ -69,9 +75,8 @@ def pack_flat(images: Sequence[np.ndarray], *, pin_memory: bool = False, shared:
             raise ValueError(f"image {i}: expected HWC uint8 RGB, got {im.shape} {im.dtype}")
     hw = np.array([im.shape[:2] for im in images], dtype=np.int64).reshape(-1, 2)
     total = int((hw[:, 0] * hw[:, 1]).sum() * 3)
-    data = torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
-    if shared:
-        data.share_memory_()  # allocated in shared memory now: handing it to another process copies nothing
+    # In shared memory from the start: handing it to another process copies nothing.
+    data = shared_bytes(total) if shared else torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
     out, off = data.numpy(), 0
     for im in images:
         out[off:off + im.size] = im.reshape(-1)
@@ -79,9 +84,13 @@ def pack_flat(images: Sequence[np.ndarray], *, pin_memory: bool = False, shared:
     return FlatImages(data, hw)
 
 
-def upload_flat(flat: FlatImages, device: torch.device | str, multiple: int = 32) -> SourceBatch:
+def upload_flat(flat: FlatImages, device: torch.device | str, multiple: int = 32, *,
+                image_hw: np.ndarray | None = None, origins: np.ndarray | None = None) -> SourceBatch:
     """FlatImages → SourceBatch on `device`: one (non-blocking when pinned) copy of the bytes, then each
-    image into its corner of a zeroed (N, 3, H, W) buffer (sides rounded up to `multiple`)."""
+    image into its corner of a zeroed (N, 3, H, W) buffer (sides rounded up to `multiple`).
+
+    When the flat images are regions of larger images (`labeler.render_batch.source_footprint`), give the
+    whole images' sizes `image_hw` (N, 2) and the regions' `origins` (N, 2) (y0, x0)."""
     if not len(flat):
         raise ValueError("upload_flat needs at least one image")
     device = torch.device(device)
@@ -92,7 +101,10 @@ def upload_flat(flat: FlatImages, device: torch.device | str, multiple: int = 32
     pixels = torch.zeros((len(flat), h, w, 3), dtype=torch.uint8, device=device)
     for i, (off, (ih, iw)) in enumerate(zip(flat.offsets[:-1].tolist(), hw.tolist())):
         pixels[i, :ih, :iw] = data[off:off + ih * iw * 3].view(ih, iw, 3)
-    return SourceBatch(pixels=pixels.permute(0, 3, 1, 2), hw=hw)
+    if image_hw is None and origins is not None:
+        raise ValueError("upload_flat: origins of regions need the whole images' sizes (image_hw) too")
+    return SourceBatch(pixels=pixels.permute(0, 3, 1, 2), hw=hw if image_hw is None else image_hw, origins=origins,
+                       region_hw=hw)
 
 
 def concat_flat(parts: Sequence[FlatImages], *, pin_memory: bool = False) -> FlatImages:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from labeler.device import to_device
 from labelstore.views import ViewSpec, view_geometry
 
 # Pillow truncates its bilinear result; a small epsilon absorbs float error on exact integers (without
@@ -37,12 +38,17 @@ _TRUNC_EPS = {torch.float64: 1e-6, torch.float32: 1e-3}
 class SourceBatch:
     """Decoded source images on the render device.
 
-    pixels: (N, 3, H, W) uint8, image i in its top-left `hw[i]` corner (the rest is never read);
-    hw: (N, 2) int64 numpy array of the real (height, width) of each image.
+    pixels: (N, 3, H, W) uint8, image i's held region in its top-left `region_hw[i]` corner (the rest is
+    never read); hw: (N, 2) int64 numpy array of the whole images' (height, width): the view geometry's;
+    origins: (N, 2) int64 (y0, x0) of each held region in its image (default: zeros, the whole image);
+    region_hw: (N, 2) int64 size of each held region (default: `hw`). A region need only cover the
+    `source_footprint` of the views rendered from it; `render_batch` checks that it does.
     """
 
     pixels: torch.Tensor
     hw: np.ndarray
+    origins: np.ndarray | None = None
+    region_hw: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.pixels.dtype != torch.uint8 or self.pixels.ndim != 4 or self.pixels.shape[1] != 3:
@@ -51,9 +57,46 @@ class SourceBatch:
         hw = np.asarray(self.hw, dtype=np.int64).reshape(-1, 2)
         if hw.shape[0] != self.pixels.shape[0]:
             raise ValueError(f"SourceBatch.hw has {hw.shape[0]} sizes for {self.pixels.shape[0]} images")
-        if hw.size and (hw.min() < 1 or hw[:, 0].max() > self.pixels.shape[2] or hw[:, 1].max() > self.pixels.shape[3]):
-            raise ValueError(f"SourceBatch.hw {hw.tolist()} does not fit the pixel buffer {tuple(self.pixels.shape)}")
+        origins = np.zeros_like(hw) if self.origins is None else np.asarray(self.origins, np.int64).reshape(-1, 2)
+        region = hw if self.region_hw is None else np.asarray(self.region_hw, np.int64).reshape(-1, 2)
+        if origins.shape != hw.shape or region.shape != hw.shape:
+            raise ValueError(f"SourceBatch.origins {origins.shape} / region_hw {region.shape} must be (N, 2) like hw "
+                             f"{hw.shape}")
+        if hw.size and hw.min() < 1:
+            raise ValueError(f"SourceBatch.hw has an empty image: {hw.tolist()}")
+        if hw.size and (region.min() < 1 or origins.min() < 0 or (origins + region > hw).any()):
+            raise ValueError(f"SourceBatch regions (origins {origins.tolist()}, sizes {region.tolist()}) must lie "
+                             f"inside their images {hw.tolist()}")
+        if hw.size and (region[:, 0].max() > self.pixels.shape[2] or region[:, 1].max() > self.pixels.shape[3]):
+            raise ValueError(f"SourceBatch region sizes {region.tolist()}: one does not fit the pixel buffer "
+                             f"{tuple(self.pixels.shape)}")
         object.__setattr__(self, "hw", hw)
+        object.__setattr__(self, "origins", origins)
+        object.__setattr__(self, "region_hw", region)
+
+
+# Bilinear sampling at a crop's last pixel centre touches the next pixel with weight 0 (and float rounding
+# can put a sample a hair before the first one): one pixel around the crop box keeps those reads identical.
+FOOTPRINT_MARGIN = 1
+
+
+def source_footprint(params: np.ndarray, src_hw: np.ndarray, spec: ViewSpec) -> np.ndarray:
+    """(N, 4) int64 (y0, x0, y1, x1): the part of each source image `render_batch` reads for view params (N, P)
+    of images of sizes (N, 2) or (2,): the crop box plus `FOOTPRINT_MARGIN`, clipped to the image.
+
+    A data worker that knows the view it replays sends only this region (with its origin): about half the
+    bytes at RandomResizedCrop's mean area fraction, and the render is bit-identical to the whole image's.
+    """
+    params = np.asarray(params, np.float32).reshape(-1, np.asarray(params).shape[-1])
+    return _footprint(view_geometry(params, src_hw, spec).boxes, src_hw)
+
+
+def _footprint(boxes: np.ndarray, src_hw: np.ndarray) -> np.ndarray:
+    hw = np.broadcast_to(np.asarray(src_hw, np.int64).reshape(-1, 2), (len(boxes), 2))
+    x0, y0, x1, y1 = (boxes[:, i] for i in range(4))
+    m = FOOTPRINT_MARGIN
+    return np.stack([np.maximum(y0 - m, 0), np.maximum(x0 - m, 0),
+                     np.minimum(y1 + m, hw[:, 0]), np.minimum(x1 + m, hw[:, 1])], 1)
 
 
 def pack_images(images: Sequence[np.ndarray], multiple: int = 32,
@@ -120,17 +163,19 @@ def _normalized(pos: torch.Tensor, size: int) -> torch.Tensor:
     return (2.0 * pos + 1.0) / size - 1.0
 
 
-def _reduced_crops(sources: SourceBatch, image_index: torch.Tensor, boxes: torch.Tensor, factors: torch.Tensor,
-                   reduced_hw: torch.Tensor) -> torch.Tensor:
-    """`Image.reduce(k, box)` of V crops at once → (V, 3, Hr, Wr) uint8 (padded by edge replication)."""
+def _reduced_crops(sources: SourceBatch, used: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor,
+                   factors: torch.Tensor, reduced_hw: torch.Tensor, max_hw: tuple[int, int]) -> torch.Tensor:
+    """`Image.reduce(k, box)` of V crops at once → (V, 3, Hr, Wr) uint8 (padded by edge replication).
+
+    used: the images the V views read; image_index: each view's position in `used`; max_hw: the largest
+    reduced crop (Hr, Wr). All three come from the host: finding them here would wait on the device."""
     # Summed-area table (images used here only, H+1, W+1, 3): any box sum is 4 gathers, exact in int32
     # up to 8k × 8k images. Only the images of the k >= 2 views are summed (usually a few per batch).
-    used, image_index = torch.unique(image_index, return_inverse=True)
     px = sources.pixels[used]
     n, _, hmax, wmax = px.shape
     sat = torch.zeros((n, hmax + 1, wmax + 1, 3), dtype=torch.int32, device=px.device)
     sat[:, 1:, 1:] = px.permute(0, 2, 3, 1).to(torch.int32).cumsum(1).cumsum(2)
-    hr, wr = int(reduced_hw[:, 0].max()), int(reduced_hw[:, 1].max())
+    hr, wr = max_hw
     k = factors[:, None]
     ry = torch.minimum(torch.arange(hr, device=px.device)[None], reduced_hw[:, :1] - 1)  # replicate padding
     rx = torch.minimum(torch.arange(wr, device=px.device)[None], reduced_hw[:, 1:] - 1)
@@ -171,6 +216,16 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
     if len(index) and (index.min() < 0 or index.max() >= len(sources.hw)):
         raise ValueError(f"image_index must lie in [0, {len(sources.hw)}), got {index.min()}..{index.max()}")
     geo = view_geometry(params, sources.hw[index], spec)
+    origin = sources.origins[index]  # (y0, x0) of each view's held region in its image
+    held = sources.region_hw[index]
+    foot = _footprint(geo.boxes, sources.hw[index])
+    outside = np.flatnonzero((foot[:, :2] < origin).any(1) | (foot[:, 2:] > origin + held).any(1))
+    if len(outside):
+        j = int(outside[0])
+        raise ValueError(f"view {j} (image {int(index[j])}) reads source rows/cols {foot[j].tolist()} (y0, x0, y1, x1) "
+                         f"but the SourceBatch holds only {np.r_[origin[j], origin[j] + held[j]].tolist()} of it")
+    # Crop boxes in the held region's pixel coordinates (the geometry stays the whole image's).
+    local_boxes = geo.boxes - np.concatenate([origin[:, ::-1], origin[:, ::-1]], 1)
     dtype = _float_dtype(device)
     out_h, out_w = spec.size
     v_count = len(index)
@@ -179,7 +234,7 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
         return out
 
     def put(dev_rows: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(dev_rows).to(device, non_blocking=True)
+        return to_device(dev_rows, device)  # page-locked first on CUDA: no host sync per copy
 
     matrices = put(geo.matrices).to(dtype)
     reduced_hw = put(geo.reduced_hw)
@@ -199,7 +254,7 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
         # the grid is a reshape and one grid_sample renders the whole batch. Views with k >= 2 are
         # sampled here too (wasted, but cheaper than splitting) and overwritten below.
         depth = v_count // len(sources.hw)
-        boxes = put(geo.boxes).to(dtype)
+        boxes = put(local_boxes).to(dtype)
         grid = torch.stack([_normalized(su + boxes[:, 0, None, None], wmax),
                             _normalized(sv + boxes[:, 1, None, None], hmax)], -1)
         sampled = F.grid_sample(sources.pixels.to(dtype), grid.view(-1, depth * out_h, out_w, 2), mode="bilinear",
@@ -209,7 +264,7 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
         # k = 1: sample the uploaded image itself at crop offset + position; the views of one image are
         # stacked along the grid's height so a single grid_sample serves them all.
         d = put(direct)
-        boxes = put(geo.boxes[direct]).to(dtype)
+        boxes = put(local_boxes[direct]).to(dtype)
         gx = _normalized(su[d] + boxes[:, 0, None, None], wmax)
         gy = _normalized(sv[d] + boxes[:, 1, None, None], hmax)
         used, slot = np.unique(index[direct], return_inverse=True)
@@ -227,13 +282,15 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
     reduced = np.flatnonzero(geo.factors > 1)
     if len(reduced):
         r = put(reduced)
-        crops = _reduced_crops(sources, put(index[reduced]), put(geo.boxes[reduced]), put(geo.factors[reduced]),
-                               reduced_hw[r])
+        used, slot = np.unique(index[reduced], return_inverse=True)
+        crops = _reduced_crops(sources, put(used), put(slot.reshape(-1)), put(local_boxes[reduced]),
+                               put(geo.factors[reduced]), reduced_hw[r],
+                               tuple(int(v) for v in geo.reduced_hw[reduced].max(0)))
         _, _, hmax, wmax = crops.shape
         grid = torch.stack([_normalized(su[r], wmax), _normalized(sv[r], hmax)], -1)
         values[r] = F.grid_sample(crops.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    fill = torch.tensor(list(spec.fill), dtype=dtype, device=device)[None, :, None, None]
+    fill = to_device(np.array(spec.fill, np.float64), device).to(dtype)[None, :, None, None]
     values = torch.where(inside[:, None], values, fill)
     out.copy_(values.add_(_TRUNC_EPS[dtype]).floor_().clamp_(0, 255))
     return out

@@ -82,7 +82,8 @@ def test_box_reduction_clips_edge_boxes_like_pillow(hw, k):
     src = upload(*pad_images([img]), "cpu")
     h, w = hw
     reduced_hw = torch.tensor([[-(-h // k), -(-w // k)]])
-    got = rb._reduced_crops(src, torch.tensor([0]), torch.tensor([[0, 0, w, h]]), torch.tensor([k]), reduced_hw)
+    got = rb._reduced_crops(src, torch.tensor([0]), torch.tensor([0]), torch.tensor([[0, 0, w, h]]), torch.tensor([k]),
+                            reduced_hw, tuple(reduced_hw[0].tolist()))
     np.testing.assert_array_equal(got[0].permute(1, 2, 0).numpy(), np.asarray(Image.fromarray(img).reduce(k)))
 
 

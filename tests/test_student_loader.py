@@ -1,4 +1,5 @@
 """The student loader on a tiny store + tiny shards built here: exact view replay, bad inputs, coverage."""
+import dataclasses
 import io
 
 import numpy as np
@@ -9,6 +10,7 @@ from PIL import Image
 
 from labelstore import (LabelerSpec, LabelStore, MissingRow, SchemaMismatch, ViewSpec, decode_image, draw_views,
                         encode_topk, render)
+from labeler.flat_images import FlatImages
 from trainer.data_config import DataConfig
 from trainer.loader import build_eval_loader, build_labeler_loader, build_student_loader, token_chunk_rows
 from trainer.view_choice import choose_view
@@ -265,9 +267,12 @@ def test_device_path_renders_and_augments_what_the_cpu_path_gives(tiny, augs):
     builder = TargetBuilder(num_classes=C, data=cfg, view_spec=dev.view_spec, train=False)
     for ld in (cpu, dev):
         ld.set_epoch(1)
-    applied = 0
+    applied, sent, whole = 0, 0, 0
     for a, b in zip(cpu, dev, strict=True):
-        assert "image" not in b and b["source"].dtype == torch.uint8 and b["params"].shape[0] == len(b["row"])
+        region, image = b["source"].hw, b["source_hw"].numpy()  # workers send the view's footprint only
+        assert (b["source_origin"].numpy() + region <= image).all()
+        sent, whole = sent + int(np.prod(region, 1).sum()), whole + int(np.prod(image, 1).sum())
+        assert "image" not in b and isinstance(b["source"], FlatImages) and b["params"].shape[0] == len(b["row"])
         assert torch.equal(a["row"], b["row"]) and torch.equal(a["token_logit"], b["token_logit"])
         got = builder.render(b)
         diff = (got.int() - a["image"].int()).abs()
@@ -276,6 +281,38 @@ def test_device_path_renders_and_augments_what_the_cpu_path_gives(tiny, augs):
             assert b["photo_ops"].shape[0] == len(b["row"]) and b["photo_ops"].shape == b["photo_args"].shape
             applied += int((b["photo_ops"] >= 0).sum())
     assert not augs or applied > 0  # the draw applied ops: the comparison covered the photometric path
+    assert sent < whole
+
+
+@pytest.mark.timeout(120)
+def test_device_path_workers_hand_over_shared_flat_images_that_pin(tiny, monkeypatch):
+    """Workers pack the decoded images unpadded into shared memory (the DataLoader copies nothing more), the
+    batches equal the in-process ones, and torch's pin step calls FlatImages.pin_memory (this torch version)."""
+    from torch.utils.data._utils.pin_memory import pin_memory as torch_pin_memory
+
+    cfg = _cfg(tiny, shuffle_buffer=0)
+    inline = build_student_loader(cfg, labels=tiny["store"], labeler="tl", render_on_device=True)
+    workers = build_student_loader(dataclasses.replace(cfg, workers=2), labels=tiny["store"], labeler="tl",
+                                   render_on_device=True)
+    inline.set_epoch(0)
+    workers.set_epoch(0)
+    def per_row(loader):
+        out = {}
+        for b in loader:
+            assert isinstance(b["source"], FlatImages)
+            out.update({int(r): (b, i) for i, r in enumerate(b["row"])})
+        return out
+
+    got, want = per_row(workers), per_row(inline)
+    assert got.keys() == want.keys() and got
+    for row, (b, i) in got.items():
+        assert b["source"].data.is_shared()
+        np.testing.assert_array_equal(b["source"].image(i), want[row][0]["source"].image(want[row][1]))
+    pinned = []
+    monkeypatch.setattr(FlatImages, "pin_memory", lambda self: pinned.append(self) or self)
+    batch = next(iter(got.values()))[0]
+    out = torch_pin_memory({"source": batch["source"], "meta": {}})
+    assert pinned == [batch["source"]] and out["source"] is batch["source"]
 
 
 def _rewrite_shard(src, dst, change):

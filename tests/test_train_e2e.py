@@ -150,6 +150,42 @@ def test_bench_prints_all_figures_and_ratios(world):
     assert len(rows) == 6 and all(float(row[4]) > 0 for row in rows[:3]), r.output  # end-to-end img/s measured
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compiled_bench_compiles_once_and_prints_every_row(world):
+    """--compile: one student and one teacher compile (printed with their times), reused by all three variants
+    and both phases: no recompile, every row printed."""
+    import logging
+
+    import torch._logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    torch._logging.set_logs(recompiles=True)
+    handler = Keep()
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        shard_args = [a for s in world["train"] for a in ("--shards", s)]
+        r = runner.invoke(app, ["bench", *shard_args, "--labels", str(world["root"] / "labels.zarr"), "--labeler", "tl",
+                                "--steps", "1", "--repeats", "1", "--batch-size", "8", "--seconds", "1", "--warmup", "1",
+                                "--workers", "1", "--compile", "--device", "cpu"])
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+        torch._logging.set_logs()
+    assert r.exit_code == 0, r.output
+    assert "torch.compile, once for every variant and phase: student (forward + backward)" in r.output
+    rows = [line.split() for line in r.output.splitlines() if line.strip().startswith(("(a)", "(b)", "(c)"))]
+    assert len(rows) == 6 and all(float(row[4]) > 0 for row in rows[:3]), r.output
+    # The teacher shares TokenForward.forward's code with the student: its no-grad compile is a second cache
+    # entry, logged as the one recompile; any other would be a variant or phase compiling again.
+    recompiles = [m for m in records if "Recompiling" in m]
+    assert len(recompiles) == 1 and "grad_mode" in " ".join(records), records
+
+
 @pytest.mark.timeout(400)
 def test_student_resume_mid_epoch_equals_the_uninterrupted_run(world, tmp_path):
     """Exact resume on the real data path (loader with 2 workers and a shuffle buffer, RandAugment, TargetBuilder,

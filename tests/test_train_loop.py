@@ -206,3 +206,21 @@ def test_the_student_is_built_for_the_store_view_size(name, grid):
         cls_logits, tokens = model.forward_tokens(torch.zeros(1, 3, 64, 64)) if hasattr(model, "forward_tokens") \
             else model(torch.zeros(1, 3, 64, 64))
     assert cls_logits.shape == (1, 10) and tokens.shape == (1, grid[0] * grid[1], 10)
+
+
+def test_loss_health_names_the_first_non_finite_loss_across_checks():
+    """The device-side flag points into the notes since the last check (no host copy per step)."""
+    from trainer.distributed import DistInfo
+    from trainer.loop import LossHealth
+
+    reports = []
+    health = LossHealth(torch.device("cpu"), DistInfo(), lambda *where: reports.append(where))
+    for step in range(3):
+        health.note(torch.tensor(1.0), 0, step, step)
+    health.check()
+    assert reports == [] and health.where == []
+    health.note(torch.tensor(2.0), 1, 0, 3)
+    health.note(torch.tensor(float("inf")), 1, 1, 4)
+    health.note(torch.tensor(float("nan")), 1, 2, 5)
+    health.check()
+    assert reports == [(1, 1, 4)]

@@ -9,6 +9,8 @@ the configured augment device), targets, compile, AMP and EMA, run for `seconds`
 The time is split into loader wait (the loop blocked on the next batch) and the rest (the step).
 Step only: the same three variants on batches already in memory (only the step is timed).
 Data-loader images/s on the same shards: the student's loader vs timm's standard train transform.
+One student and one teacher module serve every variant and both phases (weights reset between runs), so with
+`--compile` each is compiled once, before anything is timed; the compile times are printed.
 Nothing is asserted; the figures are printed with their ratios (goals on a GPU: b/a >= 0.95, b/c >= 1.25,
 end to end / step only >= 0.9).
 """
@@ -94,6 +96,8 @@ class BenchFigures:
     loader_images_per_s: dict  # "replay" / "timm" -> images/s
     loader_images: int
     augment_on_device: bool
+    compile_s: dict = dataclasses.field(default_factory=dict)  # what -> seconds of its first (compiling) call
+    source_kb_per_sample: float | None = None  # device path: decoded bytes handed to the device per sample
 
     def ratios(self) -> dict:
         s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s
@@ -110,6 +114,14 @@ class BenchFigures:
         where = "device (workers decode)" if self.augment_on_device else "data workers"
         lines = [f"stl-train bench: {self.model}, batch {self.batch_size}, device {self.device}, "
                  f"render + photometric ops in the {where}"]
+        if self.compile_s:
+            lines.append("  torch.compile, once for every variant and phase: " + ", ".join(
+                f"{k} {v:.1f} s" for k, v in self.compile_s.items()))
+        else:
+            lines.append("  eager (no torch.compile)")
+        if self.source_kb_per_sample is not None:
+            lines.append(f"  decoded image bytes to the device: {self.source_kb_per_sample:.1f} kB/sample "
+                         f"(each view's source footprint)")
         lines.append(f"  {'end to end (real loop)':<28} {'img/s':>9} {'timed s':>8} {'loader wait':>12} {'step':>7}")
         for k, v in self.end_to_end.items():
             wait = v.loader_wait_s / max(v.seconds, 1e-9)
@@ -181,20 +193,71 @@ class TimedBatches:
         return EndToEnd(images=self.images, seconds=self.end - self.start, loader_wait_s=self.wait)
 
 
-def _variant_targets(variant: str, builder: TargetBuilder, teacher, tokens: TokenLabelConfig, num_classes: int,
-                     hw, amp: str):
-    """The loop's make_targets for one variant (c: the online teacher labels the student's batch)."""
+def _variant_targets(variant: str, builder: TargetBuilder, teacher_forward, teacher_grid, tokens: TokenLabelConfig,
+                     num_classes: int, amp: str, memory_format):
+    """The loop's make_targets for one variant (c: the online teacher labels the student's batch, in the
+    student's memory format: one layout, so a compiled teacher never sees another stride)."""
     def make_targets(batch, device, step):
         images, cls_target, token_target = builder(batch, step)
-        if teacher is not None:
+        if variant == "c_online":
             with torch.no_grad(), amp_context(device, amp):
-                # forward_tokens: the token models' (cls, tokens) call; older token models return both from forward
-                _, teacher_tokens = split_outputs(getattr(teacher, "forward_tokens", teacher)(images))
+                _, teacher_tokens = split_outputs(teacher_forward(images.contiguous(memory_format=memory_format)))
             gen = torch.Generator(device=device).manual_seed(int(step))
             token_target = token_targets(teacher_tokens.float(), None, None, num_classes=num_classes, cfg=tokens,
-                                         src_grid=token_grid(teacher, hw), generator=gen)
+                                         src_grid=teacher_grid, generator=gen)
         return images, cls_target, token_target
     return make_targets
+
+
+class SharedStudent:
+    """One student (and one same-size online teacher) for every variant and both phases of the bench: with
+    `compile`, their forwards are compiled once (fixed shapes) and reused, never recompiled per variant;
+    `reset()` puts the initial weights back (each run builds its own optimizer)."""
+
+    def __init__(self, s: BenchSettings, num_classes: int, device: torch.device, memory_format):
+        torch.manual_seed(s.seed)
+        self.model = create_token_model(s.model, num_classes=num_classes).to(device, memory_format=memory_format)
+        self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.teacher = create_token_model(s.model, num_classes=num_classes).to(device, memory_format=memory_format).eval()
+        self.forward, self.teacher_forward = TokenForward(self.model), TokenForward(self.teacher)
+        if s.compile:
+            self.forward = torch.compile(self.forward, dynamic=False)
+            self.teacher_forward = torch.compile(self.teacher_forward, dynamic=False)
+        self.seed = s.seed
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self.initial)
+        self.model.zero_grad(set_to_none=True)
+        self.model.train()
+        torch.manual_seed(self.seed)
+
+
+def _compile_seconds(shared: SharedStudent, builder: TargetBuilder, batch, device, memory_format, amp: str) -> dict:
+    """Run the compiled student (forward + backward) and teacher (forward) once: the compile time, printed."""
+    out = {}
+    images, cls_target, token_target = builder(batch, 0)
+    images = images.contiguous(memory_format=memory_format)
+    _sync(device)
+    t0 = time.perf_counter()
+    with amp_context(device, amp):
+        cls_logits, token_logits = split_outputs(shared.forward(images))
+    student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0).total.backward()
+    _sync(device)
+    out["student (forward + backward)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad(), amp_context(device, amp):
+        shared.teacher_forward(images)
+    _sync(device)
+    out["teacher (forward)"] = time.perf_counter() - t0
+    shared.reset()
+    return out
+
+
+def _source_kb_per_sample(batches) -> float | None:
+    """Decoded image bytes a device-path batch hands to the device per sample (None on the CPU path)."""
+    flats = [b["source"] for b in batches if "source" in b]
+    n = sum(len(f) for f in flats)
+    return sum(f.data.numel() for f in flats) / n / 1e3 if n else None
 
 
 def run_bench(s: BenchSettings) -> BenchFigures:
@@ -208,16 +271,28 @@ def run_bench(s: BenchSettings) -> BenchFigures:
                                   pin_memory=device.type == "cuda", render_on_device=on_device)
     num_classes, hw = loader.num_classes, loader.input_size
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    shared = SharedStudent(s, num_classes, device, memory_format)
+    teacher_grid = token_grid(shared.teacher, hw)
 
-    def builder_for(variant: str, student) -> TargetBuilder:
+    def builder_for(variant: str) -> TargetBuilder:
         return TargetBuilder(num_classes=num_classes, data=data, tokens=tokens if variant == "b_stored" else None,
-                             store_grid=loader.store_grid, student_grid=token_grid(student, hw), device=device,
+                             store_grid=loader.store_grid, student_grid=token_grid(shared.model, hw), device=device,
                              view_spec=loader.view_spec)
 
-    def teacher_for(variant: str):
-        if variant != "c_online":
-            return None
-        return create_token_model(s.model, num_classes=num_classes).to(device, memory_format=memory_format).eval()
+    def targets_for(variant: str):
+        return _variant_targets(variant, builder_for(variant), shared.teacher_forward, teacher_grid, tokens,
+                                num_classes, s.amp, memory_format)
+
+    # ---- batches for the step-only figures (and the compile warm-up), held in memory ----
+    batches, need = [], s.steps + s.warmup
+    while len(batches) < need:
+        before = len(batches)
+        loader.set_epoch(len(batches))
+        batches.extend(b for _, b in zip(range(need - len(batches)), loader))
+        if len(batches) == before:
+            raise ValueError("bench: the shards yield no full batch; lower --batch-size")
+    compile_s = _compile_seconds(shared, builder_for("b_stored"), batches[0], device, memory_format, s.amp) \
+        if s.compile else {}
 
     # ---- end to end: trainer.loop.train with the real loader, for `seconds` after the warm-up ----
     cfg = TrainConfig(model=ModelConfig(name=s.model, num_classes=num_classes, compile=s.compile,
@@ -227,16 +302,14 @@ def run_bench(s: BenchSettings) -> BenchFigures:
                       run=RunConfig(device=str(device), amp=s.amp, tensorboard=False, progress_bar=False))
     end_to_end = {}
     for variant in VARIANTS:
-        torch.manual_seed(s.seed)
-        student = create_token_model(s.model, num_classes=num_classes)
+        shared.reset()
         stop = StopRequest()
         timed = TimedBatches(loader_epochs(loader), warmup=s.warmup, seconds=s.seconds, stop=stop, device=device)
-        make_targets = _variant_targets(variant, builder_for(variant, student), teacher_for(variant), tokens,
-                                        num_classes, hw, s.amp)
         with tempfile.TemporaryDirectory(prefix="stl-bench-") as out:
-            train(model=student, arch=s.model, cfg=cfg, out_dir=out, epoch_batches=timed, make_targets=make_targets,
-                  compute_loss=partial(student_loss, beta=1.0), steps_per_epoch=loader.batches_per_epoch(),
-                  info=DistInfo(device=device), log=RunLog.disabled(), stop=stop)
+            train(model=shared.model, arch=s.model, cfg=cfg, out_dir=out, epoch_batches=timed,
+                  make_targets=targets_for(variant), compute_loss=partial(student_loss, beta=1.0),
+                  steps_per_epoch=loader.batches_per_epoch(), info=DistInfo(device=device), log=RunLog.disabled(),
+                  stop=stop, forward=shared.forward)
         end_to_end[variant] = timed.figures()
 
     # ---- data-loader comparison: the student's loader vs timm's standard train transform, same shards ----
@@ -251,23 +324,11 @@ def run_bench(s: BenchSettings) -> BenchFigures:
             loader_runs[name].append(rate)
     replay_rate, timm_rate = (sorted(r)[len(r) // 2] for r in loader_runs.values())
 
-    # ---- step only: the same variants on batches held in memory ----
-    batches, need = [], s.steps + s.warmup
-    while len(batches) < need:
-        before = len(batches)
-        loader.set_epoch(len(batches))
-        batches.extend(b for _, b in zip(range(need - len(batches)), loader))
-        if len(batches) == before:
-            raise ValueError("bench: the shards yield no full batch; lower --batch-size")
-
+    # ---- step only: the same variants on the batches held in memory ----
     def steps_per_s(variant: str) -> float:
-        torch.manual_seed(s.seed)
-        model = create_token_model(s.model, num_classes=num_classes).to(device, memory_format=memory_format).train()
-        opt = create_optimizer(model, OptimConfig(), lr=1e-4)
-        step_model = TokenForward(model)  # forward = forward_tokens: (cls, token) logits
-        step_model = torch.compile(step_model, dynamic=False) if s.compile else step_model
-        make_targets = _variant_targets(variant, builder_for(variant, model), teacher_for(variant), tokens,
-                                        num_classes, hw, s.amp)
+        shared.reset()
+        opt = create_optimizer(shared.model, OptimConfig(), lr=1e-4)
+        make_targets = targets_for(variant)
         start = 0.0
         for i, batch in enumerate(batches):
             if i == s.warmup:
@@ -275,7 +336,7 @@ def run_bench(s: BenchSettings) -> BenchFigures:
                 start = time.perf_counter()
             images, cls_target, token_target = make_targets(batch, device, i)
             with amp_context(device, s.amp):
-                cls_logits, token_logits = split_outputs(step_model(images.contiguous(memory_format=memory_format)))
+                cls_logits, token_logits = split_outputs(shared.forward(images.contiguous(memory_format=memory_format)))
             loss = student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0).total
             loss.backward()
             opt.step()
@@ -292,4 +353,5 @@ def run_bench(s: BenchSettings) -> BenchFigures:
         torch.cuda.get_device_name(device)
     return BenchFigures(device=where, model=s.model, batch_size=s.batch_size, repeats=s.repeats, steps_per_s=rates,
                         end_to_end=end_to_end, loader_images_per_s={"replay": replay_rate, "timm": timm_rate},
-                        loader_images=n_images, augment_on_device=on_device)
+                        loader_images=n_images, augment_on_device=on_device, compile_s=compile_s,
+                        source_kb_per_sample=_source_kb_per_sample(batches))

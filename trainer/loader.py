@@ -42,6 +42,7 @@ from labelstore import ImageDecodeError, LabelStore, RowIndex, SchemaMismatch, S
 from labelstore.shard_format import expand_shard_urls, image_field, parse_label
 from trainer.data_config import DataConfig
 from trainer.epoch_ledger import EpochLedger, skip_consumed
+from trainer.packed_tensors import pack_tensors, unpack_tensors
 from trainer.source_check import SourceCheck
 from trainer.errors import TrainCheckpointError, TrainerError
 from trainer.stages import (
@@ -145,7 +146,8 @@ class ShardStream(IterableDataset):
         try:
             for item in self.pipeline(samples, ledger, positions, self.epoch, stream_id):
                 item["meta"]["worker"] = worker
-                yield item
+                # In a worker: the batch's tensors travel as one shared buffer (trainer/packed_tensors.py).
+                yield pack_tensors(item) if info is not None else item
         except (StoreError, TrainerError) as e:
             if info is None:
                 raise
@@ -219,6 +221,7 @@ class StreamLoader:
             self._loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers,
                                       pin_memory=self.pin_memory, **kw)
         for item in self._loader:
+            item = unpack_tensors(item)
             meta = item.pop("meta")
             worker = meta["worker"]
             self._taken[worker] = self._taken.get(worker, 0) + 1
@@ -263,7 +266,7 @@ class StudentPipeline:
         s = skip_consumed(s, ledger)  # exact resume: the order is fixed from here on
         check = SourceCheck(self.index)
         if self.render_on_device:  # the device renders and augments (trainer.target_builder)
-            s = attach_photometric(decode_views(s, ledger, check), self.aug, cfg.seed, epoch)
+            s = attach_photometric(decode_views(s, ledger, check, self.view_spec), self.aug, cfg.seed, epoch)
             return batch_samples(s, cfg.batch_size, ledger, collate_sources, cfg.drop_last)
         s = replay_views(s, self.view_spec, ledger, check)
         s = augment_views(s, self.aug, cfg.seed, epoch)
@@ -273,7 +276,8 @@ class StudentPipeline:
 class StudentLoader(StreamLoader):
     """Batches: image uint8 (B,3,H,W) channels_last, label, row, view, token_logit (B,T,K|C) f16,
     token_class (B,T,K) int, token_tail (B,T) f16 (the last two absent for a dense store).
-    Device path: `source` (B,H,W,3) uint8 padded + `source_hw` (B,2) + `params` (B,P) + `photo_ops` /
+    Device path: `source` (a `labeler.flat_images.FlatImages` of the part of each decoded image its view reads)
+    + `source_origin` (B,2) + `source_hw` (B,2) + `params` (B,P) + `photo_ops` /
     `photo_args` (B,S) instead of `image` (rendered by `trainer.target_builder.TargetBuilder`)."""
 
     def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool, labeler_spec, num_samples: int,

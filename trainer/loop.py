@@ -4,7 +4,8 @@
 callables that make it stage-agnostic —
 - `epoch_batches(epoch, position)` yields `(batch, rank_position_after)` for one epoch on this rank, starting
   after `position` = `{}` (start of the epoch) or what a mid-epoch checkpoint saved: `{"steps": micro-batches
-  done, "ranks": [rank_position of each rank]}`,
+  done, "ranks": [rank_position of each rank]}`; rank_position_after is a dict, or a zero-argument callable
+  returning it (read only at log steps, checkpoints and the epoch's end, never per step),
 - `make_targets(batch, device, step)` (step = epoch · 2^24 + micro-batch index, for seeding) returns `(images, cls_target (B,C), token_target (B,T,C) | None)` on the device,
 - `compute_loss(cls_logits, token_logits, cls_target, token_target)` returns `trainer.losses.LossTerms`
   (paper Eq. 2 for the labeler, Eq. 5 for the student).
@@ -75,23 +76,33 @@ def gather_positions(position: dict, info: DistInfo) -> list[dict]:
 
 
 class LossHealth:
-    """Non-finite losses, flagged on the device without a host sync; `check()` (every log_every updates and
-    before any checkpoint) reads the flag on every rank and reports the first bad (epoch, step, update)."""
+    """Non-finite losses, flagged on the device without a host sync or a host→device copy; `check()` (every
+    log_every updates and before any checkpoint) reads the flag on every rank and reports the first bad
+    (epoch, step, update)."""
 
     def __init__(self, device: torch.device, info: DistInfo, report: Callable[[int, int, int], None]):
         self.info, self.report = info, report
-        self.first_bad = torch.full((3,), -1, dtype=torch.int64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # index into `where`, -1: none
+        self.count = torch.zeros((), dtype=torch.int64, device=device)  # notes since the last check, on the device
+        self.where: list[tuple[int, int, int]] = []  # host: (epoch, step, update) of those notes
 
     def note(self, loss: torch.Tensor, epoch: int, step: int, update: int) -> None:
-        where = torch.tensor([epoch, step, update], dtype=torch.int64).to(self.first_bad.device, non_blocking=True)
-        bad = ~torch.isfinite(loss.detach()) & (self.first_bad[0] < 0)
-        self.first_bad.copy_(torch.where(bad, where, self.first_bad))
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        self.first_bad.copy_(torch.where(bad, self.count, self.first_bad))
+        self.count.add_(1)
+        self.where.append((epoch, step, update))
 
     def check(self) -> None:
-        first = self.first_bad.cpu()
-        if any_rank(self.info, bool(first[0] >= 0))[0]:
-            epoch, step, update = (int(v) for v in first) if first[0] >= 0 else (-1, -1, -1)
+        first = int(self.first_bad)  # the one host read
+        if any_rank(self.info, first >= 0)[0]:
+            epoch, step, update = self.where[first] if first >= 0 else (-1, -1, -1)
             self.report(epoch, step, update)
+        self.count.zero_()
+        self.where.clear()
+
+
+def _position(rank_position: dict | Callable[[], dict]) -> dict:
+    return rank_position() if callable(rank_position) else rank_position
 
 
 def _next_or_none(it: Iterator) -> Any:
@@ -105,9 +116,11 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
           epoch_batches: EpochBatches, make_targets: MakeTargets, compute_loss: ComputeLoss,
           steps_per_epoch: int, info: DistInfo | None = None, resume: str | Path | None = None,
           log: RunLog | None = None, stop: StopRequest | None = None,
-          data_identity: dict | None = None) -> TrainResult:
+          data_identity: dict | None = None, forward: torch.nn.Module | None = None) -> TrainResult:
     """Train `model` for `cfg.schedule.total_epochs`; checkpoints every epoch, every `run.checkpoint_every`
-    updates and on SIGTERM. `data_identity` ({"shards": names, "num_samples": n}) is recorded and checked on resume."""
+    updates and on SIGTERM. `data_identity` ({"shards": names, "num_samples": n}) is recorded and checked on resume.
+    `forward`: what the loop calls instead of `TokenForward(model)` (DDP-wrapped, compiled per model.compile);
+    one process only. The bench passes one forward, compiled once, to several runs on the same `model`."""
     info = info or DistInfo()
     out_dir = Path(out_dir)
     device = info.device
@@ -145,8 +158,10 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     scheduler.step_update(num_updates=state.global_update)
 
     # ---- phase 3: wrap for speed and for several processes --------------------------------------------
-    train_model = wrap_ddp(TokenForward(model), info)  # forward = forward_tokens, so DDP/compile see both outputs
-    if cfg.model.compile:
+    if forward is not None and info.distributed:
+        raise ValueError("train(forward=...) is for one process; under DDP the loop wraps the model itself")
+    train_model = forward if forward is not None else wrap_ddp(TokenForward(model), info)  # both outputs
+    if cfg.model.compile and forward is None:
         # Fixed shapes (the runners set data.drop_last with model.compile): one graph, no recompiles.
         train_model = torch.compile(train_model, dynamic=False)
     if info.is_main:
@@ -201,7 +216,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
             train_model.train()
             step = int(state.data_position.get("steps", 0))
             batches = iter(epoch_batches(state.epoch, dict(state.data_position)))
-            rank_position: dict = {}
+            rank_position: dict | Callable[[], dict] = {}
             skipped, seen, pending, t0, last_terms = 0, 0, 0, time.perf_counter(), None
             optimizer.zero_grad(set_to_none=True)
             # The epoch runs until the data runs dry on any rank (every rank must take the same number of
@@ -231,7 +246,6 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                 step += 1
                 pending += 1
                 seen += images.shape[0]
-                skipped = int(rank_position.get("skipped", skipped))
                 last_terms = terms
                 if not boundary:
                     continue
@@ -242,6 +256,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                 rate = seen * info.world_size / max(time.perf_counter() - t0, 1e-9)
                 if state.global_update % cfg.run.log_every == 0:  # the only host reads of device values
                     health.check()
+                    skipped = int(_position(rank_position).get("skipped", skipped))
                     last_loss = float(last_terms.total.detach())
                     log.record("train", epoch=state.epoch, update=state.global_update, loss=last_loss,
                                loss_cls=float(last_terms.cls), loss_token=float(last_terms.token), lr=lr,
@@ -254,7 +269,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                     # the loss health is read first so no checkpoint ever holds non-finite weights.
                     health.check()
                     last_loss = float(last_terms.total.detach())
-                    state.data_position = {"steps": step, "ranks": gather_positions(rank_position, info)}
+                    state.data_position = {"steps": step, "ranks": gather_positions(_position(rank_position), info)}
                     last_ckpt = checkpoint({"loss": last_loss})
                 if stopping:
                     log.record("sigterm", epoch=state.epoch, update=state.global_update, loss=last_loss)
@@ -269,6 +284,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                 last_loss = float(last_terms.total.detach())
 
             # -- end of epoch: the data position resets, a checkpoint is written --
+            skipped = int(_position(rank_position).get("skipped", skipped))
             skipped = int(all_reduce_sum(torch.tensor([float(skipped)], device=device), info).item())
             log.record("epoch", epoch=state.epoch, update=state.global_update, loss=last_loss,
                        lr=optimizer.param_groups[0]["lr"], skipped_samples=skipped,

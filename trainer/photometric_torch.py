@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from labeler.device import to_device
 from trainer.photometric import PHOTOMETRIC_OPS
 
 
@@ -38,11 +39,13 @@ def _levels(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 
 def _histogram(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample, per-channel histograms (n, 3, 256) int64 in one bincount."""
+    """Per-sample, per-channel histograms (n, 3, 256) int64 in one scatter-add (bincount would read the
+    largest value back to the host to size its output: a device sync)."""
     n, c = x.shape[:2]
     offsets = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1)
     flat = (x.reshape(n, c, -1).long() + offsets).reshape(-1)
-    return torch.bincount(flat, minlength=n * c * 256).view(n, c, 256)
+    counts = torch.zeros(n * c * 256, dtype=torch.int64, device=x.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(n, c, 256)
 
 
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -135,7 +138,7 @@ _SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13
 def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     # ImageFilter.SMOOTH, rounded to the nearest level; Pillow leaves the outer ring of pixels unfiltered.
     n, c, h, w = x.shape
-    kernel = _SMOOTH.to(x.device).expand(c, 1, 3, 3)
+    kernel = to_device(_SMOOTH, x.device).expand(c, 1, 3, 3)
     smooth = F.conv2d(x.to(torch.float32), kernel, groups=c).add_(0.5).floor_().clamp_(0, 255)
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth.to(torch.uint8)
@@ -156,8 +159,8 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"apply_photometric needs uint8 (B, 3, H, W) images, got {tuple(images.shape)} {images.dtype}")
     ops = np.asarray(photo_ops.cpu() if torch.is_tensor(photo_ops) else photo_ops).astype(np.int64)
-    args = torch.as_tensor(np.asarray(photo_args.cpu() if torch.is_tensor(photo_args) else photo_args,
-                                      dtype=np.float32))
+    args = (photo_args.cpu().float() if torch.is_tensor(photo_args)
+            else torch.as_tensor(np.asarray(photo_args, dtype=np.float32)))
     if ops.ndim != 2 or ops.shape[0] != images.shape[0] or args.shape != ops.shape:
         raise ValueError(f"photo_ops {ops.shape} and photo_args {tuple(args.shape)} must both be (B, S) with "
                          f"B = {images.shape[0]} images")
@@ -165,7 +168,7 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
         raise ValueError(f"photo_ops must lie in [-1, {len(OPS) - 1}] (index into {PHOTOMETRIC_OPS}), got "
                          f"{ops.min()}..{ops.max()}")
     out = images
-    device_args = args.to(images.device, non_blocking=True)
+    device_args = to_device(args, images.device)
     for slot in range(ops.shape[1]):
         for k in np.unique(ops[:, slot]):
             if k < 0:
@@ -176,6 +179,6 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
             if len(rows) == len(ops):
                 out = OPS[k](out, device_args[:, slot])
             else:
-                idx = torch.from_numpy(rows).to(images.device, non_blocking=True)
+                idx = to_device(rows, images.device)
                 out[idx] = OPS[k](out[idx], device_args[idx, slot])
     return out

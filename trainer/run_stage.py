@@ -46,9 +46,10 @@ def loader_epochs(loader) -> Callable[[int, dict], object]:
             first = next(batches, None)
         if first is None:
             return
-        yield first, loader.position()
+        # The position is built only when the loop reads it (checkpoints, logs), before it asks for the next batch.
+        yield first, loader.position
         for batch in batches:
-            yield batch, loader.position()
+            yield batch, loader.position
     return epoch_batches
 
 

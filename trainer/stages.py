@@ -5,9 +5,12 @@
         ─► (shuffle) ─► decode_views ─► attach_photometric ─► batch_samples(collate_sources)     (device path)
 
 The CPU path renders the stored view (Pillow) and applies the photometric ops (timm's Pillow ops) in
-the workers. The device path stops at the decoded image: the collate pads the batch
-(`labeler.render_batch.pad_images`) and the training device renders the views and applies the drawn
-photometric slots (`trainer.target_builder`, `trainer.photometric_torch`).
+the workers. The device path stops at the decoded image, cut to the part its stored view reads (the
+crop box's footprint, with its origin); the collate packs the batch's regions back to back, unpadded,
+straight into shared memory (`labeler.flat_images.pack_flat`), so the DataLoader hands them over
+without another copy, and the training device renders the views and applies the drawn photometric
+slots (`trainer.target_builder`, `trainer.photometric_torch`): bit-identical to rendering the whole
+image (docs/design.md, "The train-time data path").
 
 A sample is a dict: the tar fields plus `__url__`/`__key__` from webdataset, then `__pos__` (the
 shard's index in this epoch's shard order), `__row__`, `label`, `view`, `params`, `token_*`, and
@@ -20,8 +23,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
-from labeler.render_batch import pad_images
+from labeler.flat_images import pack_flat
+from labeler.render_batch import source_footprint
 from labelstore import ImageDecodeError, StoreError, decode_image, render
 from labelstore.shard_format import IMAGE_EXTS, image_field, parse_label
 from trainer.epoch_ledger import EpochLedger
@@ -171,10 +176,19 @@ def replay_views(samples: Iterable[dict], spec, ledger: EpochLedger, check=None)
         yield out
 
 
-def decode_views(samples: Iterable[dict], ledger: EpochLedger, check=None) -> Iterator[dict]:
-    """Device path: decode only; `image` is the whole decoded source (HWC uint8), rendered later on the device."""
+def decode_views(samples: Iterable[dict], ledger: EpochLedger, check=None, spec=None) -> Iterator[dict]:
+    """Device path: decode only; the device renders later. With the store's ViewSpec `spec`, `image` is only the
+    part of the decoded source that the sample's stored view reads (`labeler.render_batch.source_footprint`,
+    about half the pixels on average), with `origin` (y0, x0) in the source and `image_hw` the source's size;
+    without, the whole source (HWC uint8)."""
     for out, img in _decoded(samples, ledger, check):
-        out["image"] = np.asarray(img)
+        if spec is None:
+            out["image"] = np.asarray(img)
+        else:
+            hw = (img.height, img.width)
+            y0, x0, y1, x1 = (int(v) for v in source_footprint(out["params"], hw, spec)[0])
+            out["image"] = np.asarray(img.crop((x0, y0, x1, y1)))  # Pillow copies just the region
+            out["origin"], out["image_hw"] = (y0, x0), hw
         yield out
 
 
@@ -220,12 +234,18 @@ def _collate_labels(samples: list[dict]) -> dict:
 
 
 def collate_sources(samples: list[dict]) -> dict:
-    """Device path: the decoded sources padded to one array (`source` (N, H, W, 3) uint8, `source_hw` (N, 2)),
-    the stored view `params` (N, P) and the photometric slots, plus what `collate_student` gives minus `image`."""
-    padded, hw = pad_images([s["image"] for s in samples])
+    """Device path: the decoded sources as one `labeler.flat_images.FlatImages` (`source`: the images' own
+    bytes, no padding; in shared memory inside a DataLoader worker, so handing it over copies nothing), the
+    stored view `params` (N, P) and the photometric slots, plus what `collate_student` gives minus `image`.
+    Footprint regions (`decode_views` with a spec) add `source_origin` (N, 2) (y0, x0) and `source_hw` (N, 2)."""
+    in_worker = get_worker_info() is not None
+    flat = pack_flat([s["image"] for s in samples], shared=in_worker)
     batch = _collate_labels(samples)
-    batch.update(source=torch.from_numpy(padded), source_hw=torch.from_numpy(hw),
+    batch.update(source=flat,
                  params=torch.from_numpy(np.stack([np.asarray(s["params"], np.float32) for s in samples])))
+    if "origin" in samples[0]:  # footprint regions: where each lies in its source, and the source's size
+        batch["source_origin"] = torch.tensor([s["origin"] for s in samples], dtype=torch.int64)
+        batch["source_hw"] = torch.tensor([s["image_hw"] for s in samples], dtype=torch.int64)
     if "photo_ops" in samples[0]:
         batch["photo_ops"] = torch.from_numpy(np.stack([s["photo_ops"] for s in samples]))
         batch["photo_args"] = torch.from_numpy(np.stack([s["photo_args"] for s in samples]))

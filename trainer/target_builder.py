@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from labeler.render_batch import render_batch, upload
+from labeler.device import to_device
+from labeler.flat_images import upload_flat
+from labeler.render_batch import render_batch
 from trainer.data_config import DataConfig, TokenLabelConfig
 from trainer.mixing import MixParams, draw_mix, mix_class_targets, mix_images, mix_token_targets
 from trainer.photometric_torch import apply_photometric
@@ -23,10 +25,16 @@ _STEP_TAG = 0x5354_4550  # "STEP"
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, 3, H, W) in [0, 255] → float32 (x/255 − mean)/std, memory format kept."""
-    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    """uint8 (B, 3, H, W) in [0, 255] → float32 (x/255 − mean)/std, memory format kept.
+
+    mean / std: 3 numbers each, or (1, 3, 1, 1) float32 tensors already on the images' device and ×255
+    (`TargetBuilder` keeps those, so a step copies nothing to the device for them)."""
+    m, s = (v if torch.is_tensor(v) else _channel_constant(v, images.device) for v in (mean, std))
     return images.float().sub_(m).div_(s)
+
+
+def _channel_constant(values, device) -> torch.Tensor:
+    return to_device(np.asarray(values, np.float32).reshape(1, 3, 1, 1) * np.float32(255.0), device)
 
 
 class TargetBuilder:
@@ -53,6 +61,7 @@ class TargetBuilder:
         self.erase = (build_random_erasing(data.reprob, data.remode, self.device)
                       if train and data.student_augs else None)
         self.last_mix = MixParams()
+        self._mean, self._std = (_channel_constant(v, self.device) for v in (data.mean, data.std))
 
     def _seeds(self, step: int) -> tuple[int, int, int]:
         return tuple(int(x) for x in np.random.SeedSequence(self.seed, spawn_key=(_STEP_TAG, self.rank, int(step)))
@@ -64,7 +73,9 @@ class TargetBuilder:
             return batch["image"].to(self.device, non_blocking=True)
         if self.view_spec is None:
             raise ValueError("TargetBuilder got a device-path batch (source + params) but no view_spec to render it")
-        sources = upload(batch["source"], batch["source_hw"].numpy(), self.device)
+        regions = {"image_hw": batch["source_hw"].numpy(), "origins": batch["source_origin"].numpy()} \
+            if "source_origin" in batch else {}
+        sources = upload_flat(batch["source"], self.device, **regions)
         n = len(sources.hw)
         images = render_batch(sources, np.arange(n), batch["params"].numpy(), self.view_spec)
         if "photo_ops" in batch:
@@ -73,7 +84,7 @@ class TargetBuilder:
 
     def __call__(self, batch: dict, step: int):
         gen_seed, mix_seed, erase_seed = self._seeds(step)
-        images = normalize(self.render(batch), self.data.mean, self.data.std)
+        images = normalize(self.render(batch), self._mean, self._std)
         labels = batch["label"].to(self.device, non_blocking=True)
         if self.erase is not None:
             with seeded_global_random(np.random.SeedSequence(erase_seed)):  # timm erases with global `random`
