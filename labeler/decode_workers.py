@@ -167,17 +167,22 @@ class DecodeWorkers:
                     raise DecodeFailed(payload)
         finally:
             entry.cancelled = True
-            if entry.finished:
+            with self._lock:
+                never_started = job_id in self._waiting
+                if never_started:  # no process took it yet: it simply never runs
+                    self._waiting.remove(job_id)
+            if entry.finished or never_started:
                 self._forget(job_id)
             else:  # abandoned mid-shard: drain what is still coming so its worker moves on
                 threading.Thread(target=self._drain, args=(job_id, entry), daemon=True).start()
 
     def _drain(self, job_id: int, entry: _Job) -> None:
-        while True:
+        # Until the job's end or error: a chunk dropped without giving its credit back would stall its process.
+        while not self._closed:
             try:
-                kind, _ = entry.out.get(timeout=60)
+                kind, _ = entry.out.get(timeout=_POLL_S)
             except queue.Empty:
-                break
+                continue
             if kind == "chunk" and self.pool == "process" and entry.worker is not None:
                 self._credits[entry.worker].release()
             if kind != "chunk":
