@@ -60,6 +60,7 @@ class DecodedChunk:
 
     positions: np.ndarray  # (n,) row positions within the shard
     keys: list[str]
+    names: list[str]  # "<key>.<ext>" of each row's image member (named in errors)
     labels: np.ndarray  # (n,) int32
     errors: list[str | None]
     image_hw: np.ndarray  # (n, 2) int32 (0 for invalid rows)
@@ -72,8 +73,17 @@ class DecodedChunk:
     decode_s: float = 0.0
 
     @property
+    def valid_mask(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+    @property
     def valid_positions(self) -> np.ndarray:
-        return self.positions[np.array([e is None for e in self.errors], dtype=bool)]
+        return self.positions[self.valid_mask]
+
+    @property
+    def valid_hw(self) -> np.ndarray:
+        """(valid, 2) image sizes of the valid rows (for mode "jpeg": read from the JPEG header)."""
+        return self.image_hw[self.valid_mask]
 
     @property
     def num_valid(self) -> int:
@@ -144,6 +154,7 @@ def _chunk(job: DecodeJob, items: list[_Prepared], read_s: float) -> DecodedChun
     return DecodedChunk(
         positions=np.array([it.pos for it in items], np.int64),
         keys=[it.sample.key for it in items],
+        names=[it.sample.image_name for it in items],
         labels=np.array([it.sample.label for it in items], np.int32),
         errors=[it.error for it in items],
         image_hw=np.array([it.hw for it in items], np.int32).reshape(-1, 2),

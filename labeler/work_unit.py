@@ -47,7 +47,7 @@ from labeler.models.checkpoint import load_checkpoint
 from labeler.render_batch import SourceBatch, render_batch
 from labeler.stage_clock import PHASES, StageClock
 from labeler.teacher import HostCopy, Teacher, resolve_compile
-from labelstore import NUM_PARAMS, EncodedLogits, LabelStore
+from labelstore import NUM_PARAMS, EncodedLogits, ImageDecodeError, LabelStore, decode_image
 
 RENDER_BACKENDS = ("auto", "torch", "pillow")
 DECODE_DEVICES = ("cpu", "cuda")
@@ -146,11 +146,16 @@ class _ShardRun:
         self.outstanding = 0  # valid images handed to the device loop whose results are not back yet
         self.decode_ended = False
         self.error: str | None = None
+        self.late_errors: list[tuple[int, str]] = []
         self.done = threading.Event()
 
     def fail(self, error: str) -> None:
         self.error = self.error or error
         self.done.set()
+
+    def invalidate(self, pos: int, reason: str) -> None:
+        """A row found undecodable on the device (after its caller filed it as valid): filed before the write."""
+        self.late_errors.append((pos, reason))
 
     def check_done(self) -> None:
         if self.decode_ended and self.outstanding == 0:
@@ -325,6 +330,8 @@ class ShardLabeler:
             self._dump(shard, run.dump, shard.num_samples)
         tokens, cls = run.out.encoded()
         rows = run.rows
+        for pos, reason in run.late_errors:
+            rows.invalidate(pos, reason)
         with self.clock.host("write"):
             self.labels.write_shard(shard.index, keys=rows.keys, labels=rows.labels, image_hw=rows.image_hw,
                                     valid=rows.valid, params=rows.params, tokens=tokens, cls=cls, errors=rows.errors,
@@ -441,21 +448,33 @@ class ShardLabeler:
         return self._decode_on_device(pieces)
 
     def _decode_on_device(self, pieces: list[_Piece]) -> SourceBatch:
-        """nvJPEG decode of the batch's baseline JPEGs (`decode_device: cuda`); the others came as pixels."""
+        """nvJPEG decode of the batch's baseline JPEGs in one call (`decode_device: cuda`); the other images
+        came decoded. A JPEG nvJPEG refuses (or decodes to another size than its header) is decoded by Pillow
+        instead; one Pillow cannot decode either becomes an invalid row of its shard, with the reason."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        images: list[torch.Tensor] = []  # (3, h, w) uint8 on the device, in batch order
+        slots: list[tuple[_Piece, int, bytes | None, np.ndarray | None]] = []  # (piece, row j, jpeg, pixels)
         for p in pieces:
             mask = p.chunk.jpeg_rows
-            jpeg_at = np.cumsum(mask) - 1
-            pixel_at = np.cumsum(~mask) - 1
+            jpeg_at, pixel_at = np.cumsum(mask) - 1, np.cumsum(~mask) - 1
             for j in range(p.a, p.b):
-                if mask[j]:
-                    data = torch.frombuffer(bytearray(p.chunk.jpegs[jpeg_at[j]]), dtype=torch.uint8)
-                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
-                else:
-                    host = torch.from_numpy(p.chunk.pixels.image(int(pixel_at[j])).copy())
-                    images.append(host.to(self.device).permute(2, 0, 1))
+                slots.append((p, j, p.chunk.jpegs[jpeg_at[j]], None) if mask[j]
+                             else (p, j, None, p.chunk.pixels.image(int(pixel_at[j]))))
+        jpegs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, _, data, _ in slots if data is not None]
+        try:
+            decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device) if jpegs else [])
+        except RuntimeError:  # some JPEG of the batch: decode each on its own (None = refused, Pillow below)
+            decoded = iter([_decode_one(decode_jpeg, data, ImageReadMode.RGB, self.device) for data in jpegs])
+        images: list[torch.Tensor] = []  # (3, h, w) uint8 on the device, in batch order
+        for p, j, data, pixels in slots:
+            want = tuple(int(v) for v in p.chunk.valid_hw[j])
+            if data is None:
+                images.append(torch.from_numpy(pixels.copy()).to(self.device).permute(2, 0, 1))
+                continue
+            image = next(decoded)
+            if image is None or tuple(image.shape[1:]) != want:
+                image = self._pillow_fallback(p, j, data, want)
+            images.append(image)
         images += [images[-1]] * (self.images_per_batch - len(images))
         hw = np.array([im.shape[1:] for im in images], np.int64)
         h, w = (int(-(-hw[:, i].max() // 32) * 32) for i in range(2))
@@ -463,6 +482,17 @@ class ShardLabeler:
         for i, im in enumerate(images):
             pixels[i, :, : im.shape[1], : im.shape[2]] = im
         return SourceBatch(pixels, hw)
+
+    def _pillow_fallback(self, piece: _Piece, j: int, data: bytes, hw: tuple[int, int]) -> torch.Tensor:
+        """Valid row j of `piece`'s chunk decoded by Pillow (the decode the trainer replays); if Pillow cannot
+        either, the row becomes invalid and a blank image of its header's size keeps the batch's shape."""
+        row = int(np.flatnonzero(piece.chunk.valid_mask)[j])
+        try:
+            image = np.asarray(decode_image(data, f"{piece.run.shard.url}:{piece.chunk.names[row]}"))
+        except ImageDecodeError as e:
+            piece.run.invalidate(int(piece.chunk.positions[row]), str(e))
+            return torch.zeros((3, *hw), dtype=torch.uint8, device=self.device)
+        return torch.from_numpy(image.copy()).to(self.device).permute(2, 0, 1)
 
     def _launch(self, pieces: list[_Piece]) -> _InFlight:
         """Queue copy → render → forward → top-k → copy back for one batch; nothing here waits for the device."""
@@ -517,6 +547,13 @@ class ShardLabeler:
         path = Path(self.settings.dump_views_dir) / f"shard-{shard.index:06d}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, views)
+
+
+def _decode_one(decode_jpeg, data: torch.Tensor, mode, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=mode, device=device)
+    except RuntimeError:
+        return None
 
 
 def _any_ended(pending: Iterable[_Piece]) -> bool:
@@ -580,6 +617,12 @@ class _ShardRows:
                 self.valid[pos], self.image_hw[pos] = True, chunk.image_hw[i]
                 self.params[pos] = chunk.params[valid_at]
                 valid_at += 1
+
+
+    def invalidate(self, pos: int, reason: str) -> None:
+        if self.valid[pos]:
+            self.valid[pos] = False
+            self.errors.append({"key": self.keys[pos], "reason": reason})
 
 
 class _ResultBuffers:

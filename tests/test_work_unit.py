@@ -261,6 +261,10 @@ def test_jpeg_mode_keeps_rows_in_place_among_pillow_decoded_images(tmp_path):
                 img.save(buf, format="JPEG", quality=90)
                 ext = "jpg"
             write_tar_sample(tar, f"k{i:02d}", {ext: buf.getvalue(), "cls": str(i % 10).encode()})
+        good = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(good, format="JPEG")
+        header = good.getvalue()[:200]  # a valid JPEG header (its size reads fine) and then nothing decodable
+        write_tar_sample(tar, "k07", {"jpg": header + b"\x00" * 64, "cls": b"1"})
     spec = build_labeler_spec(name="t", model=MODEL, num_classes=10, views=VIEWS, topk=4)
     teacher = build_teacher(spec, WorkerSettings(checkpoint=None, amp="none"), torch.device("cpu"))
     pixels, _, _ = labelled(tmp_path / "p", [str(shard)], render_backend="torch", teacher=teacher)
@@ -271,8 +275,13 @@ def test_jpeg_mode_keeps_rows_in_place_among_pillow_decoded_images(tmp_path):
     with ShardLabeler(store.path, "t", settings, teacher=teacher) as work:
         work.settings = dataclasses.replace(settings, decode_device="cuda")  # the jpeg path, on this CPU
         assert work.chunk_mode == "jpeg"
+        fallbacks = []
+        fallback = work._pillow_fallback
+        work._pillow_fallback = lambda *a: (fallbacks.append(a[1]), fallback(*a))[1]
         assert work(0).ok
+    assert len(fallbacks) == 1  # the broken JPEG went to the device decoder, which refused it
     got, want = read_labels(store.path), read_labels(pixels)
+    assert not LabelStore.open(store.path).samples["valid"][7]  # the broken JPEG: invalid, with Pillow's reason
     for name in got:
         if got[name].dtype.kind == "f":
             np.testing.assert_allclose(got[name].astype(np.float32), want[name].astype(np.float32), atol=2e-3, err_msg=name)
