@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from labeler.device import resolve_device
-from labeler.render_batch import pack_images, render_batch, upload
+from labeler.flat_images import pack_flat, upload_flat
+from labeler.render_batch import render_batch
 from labeler.teacher_spec import build_labeler_spec
 from labeler.work_unit import WorkerSettings, build_teacher, gpu_decodable_jpeg
 from labelstore import decode_image, draw_views
@@ -59,7 +60,7 @@ def bench_jpeg(shards: list[str], model: str, num_classes: int | None = None, ch
         params = np.concatenate([draw_views(spec.view_spec, 0, i, views, a.shape[:2]) for i, (a, _) in enumerate(pending)])
         outs = []
         for k in range(2):
-            src = upload(*pack_images([p[k] for p in pending], pin_memory=dev.type == "cuda"), dev)
+            src = upload_flat(pack_flat([p[k] for p in pending], pin_memory=dev.type == "cuda"), dev)
             outs.append(teacher.forward(render_batch(src, index, params, spec.view_spec)))
         agree_cls += int((outs[0][0].argmax(-1) == outs[1][0].argmax(-1)).sum())
         agree_tok += int((outs[0][1].argmax(-1) == outs[1][1].argmax(-1)).sum())

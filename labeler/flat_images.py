@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from labeler.render_batch import SourceBatch
+from labeler.render_batch import SourceBatch, render_batch
+from labelstore.views import ViewSpec
 
 
 @dataclass(frozen=True)
@@ -118,3 +119,12 @@ def concat_flat(parts: Sequence[FlatImages], *, pin_memory: bool = False) -> Fla
         data[off:off + p.data.numel()].copy_(p.data)
         off += p.data.numel()
     return FlatImages(data, np.concatenate([p.hw for p in parts]))
+
+
+def render_images(images: Sequence[np.ndarray], params: Sequence[np.ndarray], spec: ViewSpec,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Convenience: HWC uint8 images and per-image params (S_i, P) → all views (ΣS_i, 3, h, w) uint8."""
+    counts = [len(np.asarray(p).reshape(-1, params[0].shape[-1])) for p in params]
+    index = np.repeat(np.arange(len(images)), counts)
+    return render_batch(upload_flat(pack_flat(images), device), index, np.concatenate([np.asarray(p) for p in params]),
+                        spec)

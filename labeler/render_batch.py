@@ -99,49 +99,6 @@ def _footprint(boxes: np.ndarray, src_hw: np.ndarray) -> np.ndarray:
                      np.minimum(y1 + m, hw[:, 0]), np.minimum(x1 + m, hw[:, 1])], 1)
 
 
-def pack_images(images: Sequence[np.ndarray], multiple: int = 32,
-                pin_memory: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-    """HWC uint8 images of any sizes → ((N, H, W, 3) uint8 host tensor zero-padded, (N, 2) int64 sizes).
-
-    Sizes round up to `multiple` so consecutive batches reuse the same buffer shapes (fewer allocator
-    misses). `pin_memory=True` packs straight into page-locked memory from torch's caching host
-    allocator, so `upload` is an asynchronous copy and the buffer is recycled only after that copy has
-    run. Done on the host (data workers, decode threads).
-    """
-    if not len(images):
-        raise ValueError("pack_images needs at least one image")
-    for i, im in enumerate(images):
-        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
-            raise ValueError(f"image {i}: expected HWC uint8 RGB, got {im.shape} {im.dtype}")
-    hw = np.array([im.shape[:2] for im in images], dtype=np.int64)
-    h = int(-(-hw[:, 0].max() // multiple) * multiple)
-    w = int(-(-hw[:, 1].max() // multiple) * multiple)
-    buf = torch.empty((len(images), h, w, 3), dtype=torch.uint8, pin_memory=pin_memory)
-    out = buf.numpy()
-    for i, im in enumerate(images):
-        ih, iw = im.shape[:2]
-        out[i, :ih, :iw] = im
-        out[i, :ih, iw:] = 0  # only the padding is cleared: one pass over the buffer, deterministic contents
-        out[i, ih:] = 0
-    return buf, hw
-
-
-def pad_images(images: Sequence[np.ndarray], multiple: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """`pack_images` as numpy: ((N, H, W, 3) uint8 zero-padded, (N, 2) int64 sizes)."""
-    buf, hw = pack_images(images, multiple)
-    return buf.numpy(), hw
-
-
-def upload(padded: np.ndarray | torch.Tensor, hw: np.ndarray, device: torch.device | str) -> SourceBatch:
-    """(N, H, W, 3) uint8 host images → SourceBatch on `device` (pinned, non-blocking copy on CUDA)."""
-    device = torch.device(device)
-    host = torch.as_tensor(padded)
-    if device.type == "cuda" and not host.is_pinned():
-        host = host.pin_memory()
-    pixels = host.to(device, non_blocking=True).permute(0, 3, 1, 2)
-    return SourceBatch(pixels=pixels, hw=np.asarray(hw))
-
-
 def _float_dtype(device: torch.device) -> torch.dtype:
     # float64 is exact enough to reproduce Pillow's truncation almost everywhere; GPUs are slow at it.
     return torch.float64 if device.type == "cpu" else torch.float32
@@ -294,12 +251,3 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
     values = torch.where(inside[:, None], values, fill)
     out.copy_(values.add_(_TRUNC_EPS[dtype]).floor_().clamp_(0, 255))
     return out
-
-
-def render_images(images: Sequence[np.ndarray], params: Sequence[np.ndarray], spec: ViewSpec,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """Convenience: HWC uint8 images and per-image params (S_i, P) → all views (ΣS_i, 3, h, w) uint8."""
-    padded, hw = pad_images(images)
-    counts = [len(np.asarray(p).reshape(-1, params[0].shape[-1])) for p in params]
-    index = np.repeat(np.arange(len(images)), counts)
-    return render_batch(upload(padded, hw, device), index, np.concatenate([np.asarray(p) for p in params]), spec)

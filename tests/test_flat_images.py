@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from labeler.flat_images import FlatImages, concat_flat, pack_flat, upload_flat
-from labeler.render_batch import pad_images, render_batch, upload
+from labeler.render_batch import SourceBatch, render_batch
 from labelstore.views import ViewSpec, draw_views
 
 
@@ -26,10 +26,20 @@ def test_pack_flat_round_trip_and_slices():
     np.testing.assert_array_equal(joined.image(1), images[0])
 
 
+def _padded(images, multiple=32):
+    """The padded batch built by hand: each image in the top-left corner of a zero (N, 3, H, W) buffer."""
+    h = -(-max(im.shape[0] for im in images) // multiple) * multiple
+    w = -(-max(im.shape[1] for im in images) // multiple) * multiple
+    out = np.zeros((len(images), h, w, 3), np.uint8)
+    for i, im in enumerate(images):
+        out[i, :im.shape[0], :im.shape[1]] = im
+    return SourceBatch(torch.from_numpy(out).permute(0, 3, 1, 2), np.array([im.shape[:2] for im in images]))
+
+
 def test_upload_flat_equals_padded_upload():
     images = _images(1, [(40, 33), (17, 64), (64, 10)])
     flat = upload_flat(pack_flat(images), "cpu")
-    padded = upload(*pad_images(images), "cpu")
+    padded = _padded(images)
     assert flat.pixels.shape == padded.pixels.shape
     assert torch.equal(flat.pixels, padded.pixels)
     np.testing.assert_array_equal(flat.hw, padded.hw)
@@ -41,7 +51,7 @@ def test_render_from_flat_matches_padded():
     params = np.concatenate([draw_views(spec, 0, i, 3, im.shape[:2]) for i, im in enumerate(images)])
     index = np.repeat([0, 1], 3)
     a = render_batch(upload_flat(pack_flat(images), "cpu"), index, params, spec)
-    b = render_batch(upload(*pad_images(images), "cpu"), index, params, spec)
+    b = render_batch(_padded(images), index, params, spec)
     assert torch.equal(a, b)
 
 

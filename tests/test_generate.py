@@ -172,7 +172,7 @@ def test_odd_images_handled_and_corrupt_one_recorded(built, data):
 
 @pytest.mark.timeout(240)
 def test_stored_params_rerender_the_pixels_the_teacher_saw(built, data):
-    from labeler.render_batch import render_images
+    from labeler.flat_images import render_images
 
     _, s = built
     store = LabelStore.open(s.store)

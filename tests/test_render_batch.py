@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import labeler.render_batch as rb
-from labeler.render_batch import SourceBatch, pack_images, pad_images, render_batch, render_images, upload
+from labeler.flat_images import pack_flat, render_images, upload_flat
+from labeler.render_batch import SourceBatch, render_batch
 from labelstore.views import NUM_PARAMS, ViewSpec, draw_views, render, view_geometry
 
 SIZES = [(8, 8), (120, 160), (37, 129), (700, 500), (300, 290), (451, 470)]
@@ -70,7 +71,7 @@ def test_box_reduction_is_bit_exact_pillow_reduce():
         p = np.zeros((1, NUM_PARAMS), np.float32)
         p[0, :4] = (x, y, 50 * k, 40 * k)
         assert view_geometry(p, img.shape[:2], spec).factors[0] == k
-        got = render_batch(upload(*pad_images([img]), "cpu"), [0], p, spec)[0].permute(1, 2, 0).numpy()
+        got = render_batch(upload_flat(pack_flat([img]), "cpu"), [0], p, spec)[0].permute(1, 2, 0).numpy()
         want = np.asarray(Image.fromarray(img).reduce(k, box=(x, y, x + 50 * k, y + 40 * k)))
         np.testing.assert_array_equal(got, want)
 
@@ -79,7 +80,7 @@ def test_box_reduction_is_bit_exact_pillow_reduce():
 def test_box_reduction_clips_edge_boxes_like_pillow(hw, k):
     """Whole-image reductions whose last row/column of boxes is cut by the edge (sizes not multiples of k)."""
     img = _images(k, [hw])[0]
-    src = upload(*pad_images([img]), "cpu")
+    src = upload_flat(pack_flat([img]), "cpu")
     h, w = hw
     reduced_hw = torch.tensor([[-(-h // k), -(-w // k)]])
     got = rb._reduced_crops(src, torch.tensor([0]), torch.tensor([0]), torch.tensor([[0, 0, w, h]]), torch.tensor([k]),
@@ -91,12 +92,12 @@ def test_any_view_order_gives_the_same_pixels(precision):
     """Views need not be grouped by image: a shuffled index takes the general path, same pixels."""
     spec = SPECS["large crops (box reduction)"]
     images = _images(3)
-    padded, hw = pad_images(images)
+    flat = pack_flat(images)
     params = np.concatenate([draw_views(spec, 5, row, 4, im.shape[:2]) for row, im in enumerate(images)])
     index = np.repeat(np.arange(len(images)), 4)
-    grouped = render_batch(upload(padded, hw, "cpu"), index, params, spec)
+    grouped = render_batch(upload_flat(flat, "cpu"), index, params, spec)
     perm = np.random.default_rng(0).permutation(len(index))[:-3]  # uneven views per image, some dropped
-    shuffled = render_batch(upload(padded, hw, "cpu"), index[perm], params[perm], spec)
+    shuffled = render_batch(upload_flat(flat, "cpu"), index[perm], params[perm], spec)
     assert torch.equal(shuffled, grouped[perm])
 
 
@@ -107,13 +108,13 @@ def test_fill_outside_the_image():
     p = np.zeros((1, NUM_PARAMS), np.float32)
     p[0, :4] = (0, 0, 40, 40)
     p[0, 8] = 5.0  # translate_x by five output widths: every output pixel maps outside the crop
-    got = render_batch(upload(*pad_images([img]), "cpu"), [0], p, spec)
+    got = render_batch(upload_flat(pack_flat([img]), "cpu"), [0], p, spec)
     assert torch.equal(got[0], torch.tensor([1, 2, 3], dtype=torch.uint8)[:, None, None].expand(3, 16, 16))
 
 
 def test_bad_inputs_are_refused():
     spec = ViewSpec(size=(16, 16), interpolation="bicubic")
-    src = upload(*pad_images(_images(5, [(20, 20)])), "cpu")
+    src = upload_flat(pack_flat(_images(5, [(20, 20)])), "cpu")
     with pytest.raises(ValueError, match="bilinear"):
         render_batch(src, [0], draw_views(spec, 0, 0, 1, (20, 20)), spec)
     with pytest.raises(ValueError, match="image_index"):
@@ -124,20 +125,22 @@ def test_bad_inputs_are_refused():
         SourceBatch(torch.zeros((1, 3, 4, 4), dtype=torch.uint8), np.array([[5, 4]]))
 
 
-def test_pad_images_rounds_up_and_keeps_pixels():
+def test_upload_flat_rounds_up_and_keeps_pixels():
     images = _images(6, [(33, 10), (5, 70)])
-    padded, hw = pad_images(images, multiple=32)
+    src = upload_flat(pack_flat(images), "cpu", multiple=32)
+    padded, hw = src.pixels.permute(0, 2, 3, 1).numpy(), src.hw
     assert padded.shape == (2, 64, 96, 3) and hw.tolist() == [[33, 10], [5, 70]]
     np.testing.assert_array_equal(padded[1, :5, :70], images[1])
     assert not padded[0, :, 10:].any() and not padded[0, 33:].any() and not padded[1, 5:].any()  # padding is zero
 
 
-def test_pack_images_refills_recycled_buffers_with_zero_padding():
-    """pack_images writes only image + padding: a recycled buffer with old contents still comes out clean."""
+def test_upload_flat_pads_with_zeros_after_bigger_batches():
+    """The device buffer's padding is zero even when the allocator hands back a block that held other images."""
     big = [np.full((60, 60, 3), 255, np.uint8)]
-    for _ in range(3):  # torch's host allocator may hand back the same block
-        pack_images(big)
-    small, hw = pack_images(_images(7, [(40, 20)]), multiple=32)
+    for _ in range(3):  # torch's allocator may hand back the same block
+        upload_flat(pack_flat(big), "cpu")
+    src = upload_flat(pack_flat(_images(7, [(40, 20)])), "cpu", multiple=32)
+    small, hw = src.pixels.permute(0, 2, 3, 1), src.hw
     assert tuple(small.shape) == (1, 64, 32, 3) and hw.tolist() == [[40, 20]]
     assert not small[0, 40:].any() and not small[0, :, 20:].any()
 
