@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterator
 
 import numpy as np
@@ -72,22 +73,23 @@ class DecodedChunk:
     read_s: float = 0.0  # busy seconds spent reading / decoding this chunk (for the stage clock)
     decode_s: float = 0.0
 
-    @property
+    # Derived once per chunk (the device loop asks per piece and, on the nvJPEG path, per row).
+    @cached_property
     def valid_mask(self) -> np.ndarray:
         return np.array([e is None for e in self.errors], dtype=bool)
 
-    @property
+    @cached_property
     def valid_positions(self) -> np.ndarray:
         return self.positions[self.valid_mask]
 
-    @property
+    @cached_property
     def valid_hw(self) -> np.ndarray:
         """(valid, 2) image sizes of the valid rows (for mode "jpeg": read from the JPEG header)."""
         return self.image_hw[self.valid_mask]
 
-    @property
+    @cached_property
     def num_valid(self) -> int:
-        return int(sum(e is None for e in self.errors))
+        return int(self.valid_mask.sum())
 
 
 @dataclass

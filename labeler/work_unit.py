@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from labeler.decode_chunks import DecodedChunk, DecodeJob, gpu_decodable_jpeg
+from labeler.decode_chunks import DecodedChunk, DecodeJob
 from labeler.decode_workers import (DECODE_POOLS, DecodeFailed, DecodeWorkers, resolve_decode_pool,
                                     resolve_decode_workers)
 from labeler.device import resolve_device
@@ -52,7 +52,7 @@ from labelstore import NUM_PARAMS, EncodedLogits, ImageDecodeError, LabelStore, 
 RENDER_BACKENDS = ("auto", "torch", "pillow")
 DECODE_DEVICES = ("cpu", "cuda")
 __all__ = ["PHASES", "RENDER_BACKENDS", "DECODE_DEVICES", "DECODE_POOLS", "WorkerSettings", "FaultInjection",
-           "ShardOutcome", "gpu_decodable_jpeg", "ShardLabeler", "build_teacher", "resolve_shards_in_flight"]
+           "ShardOutcome", "ShardLabeler", "build_teacher", "resolve_shards_in_flight"]
 
 
 @dataclass(frozen=True)
