@@ -6,18 +6,19 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from labeler.models import checkpoint_num_classes, create_token_model, token_grid
-from labeler.models.checkpoint import load_checkpoint
+from labeler.models import create_token_model, token_grid
+from labeler.models.checkpoint import file_sha256, load_state, read_state, state_num_classes
 from labelstore import LabelerSpec, LabelerStore, LabelStore, SchemaMismatch, StoreError, ViewSpec
 
 
-def resolve_num_classes(num_classes: int | None, checkpoint: str | None) -> int:
-    """`num_classes` as given; else the rows of the checkpoint's classifier; else 1000 (random ImageNet-size head)."""
+def resolve_num_classes(num_classes: int | None, checkpoint: str | None, state: Mapping | None = None) -> int:
+    """`num_classes` as given; else the rows of the checkpoint's classifier (from `state` when already read);
+    else 1000 (random ImageNet-size head)."""
     if num_classes is not None:
         return int(num_classes)
     if not checkpoint:
         return 1000
-    found = checkpoint_num_classes(checkpoint)
+    found = state_num_classes(state if state is not None else read_state(checkpoint))
     if found is None:
         raise ValueError(f"cannot tell the number of classes of {checkpoint} (no head, aux_head, head.fc, "
                          "classifier or fc weight in it): give --num-classes")
@@ -33,13 +34,17 @@ def build_labeler_spec(*, name: str, model: str, num_classes: int | None, views:
     Unset input size, mean and std come from the model's pretrained config; `view` holds ViewSpec fields;
     `num_classes=None` reads the class count off the checkpoint (`resolve_num_classes`).
     """
-    num_classes = resolve_num_classes(num_classes, checkpoint)
+    state = read_state(checkpoint) if checkpoint else None  # read once: class count and weights
+    num_classes = resolve_num_classes(num_classes, checkpoint, state)
     if topk > num_classes:
         raise ValueError(f"topk {topk} exceeds the teacher's {num_classes} classes")
     net = create_token_model(model, num_classes=num_classes, pretrained=False)
     cfg = getattr(net, "pretrained_cfg", None) or {}
     size = tuple(input_size or cfg.get("input_size", (3, 224, 224))[1:])
-    sha = load_checkpoint(net, checkpoint, prefer_ema=True) if checkpoint else ""
+    sha = ""
+    if checkpoint:
+        load_state(net, state, checkpoint)
+        sha = file_sha256(checkpoint)
     return LabelerSpec(
         name=name, arch=model, num_classes=num_classes, input_size=size,
         grid=token_grid(net, size), mean=tuple(mean or cfg.get("mean", (0.485, 0.456, 0.406))),

@@ -8,7 +8,7 @@
     sha256 = load_checkpoint(m, "teacher.pth.tar")
 """
 from labeler.errors import CheckpointError
-from labeler.models.checkpoint import checkpoint_num_classes, load_checkpoint
+from labeler.models.checkpoint import load_checkpoint
 from labeler.models.fan_hybrid import FanHybrid
 from labeler.models.fan_registry import FAN_SIZES, FanSize
 from labeler.models.foreign_weights import load_efficientnet_lite0_weights, load_state_dict_in_order
@@ -18,5 +18,5 @@ from labeler.models.token_model_factory import create_token_model, token_grid
 
 __all__ = [
     "FAN_SIZES", "CheckpointError", "FanHybrid", "FanSize", "TokenForward", "TokenHeadWrapper", "create_token_model",
-    "checkpoint_num_classes", "load_checkpoint", "load_efficientnet_lite0_weights", "load_state_dict_in_order", "token_grid",
+    "load_checkpoint", "load_efficientnet_lite0_weights", "load_state_dict_in_order", "token_grid",
 ]

@@ -129,30 +129,32 @@ def _load_target(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Modu
     return model
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, prefer_ema: bool = True,
-                    allow_unsafe_pickle: bool = False) -> str:
-    """Load `path` into `model` (strict: every key, every shape) and return the file's sha256 (hex).
+def read_state(path: str | Path, prefer_ema: bool = True, allow_unsafe_pickle: bool = False) -> dict:
+    """The state dict in `path` (read once): timm checkpoint dicts (`state_dict_ema`/`model_ema` preferred when
+    `prefer_ema`, else `state_dict`/`model`), plain state dicts and .safetensors files; legacy keys converted."""
+    return convert_legacy_keys(select_state_dict(read_checkpoint(path, allow_unsafe_pickle), prefer_ema, str(path)))
 
-    Accepts timm checkpoint dicts (`state_dict_ema`/`model_ema` preferred when `prefer_ema`, else
-    `state_dict`/`model`), plain state dicts and .safetensors files; legacy key spellings are converted.
-    Nothing is copied unless the whole state dict fits.
-    """
-    source = str(path)
-    state = convert_legacy_keys(select_state_dict(read_checkpoint(path, allow_unsafe_pickle), prefer_ema, source))
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load a `read_state` result into `model` (strict: every key, every shape; nothing copied unless all fits)."""
     target = _load_target(model, state)
     check_state_dict(target, state, source)
     target.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, prefer_ema: bool = True,
+                    allow_unsafe_pickle: bool = False) -> str:
+    """Load `path` into `model` (`read_state` + `load_state`) and return the file's sha256 (hex)."""
+    load_state(model, read_state(path, prefer_ema, allow_unsafe_pickle), str(path))
     return file_sha256(path)
 
 
-def checkpoint_num_classes(path: str | Path, prefer_ema: bool = True) -> int | None:
-    """Classes of the weights in `path`: the rows of its classifier weight, None when it has none we know.
+def state_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    """The rows of the state dict's classifier weight, None when it has none we know.
 
     Looks for the classifier names of our FAN models (`head`, `aux_head`) and of timm backbones (`head.fc`,
     `classifier`, `fc`), also under the `model.` prefix of a TokenHeadWrapper's own state dict.
     """
-    source = str(path)
-    state = convert_legacy_keys(select_state_dict(read_checkpoint(path), prefer_ema, source))
     for name in CLASSIFIER_NAMES:
         for key in (f"{name}.weight", f"model.{name}.weight"):
             weight = state.get(key)
