@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from labeler.device import to_device
 from labeler.render_batch import SourceBatch, render_batch
 from labelstore.views import ViewSpec
 
@@ -95,7 +96,7 @@ def upload_flat(flat: FlatImages, device: torch.device | str, multiple: int = 32
     if not len(flat):
         raise ValueError("upload_flat needs at least one image")
     device = torch.device(device)
-    data = flat.data.to(device, non_blocking=flat.data.is_pinned())
+    data = to_device(flat.data, device)
     hw = flat.hw
     h = int(-(-hw[:, 0].max() // multiple) * multiple)
     w = int(-(-hw[:, 1].max() // multiple) * multiple)

@@ -40,7 +40,7 @@ import torch
 from labeler.decode_chunks import DecodedChunk, DecodeJob
 from labeler.decode_workers import (DECODE_POOLS, DecodeFailed, DecodeWorkers, resolve_decode_pool,
                                     resolve_decode_workers)
-from labeler.device import resolve_device
+from labeler.device import resolve_device, to_device
 from labeler.flat_images import FlatImages, concat_flat, upload_flat
 from labeler.models import create_token_model
 from labeler.models.checkpoint import load_checkpoint
@@ -469,7 +469,7 @@ class ShardLabeler:
         for p, j, data, pixels in slots:
             want = tuple(int(v) for v in p.chunk.valid_hw[j])
             if data is None:
-                images.append(torch.from_numpy(pixels.copy()).to(self.device).permute(2, 0, 1))
+                images.append(to_device(pixels.copy(), self.device).permute(2, 0, 1))
                 continue
             image = next(decoded)
             if image is None or tuple(image.shape[1:]) != want:
@@ -492,7 +492,7 @@ class ShardLabeler:
         except ImageDecodeError as e:
             piece.run.invalidate(int(piece.chunk.positions[row]), str(e))
             return torch.zeros((3, *hw), dtype=torch.uint8, device=self.device)
-        return torch.from_numpy(image.copy()).to(self.device).permute(2, 0, 1)
+        return to_device(image.copy(), self.device).permute(2, 0, 1)
 
     def _launch(self, pieces: list[_Piece]) -> _InFlight:
         """Queue copy → render → forward → top-k → copy back for one batch; nothing here waits for the device."""
