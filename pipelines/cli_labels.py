@@ -115,10 +115,11 @@ def bench_generate_cmd(
     from labeler.bench_generate import bench_generate
 
     with exit_2_on_user_error():
-        report = bench_generate(shards, model, batch_size, amp, views, topk, num_classes, input_size, device,
-                                render_backend, decode_workers, checkpoint, compile=compile, decode_device=decode_device,
-                                decode_pool=decode_pool, shards_in_flight=shards_in_flight,
-                                keep_store=keep_store)
+        report = bench_generate(shards, model, batch_size, amp, views, topk=topk, num_classes=num_classes,
+                                input_size=input_size, device=device, render_backend=render_backend,
+                                decode_workers=decode_workers, checkpoint=checkpoint, compile=compile,
+                                decode_device=decode_device, decode_pool=decode_pool,
+                                shards_in_flight=shards_in_flight, keep_store=keep_store)
     typer.echo(report.format())
 
 
