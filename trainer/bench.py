@@ -6,9 +6,11 @@ the configured augment device), targets, compile, AMP and EMA, run for `seconds`
   (b) stored token labels (ours): + Gumbel token targets drawn on the device from the stored top-k logits;
   (c) online teacher (the reference method): + a same-size teacher forward (eval, no grad) every step, its
       dense token logits turned into Gumbel token targets by the same sampler.
-The time is split into loader wait (the loop blocked on the next batch) and the rest (the step).
+The time is split into loader wait (the loop blocked on the next batch) and the rest (the step); the part of
+the wait spent on epochs' first batches is printed too (the next epoch is started ahead: data.overlap_epochs).
 Step only: the same three variants on batches already in memory (only the step is timed).
-Data-loader images/s on the same shards: the student's loader vs timm's standard train transform.
+Data-loader images/s on the same shards: the student's loader vs timm's standard train transform, each read
+epoch after epoch as training reads it, timed from its first batch.
 One student and one teacher module serve every variant and both phases (weights reset between runs), so with
 `--compile` each is compiled once, before anything is timed; the compile times are printed.
 Nothing is asserted; the figures are printed with their ratios (goals on a GPU: b/a >= 0.95, b/c >= 1.25,
@@ -79,6 +81,8 @@ class EndToEnd:
     images: int
     seconds: float
     loader_wait_s: float
+    epoch_start_wait_s: float = 0.0  # the part of loader_wait_s spent on the first batch of an epoch
+    epochs_started: int = 0  # epochs whose first batch came inside the window
 
     @property
     def images_per_s(self) -> float:
@@ -122,10 +126,13 @@ class BenchFigures:
         if self.source_kb_per_sample is not None:
             lines.append(f"  decoded image bytes to the device: {self.source_kb_per_sample:.1f} kB/sample "
                          f"(each view's source footprint)")
-        lines.append(f"  {'end to end (real loop)':<28} {'img/s':>9} {'timed s':>8} {'loader wait':>12} {'step':>7}")
+        lines.append(f"  {'end to end (real loop)':<28} {'img/s':>9} {'timed s':>8} {'loader wait':>12} {'step':>7}"
+                     f"  {'of the wait: epoch starts'}")
         for k, v in self.end_to_end.items():
             wait = v.loader_wait_s / max(v.seconds, 1e-9)
-            lines.append(f"  {NAMES[k]:<28} {v.images_per_s:9.1f} {v.seconds:8.1f} {wait:11.0%} {1 - wait:7.0%}")
+            starts = v.epoch_start_wait_s / max(v.seconds, 1e-9)
+            lines.append(f"  {NAMES[k]:<28} {v.images_per_s:9.1f} {v.seconds:8.1f} {wait:11.0%} {1 - wait:7.0%}"
+                         f"  {starts:.0%} ({v.epochs_started} epoch(s) began in the window)")
         lines.append(f"  step only (batches in memory, median of {self.repeats})")
         for k, v in self.steps_per_s.items():
             lines.append(f"  {NAMES[k]:<28} {v * self.batch_size:9.1f} img/s  ({v:.2f} steps/s)")
@@ -138,12 +145,23 @@ class BenchFigures:
 
 
 def _time_loader(loader, max_images: int) -> tuple[float, int]:
-    loader.set_epoch(0)
-    n, start = 0, time.perf_counter()
-    for batch in loader:
-        n += len(batch["label"])
-        if n >= max_images:
-            break
+    """Images/s of the loader alone, read as training reads it (epoch after epoch, the next one started
+    ahead); the clock starts at the first batch, so starting the workers is not in the figure."""
+    epochs = loader_epochs(loader)
+    n, start, epoch = 0, None, 0
+    while n < max_images:
+        got = False
+        for batch, _ in epochs(epoch, {}):
+            got = True
+            if start is None:
+                start = time.perf_counter()
+                continue
+            n += len(batch["label"])
+            if n >= max_images:
+                break
+        if not got:
+            raise ValueError("bench: the shards yield no full batch in an epoch; lower --batch-size")
+        epoch += 1
     return n / max(time.perf_counter() - start, 1e-9), n
 
 
@@ -160,6 +178,7 @@ class TimedBatches:
     def __init__(self, epoch_batches, *, warmup: int, seconds: float, stop: StopRequest, device: torch.device):
         self.epoch_batches, self.warmup, self.seconds, self.stop, self.device = epoch_batches, warmup, seconds, stop, device
         self.requested, self.start, self.end, self.images, self.wait = 0, None, None, 0, 0.0
+        self.epoch_start_wait, self.epochs_started = 0.0, 0
 
     def __call__(self, epoch: int, position: dict):
         batches = iter(self.epoch_batches(epoch, position))
@@ -175,7 +194,6 @@ class TimedBatches:
                 if first:
                     raise ValueError("bench: the shards yield no full batch in an epoch; lower --batch-size")
                 return
-            first = False
             self.requested += 1
             if self.start is not None and self.end is None:
                 if t0 - self.start >= self.seconds and self.requested > self.warmup + 1:
@@ -185,12 +203,17 @@ class TimedBatches:
                 else:
                     self.wait += t1 - t0
                     self.images += len(item[0]["label"])
+                    if first:
+                        self.epoch_start_wait += t1 - t0
+                        self.epochs_started += 1
+            first = False
             yield item
 
     def figures(self) -> EndToEnd:
         if self.end is None:
             raise RuntimeError("bench: the timed window never closed (the run ended first)")
-        return EndToEnd(images=self.images, seconds=self.end - self.start, loader_wait_s=self.wait)
+        return EndToEnd(images=self.images, seconds=self.end - self.start, loader_wait_s=self.wait,
+                        epoch_start_wait_s=self.epoch_start_wait, epochs_started=self.epochs_started)
 
 
 def _variant_targets(variant: str, builder: TargetBuilder, teacher_forward, teacher_grid, tokens: TokenLabelConfig,

@@ -68,6 +68,9 @@ class DataConfig:
     # when the model is on a GPU.
     augment_device: str = "auto"
     prefetch_factor: int = 4  # batches each data worker keeps ready
+    # Start the next epoch's workers (a second DataLoader with its own persistent workers) before this epoch
+    # ends, so the step does not wait at the boundary (docs/design.md "The train-time data path").
+    overlap_epochs: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.shards, str):

@@ -25,10 +25,13 @@ the unit of work split over workers).
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
+import weakref
 import zlib
+from functools import partial
 from itertools import islice
 from typing import Iterable, Sequence
 
@@ -41,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from labelstore import ImageDecodeError, LabelStore, RowIndex, SchemaMismatch, StoreError, decode_image
 from labelstore.shard_format import expand_shard_urls, image_field, parse_label
 from trainer.data_config import DataConfig
+from trainer.epoch_lanes import EpochLanes
 from trainer.epoch_ledger import EpochLedger, skip_consumed
 from trainer.packed_tensors import pack_tensors, unpack_tensors
 from trainer.source_check import SourceCheck
@@ -121,8 +125,15 @@ class ShardStream(IterableDataset):
         world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
         return math.ceil(len(self.urls) / max(1, world))
 
-    def order(self) -> list[str]:
-        return epoch_shard_order(self.urls, self.seed, self.epoch, self.shuffle_shards)
+    def order(self, epoch: int | None = None) -> list[str]:
+        return epoch_shard_order(self.urls, self.seed, self.epoch if epoch is None else epoch, self.shuffle_shards)
+
+    def fork(self) -> "ShardStream":
+        """The same stream with its own shared epoch state (a second DataLoader lane: trainer/epoch_lanes.py)."""
+        other = copy.copy(self)
+        other._state = torch.zeros_like(self._state).share_memory_()
+        other._resume = torch.zeros_like(self._resume).share_memory_()
+        return other
 
     def _split_by_rank(self, items):
         if self.rank is None:
@@ -130,7 +141,8 @@ class ShardStream(IterableDataset):
         return islice(items, self.rank, None, self.world_size)
 
     def __iter__(self):
-        order = self.order()
+        epoch = self.epoch  # read once: the whole pass belongs to one epoch
+        order = self.order(epoch)
         positions = {u: i for i, u in enumerate(order)}
         skip = self.skip_shards
         items = iter([{"url": u, "__pos__": i} for i, u in enumerate(order) if i not in skip])
@@ -144,7 +156,7 @@ class ShardStream(IterableDataset):
         for _ in range(taken):  # placeholders for the items trained on before the checkpoint (see module doc)
             yield {"meta": {"worker": worker, "placeholder": True}}
         try:
-            for item in self.pipeline(samples, ledger, positions, self.epoch, stream_id):
+            for item in self.pipeline(samples, ledger, positions, epoch, stream_id):
                 item["meta"]["worker"] = worker
                 # In a worker: the batch's tensors travel as one shared buffer (trainer/packed_tensors.py).
                 yield pack_tensors(item) if info is not None else item
@@ -160,17 +172,35 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decode/render workers: one thread each, the cores go to the workers
 
 
-class StreamLoader:
-    """Iterates a ShardStream through a torch DataLoader (batches collated in the workers)."""
+def _data_loader(stream: ShardStream, *, workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
+    kw = dict(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init,
+              persistent_workers=True) if workers > 0 else {}  # persistent: workers survive the epochs
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, **kw)
 
-    def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool = False, prefetch_factor: int = 4):
+
+class StreamLoader:
+    """Iterates a ShardStream through a torch DataLoader (batches collated in the workers).
+
+    `overlap_epochs` (with workers): `prefetch_epoch(e)` starts epoch e on a second DataLoader lane while
+    this epoch is still read, so the step does not wait at the boundary (trainer/epoch_lanes.py).
+    `num_samples`, when known, sizes `batches_per_rank()` (the estimate that says when to prefetch)."""
+
+    def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool = False, prefetch_factor: int = 4,
+                 overlap_epochs: bool = True, num_samples: int | None = None):
         self.stream, self.workers, self.pin_memory, self.prefetch_factor = stream, int(workers), pin_memory, prefetch_factor
+        self.num_samples = num_samples  # samples of one epoch over all ranks (None: unknown)
         shards = stream.shards_per_rank()
         if self.workers > shards:
             warnings.warn(f"data.workers={self.workers} but each rank reads only {shards} shard(s): "
                           f"{self.workers - shards} worker(s) per rank will sit idle (a shard is read by one worker); "
                           f"write more, smaller shards or lower data.workers", stacklevel=3)
-        self._loader: DataLoader | None = None
+        # No reference back to self from the lanes: a cycle would leave the DataLoader iterators to the cycle
+        # collector, which may close their queues before they tell the workers to exit (a 5 s wait each).
+        make_loader = partial(_data_loader, workers=self.workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+        self._lanes = EpochLanes(stream, make_loader, overlap=overlap_epochs and self.workers > 0,
+                                 fork_stream=stream.fork)
+        weakref.finalize(self, self._lanes.close)  # workers stopped cleanly however this loader is collected
+        self._epoch = stream.epoch
         self.done_shards: set[int] = set()
         self.skipped: list[dict] = []
         self._skipped_keys: set[tuple[str, str]] = set()
@@ -180,11 +210,22 @@ class StreamLoader:
 
     @property
     def epoch(self) -> int:
-        return self.stream.epoch
+        return self._epoch
+
+    @property
+    def overlap_epochs(self) -> bool:
+        return self._lanes.overlap
 
     @property
     def num_shards(self) -> int:
         return len(self.stream.urls)
+
+    def batches_per_rank(self) -> int | None:
+        """An estimate of one epoch's batches on this rank (None when the sample count is unknown)."""
+        if self.num_samples is None:
+            return None
+        world = self.stream.world_size if self.stream.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        return max(1, math.ceil(self.num_samples / max(1, world) / self.stream.pipeline.cfg.batch_size))
 
     def set_epoch(self, epoch: int, skip_shards: Iterable[int] = (), resume: dict | None = None) -> None:
         """Select the epoch (shard order, view choice, aug seeds); `resume`: this rank's `position()` from a
@@ -197,11 +238,24 @@ class StreamLoader:
                     f"data.workers={self.workers}: set data.workers={resume.get('workers')} to resume exactly")
             taken = {int(w): int(n) for w, n in resume["taken"].items()}
             streamed = {int(w): int(n) for w, n in resume["streamed"].items()}
-        self.stream.set_epoch(epoch, skip_shards, {w: (taken[w], streamed.get(w, 0)) for w in taken})
-        self.done_shards = set(self.stream.skip_shards) | set((resume or {}).get("done_shards", ()))
+        skip = sorted({int(p) for p in skip_shards})
+        point = {w: (taken[w], streamed.get(w, 0)) for w in taken}
+        key = (int(epoch), tuple(skip), tuple(sorted(point.items())))
+        self._lanes.select(key, lambda stream: stream.set_epoch(epoch, skip, point))
+        self._epoch = int(epoch)
+        self.done_shards = set(skip) | set((resume or {}).get("done_shards", ()))
         self.skipped, self.samples_seen = [], int((resume or {}).get("samples_seen", 0))
         self._skipped_keys = {(u, k) for u, k in (resume or {}).get("skipped_keys", ())}
         self._taken, self._streamed = taken, streamed
+
+    def close(self) -> None:
+        """Stop the data workers now (the next iteration starts new ones)."""
+        self._lanes.close()
+
+    def prefetch_epoch(self, epoch: int) -> bool:
+        """Start epoch `epoch` (from its beginning) on the other lane now; a later `set_epoch(epoch)` reads it.
+        No effect without `overlap_epochs`. Returns whether a pass was started."""
+        return self._lanes.prefetch((int(epoch), (), ()), lambda stream: stream.set_epoch(epoch))
 
     def position(self) -> dict:
         """This rank's exact place in the epoch (plain values: it goes into the checkpoint as is)."""
@@ -215,12 +269,7 @@ class StreamLoader:
         return len(self._skipped_keys)
 
     def __iter__(self):
-        if self._loader is None:  # built once: persistent workers survive the epochs
-            kw = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init,
-                      persistent_workers=True) if self.workers > 0 else {}
-            self._loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers,
-                                      pin_memory=self.pin_memory, **kw)
-        for item in self._loader:
+        for item in self._lanes.open():
             item = unpack_tensors(item)
             meta = item.pop("meta")
             worker = meta["worker"]
@@ -281,10 +330,11 @@ class StudentLoader(StreamLoader):
     `photo_args` (B,S) instead of `image` (rendered by `trainer.target_builder.TargetBuilder`)."""
 
     def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool, labeler_spec, num_samples: int,
-                 prefetch_factor: int = 4):
-        super().__init__(stream, workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+                 prefetch_factor: int = 4, overlap_epochs: bool = True):
+        # num_samples: the labelled (valid) rows of the given shards, one epoch over all ranks
+        super().__init__(stream, workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                         overlap_epochs=overlap_epochs, num_samples=num_samples)
         self.labeler_spec = labeler_spec
-        self.num_samples = num_samples  # labelled (valid) rows of the given shards: one epoch, all ranks
 
     @property
     def store_grid(self) -> tuple[int, int]:
@@ -362,7 +412,8 @@ def build_student_loader(cfg: DataConfig, *, labels, labeler: str, num_classes: 
                                int(spec.views), render_on_device=render_on_device)
     stream = ShardStream(urls, pipeline, seed=cfg.seed, rank=rank, world_size=world_size)
     return StudentLoader(stream, workers=cfg.workers, pin_memory=pin_memory, labeler_spec=spec,
-                         num_samples=num_samples, prefetch_factor=cfg.prefetch_factor)
+                         num_samples=num_samples, prefetch_factor=cfg.prefetch_factor,
+                         overlap_epochs=cfg.overlap_epochs)
 
 
 # --- stage 1 (labeler training) and evaluation: timm transforms, no store ------------------------------
@@ -411,7 +462,7 @@ class TransformPipeline:
 
 
 def build_labeler_loader(cfg: DataConfig, *, rank: int | None = None, world_size: int | None = None,
-                         pin_memory: bool = False) -> StreamLoader:
+                         pin_memory: bool = False, num_samples: int | None = None) -> StreamLoader:
     """Stage 1: timm's standard full-augmentation train transform (random-resized crop, flip, RandAugment
     with its geometric ops); erasing and mixup/cutmix happen on the device (TargetBuilder), as timm's
     prefetcher does. Batches: image uint8 (B,3,H,W), label, key."""
@@ -421,7 +472,8 @@ def build_labeler_loader(cfg: DataConfig, *, rank: int | None = None, world_size
         mean=cfg.mean, std=cfg.std, re_prob=0.0, use_prefetcher=True))
     stream = ShardStream(expand_shard_urls(cfg.shards), TransformPipeline(cfg, transform, cfg.drop_last, cfg.shuffle_buffer),
                          seed=cfg.seed, rank=rank, world_size=world_size)
-    return StreamLoader(stream, workers=cfg.workers, pin_memory=pin_memory, prefetch_factor=cfg.prefetch_factor)
+    return StreamLoader(stream, workers=cfg.workers, pin_memory=pin_memory, prefetch_factor=cfg.prefetch_factor,
+                        overlap_epochs=cfg.overlap_epochs, num_samples=num_samples)
 
 
 def build_eval_loader(cfg: DataConfig, shards=None, *, rank: int | None = None, world_size: int | None = None,
@@ -433,4 +485,4 @@ def build_eval_loader(cfg: DataConfig, shards=None, *, rank: int | None = None, 
     stream = ShardStream(expand_shard_urls(shards if shards is not None else cfg.shards),
                          TransformPipeline(cfg, transform, drop_last=False, shuffle_buffer=0),
                          seed=cfg.seed, shuffle_shards=False, rank=rank, world_size=world_size)
-    return StreamLoader(stream, workers=cfg.workers, pin_memory=pin_memory)
+    return StreamLoader(stream, workers=cfg.workers, pin_memory=pin_memory, overlap_epochs=False)  # one pass

@@ -9,6 +9,7 @@ Both run alone or under `torchrun` (one process per device).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import warnings
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from labeler.models import create_token_model, token_grid
-from labelstore.shard_format import count_samples
+from labelstore.shard_format import count_samples, expand_shard_urls
 from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, init_distributed, shutdown_distributed
 from trainer.loader import build_labeler_loader, build_student_loader
@@ -27,13 +28,28 @@ from trainer.losses import labeler_loss, student_loss
 from trainer.target_builder import TargetBuilder
 
 
-def loader_epochs(loader) -> Callable[[int, dict], object]:
+def loader_epochs(loader, *, epochs: int | None = None, max_steps: int | None = None) -> Callable[[int, dict], object]:
     """Adapt a `trainer.loader` StreamLoader to the loop's `epoch_batches(epoch, position)`.
 
     A mid-epoch checkpoint holds every rank's `loader.position()`; each rank continues exactly from its
     own (same world size and data.workers required: the loop checks the world size, the loader the workers).
+
+    The next epoch is started on the loader's second lane (`loader.prefetch_epoch`, with data.overlap_epochs)
+    once this epoch has about as many batches left as the workers keep ready (workers × prefetch_factor;
+    from the loader's estimate, capped at `max_steps`), or after its first batch when the length is unknown;
+    never past `epochs`.
     """
     rank = loader.stream.rank or 0
+
+    def prefetch_after(epoch: int) -> int | None:
+        """Batches of `epoch` to read before starting the next one (None: do not start it)."""
+        if not loader.overlap_epochs or (epochs is not None and epoch + 1 >= epochs):
+            return None
+        expected = loader.batches_per_rank()
+        if max_steps is not None:
+            expected = max_steps if expected is None else min(expected, max_steps)
+        ahead = loader.workers * loader.prefetch_factor
+        return 1 if expected is None else max(1, expected - ahead)
 
     def epoch_batches(epoch: int, position: dict):
         ranks = position.get("ranks") or []
@@ -46,9 +62,14 @@ def loader_epochs(loader) -> Callable[[int, dict], object]:
             first = next(batches, None)
         if first is None:
             return
+        start_next = prefetch_after(epoch)
+        taken = int(position.get("steps", 0))
         # The position is built only when the loop reads it (checkpoints, logs), before it asks for the next batch.
-        yield first, loader.position
-        for batch in batches:
+        for batch in itertools.chain([first], batches):
+            taken += 1
+            if start_next is not None and taken >= start_next:
+                loader.prefetch_epoch(epoch + 1)
+                start_next = None
             yield batch, loader.position
     return epoch_batches
 
@@ -60,6 +81,10 @@ def fixed_shapes(cfg: TrainConfig) -> TrainConfig:
                       "(each data worker's last partial batch is dropped, counted as skipped)", stacklevel=2)
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, drop_last=True))
     return cfg
+
+
+def _epochs_of(loader, cfg: TrainConfig):
+    return loader_epochs(loader, epochs=cfg.schedule.total_epochs, max_steps=cfg.schedule.max_steps_per_epoch)
 
 
 def data_identity(urls, num_samples: int) -> dict:
@@ -109,7 +134,7 @@ def run_student(cfg: TrainConfig, *, labels: str | Path, labeler: str, out_dir: 
                                 store_grid=loader.store_grid, student_grid=token_grid(model, loader.input_size),
                                 device=info.device, seed=cfg.data.seed, train=True, view_spec=loader.view_spec,
                                 rank=info.rank)
-        return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
+        return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=_epochs_of(loader, cfg),
                      make_targets=lambda batch, device, step: targets(batch, step),
                      compute_loss=partial(student_loss, beta=cfg.tokens.beta),
                      steps_per_epoch=loader.batches_per_epoch(info.world_size), info=info, resume=resume,
@@ -125,15 +150,15 @@ def run_labeler(cfg: TrainConfig, *, out_dir: str | Path, resume: str | Path | N
     cfg = fixed_shapes(cfg)
     info = _prepare(cfg, out_dir)
     try:
-        loader = build_labeler_loader(cfg.data, rank=info.rank, world_size=info.world_size,
-                                      pin_memory=info.device.type == "cuda")
         # Stage 1 has no store whose sample table would tell the epoch length the schedule needs.
-        num_samples = sum(count_samples(url) for url in loader.stream.urls)
+        num_samples = sum(count_samples(url) for url in expand_shard_urls(cfg.data.shards))
+        loader = build_labeler_loader(cfg.data, rank=info.rank, world_size=info.world_size,
+                                      pin_memory=info.device.type == "cuda", num_samples=num_samples)
         steps = max(1, -(-num_samples // (cfg.data.batch_size * info.world_size)))
         model = build_model(cfg, cfg.data.input_size)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=None, store_grid=None,
                                 device=info.device, seed=cfg.data.seed, train=True, rank=info.rank)
-        return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=loader_epochs(loader),
+        return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=_epochs_of(loader, cfg),
                      make_targets=lambda batch, device, step: targets(batch, step),
                      compute_loss=lambda c, t, y, _tokens: labeler_loss(c, t, y, alpha=cfg.loss.alpha),
                      steps_per_epoch=steps, info=info, resume=resume,
