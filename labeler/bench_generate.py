@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -154,8 +155,10 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                    num_classes: int | None = None, input_size: int | None = None, device: str = "auto",
                    render_backend: str = "auto", decode_workers: int = 0, checkpoint: str | None = None,
                    compile: str = "auto", decode_device: str = "cpu", forward_batches: int | None = None,
-                   keep_store: str | None = None, decode_pool: str = "auto", shards_in_flight: int = 0) -> BenchReport:
+                   keep_store: str | None = None, decode_pool: str = "auto", shards_in_flight: int = 0,
+                   report: Callable[[str], None] = lambda line: None) -> BenchReport:
     """Measure pipeline, bare eager and compiled forward; the teacher has random weights unless `checkpoint`.
+    `report` gets one line as each figure is measured (a run cut short by a time limit still leaves them).
 
     The labels go to a scratch store, deleted afterwards, or to `keep_store` (labeler "bench"), which a
     training bench can then read (`stl-train bench --labels ... --labeler bench`) on a node without Ray.
@@ -174,6 +177,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         work = ShardLabeler(store.path, "bench", worker)
         decoder = work.start(wait=True)  # decode processes start (and import) before the clock runs, as in a long job
         decode_images, decode_seconds = _decode_alone(work, decoder, len(urls))
+        report(f"measured: decode workers alone {decode_images * views / max(decode_seconds, 1e-9):.1f} views/s")
         teacher = work.teacher
         h, w = spec.input_size
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -192,16 +196,20 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         if failed:
             raise RuntimeError(f"bench: shard {failed[0].url} failed: {failed[0].error}")
         pipeline_views = sum(o.views for o in outcomes)
+        report(f"measured: pipeline {pipeline_views / max(pipeline_seconds, 1e-9):.1f} views/s "
+               f"({pipeline_views} views in {pipeline_seconds:.2f} s)")
 
         n_batches = forward_batches or max(3, round(pipeline_views / work.views_per_batch))
         eager = teacher if not teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp)
         eager_rate = _forward_rate(eager, fixed, n_batches, sync)
+        report(f"measured: bare forward eager {eager_rate:.1f} views/s")
         want_compiled = resolve_compile(compile, dev)
         compiled_rate = None
         if want_compiled:
             compiled = teacher if teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp,
                                                                 compile=True)
             compiled_rate = _forward_rate(compiled, fixed, n_batches, sync)
+            report(f"measured: bare forward compiled {compiled_rate:.1f} views/s")
         fpv = flops_per_view(eager, fixed)
     name = str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev)
     return BenchReport(device=name, model=model, batch_views=work.views_per_batch, amp=amp, views_per_sample=views,

@@ -119,7 +119,8 @@ def bench_generate_cmd(
                                 input_size=input_size, device=device, render_backend=render_backend,
                                 decode_workers=decode_workers, checkpoint=checkpoint, compile=compile,
                                 decode_device=decode_device, decode_pool=decode_pool,
-                                shards_in_flight=shards_in_flight, keep_store=keep_store)
+                                shards_in_flight=shards_in_flight, keep_store=keep_store,
+                                report=lambda line: typer.echo(line, err=True))
     typer.echo(report.format())
 
 

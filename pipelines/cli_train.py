@@ -205,7 +205,8 @@ def bench_cmd(
         figures = run_bench(BenchSettings(shards=tuple(shards), labels=labels, labeler=labeler, model=model,
                                           seconds=seconds, steps=steps, warmup=warmup, batch_size=batch_size,
                                           workers=workers, device=device, amp=amp, compile=compile_step,
-                                          augment_device=augment_device, repeats=repeats))
+                                          augment_device=augment_device, repeats=repeats),
+                            report=lambda line: typer.echo(line, err=True))
     typer.echo(figures.table())
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -283,7 +284,9 @@ def _source_kb_per_sample(batches) -> float | None:
     return sum(f.data.numel() for f in flats) / n / 1e3 if n else None
 
 
-def run_bench(s: BenchSettings) -> BenchFigures:
+def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: None) -> BenchFigures:
+    """All the figures (printed by `BenchFigures.table`); `report` gets one line as each is measured, so a
+    run cut short by a time limit still leaves what it measured."""
     device = resolve_device(s.device)
     # The default RandAugment (the paper's m9 mstd0.5) for both loaders, so they run the same colour ops.
     data = DataConfig(shards=s.shards, batch_size=s.batch_size, workers=s.workers, seed=s.seed, drop_last=True,
@@ -316,6 +319,8 @@ def run_bench(s: BenchSettings) -> BenchFigures:
             raise ValueError("bench: the shards yield no full batch; lower --batch-size")
     compile_s = _compile_seconds(shared, builder_for("b_stored"), batches[0], device, memory_format, s.amp) \
         if s.compile else {}
+    if compile_s:
+        report("measured: torch.compile " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
 
     # ---- end to end: trainer.loop.train with the real loader, for `seconds` after the warm-up ----
     cfg = TrainConfig(model=ModelConfig(name=s.model, num_classes=num_classes, compile=s.compile,
@@ -333,7 +338,9 @@ def run_bench(s: BenchSettings) -> BenchFigures:
                   make_targets=targets_for(variant), compute_loss=partial(student_loss, beta=1.0),
                   steps_per_epoch=loader.batches_per_epoch(), info=DistInfo(device=device), log=RunLog.disabled(),
                   stop=stop, forward=shared.forward)
-        end_to_end[variant] = timed.figures()
+        end_to_end[variant] = e2e = timed.figures()
+        report(f"measured: {NAMES[variant]} end to end {e2e.images_per_s:.1f} img/s, loader wait "
+               f"{e2e.loader_wait_s / max(e2e.seconds, 1e-9):.0%} ({e2e.seconds:.1f} s)")
 
     # ---- data-loader comparison: the student's loader vs timm's standard train transform, same shards ----
     want = max(s.batch_size * (s.steps + s.warmup), 4 * s.batch_size)
@@ -346,6 +353,7 @@ def run_bench(s: BenchSettings) -> BenchFigures:
             rate, n_images = _time_loader(ld, want)
             loader_runs[name].append(rate)
     replay_rate, timm_rate = (sorted(r)[len(r) // 2] for r in loader_runs.values())
+    report(f"measured: loaders alone, replay {replay_rate:.1f} vs timm {timm_rate:.1f} images/s")
 
     # ---- step only: the same variants on the batches held in memory ----
     def steps_per_s(variant: str) -> float:
@@ -372,6 +380,7 @@ def run_bench(s: BenchSettings) -> BenchFigures:
         for v in VARIANTS:
             runs[v].append(steps_per_s(v))
     rates = {v: sorted(r)[len(r) // 2] for v, r in runs.items()}
+    report("measured: step only " + ", ".join(f"{NAMES[v]} {r * s.batch_size:.1f} img/s" for v, r in rates.items()))
     where = f"{device} ({platform.processor() or platform.machine()})" if device.type == "cpu" else \
         torch.cuda.get_device_name(device)
     return BenchFigures(device=where, model=s.model, batch_size=s.batch_size, repeats=s.repeats, steps_per_s=rates,
