@@ -322,6 +322,33 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     if compile_s:
         report("measured: torch.compile " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
 
+    # ---- step only, first (the figure end to end is read against): the variants on batches in memory ----
+    def steps_per_s(variant: str) -> float:
+        shared.reset()
+        opt = create_optimizer(shared.model, OptimConfig(), lr=1e-4)
+        make_targets = targets_for(variant)
+        start = 0.0
+        for i, batch in enumerate(batches):
+            if i == s.warmup:
+                _sync(device)
+                start = time.perf_counter()
+            images, cls_target, token_target = make_targets(batch, device, i)
+            with amp_context(device, s.amp):
+                cls_logits, token_logits = split_outputs(shared.forward(images.contiguous(memory_format=memory_format)))
+            loss = student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0).total
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(device)
+        return s.steps / (time.perf_counter() - start)
+
+    runs = {v: [] for v in VARIANTS}
+    for _ in range(s.repeats):  # interleaved, so a slow spell on a shared machine hits every variant
+        for v in VARIANTS:
+            runs[v].append(steps_per_s(v))
+    rates = {v: sorted(r)[len(r) // 2] for v, r in runs.items()}
+    report("measured: step only " + ", ".join(f"{NAMES[v]} {r * s.batch_size:.1f} img/s" for v, r in rates.items()))
+
     # ---- end to end: trainer.loop.train with the real loader, for `seconds` after the warm-up ----
     cfg = TrainConfig(model=ModelConfig(name=s.model, num_classes=num_classes, compile=s.compile,
                                         channels_last=device.type == "cuda"),
@@ -355,32 +382,6 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     replay_rate, timm_rate = (sorted(r)[len(r) // 2] for r in loader_runs.values())
     report(f"measured: loaders alone, replay {replay_rate:.1f} vs timm {timm_rate:.1f} images/s")
 
-    # ---- step only: the same variants on the batches held in memory ----
-    def steps_per_s(variant: str) -> float:
-        shared.reset()
-        opt = create_optimizer(shared.model, OptimConfig(), lr=1e-4)
-        make_targets = targets_for(variant)
-        start = 0.0
-        for i, batch in enumerate(batches):
-            if i == s.warmup:
-                _sync(device)
-                start = time.perf_counter()
-            images, cls_target, token_target = make_targets(batch, device, i)
-            with amp_context(device, s.amp):
-                cls_logits, token_logits = split_outputs(shared.forward(images.contiguous(memory_format=memory_format)))
-            loss = student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0).total
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        _sync(device)
-        return s.steps / (time.perf_counter() - start)
-
-    runs = {v: [] for v in VARIANTS}
-    for _ in range(s.repeats):  # interleaved, so a slow spell on a shared machine hits every variant
-        for v in VARIANTS:
-            runs[v].append(steps_per_s(v))
-    rates = {v: sorted(r)[len(r) // 2] for v, r in runs.items()}
-    report("measured: step only " + ", ".join(f"{NAMES[v]} {r * s.batch_size:.1f} img/s" for v, r in rates.items()))
     where = f"{device} ({platform.processor() or platform.machine()})" if device.type == "cpu" else \
         torch.cuda.get_device_name(device)
     return BenchFigures(device=where, model=s.model, batch_size=s.batch_size, repeats=s.repeats, steps_per_s=rates,

@@ -196,7 +196,8 @@ class StreamLoader:
                           f"write more, smaller shards or lower data.workers", stacklevel=3)
         # No reference back to self from the lanes: a cycle would leave the DataLoader iterators to the cycle
         # collector, which may close their queues before they tell the workers to exit (a 5 s wait each).
-        make_loader = partial(_data_loader, workers=self.workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+        make_loader = partial(_data_loader, workers=self.workers, pin_memory=pin_memory,
+                              prefetch_factor=prefetch_factor)
         self._lanes = EpochLanes(stream, make_loader, overlap=overlap_epochs and self.workers > 0,
                                  fork_stream=stream.fork)
         weakref.finalize(self, self._lanes.close)  # workers stopped cleanly however this loader is collected
