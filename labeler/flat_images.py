@@ -95,18 +95,25 @@ def upload_flat(flat: FlatImages, device: torch.device | str, multiple: int = 32
     whole images' sizes `image_hw` (N, 2) and the regions' `origins` (N, 2) (y0, x0)."""
     if not len(flat):
         raise ValueError("upload_flat needs at least one image")
-    device = torch.device(device)
-    data = to_device(flat.data, device)
-    hw = flat.hw
-    h = int(-(-hw[:, 0].max() // multiple) * multiple)
-    w = int(-(-hw[:, 1].max() // multiple) * multiple)
-    pixels = torch.zeros((len(flat), h, w, 3), dtype=torch.uint8, device=device)
-    for i, (off, (ih, iw)) in enumerate(zip(flat.offsets[:-1].tolist(), hw.tolist())):
-        pixels[i, :ih, :iw] = data[off:off + ih * iw * 3].view(ih, iw, 3)
     if image_hw is None and origins is not None:
         raise ValueError("upload_flat: origins of regions need the whole images' sizes (image_hw) too")
-    return SourceBatch(pixels=pixels.permute(0, 3, 1, 2), hw=hw if image_hw is None else image_hw, origins=origins,
+    data = to_device(flat.data, torch.device(device))
+    hw = flat.hw
+    images = [data[off:off + ih * iw * 3].view(ih, iw, 3)
+              for off, (ih, iw) in zip(flat.offsets[:-1].tolist(), hw.tolist())]
+    return SourceBatch(pixels=pad_images(images, multiple), hw=hw if image_hw is None else image_hw, origins=origins,
                        region_hw=hw)
+
+
+def pad_images(images: Sequence[torch.Tensor], multiple: int = 32) -> torch.Tensor:
+    """HWC uint8 images (on one device) → (N, 3, H, W): each in the top-left corner of a zeroed buffer whose
+    sides are the largest image's, rounded up to `multiple` (few distinct shapes for the renderer)."""
+    h = -(-max(int(im.shape[0]) for im in images) // multiple) * multiple
+    w = -(-max(int(im.shape[1]) for im in images) // multiple) * multiple
+    pixels = torch.zeros((len(images), h, w, 3), dtype=torch.uint8, device=images[0].device)
+    for i, im in enumerate(images):
+        pixels[i, :im.shape[0], :im.shape[1]] = im
+    return pixels.permute(0, 3, 1, 2)
 
 
 def concat_flat(parts: Sequence[FlatImages], *, pin_memory: bool = False) -> FlatImages:

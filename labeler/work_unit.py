@@ -41,7 +41,7 @@ from labeler.decode_chunks import DecodedChunk, DecodeJob
 from labeler.decode_workers import (DECODE_POOLS, DecodeFailed, DecodeWorkers, resolve_decode_pool,
                                     resolve_decode_workers)
 from labeler.device import resolve_device, to_device
-from labeler.flat_images import FlatImages, concat_flat, upload_flat
+from labeler.flat_images import FlatImages, concat_flat, pad_images, upload_flat
 from labeler.models import create_token_model
 from labeler.models.checkpoint import load_checkpoint
 from labeler.render_batch import SourceBatch, render_batch
@@ -465,23 +465,19 @@ class ShardLabeler:
             decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device) if jpegs else [])
         except RuntimeError:  # some JPEG of the batch: decode each on its own (None = refused, Pillow below)
             decoded = iter([_decode_one(decode_jpeg, data, ImageReadMode.RGB, self.device) for data in jpegs])
-        images: list[torch.Tensor] = []  # (3, h, w) uint8 on the device, in batch order
+        images: list[torch.Tensor] = []  # (h, w, 3) uint8 on the device, in batch order
         for p, j, data, pixels in slots:
             want = tuple(int(v) for v in p.chunk.valid_hw[j])
             if data is None:
-                images.append(to_device(pixels.copy(), self.device).permute(2, 0, 1))
+                images.append(to_device(pixels.copy(), self.device))
                 continue
             image = next(decoded)
             if image is None or tuple(image.shape[1:]) != want:
-                image = self._pillow_fallback(p, j, data, want)
-            images.append(image)
+                images.append(self._pillow_fallback(p, j, data, want))
+            else:
+                images.append(image.permute(1, 2, 0))
         images += [images[-1]] * (self.images_per_batch - len(images))
-        hw = np.array([im.shape[1:] for im in images], np.int64)
-        h, w = (int(-(-hw[:, i].max() // 32) * 32) for i in range(2))
-        pixels = torch.zeros((len(images), 3, h, w), dtype=torch.uint8, device=self.device)
-        for i, im in enumerate(images):
-            pixels[i, :, : im.shape[1], : im.shape[2]] = im
-        return SourceBatch(pixels, hw)
+        return SourceBatch(pad_images(images), np.array([im.shape[:2] for im in images], np.int64))
 
     def _pillow_fallback(self, piece: _Piece, j: int, data: bytes, hw: tuple[int, int]) -> torch.Tensor:
         """Valid row j of `piece`'s chunk decoded by Pillow (the decode the trainer replays); if Pillow cannot
@@ -491,8 +487,8 @@ class ShardLabeler:
             image = np.asarray(decode_image(data, f"{piece.run.shard.url}:{piece.chunk.names[row]}"))
         except ImageDecodeError as e:
             piece.run.invalidate(int(piece.chunk.positions[row]), str(e))
-            return torch.zeros((3, *hw), dtype=torch.uint8, device=self.device)
-        return to_device(image.copy(), self.device).permute(2, 0, 1)
+            return torch.zeros((*hw, 3), dtype=torch.uint8, device=self.device)
+        return to_device(image.copy(), self.device)
 
     def _launch(self, pieces: list[_Piece]) -> _InFlight:
         """Queue copy → render → forward → top-k → copy back for one batch; nothing here waits for the device."""
@@ -617,7 +613,6 @@ class _ShardRows:
                 self.valid[pos], self.image_hw[pos] = True, chunk.image_hw[i]
                 self.params[pos] = chunk.params[valid_at]
                 valid_at += 1
-
 
     def invalidate(self, pos: int, reason: str) -> None:
         if self.valid[pos]:
