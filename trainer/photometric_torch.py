@@ -26,7 +26,6 @@ from labeler.device import to_device
 from trainer.photometric import PHOTOMETRIC_OPS
 
 
-
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """x uint8 (n, 3, H, W), lut (n, 3, 256) integer → uint8 (n, 3, H, W)."""
     n, c, h, w = x.shape

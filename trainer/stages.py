@@ -176,19 +176,15 @@ def replay_views(samples: Iterable[dict], spec, ledger: EpochLedger, check=None)
         yield out
 
 
-def decode_views(samples: Iterable[dict], ledger: EpochLedger, check=None, spec=None) -> Iterator[dict]:
-    """Device path: decode only; the device renders later. With the store's ViewSpec `spec`, `image` is only the
-    part of the decoded source that the sample's stored view reads (`labeler.render_batch.source_footprint`,
-    about half the pixels on average), with `origin` (y0, x0) in the source and `image_hw` the source's size;
-    without, the whole source (HWC uint8)."""
+def decode_views(samples: Iterable[dict], ledger: EpochLedger, check, spec) -> Iterator[dict]:
+    """Device path: decode only (the device renders later). `image` is only the part of the decoded source that
+    the sample's stored view reads under the store's ViewSpec `spec` (`labeler.render_batch.source_footprint`,
+    about half the pixels on average), with `origin` (y0, x0) in the source and `image_hw` the source's size."""
     for out, img in _decoded(samples, ledger, check):
-        if spec is None:
-            out["image"] = np.asarray(img)
-        else:
-            hw = (img.height, img.width)
-            y0, x0, y1, x1 = (int(v) for v in source_footprint(out["params"], hw, spec)[0])
-            out["image"] = np.asarray(img.crop((x0, y0, x1, y1)))  # Pillow copies just the region
-            out["origin"], out["image_hw"] = (y0, x0), hw
+        hw = (img.height, img.width)
+        y0, x0, y1, x1 = (int(v) for v in source_footprint(out["params"], hw, spec)[0])
+        out["image"] = np.asarray(img.crop((x0, y0, x1, y1)))  # Pillow copies just the region
+        out["origin"], out["image_hw"] = (y0, x0), hw
         yield out
 
 
@@ -234,18 +230,17 @@ def _collate_labels(samples: list[dict]) -> dict:
 
 
 def collate_sources(samples: list[dict]) -> dict:
-    """Device path: the decoded sources as one `labeler.flat_images.FlatImages` (`source`: the images' own
-    bytes, no padding; in shared memory inside a DataLoader worker, so handing it over copies nothing), the
-    stored view `params` (N, P) and the photometric slots, plus what `collate_student` gives minus `image`.
-    Footprint regions (`decode_views` with a spec) add `source_origin` (N, 2) (y0, x0) and `source_hw` (N, 2)."""
+    """Device path: the decoded footprint regions as one `labeler.flat_images.FlatImages` (`source`: the regions'
+    own bytes, no padding; in shared memory inside a DataLoader worker, so handing it over copies nothing), where
+    each lies in its source (`source_origin` (N, 2) (y0, x0)) and the source's size (`source_hw` (N, 2)), the
+    stored view `params` (N, P) and the photometric slots, plus what `collate_student` gives minus `image`."""
     in_worker = get_worker_info() is not None
     flat = pack_flat([s["image"] for s in samples], shared=in_worker)
     batch = _collate_labels(samples)
     batch.update(source=flat,
+                 source_origin=torch.tensor([s["origin"] for s in samples], dtype=torch.int64),
+                 source_hw=torch.tensor([s["image_hw"] for s in samples], dtype=torch.int64),
                  params=torch.from_numpy(np.stack([np.asarray(s["params"], np.float32) for s in samples])))
-    if "origin" in samples[0]:  # footprint regions: where each lies in its source, and the source's size
-        batch["source_origin"] = torch.tensor([s["origin"] for s in samples], dtype=torch.int64)
-        batch["source_hw"] = torch.tensor([s["image_hw"] for s in samples], dtype=torch.int64)
     if "photo_ops" in samples[0]:
         batch["photo_ops"] = torch.from_numpy(np.stack([s["photo_ops"] for s in samples]))
         batch["photo_args"] = torch.from_numpy(np.stack([s["photo_args"] for s in samples]))

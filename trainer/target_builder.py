@@ -73,9 +73,8 @@ class TargetBuilder:
             return batch["image"].to(self.device, non_blocking=True)
         if self.view_spec is None:
             raise ValueError("TargetBuilder got a device-path batch (source + params) but no view_spec to render it")
-        regions = {"image_hw": batch["source_hw"].numpy(), "origins": batch["source_origin"].numpy()} \
-            if "source_origin" in batch else {}
-        sources = upload_flat(batch["source"], self.device, **regions)
+        sources = upload_flat(batch["source"], self.device, image_hw=batch["source_hw"].numpy(),
+                              origins=batch["source_origin"].numpy())
         n = len(sources.hw)
         images = render_batch(sources, np.arange(n), batch["params"].numpy(), self.view_spec)
         if "photo_ops" in batch:
