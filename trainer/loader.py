@@ -183,7 +183,7 @@ class StreamLoader:
 
     `overlap_epochs` (with workers): `prefetch_epoch(e)` starts epoch e on a second DataLoader lane while
     this epoch is still read, so the step does not wait at the boundary (trainer/epoch_lanes.py).
-    `num_samples`, when known, sizes `batches_per_rank()` (the estimate that says when to prefetch)."""
+    `num_samples`, when known, sizes `batches_per_epoch()` (also the estimate that says when to prefetch)."""
 
     def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool = False, prefetch_factor: int = 4,
                  overlap_epochs: bool = True, num_samples: int | None = None):
@@ -221,12 +221,15 @@ class StreamLoader:
     def num_shards(self) -> int:
         return len(self.stream.urls)
 
-    def batches_per_rank(self) -> int | None:
-        """An estimate of one epoch's batches on this rank (None when the sample count is unknown)."""
+    def batches_per_epoch(self, world_size: int | None = None) -> int | None:
+        """One epoch's batches on a rank, an estimate for schedules, progress bars and when to start the next
+        epoch (exact when shards split evenly over ranks); None when the sample count is unknown.
+        `world_size`: default the stream's (its explicit one, else WORLD_SIZE)."""
         if self.num_samples is None:
             return None
-        world = self.stream.world_size if self.stream.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-        return max(1, math.ceil(self.num_samples / max(1, world) / self.stream.pipeline.cfg.batch_size))
+        if world_size is None:
+            world_size = self.stream.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        return max(1, math.ceil(self.num_samples / max(1, world_size) / self.stream.pipeline.cfg.batch_size))
 
     def set_epoch(self, epoch: int, skip_shards: Iterable[int] = (), resume: dict | None = None) -> None:
         """Select the epoch (shard order, view choice, aug seeds); `resume`: this rank's `position()` from a
@@ -367,11 +370,6 @@ class StudentLoader(StreamLoader):
         join = LabelJoin(None, rpc, pipe.num_rows, pipe.num_views, pipe.cfg.seed, epoch, pipe.cfg.view_choice)
         return {"epoch": int(epoch), "seed": pipe.cfg.seed, "rows_per_chunk": rpc, "view_choice": pipe.cfg.view_choice,
                 "views": {int(c): join.view_of_chunk(c) for c in chunks}}
-
-    def batches_per_epoch(self, world_size: int = 1) -> int:
-        """An estimate for schedules and progress bars (exact when shards split evenly over ranks)."""
-        bs = self.stream.pipeline.cfg.batch_size
-        return max(1, math.ceil(self.num_samples / max(1, world_size) / bs))
 
 
 def token_chunk_rows(labeler_store) -> int:

@@ -9,7 +9,6 @@ Both run alone or under `torchrun` (one process per device).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import warnings
 from collections.abc import Callable
@@ -45,7 +44,7 @@ def loader_epochs(loader, *, epochs: int | None = None, max_steps: int | None = 
         """Batches of `epoch` to read before starting the next one (None: do not start it)."""
         if not loader.overlap_epochs or (epochs is not None and epoch + 1 >= epochs):
             return None
-        expected = loader.batches_per_rank()
+        expected = loader.batches_per_epoch()
         if max_steps is not None:
             expected = max_steps if expected is None else min(expected, max_steps)
         ahead = loader.workers * loader.prefetch_factor
@@ -54,18 +53,12 @@ def loader_epochs(loader, *, epochs: int | None = None, max_steps: int | None = 
     def epoch_batches(epoch: int, position: dict):
         ranks = position.get("ranks") or []
         loader.set_epoch(epoch, resume=ranks[rank] if ranks else None)
-        batches = iter(loader)
-        # Starting the DataLoader draws its worker seeds from the global torch RNG; keep that draw out of
-        # the training RNG stream, so a run resumed mid-epoch draws the same drop-path masks as an
-        # uninterrupted one.
-        with torch.random.fork_rng(devices=[]):
-            first = next(batches, None)
-        if first is None:
-            return
+        # (Starting a DataLoader pass draws from the global torch RNG; the loader keeps that draw out of the
+        # training RNG stream, so a resumed run draws the same drop-path masks: trainer/epoch_lanes.py.)
         start_next = prefetch_after(epoch)
         taken = int(position.get("steps", 0))
         # The position is built only when the loop reads it (checkpoints, logs), before it asks for the next batch.
-        for batch in itertools.chain([first], batches):
+        for batch in loader:
             taken += 1
             if start_next is not None and taken >= start_next:
                 loader.prefetch_epoch(epoch + 1)
@@ -154,14 +147,13 @@ def run_labeler(cfg: TrainConfig, *, out_dir: str | Path, resume: str | Path | N
         num_samples = sum(count_samples(url) for url in expand_shard_urls(cfg.data.shards))
         loader = build_labeler_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                                       pin_memory=info.device.type == "cuda", num_samples=num_samples)
-        steps = max(1, -(-num_samples // (cfg.data.batch_size * info.world_size)))
         model = build_model(cfg, cfg.data.input_size)
         targets = TargetBuilder(num_classes=cfg.model.num_classes, data=cfg.data, tokens=None, store_grid=None,
                                 device=info.device, seed=cfg.data.seed, train=True, rank=info.rank)
         return train(model=model, arch=cfg.model.name, cfg=cfg, out_dir=out_dir, epoch_batches=_epochs_of(loader, cfg),
                      make_targets=lambda batch, device, step: targets(batch, step),
                      compute_loss=lambda c, t, y, _tokens: labeler_loss(c, t, y, alpha=cfg.loss.alpha),
-                     steps_per_epoch=steps, info=info, resume=resume,
+                     steps_per_epoch=loader.batches_per_epoch(info.world_size), info=info, resume=resume,
                      data_identity=data_identity(loader.stream.urls, num_samples))
     finally:
         shutdown_distributed(info)
