@@ -1,5 +1,5 @@
 """The one device resolver of the labeler and the trainer: a setting (`auto`, `cpu`, `cuda`, `cuda:N`) → torch.device;
-and the one way small host arrays go to the device inside a hot loop (`to_device`)."""
+the one way small host arrays go to the device inside a hot loop (`to_device`); cuDNN's algorithm choice."""
 from __future__ import annotations
 
 import torch
@@ -22,6 +22,14 @@ def resolve_device(spec: str | torch.device, local_rank: int = 0) -> torch.devic
         return torch.device(name)
     except RuntimeError as e:
         raise DeviceError(f"device {spec!r}: {e}") from None
+
+
+def prefer_fastest_convolutions(device: torch.device | str) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms for each new input shape and keep the fastest (timm's
+    train script does the same). Our hot loops run fixed shapes (padded or drop-last batches), so each search is
+    paid once. The chosen algorithm may differ between runs, as may the last bits of a result (not on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def to_device(host, device: torch.device | str) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from labeler.device import prefer_fastest_convolutions
 from labelstore import EncodedLogits, class_id_dtype
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,6 +87,7 @@ class Teacher:
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean/std must be 3 values with std > 0, got mean={mean} std={std}")
         self.device = torch.device(device)
+        prefer_fastest_convolutions(self.device)  # one batch shape: the hybrid stem's convolutions are timed once
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.compiled = resolve_compile(compile, self.device)
         self.forward_fn = (torch.compile(self.model.forward_tokens, dynamic=False) if self.compiled

@@ -65,3 +65,47 @@ def test_epochs_is_the_total_as_in_timm():
             sched.step_update(num_updates=update)
             ref_sched.step_update(num_updates=update)
             assert ours.param_groups[0]["lr"] == pytest.approx(ref.param_groups[0]["lr"])
+
+def test_fused_step_where_torch_has_one():
+    """optim.fused: auto keeps timm's default off the GPU; true asks torch for its fused step (CPU too) and
+    gives the same update as the default; an optimiser without one is refused by name."""
+    from trainer.errors import TrainConfigError
+
+    def step(cfg):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(4, 3)
+        opt = create_optimizer(lin, cfg, lr=0.1)
+        lin(torch.ones(2, 4)).square().sum().backward()
+        opt.step()
+        return opt, lin.weight.detach()
+
+    auto, w_auto = step(OptimConfig())
+    fused, w_fused = step(OptimConfig(fused=True))
+    assert not auto.defaults.get("fused") and fused.defaults["fused"] is True
+    torch.testing.assert_close(w_fused, w_auto)
+    assert not step(OptimConfig(fused=False))[0].defaults.get("fused")
+    with pytest.raises(TrainConfigError, match="optim.fused=true: optimiser 'lamb'"):
+        step(OptimConfig(name="lamb", fused=True))
+    with pytest.raises(TrainConfigError, match="optim.fused"):
+        OptimConfig(fused="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_by_default_on_a_gpu():
+    opt = create_optimizer(torch.nn.Linear(4, 3).cuda(), OptimConfig(), lr=0.1)
+    assert opt.defaults["fused"] is True
+
+
+def test_cudnn_times_its_algorithms_on_cuda_only():
+    """Fixed-shape hot loops ask cuDNN to keep the fastest convolution per shape; the CPU setting is left alone."""
+    from labeler.device import prefer_fastest_convolutions
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        prefer_fastest_convolutions("cpu")
+        assert torch.backends.cudnn.benchmark is False
+        prefer_fastest_convolutions(torch.device("cuda", 0))  # sets the flag; needs no GPU to do so
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before

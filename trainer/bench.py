@@ -28,6 +28,7 @@ from functools import partial
 
 import torch
 
+from labeler.device import prefer_fastest_convolutions
 from labeler.models import TokenForward, create_token_model, token_grid
 from trainer.checkpoint import StopRequest
 from trainer.config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
@@ -288,6 +289,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     """All the figures (printed by `BenchFigures.table`); `report` gets one line as each is measured, so a
     run cut short by a time limit still leaves what it measured."""
     device = resolve_device(s.device)
+    prefer_fastest_convolutions(device)  # as the training loop does
     # The default RandAugment (the paper's m9 mstd0.5) for both loaders, so they run the same colour ops.
     data = DataConfig(shards=s.shards, batch_size=s.batch_size, workers=s.workers, seed=s.seed, drop_last=True,
                       augment_device=s.augment_device)

@@ -73,6 +73,9 @@ class OptimConfig:
     clip_grad: float | None = None
     clip_mode: Literal["norm", "value", "agc"] = "norm"
     accumulation_steps: int = 1
+    # torch's fused (one kernel per step) implementation: None = on when every parameter is on a GPU and the
+    # optimiser has one (AdamW, Adam, SGD), else timm's default (foreach); true insists, false never.
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -89,6 +92,8 @@ class OptimConfig:
             raise TrainConfigError(f"optim.clip_mode must be norm, value or agc, got {self.clip_mode!r}")
         if self.accumulation_steps < 1:
             raise TrainConfigError(f"optim.accumulation_steps must be >= 1, got {self.accumulation_steps}")
+        if self.fused not in (None, True, False):
+            raise TrainConfigError(f"optim.fused must be true, false or null (auto), got {self.fused!r}")
 
     def scaled_lr(self, global_batch: int) -> float:
         """Linear scaling rule (the paper's lr is quoted at global batch 1024)."""

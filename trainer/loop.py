@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 
+from labeler.device import prefer_fastest_convolutions
 from labeler.models import TokenForward
 from trainer.checkpoint import (
     EXPORT, LAST, StopRequest, TrainState, check_resume_fits, export_for_labeling, load_checkpoint_file,
@@ -137,6 +138,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
 
     # ---- phase 1: model on the device; optimizer, schedule, EMA and scaler from the unwrapped model ----
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    prefer_fastest_convolutions(device)  # drop-last batches: one shape per run
     model = model.to(device=device, memory_format=memory_format)
     global_batch = cfg.data.batch_size * info.world_size * accum
     optimizer = create_optimizer(model, cfg.optim, lr=cfg.optim.scaled_lr(global_batch))

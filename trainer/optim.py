@@ -6,13 +6,16 @@ not every epoch (docs/design.md "Library behaviour").
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_class
 from timm.optim._param_groups import param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 
 from trainer.config import OptimConfig, ScheduleConfig
+from trainer.errors import TrainConfigError
 
 # Parameters that are embeddings, not weights: decaying them towards 0 only hurts (fnmatch patterns, so
 # they also match inside a wrapper such as TokenHeadWrapper's `model.` prefix).
@@ -31,8 +34,23 @@ def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> tor
     Build it from the unwrapped model (before DDP), whose parameter names are the ones listed above.
     """
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_weight_decay_patterns(model))
+    extra = {"fused": True} if use_fused(model, cfg) else {}
     return create_optimizer_v2(groups, cfg.name, lr=lr, weight_decay=cfg.weight_decay,
-                               betas=tuple(cfg.betas), eps=cfg.eps)
+                               betas=tuple(cfg.betas), eps=cfg.eps, **extra)
+
+
+def use_fused(model: torch.nn.Module, cfg: OptimConfig) -> bool:
+    """Whether to ask torch for its fused optimiser step (`optim.fused`; None = where it is on offer).
+
+    timm's factory passes `fused` on to torch's AdamW / Adam / SGD; on a GPU their fused step is one kernel
+    per parameter chunk instead of the foreach implementation's several passes over the optimiser state."""
+    if cfg.fused is False or (cfg.fused is None and not all(p.is_cuda for p in model.parameters())):
+        return False
+    supported = "fused" in inspect.signature(get_optimizer_class(cfg.name)).parameters
+    if cfg.fused and not supported:
+        raise TrainConfigError(f"optim.fused=true: optimiser {cfg.name!r} has no fused implementation "
+                               f"(torch's adamw, adam and sgd have); set optim.fused=null")
+    return supported
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, updates_per_epoch: int) -> Scheduler:
