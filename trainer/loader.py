@@ -121,9 +121,12 @@ class ShardStream(IterableDataset):
         for w, (taken, streamed) in (resume or {}).items():
             self._resume[int(w), 0], self._resume[int(w), 1] = int(taken), int(streamed)
 
+    def ranks(self) -> int:
+        """The world this stream is split over: its explicit world_size, else WORLD_SIZE (1 when unset)."""
+        return max(1, self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+
     def shards_per_rank(self) -> int:
-        world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-        return math.ceil(len(self.urls) / max(1, world))
+        return math.ceil(len(self.urls) / self.ranks())
 
     def order(self, epoch: int | None = None) -> list[str]:
         return epoch_shard_order(self.urls, self.seed, self.epoch if epoch is None else epoch, self.shuffle_shards)
@@ -178,6 +181,14 @@ def _data_loader(stream: ShardStream, *, workers: int, pin_memory: bool, prefetc
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, **kw)
 
 
+def _epoch_setup(epoch: int, skip: Sequence[int] = (), point: dict | None = None):
+    """(key, configure) of one epoch for EpochLanes: the key says which pass a lane holds (epoch, skipped shard
+    positions, resume point), `configure(stream)` sets a lane's stream up for it."""
+    point = point or {}
+    key = (int(epoch), tuple(skip), tuple(sorted(point.items())))
+    return key, lambda stream: stream.set_epoch(epoch, skip, point)
+
+
 class StreamLoader:
     """Iterates a ShardStream through a torch DataLoader (batches collated in the workers).
 
@@ -227,9 +238,8 @@ class StreamLoader:
         `world_size`: default the stream's (its explicit one, else WORLD_SIZE)."""
         if self.num_samples is None:
             return None
-        if world_size is None:
-            world_size = self.stream.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        return max(1, math.ceil(self.num_samples / max(1, world_size) / self.stream.pipeline.cfg.batch_size))
+        world = self.stream.ranks() if world_size is None else max(1, world_size)
+        return max(1, math.ceil(self.num_samples / world / self.stream.pipeline.cfg.batch_size))
 
     def set_epoch(self, epoch: int, skip_shards: Iterable[int] = (), resume: dict | None = None) -> None:
         """Select the epoch (shard order, view choice, aug seeds); `resume`: this rank's `position()` from a
@@ -243,9 +253,7 @@ class StreamLoader:
             taken = {int(w): int(n) for w, n in resume["taken"].items()}
             streamed = {int(w): int(n) for w, n in resume["streamed"].items()}
         skip = sorted({int(p) for p in skip_shards})
-        point = {w: (taken[w], streamed.get(w, 0)) for w in taken}
-        key = (int(epoch), tuple(skip), tuple(sorted(point.items())))
-        self._lanes.select(key, lambda stream: stream.set_epoch(epoch, skip, point))
+        self._lanes.select(*_epoch_setup(epoch, skip, {w: (taken[w], streamed.get(w, 0)) for w in taken}))
         self._epoch = int(epoch)
         self.done_shards = set(skip) | set((resume or {}).get("done_shards", ()))
         self.skipped, self.samples_seen = [], int((resume or {}).get("samples_seen", 0))
@@ -259,7 +267,7 @@ class StreamLoader:
     def prefetch_epoch(self, epoch: int) -> bool:
         """Start epoch `epoch` (from its beginning) on the other lane now; a later `set_epoch(epoch)` reads it.
         No effect without `overlap_epochs`. Returns whether a pass was started."""
-        return self._lanes.prefetch((int(epoch), (), ()), lambda stream: stream.set_epoch(epoch))
+        return self._lanes.prefetch(*_epoch_setup(epoch))
 
     def position(self) -> dict:
         """This rank's exact place in the epoch (plain values: it goes into the checkpoint as is)."""
