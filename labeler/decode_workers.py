@@ -26,7 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing import connection as mp_connection
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch.multiprocessing as mp
 
@@ -94,7 +94,10 @@ def _process_main(worker: int, conn, credits) -> None:
 class _Job:
     job: DecodeJob
     out: "queue.Queue"
-    worker: int | None = None
+    # The flow-control semaphore of the process decoding it (None: a thread job, or not taken yet). Held by the
+    # job, not looked up by worker: a replaced process gets a new semaphore, which the dead one's chunks must
+    # not credit.
+    credits: Any = None
     cancelled: bool = False  # the consumer stopped early (a thread job stops; a process job is drained)
     finished: bool = False  # its end or error was consumed
 
@@ -156,8 +159,8 @@ class DecodeWorkers:
             while True:
                 kind, payload = entry.out.get()
                 if kind == "chunk":
-                    if self.pool == "process" and entry.worker is not None:
-                        self._credits[entry.worker].release()  # the process may decode one more chunk
+                    if entry.credits is not None:
+                        entry.credits.release()  # the process may decode one more chunk
                     yield payload
                 elif kind == "end":
                     entry.finished = True
@@ -183,8 +186,8 @@ class DecodeWorkers:
                 kind, _ = entry.out.get(timeout=_POLL_S)
             except queue.Empty:
                 continue
-            if kind == "chunk" and self.pool == "process" and entry.worker is not None:
-                self._credits[entry.worker].release()
+            if kind == "chunk" and entry.credits is not None:
+                entry.credits.release()
             if kind != "chunk":
                 break
         self._forget(job_id)
@@ -220,7 +223,7 @@ class DecodeWorkers:
                 entry = self._jobs.get(job_id)
                 if entry is None:
                     continue
-                entry.worker, self._busy[w] = w, job_id
+                entry.credits, self._busy[w] = self._credits[w], job_id
                 self._conns[w].send(entry.job)
 
     def _dispatch(self) -> None:
@@ -295,7 +298,6 @@ class DecodeWorkers:
             self._start(worker)
             self._assign()
         if entry is not None:
-            entry.worker = None
             entry.out.put(("error", f"decode process {proc.name} died (exit code {proc.exitcode}) while decoding "
                                     f"{entry.job.url}"))
 
