@@ -177,7 +177,8 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         work = ShardLabeler(store.path, "bench", worker)
         decoder = work.start(wait=True)  # decode processes start (and import) before the clock runs, as in a long job
         decode_images, decode_seconds = _decode_alone(work, decoder, len(urls))
-        report(f"measured: decode workers alone {decode_images * views / max(decode_seconds, 1e-9):.1f} views/s")
+        decode_rate = decode_images * views / max(decode_seconds, 1e-9)
+        report(f"measured: decode workers alone {decode_rate:.1f} views/s")
         teacher = work.teacher
         h, w = spec.input_size
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -218,4 +219,4 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                        pipeline_compiled=teacher.compiled, pipeline_views=pipeline_views,
                        pipeline_seconds=pipeline_seconds, eager_rate=eager_rate, compiled_rate=compiled_rate,
                        flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases,
-                       decode_rate=decode_images * views / max(decode_seconds, 1e-9))
+                       decode_rate=decode_rate)
