@@ -66,6 +66,7 @@ def test_epochs_is_the_total_as_in_timm():
             ref_sched.step_update(num_updates=update)
             assert ours.param_groups[0]["lr"] == pytest.approx(ref.param_groups[0]["lr"])
 
+
 def test_fused_step_where_torch_has_one():
     """optim.fused: auto keeps timm's default off the GPU; true asks torch for its fused step (CPU too) and
     gives the same update as the default; an optimiser without one is refused by name."""
