@@ -11,6 +11,10 @@ from timm.optim import create_optimizer_v2
 from labeler.models import FanHybrid, FanSize, TokenForward, create_token_model, token_grid
 
 NAME = "fan_test_p4_hybrid_token"
+# Only a platform without dynamo (or, to compile on CPU, without a C++ compiler for inductor) skips the
+# compile tests; any error of tracing or compiling itself fails them.
+NO_DYNAMO = not torch._dynamo.is_dynamo_supported()
+NO_CXX = not any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
 @pytest.fixture()
@@ -145,11 +149,8 @@ def test_autocast_runs_and_stays_close(model, dtype):
 
 @pytest.mark.slow  # ~50 s of compilation on a 2-core CPU
 @pytest.mark.timeout(600)
+@pytest.mark.skipif(NO_DYNAMO or NO_CXX, reason="torch.compile needs dynamo and a C++ compiler on PATH (CPU backend)")
 def test_torch_compile_smoke(model):
-    # Only a platform without dynamo or a C++ compiler (inductor's CPU backend) skips; any error of the
-    # compile itself fails the test.
-    if not torch._dynamo.is_dynamo_supported() or not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        pytest.skip("torch.compile needs dynamo support and a C++ compiler on PATH for the CPU backend")
     compiled = torch.compile(TokenForward(model))  # as the trainer compiles it
     with torch.no_grad():
         out = compiled(torch.randn(1, 3, 64, 64))
@@ -180,12 +181,9 @@ def test_fan_size_validates(bad):
         FanSize(**bad)
 
 
+@pytest.mark.skipif(NO_DYNAMO, reason="torch._dynamo does not support this platform / Python")
 def test_dynamo_traces_without_graph_breaks(model):
     """Fast check that torch.compile can capture the whole model (no C++ compiler needed)."""
-    import torch._dynamo as dynamo
-
-    if not dynamo.is_dynamo_supported():  # this platform / Python: a tracing error is a failure otherwise
-        pytest.skip("torch._dynamo does not support this platform / Python")
-    explanations = [dynamo.explain(fn)(torch.randn(1, 3, 64, 64)) for fn in (model, model.forward_tokens)]
+    explanations = [torch._dynamo.explain(fn)(torch.randn(1, 3, 64, 64)) for fn in (model, model.forward_tokens)]
     for explanation in explanations:
         assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -15,6 +15,9 @@ def _browser() -> str | None:
     return next((path for name in BROWSERS if (path := shutil.which(name))), None)
 
 
+BROWSER = _browser()
+
+
 def _chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                            "--allow-file-access-from-files", *args], capture_output=True, text=True, timeout=120)
@@ -22,10 +25,8 @@ def _chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium on PATH (install it: apt-get install chromium)")
 def test_report_page_renders_in_headless_chromium_with_its_legends_captions_and_tables(tmp_path):
-    browser = _browser()
-    if browser is None:
-        pytest.skip("no headless Chromium on PATH (install it: apt-get install chromium)")
     from PIL import Image
 
     from pipelines.report import ReportConfig, build_report
@@ -38,7 +39,7 @@ def test_report_page_renders_in_headless_chromium_with_its_legends_captions_and_
                                   classes_file=classes))
     page = (out / "index.html").as_uri()
 
-    dom = _chromium(browser, "--dump-dom", page)
+    dom = _chromium(BROWSER, "--dump-dom", page)
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     assert len(re.findall(r'<ul class="legend">', html)) >= 2 * len(r["samples"]) + 1  # argmax + Gumbel each, charts
@@ -47,7 +48,7 @@ def test_report_page_renders_in_headless_chromium_with_its_legends_captions_and_
     assert "random weights (no checkpoint)" in html and "view's fill" in html
 
     shot = tmp_path / "page.png"
-    run = _chromium(browser, f"--screenshot={shot}", "--window-size=900,3000", page)
+    run = _chromium(BROWSER, f"--screenshot={shot}", "--window-size=900,3000", page)
     assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.shape[1] == 900 and pixels.std() > 20  # not a blank page
