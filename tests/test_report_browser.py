@@ -10,12 +10,7 @@ import pytest
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
-
-def _browser() -> str | None:
-    return next((path for name in BROWSERS if (path := shutil.which(name))), None)
-
-
-BROWSER = _browser()
+BROWSER = next((path for name in BROWSERS if (path := shutil.which(name))), None)  # the first one on PATH
 
 
 def _chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
