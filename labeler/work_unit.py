@@ -470,7 +470,8 @@ class ShardLabeler:
         for p, j, data, pixels in slots:
             want = tuple(int(v) for v in p.chunk.valid_hw[j])
             if data is None:
-                images.append(to_device(pixels.copy(), self.device))
+                # No host copy first: to_device page-locks (copies) on CUDA, and pad_images copies at once.
+                images.append(to_device(pixels, self.device))
                 continue
             image = next(decoded)
             if image is None or tuple(image.shape[1:]) != want:
