@@ -23,7 +23,12 @@ step() {  # step NAME LIMIT_S CMD...: run, log to OUT/NAME.txt, never abort the 
   local name=$1 limit=$2 rc; shift 2
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
   timeout -k 5 "$limit" "$@" > "$out/$name.txt" 2>&1; rc=$?; echo "exit $rc" >> "$out/$name.txt"
-  [ "$rc" -eq 0 ] || failed+=("$name (exit $rc$( [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo ", past its ${limit}s limit"))")
+  case $rc in
+    0) ;;
+    124) failed+=("$name (exit 124: past its ${limit}s limit)") ;;
+    137) failed+=("$name (exit 137: killed, past its limit + 5 s or out of memory)") ;;
+    *) failed+=("$name (exit $rc)") ;;
+  esac
   tail -n 25 "$out/$name.txt"
 }
 labels=("$PY" -m pipelines.cli_labels); train=("$PY" -m pipelines.cli_train)  # arrays: `timeout` runs programs, not functions
