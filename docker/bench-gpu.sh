@@ -39,7 +39,7 @@ step train_small 170 "${train[@]}" bench --shards "$train_all" --labels "$DATA/l
 step generate_tiny 60 "${labels[@]}" bench generate --shards "$all" --model "$TINY" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
 step generate_large 90 "${labels[@]}" bench generate --shards "$all" --model "$LARGE" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
 step jpeg 25 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
-step cuda_tests 65 $PY -m pytest -q -s -p no:cacheprovider tests/test_render_batch.py tests/test_photometric_torch.py tests/test_hot_loop_sync.py tests/test_optim.py tests/test_source_footprint.py::test_cuda_regions_within_the_render_bound_of_whole_images tests/test_work_unit_cuda.py
+step cuda_tests 65 $PY -m pytest -q -s -p no:cacheprovider tests/test_render_batch.py tests/test_photometric_torch.py tests/test_hot_loop_sync.py tests/test_optim.py tests/test_to_device.py tests/test_source_footprint.py::test_cuda_regions_within_the_render_bound_of_whole_images tests/test_work_unit_cuda.py
 # The figures the docs record, one table (from the step outputs above).
 echo "=== summary"
 for g in generate_tiny generate_small generate_large; do

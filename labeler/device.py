@@ -2,6 +2,7 @@
 the one way small host arrays go to the device inside a hot loop (`to_device`); cuDNN's algorithm choice."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from labeler.errors import DeviceError
@@ -37,7 +38,14 @@ def to_device(host, device: torch.device | str) -> torch.Tensor:
     memory first waits for the stream to drain (a host sync per call), so the bytes are page-locked first
     (torch's caching host allocator recycles the buffer once the copy has run)."""
     device = torch.device(device)
-    t = torch.as_tensor(host)
+    if isinstance(host, np.ndarray) and not host.flags.writeable:
+        # torch will not wrap a read-only array (Pillow's pixels are one) without a warning: copy it once,
+        # straight into page-locked memory when it is bound for the GPU.
+        dtype = torch.from_numpy(np.empty(0, host.dtype)).dtype
+        t = torch.empty(host.shape, dtype=dtype, pin_memory=device.type == "cuda")
+        t.numpy()[...] = host
+    else:
+        t = torch.as_tensor(host)
     if device.type == "cuda" and not t.is_pinned():
         t = t.pin_memory()
     return t.to(device, non_blocking=True)

@@ -490,7 +490,7 @@ class ShardLabeler:
         except ImageDecodeError as e:
             piece.run.invalidate(int(piece.chunk.positions[row]), str(e))
             return torch.zeros((*hw, 3), dtype=torch.uint8, device=self.device)
-        return to_device(image.copy(), self.device)
+        return to_device(image, self.device)  # read-only pixels: to_device copies them once
 
     def _launch(self, pieces: list[_Piece]) -> _InFlight:
         """Queue copy → render → forward → top-k → copy back for one batch; nothing here waits for the device."""
