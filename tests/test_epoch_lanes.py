@@ -35,7 +35,7 @@ class FakeLoader:
 def _lanes(overlap=True):
     log = []
     first = FakeStream(log)
-    return EpochLanes(first, lambda s: FakeLoader(s, log), overlap=overlap, fork_stream=first.fork), log
+    return EpochLanes(first, lambda s: FakeLoader(s, log), overlap=overlap), log
 
 
 def _read(lanes, epoch):

@@ -33,11 +33,10 @@ class EpochLanes:
     started ahead for exactly that epoch), `open` starts it if it was not, `prefetch` starts an epoch on
     the other lane ahead of time. With `overlap` False there is one lane and `prefetch` does nothing."""
 
-    def __init__(self, stream, make_loader: Callable[[object], object], *, overlap: bool,
-                 fork_stream: Callable[[], object] | None = None):
-        self._lanes = [Lane(stream)]
-        self._make_loader, self._fork_stream = make_loader, fork_stream
-        self.overlap = bool(overlap) and fork_stream is not None
+    def __init__(self, stream, make_loader: Callable[[object], object], *, overlap: bool):
+        self._lanes = [Lane(stream)]  # the second lane, made on first prefetch, reads `stream.fork()`
+        self._make_loader = make_loader
+        self.overlap = bool(overlap)
         self._current = 0
 
     @property
@@ -46,7 +45,7 @@ class EpochLanes:
 
     def _other(self) -> int:
         if len(self._lanes) == 1:
-            self._lanes.append(Lane(self._fork_stream()))
+            self._lanes.append(Lane(self._lanes[0].stream.fork()))
         return 1 - self._current
 
     def select(self, key: Hashable, configure: Callable[[object], None]) -> None:

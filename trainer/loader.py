@@ -209,8 +209,7 @@ class StreamLoader:
         # collector, which may close their queues before they tell the workers to exit (a 5 s wait each).
         make_loader = partial(_data_loader, workers=self.workers, pin_memory=pin_memory,
                               prefetch_factor=prefetch_factor)
-        self._lanes = EpochLanes(stream, make_loader, overlap=overlap_epochs and self.workers > 0,
-                                 fork_stream=stream.fork)
+        self._lanes = EpochLanes(stream, make_loader, overlap=overlap_epochs and self.workers > 0)
         weakref.finalize(self, self._lanes.close)  # workers stopped cleanly however this loader is collected
         self._epoch = stream.epoch
         self.done_shards: set[int] = set()
