@@ -45,6 +45,7 @@ from trainer.token_targets import token_targets
 
 VARIANTS = ("a_none", "b_stored", "c_online")
 NAMES = {"a_none": "(a) no token labels", "b_stored": "(b) stored token labels", "c_online": "(c) online teacher"}
+NO_FULL_BATCH = "bench: the shards yield no full batch in an epoch; lower --batch-size"
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def _time_loader(loader, max_images: int) -> tuple[float, int]:
             if n >= max_images:
                 break
         if not got:
-            raise ValueError("bench: the shards yield no full batch in an epoch; lower --batch-size")
+            raise ValueError(NO_FULL_BATCH)
         epoch += 1
     return n / max(time.perf_counter() - start, 1e-9), n
 
@@ -194,7 +195,7 @@ class TimedBatches:
             t1 = time.perf_counter()
             if item is None:
                 if first:
-                    raise ValueError("bench: the shards yield no full batch in an epoch; lower --batch-size")
+                    raise ValueError(NO_FULL_BATCH)
                 return
             self.requested += 1
             if self.start is not None and self.end is None:
@@ -318,7 +319,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         loader.set_epoch(len(batches))
         batches.extend(b for _, b in zip(range(need - len(batches)), loader))
         if len(batches) == before:
-            raise ValueError("bench: the shards yield no full batch; lower --batch-size")
+            raise ValueError(NO_FULL_BATCH)
     compile_s = _compile_seconds(shared, builder_for("b_stored"), batches[0], device, memory_format, s.amp) \
         if s.compile else {}
     if compile_s:
