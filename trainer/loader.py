@@ -41,6 +41,7 @@ import webdataset as wds
 from timm.data import create_transform
 from torch.utils.data import DataLoader, IterableDataset
 
+from labeler.worker_priority import lower_worker_priority
 from labelstore import ImageDecodeError, LabelStore, RowIndex, SchemaMismatch, StoreError, decode_image
 from labelstore.shard_format import expand_shard_urls, image_field, parse_label
 from trainer.data_config import DataConfig
@@ -173,6 +174,7 @@ class ShardStream(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decode/render workers: one thread each, the cores go to the workers
+    lower_worker_priority()  # the training process's launching thread comes first when the cores are all busy
 
 
 def _data_loader(stream: ShardStream, *, workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
