@@ -37,10 +37,9 @@ PHASE_NOTES = {
     "decode_wait": "device loop waiting for the next decoded batch",
     "copy": "host → device copies (side stream, overlaps the compute)",
     "render": "batched render of all views",
-    "forward": "teacher forward",
-    "topk": "top-k + tail LSE + async copy back",
+    "forward": "teacher: forward + top-k + tail LSE, copies back queued (one CUDA graph when captured)",
     "result_wait": "device loop waiting for a batch's results (device busy)",
-    "write": "filing results + the shards' store writes (overlap the device work)",
+    "write": "filing results + the shards' store writes (overlap the device work; in writer processes on a GPU)",
 }
 
 
@@ -75,12 +74,14 @@ class BenchReport:
     decode_workers: int
     decode_pool: str
     shards_in_flight: int
+    store_writers: int
     render_backend: str
     pipeline_compiled: bool
     pipeline_views: int
     pipeline_seconds: float
     eager_rate: float
     compiled_rate: float | None  # None: not measured (CPU without --compile true)
+    graphed_rate: float | None  # the pipeline's own teacher call (forward + top-k, one CUDA graph); None: not graphed
     flops_per_view: float
     peak_tflops: float | None
     decode_rate: float = 0.0  # views/s the decode workers alone deliver (images/s × S)
@@ -109,7 +110,8 @@ class BenchReport:
             f"device {self.device} (peak {peak}), model {self.model}, batch {self.batch_views} views, amp {self.amp}, "
             f"{self.views_per_sample} views/sample, {self.decode_workers} decode "
             f"{'processes' if self.decode_pool == 'process' else 'threads'}, "
-            f"{self.shards_in_flight} shard(s) in flight, render {self.render_backend}",
+            f"{self.shards_in_flight} shard(s) in flight, {self.store_writers or 'no'} store writer process(es), "
+            f"render {self.render_backend}",
             f"forward FLOPs {self.flops_per_view / 1e9:.2f} GFLOP/view (torch.utils.flop_counter)",
             self._rate_line("pipeline", self.pipeline_rate,
                             f"({self.pipeline_views} views in {wall:.2f} s, teacher "
@@ -118,6 +120,9 @@ class BenchReport:
             self._rate_line("bare forward eager", self.eager_rate),
             self._rate_line("bare forward compiled", self.compiled_rate,
                             "" if self.compiled_rate is not None else "(not measured on CPU; --compile true measures it)"),
+            *([self._rate_line("graphed forward + top-k", self.graphed_rate,
+                               "(the pipeline's teacher call on device-resident views: its device ceiling)")]
+              if self.graphed_rate is not None else []),
             f"pipeline / {ref_name} forward = {self.pipeline_rate / reference:.2f}",
             f"wall-time breakdown of the pipeline ({wall:.2f} s):",
         ]
@@ -125,8 +130,8 @@ class BenchReport:
             sec = self.phase_seconds.get(phase, 0.0)
             lines.append(f"  {phase:12s} {sec:8.2f} s  {100 * sec / wall:6.1f} %  {PHASE_NOTES[phase]}")
         idle = max(0.0, wall - busy)
-        lines.append(f"  {'device idle':12s} {idle:8.2f} s  {100 * idle / wall:6.1f} %  wall − (render + forward + "
-                     f"topk): the device waited (see decode_wait)")
+        lines.append(f"  {'device idle':12s} {idle:8.2f} s  {100 * idle / wall:6.1f} %  wall − (render + forward): "
+                     f"the device waited (see decode_wait)")
         return "\n".join(lines)
 
 
@@ -136,6 +141,15 @@ def _forward_rate(teacher: Teacher, views: torch.Tensor, batches: int, sync) -> 
     start = time.perf_counter()
     for _ in range(batches):
         teacher.forward(views)
+    sync()
+    return batches * views.shape[0] / (time.perf_counter() - start)
+
+
+def _graphed_rate(teacher: Teacher, views: torch.Tensor, batches: int, sync) -> float:
+    """The pipeline's teacher call alone (forward + top-k + copies back), already captured by the warm-up."""
+    start = time.perf_counter()
+    for _ in range(batches):
+        teacher.encode_views_async(views)
     sync()
     return batches * views.shape[0] / (time.perf_counter() - start)
 
@@ -156,6 +170,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                    render_backend: str = "auto", decode_workers: int = 0, checkpoint: str | None = None,
                    compile: str = "auto", decode_device: str = "cpu", forward_batches: int | None = None,
                    keep_store: str | None = None, decode_pool: str = "auto", shards_in_flight: int = 0,
+                   cuda_graph: str = "auto", store_writers: int = -1,
                    report: Callable[[str], None] = lambda line: None) -> BenchReport:
     """Measure pipeline, bare eager and compiled forward; the teacher has random weights unless `checkpoint`.
     `report` gets one line as each figure is measured (a run cut short by a time limit still leaves them).
@@ -166,6 +181,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
     urls = expand_shard_urls(shards)
     dev = resolve_device(device)
     worker = WorkerSettings(checkpoint=checkpoint, batch_size=batch_size, amp=amp, device=str(dev), compile=compile,
+                            cuda_graph=cuda_graph, store_writers=store_writers,
                             render_backend=render_backend, decode_workers=decode_workers, decode_device=decode_device,
                             decode_pool=decode_pool, shards_in_flight=shards_in_flight)
     with tempfile.TemporaryDirectory(prefix="stl-bench-") as tmp:
@@ -183,8 +199,8 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         h, w = spec.input_size
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         fixed = torch.randint(0, 256, (work.views_per_batch, 3, h, w), dtype=torch.uint8, device=dev)
-        teacher.encode(teacher.forward(fixed)[1])  # warm-up of the pipeline's teacher (compile happens here)
-        sync()
+        for copy in teacher.encode_views_async(fixed):  # warm-up of the pipeline's teacher: compile (and capture)
+            copy.wait()
 
         before = dict(work.clock.seconds)
         start = time.perf_counter()
@@ -201,6 +217,12 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                f"({pipeline_views} views in {pipeline_seconds:.2f} s)")
 
         n_batches = forward_batches or max(3, round(pipeline_views / work.views_per_batch))
+        graphed_rate = None
+        if teacher.graphed is not None and teacher.graphed.captured:
+            graphed_rate = _graphed_rate(teacher, fixed, n_batches, sync)
+            report(f"measured: graphed forward + top-k {graphed_rate:.1f} views/s")
+        elif teacher.graphed is not None:
+            report(f"CUDA graph not captured: {teacher.graphed.failed}")
         eager = teacher if not teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp)
         eager_rate = _forward_rate(eager, fixed, n_batches, sync)
         report(f"measured: bare forward eager {eager_rate:.1f} views/s")
@@ -215,8 +237,10 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
     name = str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev)
     return BenchReport(device=name, model=model, batch_views=work.views_per_batch, amp=amp, views_per_sample=views,
                        decode_workers=work.decode_workers, decode_pool=work.decode_pool,
-                       shards_in_flight=work.shards_in_flight, render_backend=work.render_backend,
+                       shards_in_flight=work.shards_in_flight, store_writers=work.writers.processes,
+                       render_backend=work.render_backend,
                        pipeline_compiled=teacher.compiled, pipeline_views=pipeline_views,
                        pipeline_seconds=pipeline_seconds, eager_rate=eager_rate, compiled_rate=compiled_rate,
+                       graphed_rate=graphed_rate,
                        flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases,
                        decode_rate=decode_rate)

@@ -50,7 +50,7 @@ def bench_jpeg(shards: list[str], model: str, num_classes: int | None = None, ch
     dev = resolve_device(device)
     spec = build_labeler_spec(name="jpeg", model=model, num_classes=num_classes, views=views, topk=1,
                               checkpoint=checkpoint)
-    teacher = build_teacher(spec, WorkerSettings(checkpoint=checkpoint, amp=amp, compile=False), dev)
+    teacher = build_teacher(spec, WorkerSettings(checkpoint=checkpoint, amp=amp, compile=False, cuda_graph=False), dev)
     abs_sum, count, max_abs, differing, skipped = 0.0, 0, 0, 0, 0
     agree_cls, agree_tok, n_cls, n_tok = 0, 0, 0, 0
     pending: list[tuple[np.ndarray, np.ndarray]] = []

@@ -1,6 +1,6 @@
 """Where a work unit's wall time goes: host timers for CPU stages, CUDA events for device stages.
 
-Device stages (copy, render, forward, top-k) are queued asynchronously, so a host timer around them
+Device stages (copy, render, forward with its top-k) are queued asynchronously, so a host timer around them
 would measure only the launch. On CUDA each one is bracketed by a pair of events on the stream it
 runs on and the pairs are summed after the shard (one sync, no stall per batch); on CPU the work is
 synchronous and a host timer is exact. Host stages that several threads run at once (decode) add
@@ -15,8 +15,8 @@ from typing import Iterator
 
 import torch
 
-PHASES = ("read", "decode", "decode_wait", "copy", "render", "forward", "topk", "result_wait", "write")
-COMPUTE_PHASES = ("render", "forward", "topk")  # what runs on the compute stream, one after the other
+PHASES = ("read", "decode", "decode_wait", "copy", "render", "forward", "result_wait", "write")
+COMPUTE_PHASES = ("render", "forward")  # what runs on the compute stream, one after the other
 
 
 class StageClock:

@@ -11,11 +11,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from labeler.cuda_graph import GraphedFunction
 from labeler.device import prefer_fastest_convolutions
 from labelstore import EncodedLogits, class_id_dtype
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_CHOICES = ("auto", "true", "false")
+CUDA_GRAPH_CHOICES = ("auto", "true", "false")
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
@@ -23,6 +25,16 @@ def resolve_compile(setting: bool | str, device: torch.device) -> bool:
     value = str(setting).lower()
     if value not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {COMPILE_CHOICES} (or a bool), got {setting!r}")
+    return device.type == "cuda" if value == "auto" else value == "true"
+
+
+def resolve_cuda_graph(setting: bool | str, device: torch.device) -> bool:
+    """`cuda_graph` setting → whether the teacher's batch runs as one captured CUDA graph: auto = on CUDA."""
+    value = str(setting).lower()
+    if value not in CUDA_GRAPH_CHOICES:
+        raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH_CHOICES} (or a bool), got {setting!r}")
+    if value == "true" and device.type != "cuda":
+        raise ValueError(f"cuda_graph true needs a CUDA device, the teacher runs on {device}")
     return device.type == "cuda" if value == "auto" else value == "true"
 
 
@@ -67,7 +79,8 @@ class Teacher:
     Calls `model.forward_tokens(x) -> (cls_logits (N, C), token_logits (N, T, C))` (labeler.models
     contract). BatchNorm lives inside FAN blocks, so eval mode is not optional. With `compile` the
     forward is `torch.compile`d once; callers keep the batch shape fixed (pad the last batch) so it
-    compiles once.
+    compiles once. With `cuda_graph` (auto: on CUDA) `encode_views_async` runs a batch's whole device work
+    (normalise, forward, top-k and tail) as one CUDA graph, captured on the first batch for that one shape.
     """
 
     def __init__(
@@ -79,6 +92,7 @@ class Teacher:
         device: torch.device | str = "cpu",
         amp: str = "none",
         compile: bool | str = False,
+        cuda_graph: bool | str = False,
     ):
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
@@ -94,6 +108,8 @@ class Teacher:
                            else self.model.forward_tokens)
         self.topk = int(topk)
         self.amp = amp
+        self.graphed = (GraphedFunction(self._encode_on_device_views) if resolve_cuda_graph(cuda_graph, self.device)
+                        else None)
         # Normalise in 0..255 units so uint8 views go straight in: (x/255 − mean)/std.
         self._scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, 3, 1, 1).to(self.device)
         self._shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(1, 3, 1, 1).to(self.device)
@@ -131,11 +147,26 @@ class Teacher:
         """Top-k + tail on the device, then an asynchronous copy to the host (`.wait()` gives EncodedLogits)."""
         return HostCopy(self.encode_on_device(logits))
 
+    @torch.inference_mode()
+    def _encode_on_device_views(self, views: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """uint8 views → (token values, ids, tail, class values, ids, tail) on the device: a batch's device work."""
+        cls_logits, token_logits = self.forward(views)
+        return (*self.encode_on_device(token_logits), *self.encode_on_device(cls_logits))
+
+    @torch.inference_mode()
+    def encode_views_async(self, views: torch.Tensor | np.ndarray) -> tuple[HostCopy, HostCopy]:
+        """uint8 views (N, 3, h, w) → (tokens, cls) on their way to the host (`.wait()` each): one graph launch
+        when captured, else forward + top-k launched kernel by kernel."""
+        x = torch.as_tensor(views).to(self.device, non_blocking=True)
+        out = self.graphed(x) if self.graphed is not None else self._encode_on_device_views(x)
+        # Queued behind the work on this stream: the copies read the graph's outputs before its next replay.
+        return HostCopy(out[:3]), HostCopy(out[3:])
+
     def encode(self, logits: torch.Tensor) -> EncodedLogits:
         """Device logits (..., C) → `labelstore.EncodedLogits` on the host (float16 values)."""
         return self.encode_async(logits).wait()
 
     def __call__(self, views: torch.Tensor | np.ndarray):
         """uint8 views (N, 3, h, w) → (tokens EncodedLogits (N, T, ·), cls EncodedLogits (N, ·))."""
-        cls_logits, token_logits = self.forward(views)
-        return self.encode(token_logits), self.encode(cls_logits)
+        tokens, cls = self.encode_views_async(views)
+        return tokens.wait(), cls.wait()

@@ -12,7 +12,8 @@ work unit"):
    top-k + tail on the device, and copies the results back behind an event while the next batch runs;
 3. each shard's caller (one thread per shard in flight: `label_shards` here, a threaded Ray actor in a
    job) files its rows and, once its last image's results are back, writes the shard in one
-   `write_shard` call, while the device goes on with the other shards.
+   `write_shard` call, while the device goes on with the other shards; on a GPU node the call runs in a
+   store writer process (`labeler.store_writers`), so the device loop keeps the GIL.
 
 A batch that cannot be filled (the last images) is padded to the full batch (its padding views are
 dropped), so a compiled teacher sees one shape. Results stay in memory until their shard is complete:
@@ -47,7 +48,8 @@ from labeler.models.checkpoint import load_checkpoint
 from labeler.render_batch import SourceBatch, render_batch
 from labeler.shard_results import ResultBuffers, ShardRows
 from labeler.stage_clock import PHASES, StageClock
-from labeler.teacher import HostCopy, Teacher, resolve_compile
+from labeler.store_writers import StoreWriters
+from labeler.teacher import CUDA_GRAPH_CHOICES, HostCopy, Teacher, resolve_compile
 from labelstore import EncodedLogits, ImageDecodeError, LabelStore, decode_image
 
 RENDER_BACKENDS = ("auto", "torch", "pillow")
@@ -64,12 +66,14 @@ class WorkerSettings:
     batch_size: int = 256  # views per forward pass (rounded down to whole images: S views each)
     amp: str = "bf16"
     compile: bool | str = "auto"  # auto = torch.compile on CUDA, eager on CPU
+    cuda_graph: bool | str = "auto"  # auto = on CUDA: a batch's forward + top-k is one captured graph launch
     device: str = "auto"  # auto = cuda if available, else cpu
     render_backend: str = "auto"  # auto = batched torch on cuda, Pillow (the reference renderer) on cpu
     decode_workers: int = 0  # 0 = one per CPU this worker may use
     decode_pool: str = "auto"  # auto = processes on cuda, threads on cpu (see labeler.decode_workers)
     shards_in_flight: int = 0  # 0 = decode processes + 2 (process pool) or 1 (thread pool)
     decode_device: str = "cpu"  # cuda = decode baseline JPEGs with nvJPEG (torchvision); others stay on Pillow
+    store_writers: int = -1  # shard writes in this many processes; -1 = 4 with decode processes, else 0 (in-thread)
     dump_views_dir: str | None = None  # debug hook: save every rendered view of a shard (tests)
 
     def __post_init__(self) -> None:
@@ -80,8 +84,12 @@ class WorkerSettings:
         resolve_decode_workers(self.decode_workers)  # the resolvers' own checks: one message per setting
         resolve_decode_pool(self.decode_pool, "cpu")
         resolve_compile(self.compile, torch.device("cpu"))
+        if str(self.cuda_graph).lower() not in CUDA_GRAPH_CHOICES:
+            raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH_CHOICES} (or a bool), got {self.cuda_graph!r}")
         if self.shards_in_flight < 0:
             raise ValueError(f"shards_in_flight must be >= 0 (0 = automatic), got {self.shards_in_flight}")
+        if self.store_writers < -1:
+            raise ValueError(f"store_writers must be >= 0, or -1 for automatic, got {self.store_writers}")
         if self.decode_device not in DECODE_DEVICES:
             raise ValueError(f"decode_device must be one of {DECODE_DEVICES}, got {self.decode_device!r}")
 
@@ -123,6 +131,17 @@ class ShardOutcome:
     seconds: float = 0.0
     bytes_written: int = 0
     error: str | None = None
+
+
+AUTO_STORE_WRITERS = 4  # a 143-image FAN-S shard takes ~0.2 s to write: 4 keep up with ~8 shards/s
+
+
+def resolve_store_writers(settings: WorkerSettings, device_type: str) -> int:
+    """Store writer processes of a work unit: with decode processes (GPU nodes) `AUTO_STORE_WRITERS`, so the
+    writes leave the device loop's process; with decode threads none (the caller thread writes)."""
+    if settings.store_writers >= 0:
+        return settings.store_writers
+    return AUTO_STORE_WRITERS if resolve_decode_pool(settings.decode_pool, device_type) == "process" else 0
 
 
 def resolve_shards_in_flight(settings: WorkerSettings, device_type: str) -> int:
@@ -205,6 +224,8 @@ class ShardLabeler:
         self.decode_workers = resolve_decode_workers(settings.decode_workers)
         self.decode_pool = resolve_decode_pool(settings.decode_pool, self.device.type)
         self.shards_in_flight = resolve_shards_in_flight(settings, self.device.type)
+        self.writers = StoreWriters(str(self.store.path), labeler_name, resolve_store_writers(settings, self.device.type),
+                                    labels=self.labels)
         self.images_per_batch = max(1, settings.batch_size // self.spec.views)
         self.teacher = teacher if teacher is not None else build_teacher(self.spec, settings, self.device)
         self.fault = fault
@@ -242,6 +263,7 @@ class ShardLabeler:
             decoder = self._decoder
         if wait:
             decoder.wait_ready()
+            self.writers.start()
         return decoder
 
     def close(self) -> None:
@@ -254,6 +276,7 @@ class ShardLabeler:
             loop.join()
         if decoder is not None:
             decoder.close()
+        self.writers.close()
 
     def __enter__(self) -> "ShardLabeler":
         return self
@@ -334,9 +357,9 @@ class ShardLabeler:
         for pos, reason in run.late_errors:
             rows.invalidate(pos, reason)
         with self.clock.host("write"):
-            self.labels.write_shard(shard.index, keys=rows.keys, labels=rows.labels, image_hw=rows.image_hw,
-                                    valid=rows.valid, params=rows.params, tokens=tokens, cls=cls, errors=rows.errors,
-                                    fingerprints=rows.fingerprints)
+            self.writers.write(shard.index, keys=rows.keys, labels=rows.labels, image_hw=rows.image_hw,
+                               valid=rows.valid, params=rows.params, tokens=tokens, cls=cls, errors=rows.errors,
+                               fingerprints=rows.fingerprints)
         return len(rows.errors), run.out.nbytes + rows.params.nbytes
 
     def _send(self, msg: tuple) -> None:
@@ -493,7 +516,8 @@ class ShardLabeler:
         return to_device(image, self.device)  # read-only pixels: to_device copies them once
 
     def _launch(self, pieces: list[_Piece]) -> _InFlight:
-        """Queue copy → render → forward → top-k → copy back for one batch; nothing here waits for the device."""
+        """Queue copy → render → teacher (forward, top-k: one CUDA graph on a GPU) → copy back for one batch;
+        nothing here waits for the device."""
         host, params = self._host_batch(pieces)
         with self.clock.device("copy", self._copy_stream), _on_stream(self._copy_stream):
             sources = self._sources(pieces, host)
@@ -507,9 +531,7 @@ class ShardLabeler:
                 index = np.repeat(np.arange(self.images_per_batch), self.spec.views)
                 views = render_batch(sources, index, params, self.spec.view_spec)
         with self.clock.device("forward"):
-            cls_logits, token_logits = self.teacher.forward(views)
-        with self.clock.device("topk"):
-            tokens, cls = self.teacher.encode_async(token_logits), self.teacher.encode_async(cls_logits)
+            tokens, cls = self.teacher.encode_views_async(views)
         if any(p.run.dump is not None for p in pieces):
             seen = views.permute(0, 2, 3, 1).cpu().numpy()
             s, at = self.spec.views, 0
@@ -597,4 +619,5 @@ def build_teacher(spec: Any, settings: WorkerSettings, device: Any):
         if spec.checkpoint_sha256 and sha != spec.checkpoint_sha256:
             raise ValueError(f"checkpoint {settings.checkpoint} has sha256 {sha[:12]}…, but labeler {spec.name!r} "
                              f"in the store was made with {spec.checkpoint_sha256[:12]}…")
-    return Teacher(model, spec.mean, spec.std, spec.topk, device=device, amp=settings.amp, compile=settings.compile)
+    return Teacher(model, spec.mean, spec.std, spec.topk, device=device, amp=settings.amp, compile=settings.compile,
+                   cuda_graph=settings.cuda_graph)

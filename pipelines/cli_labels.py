@@ -108,8 +108,11 @@ def bench_generate_cmd(
     decode_pool: str = typer.Option("auto", "--decode-pool", help="auto (processes on GPU, threads on CPU) | process | thread."),
     shards_in_flight: int = typer.Option(0, "--shards-in-flight", help="Shards labelled at once (0 = automatic)."),
     compile: str = typer.Option("auto", "--compile", help="torch.compile the teacher: auto (on CUDA) | true | false."),
+    cuda_graph: str = typer.Option("auto", "--cuda-graph", help="Run each batch's forward + top-k as one captured CUDA graph: auto (on CUDA) | true | false."),
     decode_device: str = typer.Option("cpu", "--decode-device", help="cpu (Pillow) | cuda (nvJPEG, see bench jpeg)."),
     keep_store: str = typer.Option(None, "--keep-store", help="Keep the labels in this store (labeler 'bench') instead of a scratch one."),
+    store_writers: int = typer.Option(-1, "--store-writers", help="Processes writing the shards (-1 = 4 with decode processes, 0 = in the shard's thread)."),
+    forward_batches: int = typer.Option(0, "--forward-batches", help="Batches per bare-forward figure (0 = as many as the pipeline ran)."),
 ) -> None:
     """Views/s of the labeling pipeline vs the bare forward (eager, compiled), TFLOP/s, and where the time went."""
     from labeler.bench_generate import bench_generate
@@ -118,8 +121,10 @@ def bench_generate_cmd(
         report = bench_generate(shards, model, batch_size, amp, views, topk=topk, num_classes=num_classes,
                                 input_size=input_size, device=device, render_backend=render_backend,
                                 decode_workers=decode_workers, checkpoint=checkpoint, compile=compile,
+                                cuda_graph=cuda_graph,
                                 decode_device=decode_device, decode_pool=decode_pool,
                                 shards_in_flight=shards_in_flight, keep_store=keep_store,
+                                forward_batches=forward_batches or None, store_writers=store_writers,
                                 report=lambda line: typer.echo(line, err=True))
     typer.echo(report.format())
 

@@ -63,12 +63,14 @@ class GenerateSettings:
     batch_size: int = 256
     amp: str = "bf16"
     compile: bool | str = "auto"  # auto = torch.compile on CUDA workers
+    cuda_graph: bool | str = "auto"  # auto = on CUDA workers: a batch's forward + top-k is one captured CUDA graph
     address: str | None = None  # None = local Ray sized to the machine; "auto" or "ray://host:port"
     cpus_per_worker: float = 1.0  # CPU workers only (GPU workers get the node's CPUs per GPU)
     decode_workers: int = 0  # 0 = one per CPU the worker owns (processes on GPU workers, threads on CPU)
     decode_pool: str = "auto"  # auto | process | thread
     shards_in_flight: int = 0  # per worker; 0 = decode processes + 2 on GPU workers, 1 on CPU workers
     decode_device: str = "cpu"  # cuda: nvJPEG decode on GPU workers (see docs/benchmarks.md for its pixel difference)
+    store_writers: int = -1  # shard-writing processes per worker; -1 = 4 with decode processes, 0 with threads
     render_backend: str = "auto"
     device: str = "auto"
     dump_views_dir: str | None = None
@@ -96,9 +98,11 @@ class GenerateSettings:
 
     def worker_settings(self) -> WorkerSettings:
         return WorkerSettings(checkpoint=self.checkpoint, batch_size=self.batch_size, amp=self.amp, compile=self.compile,
+                              cuda_graph=self.cuda_graph,
                               device=self.device, render_backend=self.render_backend,
                               decode_workers=self.decode_workers, decode_pool=self.decode_pool,
                               shards_in_flight=self.shards_in_flight, decode_device=self.decode_device,
+                              store_writers=self.store_writers,
                               dump_views_dir=self.dump_views_dir)
 
 

@@ -416,7 +416,7 @@ def test_bench_generate_prints_pipeline_forward_and_phases(data):
     _, paths = data
     result = CliRunner().invoke(app, ["bench", "generate", "--shards", paths[2], "--model", MODEL, "--batch-size", "4",
                                       "--amp", "none", "--views", "2", "--num-classes", "10", "--topk", "3",
-                                      "--device", "cpu", "--decode-workers", "2"])
+                                      "--device", "cpu", "--decode-workers", "2", "--forward-batches", "2"])
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "batch 4 views" in out and "2 decode threads" in out and "render pillow" in out
@@ -424,8 +424,9 @@ def test_bench_generate_prints_pipeline_forward_and_phases(data):
     assert re.search(r"pipeline +\d+\.\d views/s +\d+\.\d+ TFLOP/s +unknown of peak +\(6 views in", out)  # 3 × 2
     assert re.search(r"bare forward eager +\d+\.\d views/s +\d+\.\d+ TFLOP/s", out)
     assert re.search(r"bare forward compiled +n/a views/s", out)  # CPU: not compiled unless asked
+    assert "graphed forward" not in out  # CUDA graphs are for CUDA only
     assert re.search(r"pipeline / eager \(no compiled figure\) forward = \d+\.\d\d", out)
-    for phase in ("read", "decode", "decode_wait", "copy", "render", "forward", "topk", "result_wait", "write",
+    for phase in ("read", "decode", "decode_wait", "copy", "render", "forward", "result_wait", "write",
                   "device idle"):
         assert re.search(rf"\n  {phase} +\d+\.\d\d s +\d+\.\d %", out), phase
 

@@ -1,0 +1,79 @@
+"""One fixed-shape device function captured as a CUDA graph: each call is one graph launch.
+
+A compiled FAN forward is still hundreds of kernels, each launched from Python. In the labeling work unit the
+thread that launches them shares the GIL and the CPUs with the shard writers and the decode pipes, so the
+device waited on launches (the forward took twice its bare time inside the pipeline). A replayed graph issues
+the whole forward, top-k included, with one launch, whatever the host is doing. torch's `CUDAGraph` does the
+capture; what we add is the fixed-shape contract (the work unit pads its last batch) and the warm-up before
+the capture (compilation, cuDNN's algorithm search and the allocator must not happen inside it).
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable
+
+import torch
+
+WARMUP_CALLS = 2  # the first call compiles (and cuDNN times its algorithms); the second runs what is captured
+
+
+class GraphedFunction:
+    """`fn(x) -> tuple of tensors` for one input shape, dtype and CUDA device, captured on its first call.
+
+    The outputs live in the graph's own memory and are overwritten by the next call: use them (or queue a copy
+    of them) on the same stream before calling again, as the work unit does with its top-k copies. A call with
+    another shape, dtype or device is an error naming both shapes (the capture is for one shape only). If the
+    capture itself fails (a function that syncs with the host cannot be captured), a warning says so and every
+    call runs `fn` directly: slower, same results.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]):
+        self.fn = fn
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
+        self._lock = threading.Lock()  # one capture, and no replay racing another caller's input copy
+        self.failed: str | None = None  # why the capture failed (calls then run fn directly)
+
+    @property
+    def captured(self) -> bool:
+        return self._graph is not None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.device.type != "cuda":
+            raise ValueError(f"GraphedFunction needs a CUDA tensor, got one on {x.device}")
+        with self._lock:
+            if self.failed is not None:
+                return tuple(self.fn(x))
+            if self._graph is None:
+                try:
+                    self._capture(x)
+                except RuntimeError as e:
+                    self.failed = f"{type(e).__name__}: {e}"
+                    warnings.warn(f"CUDA graph capture failed, running without a graph: {self.failed}", stacklevel=2)
+                    return tuple(self.fn(x))
+            static = self._input
+            if x.shape != static.shape or x.dtype != static.dtype or x.device != static.device:
+                raise ValueError(f"the CUDA graph was captured for {tuple(static.shape)} {static.dtype} on "
+                                 f"{static.device}, got {tuple(x.shape)} {x.dtype} on {x.device}; keep one batch "
+                                 f"shape (pad the last batch) or turn cuda_graph off")
+            static.copy_(x, non_blocking=True)
+            self._graph.replay()
+            return self._outputs
+
+    def _capture(self, x: torch.Tensor) -> None:
+        self._input = x.clone()
+        side = torch.cuda.Stream(x.device)  # warm-up off the caller's stream, as torch's capture recipe asks
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_CALLS):
+                self.fn(self._input)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA calls other threads of the process make meanwhile (pinned buffers, copies) are
+        # not part of this capture and do not break it.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = self.fn(self._input)
+        self._outputs = tuple(outputs)
+        self._graph = graph
