@@ -3,6 +3,9 @@
 # work unit runs in-process. Usage: bash docker/bench-gpu.sh [OUT_DIR]   (each step has its own time limit,
 # in priority order, so a slow step cannot take the others' figures with it).
 # Knobs (env): SHARDS (28) PER_SHARD (143) VIEWS (8) TRAIN_SECONDS (20) WORKERS (14) BATCH (128) PY (python3)
+# FWD_BATCHES (40: batches per bare-forward figure), STEPS (all: a subset of the step names below, e.g.
+# STEPS="shards generate_small train_small"; later steps read DATA, so a second call on the same machine can
+# run the rest), CUDA_TESTS (the test files of the cuda_tests step). The whole script takes about 10 minutes.
 # Shards are the unit of work of the student loader's workers: the training step reads the largest multiple of
 # WORKERS shards (all 28 = 2 per worker by default), so every worker is busy until the epoch ends together.
 set -uo pipefail
@@ -10,6 +13,8 @@ out=${1:-bench_out}; mkdir -p "$out"
 PY=${PY:-python3}; SHARDS=${SHARDS:-28}; PER_SHARD=${PER_SHARD:-143}; VIEWS=${VIEWS:-8}
 TRAIN_SECONDS=${TRAIN_SECONDS:-20}; WORKERS=${WORKERS:-14}; BATCH=${BATCH:-128}; DATA=${DATA:-/tmp/stl-bench}
 TINY=${TINY:-fan_tiny_8_p4_hybrid_token}; SMALL=${SMALL:-fan_small_12_p4_hybrid_token}; LARGE=${LARGE:-fan_large_16_p4_hybrid_token}
+FWD_BATCHES=${FWD_BATCHES:-40}; STEPS=${STEPS:-shards generate_small train_small generate_tiny generate_large jpeg cuda_tests}
+CUDA_TESTS=${CUDA_TESTS:-tests/test_render_batch.py tests/test_photometric_torch.py tests/test_hot_loop_sync.py tests/test_optim.py tests/test_to_device.py tests/test_source_footprint.py::test_cuda_regions_within_the_render_bound_of_whole_images tests/test_work_unit_cuda.py tests/test_cuda_graph.py}
 EXTRA=${EXTRA:-}   # e.g. "--input-size 64 --device cpu" for a CPU dry run (JPEG_EXTRA="--device cpu --limit 16"
                    # keeps the jpeg step, a FAN-S forward at 224 px, inside its limit on a 2-core CPU)
 last=$(printf '%06d' $((SHARDS - 1)))
@@ -21,6 +26,7 @@ train_all="$DATA/bench-{000000..$(printf '%06d' $((train_shards - 1)))}.tar"
 failed=()
 step() {  # step NAME LIMIT_S CMD...: run, log to OUT/NAME.txt, never abort the script (failures are listed at the end)
   local name=$1 limit=$2 rc; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac  # not asked for in STEPS
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
   timeout -k 5 "$limit" "$@" > "$out/$name.txt" 2>&1; rc=$?; echo "exit $rc" >> "$out/$name.txt"
   case $rc in
@@ -34,19 +40,21 @@ step() {  # step NAME LIMIT_S CMD...: run, log to OUT/NAME.txt, never abort the 
 labels=("$PY" -m pipelines.cli_labels); train=("$PY" -m pipelines.cli_train)  # arrays: `timeout` runs programs, not functions
 nvidia-smi -L 2>/dev/null; $PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
 step shards 35 "${labels[@]}" bench shards "$DATA" --shards "$SHARDS" --per-shard "$PER_SHARD"
-step generate_small 110 "${labels[@]}" bench generate --shards "$all" --model "$SMALL" --views "$VIEWS" --batch-size 256 --amp bf16 --keep-store "$DATA/labels.zarr" $EXTRA
-step train_small 170 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 ${TRAIN_EXTRA:-}
-step generate_tiny 60 "${labels[@]}" bench generate --shards "$all" --model "$TINY" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
-step generate_large 90 "${labels[@]}" bench generate --shards "$all" --model "$LARGE" --views "$VIEWS" --batch-size 256 --amp bf16 $EXTRA
-step jpeg 25 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
-step cuda_tests 65 $PY -m pytest -q -s -p no:cacheprovider tests/test_render_batch.py tests/test_photometric_torch.py tests/test_hot_loop_sync.py tests/test_optim.py tests/test_to_device.py tests/test_source_footprint.py::test_cuda_regions_within_the_render_bound_of_whole_images tests/test_work_unit_cuda.py
+gen=(bench generate --shards "$all" --views "$VIEWS" --batch-size 256 --amp bf16 --forward-batches "$FWD_BATCHES")
+step generate_small 120 "${labels[@]}" "${gen[@]}" --model "$SMALL" --keep-store "$DATA/labels.zarr" $EXTRA
+step train_small 260 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 ${TRAIN_EXTRA:-}
+step generate_tiny 100 "${labels[@]}" "${gen[@]}" --model "$TINY" $EXTRA
+step generate_large 110 "${labels[@]}" "${gen[@]}" --model "$LARGE" $EXTRA
+step jpeg 30 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
+step cuda_tests 70 $PY -m pytest -q -s -p no:cacheprovider $CUDA_TESTS
 # The figures the docs record, one table (from the step outputs above).
 echo "=== summary"
 for g in generate_tiny generate_small generate_large; do
   f="$out/$g.txt"; [ -f "$f" ] || continue
-  printf '%-15s %s | %s | %s | %s\n' "$g" "$(grep -m1 '^pipeline ' "$f" | awk '{print $2, "views/s"}')" \
+  printf '%-15s %s | %s | %s | %s | %s\n' "$g" "$(grep -m1 '^pipeline ' "$f" | awk '{print $2, "views/s"}')" \
     "decode alone $(grep -m1 '^decode workers alone' "$f" | awk '{print $4}')" \
-    "compiled $(grep -m1 '^bare forward compiled' "$f" | awk '{print $4}')" "$(grep -m1 '^pipeline / ' "$f")"
+    "compiled $(grep -m1 '^bare forward compiled' "$f" | awk '{print $4}')" \
+    "graphed $(grep -m1 '^graphed forward' "$f" | awk '{print $5}')" "$(grep -m1 '^pipeline / ' "$f")"
 done
 f="$out/train_small.txt"
 if [ -f "$f" ]; then  # the table, or (a run cut by its limit) the figures it printed as it measured them
