@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from labeler.device import resolve_device
-from labeler.stage_clock import COMPUTE_PHASES, PHASES
+from labeler.stage_clock import COMPUTE_PHASES, DEVICE_PHASES, PHASES
 from labeler.teacher import AMP_DTYPES, Teacher, resolve_compile
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
 from labeler.work_unit import ShardLabeler, WorkerSettings
@@ -39,7 +39,8 @@ PHASE_NOTES = {
     "render": "batched render of all views",
     "forward": "teacher: forward + top-k + tail LSE, copies back queued (one CUDA graph when captured)",
     "result_wait": "device loop waiting for a batch's results (device busy)",
-    "write": "filing results + the shards' store writes (overlap the device work; in writer processes on a GPU)",
+    "file": "device loop filing each batch's results at their shards' rows",
+    "write": "the shards' store writes, summed over their threads (in writer processes on a GPU node)",
 }
 
 
@@ -86,6 +87,8 @@ class BenchReport:
     peak_tflops: float | None
     decode_rate: float = 0.0  # views/s the decode workers alone deliver (images/s × S)
     phase_seconds: dict = field(default_factory=dict)
+    issue_seconds: dict = field(default_factory=dict)  # host seconds issuing each device phase
+    batches: int = 0  # forward batches the pipeline ran (padded ones included)
 
     @property
     def pipeline_rate(self) -> float:
@@ -128,10 +131,15 @@ class BenchReport:
         ]
         for phase in PHASES:
             sec = self.phase_seconds.get(phase, 0.0)
-            lines.append(f"  {phase:12s} {sec:8.2f} s  {100 * sec / wall:6.1f} %  {PHASE_NOTES[phase]}")
+            issued = (f" (the host took {self.issue_seconds[phase]:.2f} s to issue it)"
+                      if phase in self.issue_seconds and not self.device.startswith("cpu") else "")
+            lines.append(f"  {phase:12s} {sec:8.2f} s  {100 * sec / wall:6.1f} %  {PHASE_NOTES[phase]}{issued}")
         idle = max(0.0, wall - busy)
         lines.append(f"  {'device idle':12s} {idle:8.2f} s  {100 * idle / wall:6.1f} %  wall − (render + forward): "
                      f"the device waited (see decode_wait)")
+        if self.batches:
+            lines.append(f"device loop: {self.batches} batches, {1e3 * wall / self.batches:.1f} ms of wall and "
+                         f"{1e3 * busy / self.batches:.1f} ms of render + forward on the device per batch")
         return "\n".join(lines)
 
 
@@ -202,13 +210,14 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         for copy in teacher.encode_views_async(fixed):  # warm-up of the pipeline's teacher: compile (and capture)
             copy.wait()
 
-        before = dict(work.clock.seconds)
+        before, issued_before, batches_before = dict(work.clock.seconds), dict(work.clock.issue_seconds), work.batches
         start = time.perf_counter()
         outcomes = list(work.label_shards(range(len(urls))))
         pipeline_seconds = time.perf_counter() - start
         work.close()
         work.clock.resolve()
         phases = {p: work.clock.seconds[p] - before[p] for p in PHASES}
+        issued = {p: work.clock.issue_seconds[p] - issued_before[p] for p in DEVICE_PHASES}
         failed = [o for o in outcomes if not o.ok]
         if failed:
             raise RuntimeError(f"bench: shard {failed[0].url} failed: {failed[0].error}")
@@ -242,5 +251,6 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                        pipeline_compiled=teacher.compiled, pipeline_views=pipeline_views,
                        pipeline_seconds=pipeline_seconds, eager_rate=eager_rate, compiled_rate=compiled_rate,
                        graphed_rate=graphed_rate,
-                       flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases,
+                       flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases, issue_seconds=issued,
+                       batches=work.batches - batches_before,
                        decode_rate=decode_rate)

@@ -15,8 +15,9 @@ from typing import Iterator
 
 import torch
 
-PHASES = ("read", "decode", "decode_wait", "copy", "render", "forward", "result_wait", "write")
+PHASES = ("read", "decode", "decode_wait", "copy", "render", "forward", "result_wait", "file", "write")
 COMPUTE_PHASES = ("render", "forward")  # what runs on the compute stream, one after the other
+DEVICE_PHASES = ("copy", "render", "forward")  # queued on the device: timed by events, their issue by the host
 
 
 class StageClock:
@@ -24,6 +25,9 @@ class StageClock:
 
     def __init__(self, device: torch.device):
         self.seconds = {p: 0.0 for p in PHASES}
+        # Host seconds spent issuing each device phase: when they approach the phase's device seconds, the
+        # device ran as fast as the host could queue its work (host-bound), not as fast as it computes.
+        self.issue_seconds = {p: 0.0 for p in DEVICE_PHASES}
         self._cuda = device.type == "cuda"
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self._lock = threading.Lock()
@@ -42,17 +46,25 @@ class StageClock:
 
     @contextlib.contextmanager
     def device(self, phase: str, stream: "torch.cuda.Stream | None" = None) -> Iterator[None]:
-        if not self._cuda:
-            with self.host(phase):
+        if not self._cuda:  # synchronous: the host time is the phase's time, issue included
+            start = time.perf_counter()
+            try:
                 yield
+            finally:
+                seconds = time.perf_counter() - start
+                with self._lock:
+                    self.seconds[phase] += seconds
+                    self.issue_seconds[phase] += seconds
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
+        issued = time.perf_counter()
         try:
             yield
         finally:
             end.record(stream)
             with self._lock:
+                self.issue_seconds[phase] += time.perf_counter() - issued
                 self._events.append((phase, start, end))
 
     def resolve(self, block: bool = True) -> dict[str, float]:

@@ -230,6 +230,7 @@ class ShardLabeler:
         self.teacher = teacher if teacher is not None else build_teacher(self.spec, settings, self.device)
         self.fault = fault
         self.samples_done = 0  # per process, across shards: what the fault switch counts
+        self.batches = 0  # forward batches launched (the bench's per-batch figures)
         self.clock = StageClock(self.device)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._lock = threading.Lock()
@@ -518,6 +519,7 @@ class ShardLabeler:
     def _launch(self, pieces: list[_Piece]) -> _InFlight:
         """Queue copy → render → teacher (forward, top-k: one CUDA graph on a GPU) → copy back for one batch;
         nothing here waits for the device."""
+        self.batches += 1
         host, params = self._host_batch(pieces)
         with self.clock.device("copy", self._copy_stream), _on_stream(self._copy_stream):
             sources = self._sources(pieces, host)
@@ -546,7 +548,7 @@ class ShardLabeler:
         """Wait for a batch's results (queued behind its forward) and file them at their shards' rows."""
         with self.clock.host("result_wait"):
             tokens, cls = done.tokens.wait(), done.cls.wait()
-        with self.clock.host("write"):
+        with self.clock.host("file"):
             s, at = self.spec.views, 0
             for p in done.pieces:
                 n = (p.b - p.a) * s

@@ -1,0 +1,34 @@
+"""labeler.stage_clock: host phases, device phases and the host's time to issue them (CPU: the same time)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from labeler.stage_clock import DEVICE_PHASES, PHASES, StageClock
+
+
+def test_phases_add_up_and_device_phases_record_their_issue_time_on_cpu():
+    clock = StageClock(torch.device("cpu"))
+    with clock.host("write"):
+        time.sleep(0.02)
+    with clock.device("render"):
+        time.sleep(0.03)
+    clock.add("decode", 1.5)
+    assert set(clock.seconds) == set(PHASES) and set(clock.issue_seconds) == set(DEVICE_PHASES)
+    assert clock.seconds["write"] >= 0.02 and clock.seconds["decode"] == 1.5
+    assert clock.seconds["render"] >= 0.03 and clock.issue_seconds["render"] == clock.seconds["render"]
+    assert clock.issue_seconds["forward"] == 0.0 and clock.resolve()["render"] == clock.seconds["render"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_device_time_comes_from_events_and_issue_time_from_the_host():
+    clock = StageClock(torch.device("cuda"))
+    x = torch.randn(2048, 2048, device="cuda")
+    with clock.device("forward"):
+        for _ in range(20):
+            x = x @ x / 2048
+    issued = clock.issue_seconds["forward"]
+    seconds = clock.resolve()["forward"]
+    assert seconds > 0 and issued > 0 and not clock._events
