@@ -5,7 +5,8 @@
 # Knobs (env): SHARDS (28) PER_SHARD (143) VIEWS (8) TRAIN_SECONDS (20) WORKERS (14) BATCH (128) PY (python3)
 # FWD_BATCHES (40: batches per bare-forward figure), STEPS (all: a subset of the step names below, e.g.
 # STEPS="shards generate_small train_small"; later steps read DATA, so a second call on the same machine can
-# run the rest), CUDA_TESTS (the test files of the cuda_tests step). The whole script takes about 10 minutes.
+# run the rest), CUDA_TESTS (the test files of the cuda_tests step), TRAIN_EXTRA (more `stl-train bench` options,
+# e.g. "--compile-mode reduce-overhead" for the student step as CUDA graphs). The whole script takes about 10 minutes.
 # Shards are the unit of work of the student loader's workers: the training step reads the largest multiple of
 # WORKERS shards (all 28 = 2 per worker by default), so every worker is busy until the epoch ends together.
 set -uo pipefail

@@ -193,6 +193,7 @@ def bench_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     amp: str = typer.Option("none", "--amp", help="none | bf16 | fp16."),
     compile_step: bool = typer.Option(False, "--compile", help="torch.compile the student (model.compile)."),
+    compile_mode: str = typer.Option("default", "--compile-mode", help="torch.compile mode with --compile: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs."),
     augment_device: str = typer.Option("auto", "--augment-device",
                                        help="auto | cpu | cuda: where views are rendered and augmented."),
     repeats: int = typer.Option(3, "--repeats", help="Interleaved step-only/loader repeats; the median is printed."),
@@ -205,6 +206,7 @@ def bench_cmd(
         figures = run_bench(BenchSettings(shards=tuple(shards), labels=labels, labeler=labeler, model=model,
                                           seconds=seconds, steps=steps, warmup=warmup, batch_size=batch_size,
                                           workers=workers, device=device, amp=amp, compile=compile_step,
+                                          compile_mode=compile_mode,
                                           augment_device=augment_device, repeats=repeats),
                             report=lambda line: typer.echo(line, err=True))
     typer.echo(figures.table())

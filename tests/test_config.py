@@ -50,6 +50,12 @@ def test_drop_path_per_size_from_the_name_unless_set(name, rate):
     assert ModelConfig(name=name, drop_path_rate=0.1).resolved_drop_path_rate == 0.1
 
 
+def test_model_compile_mode_is_one_of_torch_compiles_modes():
+    assert ModelConfig(compile=True, compile_mode="reduce-overhead").compile_mode == "reduce-overhead"
+    with pytest.raises(TrainConfigError, match="model.compile_mode must be one of"):
+        ModelConfig(compile_mode="fast")
+
+
 def test_yaml_loads_and_coerces_types(tmp_path):
     p = write(tmp_path, "optim:\n  lr: 1e-3\n  betas: [0.9, 0.95]\nschedule:\n  epochs: 3\n"
                         "data:\n  shards: [a.tar, b.tar]\n  batch_size: 8\n")

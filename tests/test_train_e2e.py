@@ -154,8 +154,9 @@ def test_bench_prints_all_figures_and_ratios(world):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_compiled_bench_compiles_once_and_prints_every_row(world):
-    """--compile: one student and one teacher compile (printed with their times), reused by all three variants
-    and both phases: no recompile, every row printed."""
+    """--compile: one student and one teacher compile (printed with their times and mode), reused by all three
+    variants and both phases: no recompile, every row printed. The mode is reduce-overhead (CUDA graphs on a
+    GPU; on this CPU the same compile without graphs), so the mode and the step marks travel the whole way."""
     import logging
 
     import torch._logging
@@ -174,12 +175,14 @@ def test_compiled_bench_compiles_once_and_prints_every_row(world):
         shard_args = [a for s in world["train"] for a in ("--shards", s)]
         r = runner.invoke(app, ["bench", *shard_args, "--labels", str(world["root"] / "labels.zarr"), "--labeler", "tl",
                                 "--steps", "1", "--repeats", "1", "--batch-size", "8", "--seconds", "1", "--warmup", "1",
-                                "--workers", "1", "--compile", "--device", "cpu"])
+                                "--workers", "1", "--compile", "--compile-mode", "reduce-overhead",
+                                "--device", "cpu"])
     finally:
         logging.getLogger("torch._dynamo").removeHandler(handler)
         torch._logging.set_logs()
     assert r.exit_code == 0, r.output
-    assert "torch.compile, once for every variant and phase: student (forward + backward)" in r.output
+    assert "torch.compile (mode reduce-overhead), once for every variant and phase: student (forward + backward)" \
+        in r.output
     rows = [line.split() for line in r.output.splitlines() if line.strip().startswith(("(a)", "(b)", "(c)"))]
     assert len(rows) == 6 and all(float(row[4]) > 0 for row in rows[:3]), r.output
     # The teacher shares TokenForward.forward's code with the student: its no-grad compile is a second cache

@@ -183,11 +183,28 @@ def test_resume_refuses_another_model_batch_size_or_data_in_one_line(tmp_path):
     assert "processes 2 → 1" in resume_mismatches(mid, arch="toy", config=ok, data=data)[0]
 
 
+def test_begin_step_marks_a_cuda_graph_step_only_in_reduce_overhead(monkeypatch):
+    from trainer.loop import begin_step
+
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    begin_step("default")
+    begin_step("max-autotune")
+    assert calls == []
+    begin_step("reduce-overhead")
+    assert calls == [1]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_torch_compile_trains_and_checkpoints_plain_keys(tmp_path):
-    result = run(tmp_path, config(epochs=1, **{"model.compile": True, "schedule.warmup_epochs": 0}), ToySource(shards=3))
-    assert result.status == "finished" and result.global_update == 3
+def test_torch_compile_trains_and_checkpoints_plain_keys(tmp_path, monkeypatch):
+    """model.compile with compile_mode reduce-overhead (CUDA graphs on a GPU; the plain compile on this CPU):
+    trains, marks every step for the graphs, and checkpoints the model's own keys."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    result = run(tmp_path, config(epochs=1, **{"model.compile": True, "model.compile_mode": "reduce-overhead",
+                                               "schedule.warmup_epochs": 0}), ToySource(shards=3))
+    assert result.status == "finished" and result.global_update == 3 and len(marks) == 3
     keys = load_checkpoint_file(tmp_path / LAST)["state_dict"]
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
 

@@ -31,11 +31,11 @@ import torch
 from labeler.device import prefer_fastest_convolutions
 from labeler.models import TokenForward, create_token_model, token_grid
 from trainer.checkpoint import StopRequest
-from trainer.config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
+from trainer.config import COMPILE_MODES, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
 from trainer.data_config import DataConfig, TokenLabelConfig
 from trainer.distributed import DistInfo, resolve_device
 from trainer.loader import build_labeler_loader, build_student_loader
-from trainer.loop import amp_context, split_outputs, train
+from trainer.loop import amp_context, begin_step, compile_fixed_shapes, split_outputs, train
 from trainer.losses import student_loss
 from trainer.optim import create_optimizer
 from trainer.run_log import RunLog
@@ -62,6 +62,7 @@ class BenchSettings:
     device: str = "auto"
     amp: str = "none"
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode (trainer.config.COMPILE_MODES)
     augment_device: str = "auto"
     seed: int = 0
     repeats: int = 3  # step-only and loader runs interleaved this many times; the median is reported
@@ -71,6 +72,8 @@ class BenchSettings:
             raise ValueError("bench: give --shards (the shards labelled in --labels)")
         if self.steps < 1 or self.warmup < 0 or self.batch_size < 1 or self.workers < 0 or self.repeats < 1:
             raise ValueError("bench: steps and batch size must be >= 1, warmup and workers >= 0")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"bench: --compile-mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not self.seconds > 0:
             raise ValueError(f"bench: --seconds must be > 0, got {self.seconds}")
         if self.amp not in ("none", "bf16", "fp16"):
@@ -105,6 +108,7 @@ class BenchFigures:
     augment_on_device: bool
     compile_s: dict = dataclasses.field(default_factory=dict)  # what -> seconds of its first (compiling) call
     source_kb_per_sample: float | None = None  # device path: decoded bytes handed to the device per sample
+    compile_mode: str = "default"
 
     def ratios(self) -> dict:
         s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s
@@ -122,7 +126,7 @@ class BenchFigures:
         lines = [f"stl-train bench: {self.model}, batch {self.batch_size}, device {self.device}, "
                  f"render + photometric ops in the {where}"]
         if self.compile_s:
-            lines.append("  torch.compile, once for every variant and phase: " + ", ".join(
+            lines.append(f"  torch.compile (mode {self.compile_mode}), once for every variant and phase: " + ", ".join(
                 f"{k} {v:.1f} s" for k, v in self.compile_s.items()))
         else:
             lines.append("  eager (no torch.compile)")
@@ -247,8 +251,9 @@ class SharedStudent:
         self.teacher = create_token_model(s.model, num_classes=num_classes).to(device, memory_format=memory_format).eval()
         self.forward, self.teacher_forward = TokenForward(self.model), TokenForward(self.teacher)
         if s.compile:
-            self.forward = torch.compile(self.forward, dynamic=False)
-            self.teacher_forward = torch.compile(self.teacher_forward, dynamic=False)
+            self.forward = compile_fixed_shapes(self.forward, s.compile_mode)
+            self.teacher_forward = compile_fixed_shapes(self.teacher_forward, s.compile_mode)
+        self.mode = s.compile_mode if s.compile else "default"
         self.seed = s.seed
 
     def reset(self) -> None:
@@ -265,12 +270,14 @@ def _compile_seconds(shared: SharedStudent, builder: TargetBuilder, batch, devic
     images = images.contiguous(memory_format=memory_format)
     _sync(device)
     t0 = time.perf_counter()
+    begin_step(shared.mode)
     with amp_context(device, amp):
         cls_logits, token_logits = split_outputs(shared.forward(images))
     student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0).total.backward()
     _sync(device)
     out["student (forward + backward)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    begin_step(shared.mode)
     with torch.no_grad(), amp_context(device, amp):
         shared.teacher_forward(images)
     _sync(device)
@@ -335,6 +342,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
             if i == s.warmup:
                 _sync(device)
                 start = time.perf_counter()
+            begin_step(shared.mode)
             images, cls_target, token_target = make_targets(batch, device, i)
             with amp_context(device, s.amp):
                 cls_logits, token_logits = split_outputs(shared.forward(images.contiguous(memory_format=memory_format)))
@@ -354,6 +362,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
 
     # ---- end to end: trainer.loop.train with the real loader, for `seconds` after the warm-up ----
     cfg = TrainConfig(model=ModelConfig(name=s.model, num_classes=num_classes, compile=s.compile,
+                                        compile_mode=s.compile_mode,
                                         channels_last=device.type == "cuda"),
                       data=data, tokens=tokens,
                       schedule=ScheduleConfig(epochs=10**6, warmup_epochs=0, cooldown_epochs=0),
@@ -390,4 +399,5 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     return BenchFigures(device=where, model=s.model, batch_size=s.batch_size, repeats=s.repeats, steps_per_s=rates,
                         end_to_end=end_to_end, loader_images_per_s={"replay": replay_rate, "timm": timm_rate},
                         loader_images=n_images, augment_on_device=on_device, compile_s=compile_s,
+                        compile_mode=s.compile_mode,
                         source_kb_per_sample=_source_kb_per_sample(batches))

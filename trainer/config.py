@@ -24,6 +24,11 @@ from trainer.errors import TrainConfigError
 DROP_PATH_BY_SIZE: Mapping[str, float] = {"tiny": 0.05, "small": 0.25, "base": 0.35, "large": 0.45}
 
 
+# torch.compile's modes, as timm's train script passes them (`--torchcompile-mode`); reduce-overhead adds CUDA
+# graphs, so a step's hundreds of kernels go out in a few launches.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def model_size(model_name: str) -> str | None:
     """'fan_small_12_p4_hybrid_token' -> 'small'; None when the name carries no known size."""
     parts = model_name.split("_")
@@ -40,8 +45,11 @@ class ModelConfig:
     drop_path_rate: float | None = None
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode when `compile` (COMPILE_MODES)
 
     def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise TrainConfigError(f"model.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not self.name:
             raise TrainConfigError("model.name must be a model name, e.g. fan_small_12_p4_hybrid_token")
         if self.num_classes < 2:

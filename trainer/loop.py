@@ -67,6 +67,19 @@ def amp_context(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def compile_fixed_shapes(module: Any, mode: str = "default") -> Any:
+    """`torch.compile` for one batch shape (drop-last batches); `mode` is torch.compile's (config.COMPILE_MODES)."""
+    return torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
+
+
+def begin_step(mode: str) -> None:
+    """Before a step's first compiled call: with CUDA graphs (reduce-overhead) the previous step's graph outputs
+    may be overwritten from here on. torch infers this itself when each step runs one backward; saying it
+    also covers the bench's online teacher, a second compiled module called in the same step."""
+    if mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def gather_positions(position: dict, info: DistInfo) -> list[dict]:
     """Every rank's data position (each rank reads its own shards), rank order."""
     if not info.distributed:
@@ -165,7 +178,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     train_model = forward if forward is not None else wrap_ddp(TokenForward(model), info)  # both outputs
     if cfg.model.compile and forward is None:
         # Fixed shapes (the runners set data.drop_last with model.compile): one graph, no recompiles.
-        train_model = torch.compile(train_model, dynamic=False)
+        train_model = compile_fixed_shapes(train_model, cfg.model.compile_mode)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     stop = stop or StopRequest()
@@ -233,6 +246,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                 # Everything drawn this step (targets, erasing, mixing, drop path) comes from (seed, rank, index).
                 seed_index = (state.epoch << 24) + step
                 seed_step(cfg.data.seed, info.rank, seed_index)
+                begin_step(cfg.model.compile_mode if cfg.model.compile else "default")
                 images, cls_target, token_target = make_targets(batch, device, seed_index)
                 images = images.contiguous(memory_format=memory_format)
                 boundary = (pending + 1) % accum == 0
