@@ -11,11 +11,13 @@ caller's thread (CPU machines, where the teacher takes the cores, and tests).
 
 `done` is still set last, by the process that wrote the rows: a writer killed mid-write leaves its shard
 undone (relabelled by the next run), and the write fails with a message saying so; the next write starts
-fresh writer processes.
+fresh writer processes. Writers end with the process that started them, even when it is SIGKILLed.
 """
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
+import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -35,7 +37,17 @@ def _open(store_path: str, labeler_name: str) -> None:
     from labelstore import LabelStore
 
     lower_worker_priority()
+    threading.Thread(target=_exit_with_parent, name="stl-writer-watch", daemon=True).start()
     _OPEN["labels"] = LabelStore.open(store_path, mode="r+").labeler(labeler_name)
+
+
+def _exit_with_parent() -> None:
+    """A writer whose work unit died (a SIGKILLed Ray actor, say) would wait for work forever: end it. A write
+    it was doing is cut short, which leaves that shard undone, as a killed work unit always does."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
 
 
 def _write(shard_index: int, fields: dict) -> None:

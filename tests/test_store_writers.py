@@ -82,3 +82,49 @@ def test_a_writer_error_comes_back_as_itself_and_a_dead_writer_fails_its_write(s
     finally:
         writers.close()
     assert np.asarray(LabelStore.open(path).labeler("t").array("done")[:]).tolist() == [1, 1]
+
+
+@pytest.mark.timeout(120)
+def test_writers_end_when_their_work_unit_is_killed(tmp_path):
+    """A SIGKILLed work unit (a Ray actor killed mid-job) leaves no writer process waiting for work forever."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "unit.py"
+    script.write_text(
+        "import sys, time\n"
+        "from labeler.store_writers import StoreWriters\n"
+        "from labeler.teacher_spec import build_labeler_spec, open_labeler_store\n"
+        "if __name__ == '__main__':\n"
+        "    spec = build_labeler_spec(name='t', model='fan_test_p4_hybrid_token', num_classes=10, views=2, topk=3)\n"
+        "    store, lab = open_labeler_store(sys.argv[1], seed=0, rows_per_chunk=8, spec=spec)\n"
+        "    writers = StoreWriters(str(store.path), 't', 1, labels=lab)\n"
+        "    writers.start()\n"
+        "    print(*writers._pool._processes, flush=True)\n"
+        "    time.sleep(600)\n")
+    repo = Path(__file__).resolve().parents[1]
+    unit = subprocess.Popen([sys.executable, str(script), str(tmp_path / "l.zarr")], stdout=subprocess.PIPE, text=True,
+                            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        child = int(unit.stdout.readline().split()[0])
+        unit.kill()
+        unit.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _running(child):
+            time.sleep(0.2)
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
+            pytest.fail(f"writer process {child} outlived its killed work unit")
+    finally:
+        unit.kill()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an init that reaps late must not fail the test)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
