@@ -16,14 +16,13 @@ fresh writer processes. Writers end with the process that started them, even whe
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.connection
-import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from labeler.errors import LabelerError
+from labeler.parent_watch import exit_with_parent
 from labeler.worker_priority import lower_worker_priority
 
 _OPEN: dict[str, Any] = {}  # in a writer process: the labeler's store, opened once by `_open`
@@ -37,17 +36,8 @@ def _open(store_path: str, labeler_name: str) -> None:
     from labelstore import LabelStore
 
     lower_worker_priority()
-    threading.Thread(target=_exit_with_parent, name="stl-writer-watch", daemon=True).start()
+    exit_with_parent()  # a writer of a killed work unit would otherwise wait for work forever
     _OPEN["labels"] = LabelStore.open(store_path, mode="r+").labeler(labeler_name)
-
-
-def _exit_with_parent() -> None:
-    """A writer whose work unit died (a SIGKILLed Ray actor, say) would wait for work forever: end it. A write
-    it was doing is cut short, which leaves that shard undone, as a killed work unit always does."""
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)
 
 
 def _write(shard_index: int, fields: dict) -> None:
