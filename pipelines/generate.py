@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
-from labeler.work_unit import FaultInjection, ShardOutcome, WorkerSettings
+from labeler.work_unit import FaultInjection, ShardOutcome, WorkerSettings, resolve_store_writers
 from labelstore import LabelerSpec, LabelerStore, LabelStore, SchemaMismatch, ViewSpec
 from labelstore.leases import DEFAULT_TTL_S, ShardLeases
 from labelstore.shard_format import absolute_url, expand_shard_urls
@@ -300,8 +300,10 @@ def run_generate(settings: GenerateSettings, log: Callable[[str], None] = print,
         if todo:
             ensure_ray()
             plan = ray_jobs.plan_workers(len(todo), settings.cpus_per_worker)
-            log(f"labelling {_count(len(todo), 'shard')} with {plan.describe()}; {spec.views} views/sample, top-{spec.topk}")
             worker_settings, note = ray_jobs.worker_settings_for(plan, settings.worker_settings())
+            writers = resolve_store_writers(worker_settings, "cuda" if plan.gpus_per_worker else "cpu")
+            log(f"labelling {_count(len(todo), 'shard')} with {plan.describe(writers)}; {spec.views} views/sample, "
+                f"top-{spec.topk}")
             if note:
                 log(note)
             if on_start:

@@ -33,11 +33,13 @@ class ClusterPlan:
     gpus_per_worker: float
     cpus_per_worker: float
 
-    def describe(self) -> str:
+    def describe(self, store_writers: int = 0) -> str:
         kind = "GPU" if self.gpus_per_worker else "CPU"
         decoders = max(1, int(self.cpus_per_worker))
         pool = "process(es)" if self.gpus_per_worker else "thread(s)"
-        return f"{self.num_workers} {kind} worker(s), {self.cpus_per_worker:g} CPU each ({decoders} decode {pool})"
+        writers = f", {store_writers} store writer process(es)" if store_writers else ""
+        return (f"{self.num_workers} {kind} worker(s), {self.cpus_per_worker:g} CPU each "
+                f"({decoders} decode {pool}{writers})")
 
 
 @contextlib.contextmanager
@@ -117,7 +119,7 @@ class _LabelActor:
         return self.labeler(shard_index, url)  # thread-safe: the actor runs several calls at once
 
     def close(self) -> None:
-        self.labeler.close()  # stop its decode processes before Ray kills the actor
+        self.labeler.close()  # stop its decode and store writer processes before Ray kills the actor
 
 
 def _first_lines(error: Exception, limit: int = 800) -> str:

@@ -97,6 +97,7 @@ def test_gpu_workers_say_which_settings_they_replace():
     auto, _ = worker_settings_for(ClusterPlan(3, 0.0, 2.0), WorkerSettings(checkpoint=None, decode_workers=0))
     assert auto.decode_workers == 2  # auto: the CPUs the actor holds, not every CPU of its node
     assert "16 CPU each (16 decode process(es))" in ClusterPlan(1, 1.0, 16.0).describe()
+    assert "16 CPU each (16 decode process(es), 4 store writer process(es))" in ClusterPlan(1, 1.0, 16.0).describe(4)
 
 
 def test_models_command_prints_grid_and_rejects_a_bad_size():
