@@ -143,21 +143,13 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def _forward_rate(teacher: Teacher, views: torch.Tensor, batches: int, sync) -> float:
-    teacher.forward(views)  # warm-up (compile, autotune, allocator)
+def _rate(call: Callable[[torch.Tensor], object], views: torch.Tensor, batches: int, sync) -> float:
+    """Views/s of `call` on device-resident views: one untimed call first (compile, capture, autotune, allocator)."""
+    call(views)
     sync()
     start = time.perf_counter()
     for _ in range(batches):
-        teacher.forward(views)
-    sync()
-    return batches * views.shape[0] / (time.perf_counter() - start)
-
-
-def _graphed_rate(teacher: Teacher, views: torch.Tensor, batches: int, sync) -> float:
-    """The pipeline's teacher call alone (forward + top-k + copies back), already captured by the warm-up."""
-    start = time.perf_counter()
-    for _ in range(batches):
-        teacher.encode_views_async(views)
+        call(views)
     sync()
     return batches * views.shape[0] / (time.perf_counter() - start)
 
@@ -228,19 +220,19 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         n_batches = forward_batches or max(3, round(pipeline_views / work.views_per_batch))
         graphed_rate = None
         if teacher.graphed is not None and teacher.graphed.captured:
-            graphed_rate = _graphed_rate(teacher, fixed, n_batches, sync)
+            graphed_rate = _rate(teacher.encode_views_async, fixed, n_batches, sync)
             report(f"measured: graphed forward + top-k {graphed_rate:.1f} views/s")
         elif teacher.graphed is not None:
             report(f"CUDA graph not captured: {teacher.graphed.failed}")
         eager = teacher if not teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp)
-        eager_rate = _forward_rate(eager, fixed, n_batches, sync)
+        eager_rate = _rate(eager.forward, fixed, n_batches, sync)
         report(f"measured: bare forward eager {eager_rate:.1f} views/s")
         want_compiled = resolve_compile(compile, dev)
         compiled_rate = None
         if want_compiled:
             compiled = teacher if teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp,
                                                                 compile=True)
-            compiled_rate = _forward_rate(compiled, fixed, n_batches, sync)
+            compiled_rate = _rate(compiled.forward, fixed, n_batches, sync)
             report(f"measured: bare forward compiled {compiled_rate:.1f} views/s")
         fpv = flops_per_view(eager, fixed)
     name = str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev)

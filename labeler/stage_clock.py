@@ -47,14 +47,11 @@ class StageClock:
     @contextlib.contextmanager
     def device(self, phase: str, stream: "torch.cuda.Stream | None" = None) -> Iterator[None]:
         if not self._cuda:  # synchronous: the host time is the phase's time, issue included
-            start = time.perf_counter()
-            try:
+            before = self.seconds[phase]
+            with self.host(phase):
                 yield
-            finally:
-                seconds = time.perf_counter() - start
-                with self._lock:
-                    self.seconds[phase] += seconds
-                    self.issue_seconds[phase] += seconds
+            with self._lock:
+                self.issue_seconds[phase] += self.seconds[phase] - before
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)

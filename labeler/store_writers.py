@@ -1,7 +1,7 @@
 """Shard writes in their own processes, so the work unit's process keeps the GIL for its device loop.
 
 A shard's store write (`LabelerStore.write_shard`: validation, then zarr's sharded chunk writes, which run
-through zarr's one event-loop thread) costs about 0.2 CPU-seconds of mostly Python per 143-image shard of
+through zarr's one event-loop thread) costs about 0.25 CPU-seconds of mostly Python per 143-image shard of
 FAN-S labels. In the work unit's process those writes held the GIL for a large part of the time, and the
 device loop, whose kernel launches the device waits for, got the rest (docs/benchmarks.md, "GPU node").
 `StoreWriters(n)` runs the writes in n spawned processes, each with the store open once, at a lower priority

@@ -16,26 +16,27 @@ from labeler.device import prefer_fastest_convolutions
 from labelstore import EncodedLogits, class_id_dtype
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILE_CHOICES = ("auto", "true", "false")
-CUDA_GRAPH_CHOICES = ("auto", "true", "false")
+AUTO_CHOICES = ("auto", "true", "false")  # the `compile` and `cuda_graph` settings: auto = on CUDA
+
+
+def _on_cuda_by_default(name: str, setting: bool | str, device: torch.device) -> bool:
+    value = str(setting).lower()
+    if value not in AUTO_CHOICES:
+        raise ValueError(f"{name} must be one of {AUTO_CHOICES} (or a bool), got {setting!r}")
+    return device.type == "cuda" if value == "auto" else value == "true"
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
     """`compile` setting → whether to torch.compile: auto = on CUDA only (compiling pays off on a GPU)."""
-    value = str(setting).lower()
-    if value not in COMPILE_CHOICES:
-        raise ValueError(f"compile must be one of {COMPILE_CHOICES} (or a bool), got {setting!r}")
-    return device.type == "cuda" if value == "auto" else value == "true"
+    return _on_cuda_by_default("compile", setting, device)
 
 
 def resolve_cuda_graph(setting: bool | str, device: torch.device) -> bool:
     """`cuda_graph` setting → whether the teacher's batch runs as one captured CUDA graph: auto = on CUDA."""
-    value = str(setting).lower()
-    if value not in CUDA_GRAPH_CHOICES:
-        raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH_CHOICES} (or a bool), got {setting!r}")
-    if value == "true" and device.type != "cuda":
+    graphed = _on_cuda_by_default("cuda_graph", setting, device)
+    if graphed and device.type != "cuda":
         raise ValueError(f"cuda_graph true needs a CUDA device, the teacher runs on {device}")
-    return device.type == "cuda" if value == "auto" else value == "true"
+    return graphed
 
 
 def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
