@@ -31,7 +31,7 @@ import torch
 from labeler.device import prefer_fastest_convolutions
 from labeler.models import TokenForward, create_token_model, token_grid
 from trainer.checkpoint import StopRequest
-from trainer.config import COMPILE_MODES, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
+from trainer.config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
 from trainer.data_config import DataConfig, TokenLabelConfig
 from trainer.distributed import DistInfo, resolve_device
 from trainer.loader import build_labeler_loader, build_student_loader
@@ -72,8 +72,7 @@ class BenchSettings:
             raise ValueError("bench: give --shards (the shards labelled in --labels)")
         if self.steps < 1 or self.warmup < 0 or self.batch_size < 1 or self.workers < 0 or self.repeats < 1:
             raise ValueError("bench: steps and batch size must be >= 1, warmup and workers >= 0")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"bench: --compile-mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        ModelConfig(name=self.model, compile=self.compile, compile_mode=self.compile_mode)  # the config's own checks
         if not self.seconds > 0:
             raise ValueError(f"bench: --seconds must be > 0, got {self.seconds}")
         if self.amp not in ("none", "bf16", "fp16"):

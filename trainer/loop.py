@@ -205,6 +205,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
             " Lower optim.lr, set optim.clip_grad, or check the inputs/labels.")
 
     health = LossHealth(device, info, non_finite)
+    step_mode = cfg.model.compile_mode if cfg.model.compile else "default"  # what begin_step marks each step for
     def optimizer_update(synced: bool) -> None:
         """Unscale, clip, step, EMA, schedule. `synced=False`: the last micro-batches ran under no_sync."""
         if not synced and info.distributed:  # an epoch's leftover accumulation: average grads by hand
@@ -246,7 +247,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                 # Everything drawn this step (targets, erasing, mixing, drop path) comes from (seed, rank, index).
                 seed_index = (state.epoch << 24) + step
                 seed_step(cfg.data.seed, info.rank, seed_index)
-                begin_step(cfg.model.compile_mode if cfg.model.compile else "default")
+                begin_step(step_mode)
                 images, cls_target, token_target = make_targets(batch, device, seed_index)
                 images = images.contiguous(memory_format=memory_format)
                 boundary = (pending + 1) % accum == 0
