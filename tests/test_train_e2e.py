@@ -145,10 +145,15 @@ def test_bench_prints_all_figures_and_ratios(world):
     for text in ("measured: (b) stored token labels end to end", "measured: step only", "end to end (real loop)",
                  "loader wait", "epoch starts", "step only", "(a) no token labels", "(b) stored token labels",
                  "(c) online teacher", "replay loader (ours)", "timm train transform", "ratio b/a end to end",
-                 "ratio b/c end to end", "ratio b/a step only", "ratio b end to end / step only", "ratio replay/timm"):
+                 "ratio b/c end to end", "ratio b/a step only", "ratio b end to end / step only", "ratio replay/timm",
+                 "host ms per step", "device behind", "host ms/step: wait"):
         assert text in r.output
     rows = [line.split() for line in r.output.splitlines() if line.strip().startswith(("(a)", "(b)", "(c)"))]
     assert len(rows) == 6 and all(float(row[4]) > 0 for row in rows[:3]), r.output  # end-to-end img/s measured
+    # Where each step's host time went: one row per phase and variant, with numbers, the lag n/a on a CPU.
+    splits = [line for line in r.output.splitlines() if line.strip().startswith(("end to end, (", "step only, ("))]
+    assert len(splits) == 6 and all(line.rstrip().endswith("n/a (CPU)") for line in splits), r.output
+    assert all(float(line.split()[-4]) > 0 for line in splits), r.output  # targets ms measured
 
 
 @pytest.mark.slow

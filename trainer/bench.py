@@ -9,6 +9,9 @@ the configured augment device), targets, compile, AMP and EMA, run for `seconds`
 The time is split into loader wait (the loop blocked on the next batch) and the rest (the step); the part of
 the wait spent on epochs' first batches is printed too (the next epoch is started ahead: data.overlap_epochs).
 Step only: the same three variants on batches already in memory (only the step is timed).
+Both phases also print the host milliseconds per step (loader wait, issuing the targets, the rest) and how
+many steps the device still had queued as each step began (`trainer.step_timing`): near 0 the device waited
+for the host, near 1 or more the device was the limit.
 Data-loader images/s on the same shards: the student's loader vs timm's standard train transform, each read
 epoch after epoch as training reads it, timed from its first batch.
 One student and one teacher module serve every variant and both phases (weights reset between runs), so with
@@ -40,6 +43,7 @@ from trainer.losses import student_loss
 from trainer.optim import create_optimizer
 from trainer.run_log import RunLog
 from trainer.run_stage import loader_epochs
+from trainer.step_timing import DeviceLag, HostTimer, describe_lag
 from trainer.target_builder import TargetBuilder
 from trainer.token_targets import token_targets
 
@@ -88,10 +92,40 @@ class EndToEnd:
     loader_wait_s: float
     epoch_start_wait_s: float = 0.0  # the part of loader_wait_s spent on the first batch of an epoch
     epochs_started: int = 0  # epochs whose first batch came inside the window
+    steps: int = 0  # batches handed to the loop inside the window
+    targets_s: float = 0.0  # host seconds in make_targets (render, augment, targets: issuing them)
+    device_lag: float | None = None  # steps the device still had queued as each step began (trainer.step_timing)
 
     @property
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
+
+    def split(self) -> "StepSplit":
+        n = max(self.steps, 1)
+        return StepSplit(wait_ms=1e3 * self.loader_wait_s / n, targets_ms=1e3 * self.targets_s / n,
+                         rest_ms=1e3 * (self.seconds - self.loader_wait_s - self.targets_s) / n,
+                         device_lag=self.device_lag)
+
+
+@dataclass(frozen=True)
+class StepSplit:
+    """Host milliseconds per step: waiting for the loader, issuing the targets (render, augment, token targets),
+    and the rest (model forward + backward, optimizer, EMA, the loop); and how far the device lagged."""
+
+    wait_ms: float | None
+    targets_ms: float
+    rest_ms: float
+    device_lag: float | None
+
+    def describe(self) -> str:
+        wait = "" if self.wait_ms is None else f"wait {self.wait_ms:.1f}, "
+        return (f"host ms/step: {wait}targets {self.targets_ms:.1f}, model + update {self.rest_ms:.1f}; "
+                f"device behind {describe_lag(self.device_lag)}")
+
+    def row(self, name: str) -> str:
+        wait = "-" if self.wait_ms is None else f"{self.wait_ms:.1f}"
+        return (f"  {name:<40} {wait:>11} {self.targets_ms:9.1f} {self.rest_ms:16.1f}   "
+                f"{describe_lag(self.device_lag)}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +142,7 @@ class BenchFigures:
     compile_s: dict = dataclasses.field(default_factory=dict)  # what -> seconds of its first (compiling) call
     source_kb_per_sample: float | None = None  # device path: decoded bytes handed to the device per sample
     compile_mode: str = "default"
+    step_split: dict = dataclasses.field(default_factory=dict)  # variant -> StepSplit of the step-only run reported
 
     def ratios(self) -> dict:
         s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s
@@ -142,6 +177,13 @@ class BenchFigures:
         lines.append(f"  step only (batches in memory, median of {self.repeats})")
         for k, v in self.steps_per_s.items():
             lines.append(f"  {NAMES[k]:<28} {v * self.batch_size:9.1f} img/s  ({v:.2f} steps/s)")
+        lines.append("  host ms per step, and the steps the device still had queued as each step began")
+        lines.append(f"  {'phase, variant':<40} {'loader wait':>11} {'targets':>9} {'model + update':>16}   "
+                     f"device behind")
+        for k, v in self.end_to_end.items():
+            lines.append(v.split().row(f"end to end, {NAMES[k]}"))
+        for k, v in self.step_split.items():
+            lines.append(v.row(f"step only, {NAMES[k]}"))
         for k, v in self.loader_images_per_s.items():
             label = "replay loader (ours)" if k == "replay" else "timm train transform"
             lines.append(f"  {label:<28} {v:9.1f} images/s  ({self.loader_images} images per run)")
@@ -181,10 +223,14 @@ class TimedBatches:
     request of batch `warmup + 1` and closes it at the first request `seconds` later, then asks the loop to
     stop (the batch handed over at that moment is outside the window). Windows span epochs."""
 
-    def __init__(self, epoch_batches, *, warmup: int, seconds: float, stop: StopRequest, device: torch.device):
+    def __init__(self, epoch_batches, *, warmup: int, seconds: float, stop: StopRequest, device: torch.device,
+                 targets: HostTimer | None = None):
         self.epoch_batches, self.warmup, self.seconds, self.stop, self.device = epoch_batches, warmup, seconds, stop, device
         self.requested, self.start, self.end, self.images, self.wait = 0, None, None, 0, 0.0
-        self.epoch_start_wait, self.epochs_started = 0.0, 0
+        self.epoch_start_wait, self.epochs_started, self.steps = 0.0, 0, 0
+        self.targets = targets or HostTimer()  # wraps the loop's make_targets (the caller does): read in the window
+        self.targets_s = 0.0
+        self.lag = DeviceLag(device)
 
     def __call__(self, epoch: int, position: dict):
         batches = iter(self.epoch_batches(epoch, position))
@@ -193,7 +239,11 @@ class TimedBatches:
             t0 = time.perf_counter()
             if self.requested == self.warmup:
                 _sync(self.device)  # the warm-up's queued device work is not in the window
+                self.targets.reset()
+                self.lag.reset()
                 t0 = self.start = time.perf_counter()
+            if self.start is not None and self.end is None:
+                self.lag.mark()  # the previous step is issued: how much of the device's queue is left
             item = next(batches, None)
             t1 = time.perf_counter()
             if item is None:
@@ -203,12 +253,14 @@ class TimedBatches:
             self.requested += 1
             if self.start is not None and self.end is None:
                 if t0 - self.start >= self.seconds and self.requested > self.warmup + 1:
+                    self.targets_s = self.targets.seconds  # the batches of the window, all issued
                     _sync(self.device)
                     self.end = time.perf_counter()
                     self.stop.requested = True
                 else:
                     self.wait += t1 - t0
                     self.images += len(item[0]["label"])
+                    self.steps += 1
                     if first:
                         self.epoch_start_wait += t1 - t0
                         self.epochs_started += 1
@@ -219,7 +271,8 @@ class TimedBatches:
         if self.end is None:
             raise RuntimeError("bench: the timed window never closed (the run ended first)")
         return EndToEnd(images=self.images, seconds=self.end - self.start, loader_wait_s=self.wait,
-                        epoch_start_wait_s=self.epoch_start_wait, epochs_started=self.epochs_started)
+                        epoch_start_wait_s=self.epoch_start_wait, epochs_started=self.epochs_started,
+                        steps=self.steps, targets_s=self.targets_s, device_lag=self.lag.mean)
 
 
 def _variant_targets(variant: str, builder: TargetBuilder, teacher_forward, teacher_grid, tokens: TokenLabelConfig,
@@ -332,15 +385,19 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         report("measured: torch.compile " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
 
     # ---- step only, first (the figure end to end is read against): the variants on batches in memory ----
-    def steps_per_s(variant: str) -> float:
+    def steps_per_s(variant: str) -> tuple[float, StepSplit]:
         shared.reset()
         opt = create_optimizer(shared.model, OptimConfig(), lr=1e-4)
-        make_targets = targets_for(variant)
+        targets, lag = HostTimer(), DeviceLag(device)
+        make_targets = targets.wrap(targets_for(variant))
         start = 0.0
         for i, batch in enumerate(batches):
             if i == s.warmup:
                 _sync(device)
+                targets.reset()
                 start = time.perf_counter()
+            if i >= s.warmup:
+                lag.mark()
             begin_step(shared.mode)
             images, cls_target, token_target = make_targets(batch, device, i)
             with amp_context(device, s.amp):
@@ -350,14 +407,19 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
             opt.step()
             opt.zero_grad(set_to_none=True)
         _sync(device)
-        return s.steps / (time.perf_counter() - start)
+        wall = time.perf_counter() - start
+        split = StepSplit(wait_ms=None, targets_ms=1e3 * targets.seconds / s.steps,
+                          rest_ms=1e3 * (wall - targets.seconds) / s.steps, device_lag=lag.mean)
+        return s.steps / wall, split
 
     runs = {v: [] for v in VARIANTS}
     for _ in range(s.repeats):  # interleaved, so a slow spell on a shared machine hits every variant
         for v in VARIANTS:
             runs[v].append(steps_per_s(v))
-    rates = {v: sorted(r)[len(r) // 2] for v, r in runs.items()}
-    report("measured: step only " + ", ".join(f"{NAMES[v]} {r * s.batch_size:.1f} img/s" for v, r in rates.items()))
+    median = {v: sorted(r, key=lambda run: run[0])[len(r) // 2] for v, r in runs.items()}
+    rates = {v: run[0] for v, run in median.items()}
+    report("measured: step only " + ", ".join(f"{NAMES[v]} {r * s.batch_size:.1f} img/s ({median[v][1].describe()})"
+                                              for v, r in rates.items()))
 
     # ---- end to end: trainer.loop.train with the real loader, for `seconds` after the warm-up ----
     cfg = TrainConfig(model=ModelConfig(name=s.model, num_classes=num_classes, compile=s.compile,
@@ -373,12 +435,12 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         timed = TimedBatches(loader_epochs(loader), warmup=s.warmup, seconds=s.seconds, stop=stop, device=device)
         with tempfile.TemporaryDirectory(prefix="stl-bench-") as out:
             train(model=shared.model, arch=s.model, cfg=cfg, out_dir=out, epoch_batches=timed,
-                  make_targets=targets_for(variant), compute_loss=partial(student_loss, beta=1.0),
+                  make_targets=timed.targets.wrap(targets_for(variant)), compute_loss=partial(student_loss, beta=1.0),
                   steps_per_epoch=loader.batches_per_epoch(), info=DistInfo(device=device), log=RunLog.disabled(),
                   stop=stop, forward=shared.forward)
         end_to_end[variant] = e2e = timed.figures()
         report(f"measured: {NAMES[variant]} end to end {e2e.images_per_s:.1f} img/s, loader wait "
-               f"{e2e.loader_wait_s / max(e2e.seconds, 1e-9):.0%} ({e2e.seconds:.1f} s)")
+               f"{e2e.loader_wait_s / max(e2e.seconds, 1e-9):.0%} ({e2e.seconds:.1f} s); {e2e.split().describe()}")
 
     # ---- data-loader comparison: the student's loader vs timm's standard train transform, same shards ----
     want = max(s.batch_size * (s.steps + s.warmup), 4 * s.batch_size)
@@ -398,5 +460,5 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     return BenchFigures(device=where, model=s.model, batch_size=s.batch_size, repeats=s.repeats, steps_per_s=rates,
                         end_to_end=end_to_end, loader_images_per_s={"replay": replay_rate, "timm": timm_rate},
                         loader_images=n_images, augment_on_device=on_device, compile_s=compile_s,
-                        compile_mode=s.compile_mode,
+                        compile_mode=s.compile_mode, step_split={v: run[1] for v, run in median.items()},
                         source_kb_per_sample=_source_kb_per_sample(batches))

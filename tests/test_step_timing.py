@@ -1,0 +1,59 @@
+"""trainer.step_timing: host time of wrapped calls and the device's lag behind the host (the lag needs CUDA:
+docker/bench-gpu.sh runs that test on a GPU node)."""
+import time
+
+import pytest
+import torch
+
+from trainer.step_timing import DeviceLag, HostTimer, describe_lag
+
+
+def test_host_timer_sums_the_wrapped_calls_and_resets():
+    timer = HostTimer()
+    nap = timer.wrap(lambda s: time.sleep(s) or s)
+    assert nap(0.02) == 0.02 and nap(0.01) == 0.01
+    assert timer.calls == 2 and 0.03 <= timer.seconds < 0.5
+    timer.reset()
+    assert (timer.calls, timer.seconds) == (0, 0.0)
+
+
+def test_host_timer_counts_a_call_that_raises():
+    timer = HostTimer()
+
+    def fail():
+        time.sleep(0.01)
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        timer.wrap(fail)()
+    assert timer.calls == 1 and timer.seconds >= 0.01
+
+
+def test_device_lag_is_not_measured_on_a_cpu():
+    lag = DeviceLag("cpu")
+    lag.mark()
+    lag.mark()
+    assert lag.mean is None and describe_lag(lag.mean) == "n/a (CPU)"
+
+
+def test_describe_lag_names_the_limit():
+    assert describe_lag(0.03) == "0.03 (host-bound)"
+    assert describe_lag(1.0) == "1.00 (device-bound)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_lag_sees_a_queued_device_and_an_idle_one():
+    a = torch.randn(4096, 4096, device="cuda")
+    lag = DeviceLag("cuda")
+    for _ in range(5):  # the host queues seconds of matmuls far faster than the device runs them
+        for _ in range(20):
+            a = (a @ a).clamp_(-1, 1)
+        lag.mark()
+    assert lag.mean >= 1.0
+    torch.cuda.synchronize()
+    lag.reset()
+    for _ in range(5):  # each step's work is done before the next begins: the device waits for the host
+        a.add_(1)
+        torch.cuda.synchronize()
+        lag.mark()
+    assert lag.mean == 0.0
