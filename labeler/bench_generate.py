@@ -34,6 +34,7 @@ BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 SXM", 989.0), ("H100 80GB HBM3", 989
 PHASE_NOTES = {
     "read": "tar reading, busy seconds summed over the decode workers",
     "decode": "JPEG decode + view params (+ Pillow render on CPU), summed over the decode workers",
+    "pin": "page-locking each decoded chunk as it arrives, summed over the shard threads (GPU only)",
     "decode_wait": "device loop waiting for the next decoded batch",
     "copy": "host → device copies (side stream, overlaps the compute)",
     "render": "batched render of all views",

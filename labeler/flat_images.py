@@ -86,23 +86,43 @@ def pack_flat(images: Sequence[np.ndarray], *, pin_memory: bool = False, shared:
     return FlatImages(data, hw)
 
 
-def upload_flat(flat: FlatImages, device: torch.device | str, multiple: int = 32, *,
+def upload_flat(flat: FlatImages | Sequence[FlatImages], device: torch.device | str, multiple: int = 32, *,
                 image_hw: np.ndarray | None = None, origins: np.ndarray | None = None) -> SourceBatch:
     """FlatImages → SourceBatch on `device`: one (non-blocking when pinned) copy of the bytes, then each
     image into its corner of a zeroed (N, 3, H, W) buffer (sides rounded up to `multiple`).
 
+    Several FlatImages (a forward batch made of pieces of decoded chunks) are copied one by one into their
+    places of one device buffer: no host-side concatenation, so a caller whose pieces are already
+    page-locked spends no host copy on the batch at all (the labeling work unit pins each chunk as it
+    arrives, off its device loop).
+
     When the flat images are regions of larger images (`labeler.render_batch.source_footprint`), give the
     whole images' sizes `image_hw` (N, 2) and the regions' `origins` (N, 2) (y0, x0)."""
-    if not len(flat):
+    parts = [flat] if isinstance(flat, FlatImages) else list(flat)
+    if not sum(len(p) for p in parts):
         raise ValueError("upload_flat needs at least one image")
     if image_hw is None and origins is not None:
         raise ValueError("upload_flat: origins of regions need the whole images' sizes (image_hw) too")
-    data = to_device(flat.data, torch.device(device))
-    hw = flat.hw
-    images = [data[off:off + ih * iw * 3].view(ih, iw, 3)
-              for off, (ih, iw) in zip(flat.offsets[:-1].tolist(), hw.tolist())]
+    device = torch.device(device)
+    data = to_device(parts[0].data, device) if len(parts) == 1 else _upload_parts(parts, device)
+    hw = np.concatenate([p.hw for p in parts])
+    offsets = np.concatenate([[0], np.cumsum(hw[:, 0] * hw[:, 1] * 3)]).astype(np.int64)
+    images = [data[off:off + ih * iw * 3].view(ih, iw, 3) for off, (ih, iw) in zip(offsets[:-1].tolist(), hw.tolist())]
     return SourceBatch(pixels=pad_images(images, multiple), hw=hw if image_hw is None else image_hw, origins=origins,
                        region_hw=hw)
+
+
+def _upload_parts(parts: Sequence[FlatImages], device: torch.device) -> torch.Tensor:
+    """The parts' bytes back to back in one 1-D device tensor: one copy per part (non-blocking from
+    page-locked memory; a pageable part is page-locked first, as `to_device` does, so no copy waits)."""
+    data = torch.empty(sum(p.data.numel() for p in parts), dtype=torch.uint8, device=device)
+    off = 0
+    for p in parts:
+        n = p.data.numel()
+        src = p.data if device.type != "cuda" or p.data.is_pinned() else p.data.pin_memory()
+        data[off:off + n].copy_(src, non_blocking=True)
+        off += n
+    return data
 
 
 def pad_images(images: Sequence[torch.Tensor], multiple: int = 32) -> torch.Tensor:
@@ -114,19 +134,6 @@ def pad_images(images: Sequence[torch.Tensor], multiple: int = 32) -> torch.Tens
     for i, im in enumerate(images):
         pixels[i, :im.shape[0], :im.shape[1]] = im
     return pixels.permute(0, 3, 1, 2)
-
-
-def concat_flat(parts: Sequence[FlatImages], *, pin_memory: bool = False) -> FlatImages:
-    """Several FlatImages → one (a forward batch assembled from decoded chunks), copied once."""
-    if not parts:
-        raise ValueError("concat_flat needs at least one part")
-    total = sum(p.data.numel() for p in parts)
-    data = torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
-    off = 0
-    for p in parts:
-        data[off:off + p.data.numel()].copy_(p.data)
-        off += p.data.numel()
-    return FlatImages(data, np.concatenate([p.hw for p in parts]))
 
 
 def render_images(images: Sequence[np.ndarray], params: Sequence[np.ndarray], spec: ViewSpec,

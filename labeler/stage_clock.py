@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-PHASES = ("read", "decode", "decode_wait", "copy", "render", "forward", "result_wait", "file", "write")
+PHASES = ("read", "decode", "pin", "decode_wait", "copy", "render", "forward", "result_wait", "file", "write")
 COMPUTE_PHASES = ("render", "forward")  # what runs on the compute stream, one after the other
 DEVICE_PHASES = ("copy", "render", "forward")  # queued on the device: timed by events, their issue by the host
 

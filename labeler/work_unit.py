@@ -8,7 +8,7 @@ work unit"):
    (`labeler.decode_chunks`) — the images' own bytes, in shared memory;
 2. one device loop (a thread) takes images from every shard in flight, fills fixed-shape forward batches
    of `batch_size // S` images (a shard's tail shares a batch with the next shard's head), copies each
-   batch up on a side stream, renders all its views in one `render_batch` call, runs the teacher and the
+   batch up on a side stream (straight from the chunks, which their shard threads page-lock on arrival), renders all its views in one `render_batch` call, runs the teacher and the
    top-k + tail on the device, and copies the results back behind an event while the next batch runs;
 3. each shard's caller (one thread per shard in flight: `label_shards` here, a threaded Ray actor in a
    job) files its rows and, once its last image's results are back, writes the shard in one
@@ -42,7 +42,7 @@ from labeler.decode_chunks import DecodedChunk, DecodeJob
 from labeler.decode_workers import (DECODE_POOLS, DecodeFailed, DecodeWorkers, resolve_decode_pool,
                                     resolve_decode_workers)
 from labeler.device import resolve_device, to_device
-from labeler.flat_images import FlatImages, concat_flat, pad_images, upload_flat
+from labeler.flat_images import FlatImages, pad_images, upload_flat
 from labeler.models import create_token_model
 from labeler.models.checkpoint import load_checkpoint
 from labeler.render_batch import SourceBatch, render_batch
@@ -331,6 +331,12 @@ class ShardLabeler:
             for chunk in chunks:
                 self.clock.add("read", chunk.read_s)
                 self.clock.add("decode", chunk.decode_s)
+                if self.device.type == "cuda" and chunk.pixels is not None:
+                    # Page-locked here, in this shard's thread: the device loop then only queues the copies
+                    # up (no host copy on the thread that keeps the device fed), and the decode worker's
+                    # shared memory is let go at once.
+                    with self.clock.host("pin"):
+                        chunk.pixels = chunk.pixels.pin_memory()
                 run.rows.record(chunk)
                 with self._lock:
                     self.samples_done += len(chunk.positions)
@@ -450,9 +456,10 @@ class ShardLabeler:
         except Exception as e:  # noqa: BLE001
             _fail_pieces(done.pieces, f"{type(e).__name__}: {e}")
 
-    def _host_batch(self, pieces: list[_Piece]) -> tuple[FlatImages | None, np.ndarray]:
-        """The batch's pixels (or Pillow views) in one host buffer, padded with the last image to the full
-        batch (one shape for the compiled forward), and its view params (V, P)."""
+    def _host_batch(self, pieces: list[_Piece]) -> tuple[list[FlatImages] | None, np.ndarray]:
+        """The batch's pixels (or Pillow views) as the pieces' own host buffers (page-locked on a GPU: see
+        `_label_run`), padded with the last image to the full batch (one shape for the compiled forward), and
+        its view params (V, P)."""
         s, n_img = self.spec.views, sum(p.b - p.a for p in pieces)
         pad = self.images_per_batch - n_img
         params = np.concatenate([p.chunk.params[p.a:p.b] for p in pieces]
@@ -464,9 +471,9 @@ class ShardLabeler:
         parts = [p.chunk.pixels.slice(p.a * per, p.b * per) for p in pieces]
         last = pieces[-1]
         parts += [last.chunk.pixels.slice((last.b - 1) * per, last.b * per)] * pad
-        return concat_flat(parts, pin_memory=self.device.type == "cuda"), params
+        return parts, params
 
-    def _sources(self, pieces: list[_Piece], host: FlatImages | None) -> SourceBatch:
+    def _sources(self, pieces: list[_Piece], host: list[FlatImages] | None) -> SourceBatch:
         if host is not None:
             return upload_flat(host, self.device, multiple=1 if self.chunk_mode == "views" else 32)
         return self._decode_on_device(pieces)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from labeler.flat_images import FlatImages, concat_flat, pack_flat, upload_flat
+from labeler.flat_images import FlatImages, pack_flat, upload_flat
 from labeler.render_batch import SourceBatch, render_batch
 from labelstore.views import ViewSpec, draw_views
 
@@ -21,9 +21,6 @@ def test_pack_flat_round_trip_and_slices():
         np.testing.assert_array_equal(flat.image(i), im)
     part = flat.slice(1, 3)
     np.testing.assert_array_equal(part.image(1), images[2])
-    joined = concat_flat([flat.slice(2, 3), flat.slice(0, 1)])
-    np.testing.assert_array_equal(joined.image(0), images[2])
-    np.testing.assert_array_equal(joined.image(1), images[0])
 
 
 def _padded(images, multiple=32):
@@ -43,6 +40,32 @@ def test_upload_flat_equals_padded_upload():
     assert flat.pixels.shape == padded.pixels.shape
     assert torch.equal(flat.pixels, padded.pixels)
     np.testing.assert_array_equal(flat.hw, padded.hw)
+
+
+def test_upload_of_pieces_equals_upload_of_their_concatenation():
+    """A forward batch made of pieces of several chunks (and a repeated padding image) uploads as the same
+    padded batch as the pieces joined on the host first, with the whole images' sizes and origins."""
+    a, b = pack_flat(_images(4, [(12, 9), (30, 20), (7, 40)])), pack_flat(_images(5, [(25, 25), (9, 14)]))
+    pieces = [a.slice(1, 3), b.slice(0, 2), b.slice(1, 2)]
+    whole = pack_flat([p.image(i) for p in pieces for i in range(len(p))])
+    image_hw, origins = whole.hw + 5, np.full((len(whole), 2), 2)
+    got = upload_flat(pieces, "cpu", image_hw=image_hw, origins=origins)
+    want = upload_flat(whole, "cpu", image_hw=image_hw, origins=origins)
+    assert torch.equal(got.pixels, want.pixels)
+    for field in ("hw", "origins", "region_hw"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    with pytest.raises(ValueError, match="at least one image"):
+        upload_flat([a.slice(0, 0)], "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pieces_upload_to_cuda_page_locked_or_not():
+    a = pack_flat(_images(6, [(12, 9), (30, 20)]), pin_memory=True)
+    b = pack_flat(_images(7, [(25, 25)]))  # pageable: page-locked on the way, no wait on the device
+    got = upload_flat([a, b], "cuda")
+    want = upload_flat([a, b], "cpu")
+    torch.cuda.synchronize()
+    assert torch.equal(got.pixels.cpu(), want.pixels)
 
 
 def test_render_from_flat_matches_padded():

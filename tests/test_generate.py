@@ -428,7 +428,7 @@ def test_bench_generate_prints_pipeline_forward_and_phases(data):
     assert re.search(r"device loop: 2 batches, \d+\.\d ms of wall and \d+\.\d ms of render \+ forward", out)
     assert "to issue it" not in out  # on CPU the issue time is the phase's own
     assert re.search(r"pipeline / eager \(no compiled figure\) forward = \d+\.\d\d", out)
-    for phase in ("read", "decode", "decode_wait", "copy", "render", "forward", "result_wait", "file", "write",
+    for phase in ("read", "decode", "pin", "decode_wait", "copy", "render", "forward", "result_wait", "file", "write",
                   "device idle"):
         assert re.search(rf"\n  {phase} +\d+\.\d\d s +\d+\.\d %", out), phase
 
