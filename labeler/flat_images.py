@@ -4,8 +4,8 @@ A zero-padded (N, H, W, 3) batch of 300–640 px images is about twice the bytes
 themselves (every image padded to the batch's largest side), and every byte is copied several times
 on its way to the device: into shared memory by a data worker, into page-locked memory, over PCIe.
 `FlatImages` keeps only the images' own bytes, back to back; `upload_flat` copies that one buffer
-to the device and lays the images out there as the padded `SourceBatch` the renderer reads (one
-small device copy per image). `pack_flat(shared=True)` writes straight into shared memory, so a
+to the device and lays the images out there as the padded `SourceBatch` the renderer reads (on a GPU
+one gather for the whole batch, `gather_padded`; on a CPU one copy per image). `pack_flat(shared=True)` writes straight into shared memory, so a
 DataLoader worker or decode process hands the batch over without another copy.
 """
 from __future__ import annotations
@@ -104,32 +104,65 @@ def upload_flat(flat: FlatImages | Sequence[FlatImages], device: torch.device | 
     if image_hw is None and origins is not None:
         raise ValueError("upload_flat: origins of regions need the whole images' sizes (image_hw) too")
     device = torch.device(device)
-    data = to_device(parts[0].data, device) if len(parts) == 1 else _upload_parts(parts, device)
     hw = np.concatenate([p.hw for p in parts])
-    offsets = np.concatenate([[0], np.cumsum(hw[:, 0] * hw[:, 1] * 3)]).astype(np.int64)
-    images = [data[off:off + ih * iw * 3].view(ih, iw, 3) for off, (ih, iw) in zip(offsets[:-1].tolist(), hw.tolist())]
-    return SourceBatch(pixels=pad_images(images, multiple), hw=hw if image_hw is None else image_hw, origins=origins,
-                       region_hw=hw)
+    if device.type == "cuda":
+        pixels = gather_padded(_upload_parts(parts, device, spare=3), hw, multiple)
+    else:
+        data = parts[0].data if len(parts) == 1 else _upload_parts(parts, device)
+        offsets = np.concatenate([[0], np.cumsum(hw[:, 0] * hw[:, 1] * 3)]).astype(np.int64)
+        pixels = pad_images([data[off:off + ih * iw * 3].view(ih, iw, 3)
+                             for off, (ih, iw) in zip(offsets[:-1].tolist(), hw.tolist())], multiple)
+    return SourceBatch(pixels=pixels, hw=hw if image_hw is None else image_hw, origins=origins, region_hw=hw)
 
 
-def _upload_parts(parts: Sequence[FlatImages], device: torch.device) -> torch.Tensor:
-    """The parts' bytes back to back in one 1-D device tensor: one copy per part (non-blocking from
-    page-locked memory; a pageable part is page-locked first, as `to_device` does, so no copy waits)."""
-    data = torch.empty(sum(p.data.numel() for p in parts), dtype=torch.uint8, device=device)
+def _upload_parts(parts: Sequence[FlatImages], device: torch.device, spare: int = 0) -> torch.Tensor:
+    """The parts' bytes back to back in one 1-D device tensor, then `spare` zero bytes: one copy per part
+    (non-blocking from page-locked memory; a pageable part is page-locked first, as `to_device` does, so no
+    copy waits)."""
+    total = sum(p.data.numel() for p in parts)
+    data = torch.empty(total + spare, dtype=torch.uint8, device=device)
     off = 0
     for p in parts:
         n = p.data.numel()
         src = p.data if device.type != "cuda" or p.data.is_pinned() else p.data.pin_memory()
         data[off:off + n].copy_(src, non_blocking=True)
         off += n
+    if spare:
+        data[total:].zero_()
     return data
+
+
+def _padded_hw(hw: np.ndarray, multiple: int) -> tuple[int, int]:
+    return (-(-int(hw[:, 0].max()) // multiple) * multiple, -(-int(hw[:, 1].max()) // multiple) * multiple)
+
+
+def gather_padded(data: torch.Tensor, hw: np.ndarray, multiple: int = 32) -> torch.Tensor:
+    """Flat HWC images (`data`: their bytes back to back, then one zero pixel) → the (N, 3, H, W) batch of
+    `pad_images`, in one gather on the data's device: a handful of kernels whatever N (a per-image copy
+    loop issues N small copies, which on a GPU is launch-bound: 128 images per student step)."""
+    hw = np.asarray(hw, np.int64).reshape(-1, 2)
+    n_pixels = int((hw[:, 0] * hw[:, 1]).sum())
+    if data.numel() != 3 * (n_pixels + 1):
+        raise ValueError(f"gather_padded: sizes {hw.tolist()} need {3 * n_pixels} bytes and a zero pixel, "
+                         f"data has {data.numel()}")
+    h, w = _padded_hw(hw, multiple)
+    starts = np.concatenate([[0], np.cumsum(hw[:, 0] * hw[:, 1])[:-1]])
+    # int32 indices (half the bytes of int64) while every pixel index fits.
+    index_dtype = torch.int32 if n_pixels < 2**31 else torch.int64
+    meta = to_device(np.stack([starts, hw[:, 0], hw[:, 1]], 1).astype(np.int64), data.device).to(index_dtype)
+    start, ih, iw = (meta[:, i, None, None] for i in range(3))
+    ys = torch.arange(h, device=data.device, dtype=index_dtype)[None, :, None]
+    xs = torch.arange(w, device=data.device, dtype=index_dtype)[None, None, :]
+    # Pixel (y, x) of image i, or the trailing zero pixel outside the image.
+    index = torch.where((ys < ih) & (xs < iw), start + ys * iw + xs, n_pixels)
+    pixels = torch.index_select(data.view(-1, 3), 0, index.reshape(-1))
+    return pixels.view(len(hw), h, w, 3).permute(0, 3, 1, 2)
 
 
 def pad_images(images: Sequence[torch.Tensor], multiple: int = 32) -> torch.Tensor:
     """HWC uint8 images (on one device) → (N, 3, H, W): each in the top-left corner of a zeroed buffer whose
     sides are the largest image's, rounded up to `multiple` (few distinct shapes for the renderer)."""
-    h = -(-max(int(im.shape[0]) for im in images) // multiple) * multiple
-    w = -(-max(int(im.shape[1]) for im in images) // multiple) * multiple
+    h, w = _padded_hw(np.array([im.shape[:2] for im in images], np.int64), multiple)
     pixels = torch.zeros((len(images), h, w, 3), dtype=torch.uint8, device=images[0].device)
     for i, im in enumerate(images):
         pixels[i, :im.shape[0], :im.shape[1]] = im

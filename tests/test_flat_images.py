@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from labeler.flat_images import FlatImages, pack_flat, upload_flat
+from labeler.flat_images import FlatImages, gather_padded, pack_flat, pad_images, upload_flat
 from labeler.render_batch import SourceBatch, render_batch
 from labelstore.views import ViewSpec, draw_views
 
@@ -56,6 +56,19 @@ def test_upload_of_pieces_equals_upload_of_their_concatenation():
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
     with pytest.raises(ValueError, match="at least one image"):
         upload_flat([a.slice(0, 0)], "cpu")
+
+
+@pytest.mark.parametrize("multiple", [1, 32])
+def test_gather_padded_equals_the_per_image_copies(multiple):
+    """The GPU layout (one gather from the flat bytes + a trailing zero pixel) is the CPU one, zeros included."""
+    images = _images(8, [(40, 33), (17, 64), (1, 1), (64, 10), (33, 33)])
+    flat = pack_flat(images)
+    data = torch.cat([flat.data, torch.zeros(3, dtype=torch.uint8)])
+    want = pad_images([torch.from_numpy(im) for im in images], multiple)
+    got = gather_padded(data, flat.hw, multiple)
+    assert got.shape == want.shape and torch.equal(got, want)
+    with pytest.raises(ValueError, match="zero pixel"):
+        gather_padded(flat.data, flat.hw, multiple)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
