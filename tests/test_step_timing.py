@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from trainer.step_timing import DeviceLag, HostTimer, describe_lag
+from trainer.step_timing import AllocatorCounts, DeviceLag, HostTimer, describe_allocator, describe_lag
 
 
 def test_host_timer_sums_the_wrapped_calls_and_resets():
@@ -57,3 +57,20 @@ def test_device_lag_sees_a_queued_device_and_an_idle_one():
         torch.cuda.synchronize()
         lag.mark()
     assert lag.mean == 0.0
+
+
+def test_allocator_counts_are_none_on_a_cpu():
+    counts = AllocatorCounts("cpu")
+    counts.start()
+    assert counts.delta() is None and describe_allocator(None) == ""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_allocator_counts_see_a_new_segment():
+    counts = AllocatorCounts("cuda")
+    counts.start()
+    x = torch.empty(3 * 2**30 // 4 + 12345, device="cuda")  # a size no cached block holds: a new cudaMalloc
+    delta = counts.delta()
+    del x
+    assert delta["mallocs"] >= 1 and set(delta) == {"mallocs", "frees", "retries"}
+    assert describe_allocator(delta).startswith(f"{delta['mallocs']} mallocs")

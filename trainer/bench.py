@@ -43,7 +43,7 @@ from trainer.losses import student_loss
 from trainer.optim import create_optimizer
 from trainer.run_log import RunLog
 from trainer.run_stage import loader_epochs
-from trainer.step_timing import DeviceLag, HostTimer, describe_lag
+from trainer.step_timing import AllocatorCounts, DeviceLag, HostTimer, describe_allocator, describe_lag
 from trainer.target_builder import TargetBuilder
 from trainer.token_targets import token_targets
 
@@ -95,6 +95,7 @@ class EndToEnd:
     steps: int = 0  # batches handed to the loop inside the window
     targets_s: float = 0.0  # host seconds in make_targets (render, augment, targets: issuing them)
     device_lag: float | None = None  # steps the device still had queued as each step began (trainer.step_timing)
+    allocator: dict | None = None  # CUDA allocator calls in the window (trainer.step_timing.AllocatorCounts)
 
     @property
     def images_per_s(self) -> float:
@@ -104,7 +105,7 @@ class EndToEnd:
         n = max(self.steps, 1)
         return StepSplit(wait_ms=1e3 * self.loader_wait_s / n, targets_ms=1e3 * self.targets_s / n,
                          rest_ms=1e3 * (self.seconds - self.loader_wait_s - self.targets_s) / n,
-                         device_lag=self.device_lag)
+                         device_lag=self.device_lag, allocator=self.allocator)
 
 
 @dataclass(frozen=True)
@@ -116,16 +117,18 @@ class StepSplit:
     targets_ms: float
     rest_ms: float
     device_lag: float | None
+    allocator: dict | None = None
 
     def describe(self) -> str:
         wait = "" if self.wait_ms is None else f"wait {self.wait_ms:.1f}, "
+        alloc = describe_allocator(self.allocator)
         return (f"host ms/step: {wait}targets {self.targets_ms:.1f}, model + update {self.rest_ms:.1f}; "
-                f"device behind {describe_lag(self.device_lag)}")
+                f"device behind {describe_lag(self.device_lag)}" + (f"; allocator: {alloc}" if alloc else ""))
 
     def row(self, name: str) -> str:
         wait = "-" if self.wait_ms is None else f"{self.wait_ms:.1f}"
         return (f"  {name:<40} {wait:>11} {self.targets_ms:9.1f} {self.rest_ms:16.1f}   "
-                f"{describe_lag(self.device_lag)}")
+                f"{describe_lag(self.device_lag):<22} {describe_allocator(self.allocator)}").rstrip()
 
 
 @dataclass(frozen=True)
@@ -178,12 +181,12 @@ class BenchFigures:
         for k, v in self.steps_per_s.items():
             lines.append(f"  {NAMES[k]:<28} {v * self.batch_size:9.1f} img/s  ({v:.2f} steps/s)")
         lines.append("  host ms per step, and the steps the device still had queued as each step began")
+        splits = [(f"end to end, {NAMES[k]}", v.split()) for k, v in self.end_to_end.items()]
+        splits += [(f"step only, {NAMES[k]}", v) for k, v in self.step_split.items()]
+        allocator = "allocator calls in the window" if any(v.allocator is not None for _, v in splits) else ""
         lines.append(f"  {'phase, variant':<40} {'loader wait':>11} {'targets':>9} {'model + update':>16}   "
-                     f"device behind")
-        for k, v in self.end_to_end.items():
-            lines.append(v.split().row(f"end to end, {NAMES[k]}"))
-        for k, v in self.step_split.items():
-            lines.append(v.row(f"step only, {NAMES[k]}"))
+                     f"{'device behind':<22} {allocator}".rstrip())
+        lines += [v.row(name) for name, v in splits]
         for k, v in self.loader_images_per_s.items():
             label = "replay loader (ours)" if k == "replay" else "timm train transform"
             lines.append(f"  {label:<28} {v:9.1f} images/s  ({self.loader_images} images per run)")
@@ -231,6 +234,7 @@ class TimedBatches:
         self.targets = targets or HostTimer()  # wraps the loop's make_targets (the caller does): read in the window
         self.targets_s = 0.0
         self.lag = DeviceLag(device)
+        self.memory, self.allocator = AllocatorCounts(device), None
 
     def __call__(self, epoch: int, position: dict):
         batches = iter(self.epoch_batches(epoch, position))
@@ -241,6 +245,7 @@ class TimedBatches:
                 _sync(self.device)  # the warm-up's queued device work is not in the window
                 self.targets.reset()
                 self.lag.reset()
+                self.memory.start()
                 t0 = self.start = time.perf_counter()
             if self.start is not None and self.end is None:
                 self.lag.mark()  # the previous step is issued: how much of the device's queue is left
@@ -256,6 +261,7 @@ class TimedBatches:
                     self.targets_s = self.targets.seconds  # the batches of the window, all issued
                     _sync(self.device)
                     self.end = time.perf_counter()
+                    self.allocator = self.memory.delta()
                     self.stop.requested = True
                 else:
                     self.wait += t1 - t0
@@ -272,7 +278,8 @@ class TimedBatches:
             raise RuntimeError("bench: the timed window never closed (the run ended first)")
         return EndToEnd(images=self.images, seconds=self.end - self.start, loader_wait_s=self.wait,
                         epoch_start_wait_s=self.epoch_start_wait, epochs_started=self.epochs_started,
-                        steps=self.steps, targets_s=self.targets_s, device_lag=self.lag.mean)
+                        steps=self.steps, targets_s=self.targets_s, device_lag=self.lag.mean,
+                        allocator=self.allocator)
 
 
 def _variant_targets(variant: str, builder: TargetBuilder, teacher_forward, teacher_grid, tokens: TokenLabelConfig,
@@ -388,13 +395,14 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     def steps_per_s(variant: str) -> tuple[float, StepSplit]:
         shared.reset()
         opt = create_optimizer(shared.model, OptimConfig(), lr=1e-4)
-        targets, lag = HostTimer(), DeviceLag(device)
+        targets, lag, memory = HostTimer(), DeviceLag(device), AllocatorCounts(device)
         make_targets = targets.wrap(targets_for(variant))
         start = 0.0
         for i, batch in enumerate(batches):
             if i == s.warmup:
                 _sync(device)
                 targets.reset()
+                memory.start()
                 start = time.perf_counter()
             if i >= s.warmup:
                 lag.mark()
@@ -409,7 +417,8 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         _sync(device)
         wall = time.perf_counter() - start
         split = StepSplit(wait_ms=None, targets_ms=1e3 * targets.seconds / s.steps,
-                          rest_ms=1e3 * (wall - targets.seconds) / s.steps, device_lag=lag.mean)
+                          rest_ms=1e3 * (wall - targets.seconds) / s.steps, device_lag=lag.mean,
+                          allocator=memory.delta())
         return s.steps / wall, split
 
     runs = {v: [] for v in VARIANTS}
