@@ -92,6 +92,27 @@ def test_slots_apply_in_order_per_sample_and_skip_minus_one():
     assert not torch.equal(got[0], got[1])  # invert∘solarize ≠ solarize∘invert: the order is kept
 
 
+def test_batched_slots_equal_each_sample_alone():
+    """Grouping a slot's samples by op (one gather per slot) gives each sample exactly what applying its own
+    slots alone gives, whatever mix of ops, skipped slots and arguments; the input batch is left as it was."""
+    rng = np.random.default_rng(3)
+    ims = photos()
+    batch = torch.from_numpy(np.stack([ims[i % len(ims)] for i in range(12)])).permute(0, 3, 1, 2).contiguous()
+    before = batch.clone()
+    ops = rng.integers(-1, len(OP_NAMES), size=(12, 3)).astype(np.int8)
+    ops[0] = -1
+    args = rng.uniform(0.1, 1.9, size=(12, 3)).astype(np.float32)
+    args[ops == OP_NAMES.index("PosterizeIncreasing")] = 4
+    args[ops == OP_NAMES.index("SolarizeIncreasing")] = 128
+    args[ops == OP_NAMES.index("SolarizeAdd")] = 60
+    got = apply_photometric(batch, ops, args)
+    for i in range(12):
+        assert torch.equal(got[i], apply_photometric(batch[i:i + 1], ops[i:i + 1], args[i:i + 1])[0]), i
+    assert torch.equal(batch, before) and torch.equal(got[0], batch[0])
+    same = np.full((12, 1), OP_NAMES.index("Invert"), np.int8)  # one op for the whole batch: no gather
+    assert torch.equal(apply_photometric(batch, same, np.zeros((12, 1), np.float32)), 255 - batch)
+
+
 def test_bad_slot_arrays_are_refused():
     x = torch.zeros((2, 3, 8, 8), dtype=torch.uint8)
     with pytest.raises(ValueError, match="photo_ops"):

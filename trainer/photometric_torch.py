@@ -2,8 +2,8 @@
 
 The student's photometric slots (op index + timm's argument, drawn in the data workers by
 `trainer.photometric`) are applied here after the GPU render: one group of kernels per (slot, op)
-for all the samples that drew it, with per-sample arguments; the grouping happens on the host from
-the collated slot arrays, so nothing waits on the device. Each op re-does timm's Pillow op
+for all the samples that drew it, with per-sample arguments, on one gathered batch per slot; the
+grouping happens on the host from the collated slot arrays, so nothing waits on the device. Each op re-does timm's Pillow op
 (`timm.data.auto_augment`: ImageOps / ImageEnhance) with Pillow's integer conventions:
 
 * LUT ops (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd, Brightness, Contrast):
@@ -166,18 +166,26 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
     if ops.size and (ops.min() < -1 or ops.max() >= len(OPS)):
         raise ValueError(f"photo_ops must lie in [-1, {len(OPS) - 1}] (index into {PHOTOMETRIC_OPS}), got "
                          f"{ops.min()}..{ops.max()}")
-    out = images
+    if not (ops >= 0).any():
+        return images
+    out = images.clone()  # the caller's batch is never changed in place
     device_args = to_device(args, images.device)
     for slot in range(ops.shape[1]):
-        for k in np.unique(ops[:, slot]):
-            if k < 0:
-                continue
-            rows = np.flatnonzero(ops[:, slot] == k)
-            if out is images:
-                out = images.clone()  # the caller's batch is never changed in place
-            if len(rows) == len(ops):
-                out = OPS[k](out, device_args[:, slot])
-            else:
-                idx = to_device(rows, images.device)
-                out[idx] = OPS[k](out[idx], device_args[idx, slot])
+        kinds = ops[:, slot]
+        rows = np.flatnonzero(kinds >= 0)
+        if not len(rows):
+            continue
+        # The slot's samples sorted by op: each op's samples are then one contiguous slice of a single gathered
+        # batch (one upload, gather and scatter per slot, not per op: on a GPU every call is a launch).
+        order = rows[np.argsort(kinds[rows], kind="stable")]
+        present, starts = np.unique(kinds[order], return_index=True)
+        bounds = [*starts.tolist(), len(order)]
+        if len(order) == len(ops) and len(present) == 1:  # every sample, one op: no gather needed
+            out = OPS[present[0]](out, device_args[:, slot])
+            continue
+        idx = to_device(order, images.device)
+        picked, picked_args = out[idx], device_args[:, slot][idx]
+        for k, a, b in zip(present.tolist(), bounds[:-1], bounds[1:]):
+            picked[a:b] = OPS[k](picked[a:b], picked_args[a:b])
+        out[idx] = picked
     return out
