@@ -81,15 +81,22 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             tmp.unlink()
 
 
-def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+def save_checkpoint(path: str | Path, **parts: Any) -> None:
+    """Write the full training checkpoint atomically, now (`checkpoint_dict`'s arguments). The training loop
+    writes the same dict in the background instead (`trainer.checkpoint_writer`)."""
+    atomic_save(checkpoint_dict(**parts), path)
+
+
+def checkpoint_dict(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                     ema: torch.nn.Module | None, scaler: torch.amp.GradScaler | None, state: TrainState,
                     config: Mapping, arch: str, metrics: Mapping | None = None, data: Mapping | None = None,
-                    world_size: int = 1) -> None:
-    """Write the full training checkpoint atomically (model must be unwrapped: no DDP `module.` prefix).
+                    world_size: int = 1) -> dict:
+    """The full training checkpoint (model must be unwrapped: no DDP `module.` prefix). Its tensors are the
+    live ones: save it at once, or hand it to `trainer.checkpoint_writer.CheckpointWriter` (which copies it).
 
     `data`: what identifies the training data ({"shards": names, "num_samples": n}), checked on resume.
     """
-    atomic_save({
+    return {
         "arch": arch,
         "data": dict(data or {}),
         "world_size": int(world_size),
@@ -104,7 +111,7 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
         "config": dict(config),
         "rng": rng_state(),
         "metrics": dict(metrics or {}),
-    }, path)
+    }
 
 
 def load_checkpoint_file(path: str | Path) -> dict:

@@ -27,8 +27,9 @@ from labeler.device import prefer_fastest_convolutions
 from labeler.models import TokenForward
 from trainer.checkpoint import (
     EXPORT, LAST, StopRequest, TrainState, check_resume_fits, export_for_labeling, load_checkpoint_file,
-    restore_checkpoint, save_checkpoint,
+    checkpoint_dict, restore_checkpoint,
 )
+from trainer.checkpoint_writer import CheckpointWriter
 from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, seed_step, wrap_ddp
 from trainer.errors import NonFiniteLoss
@@ -185,16 +186,21 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     last_ckpt: Path | None = out_dir / LAST if (out_dir / LAST).exists() else None
     last_loss = float("nan")
 
+    writer = CheckpointWriter()
+
     def checkpoint(metrics: dict) -> Path | None:
+        """Queue a copy of the state now, write it in the background (trainer/checkpoint_writer.py)."""
         if info.is_main:
-            save_checkpoint(out_dir / LAST, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                            scaler=scaler, state=state, config=cfg.to_dict(), arch=arch, metrics=metrics,
-                            data=data_identity, world_size=info.world_size)
+            writer.submit(checkpoint_dict(
+                model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler, state=state,
+                config=cfg.to_dict(), arch=arch, metrics=metrics, data=data_identity, world_size=info.world_size),
+                out_dir / LAST)
         barrier(info)
         return out_dir / LAST
 
     # ---- phase 4: epochs -------------------------------------------------------------------------------
     def non_finite(epoch: int, step: int, update: int) -> None:
+        writer.wait()  # the last good checkpoint, complete
         where = f"epoch {epoch}, step {step}, update {update}" if epoch >= 0 else "on another rank"
         log.record("stop", epoch=state.epoch, update=state.global_update, loss=float("nan"))
         log.message(f"loss is not finite at {where}; stopping. Last good checkpoint: {last_ckpt or 'none yet'}")
@@ -227,90 +233,94 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
             ema.update(model, step=state.global_update)
         scheduler.step_update(num_updates=state.global_update)
 
-    with stop:
-        while state.epoch < total_epochs:
-            train_model.train()
-            step = int(state.data_position.get("steps", 0))
-            batches = iter(epoch_batches(state.epoch, dict(state.data_position)))
-            rank_position: dict | Callable[[], dict] = {}
-            skipped, seen, pending, t0, last_terms = 0, 0, 0, time.perf_counter(), None
-            optimizer.zero_grad(set_to_none=True)
-            # The epoch runs until the data runs dry on any rank (every rank must take the same number of
-            # steps for DDP's collectives), or to schedule.max_steps_per_epoch. steps_per_epoch (an
-            # estimate from the sample count) only sizes the schedule and the progress bar.
-            while cfg.schedule.max_steps_per_epoch is None or step < cfg.schedule.max_steps_per_epoch:
-                item = _next_or_none(batches)
-                if any_rank(info, item is None)[0]:  # a CPU all-reduce: no wait on the GPU
-                    break
-                batch, rank_position = item
-                # Seed index unique per micro-batch whatever the (estimated) epoch length: epoch·2^24 + step.
-                # Everything drawn this step (targets, erasing, mixing, drop path) comes from (seed, rank, index).
-                seed_index = (state.epoch << 24) + step
-                seed_step(cfg.data.seed, info.rank, seed_index)
-                begin_step(step_mode)
-                images, cls_target, token_target = make_targets(batch, device, seed_index)
-                images = images.contiguous(memory_format=memory_format)
-                boundary = (pending + 1) % accum == 0
-                sync = nullcontext() if boundary or not info.distributed else train_model.no_sync()
-                with sync:
-                    with amp_context(device, cfg.run.amp):
-                        cls_logits, token_logits = split_outputs(train_model(images))
-                    terms = compute_loss(cls_logits, token_logits, cls_target, token_target)
-                    # NaN/inf: flagged on the device (no host sync here), read with the metrics below.
-                    health.note(terms.total, state.epoch, step, state.global_update)
-                    loss = terms.total / accum
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                step += 1
-                pending += 1
-                seen += images.shape[0]
-                last_terms = terms
-                if not boundary:
-                    continue
-                optimizer_update(synced=True)
-                pending = 0
+    try:
+        with stop:
+            while state.epoch < total_epochs:
+                train_model.train()
+                step = int(state.data_position.get("steps", 0))
+                batches = iter(epoch_batches(state.epoch, dict(state.data_position)))
+                rank_position: dict | Callable[[], dict] = {}
+                skipped, seen, pending, t0, last_terms = 0, 0, 0, time.perf_counter(), None
+                optimizer.zero_grad(set_to_none=True)
+                # The epoch runs until the data runs dry on any rank (every rank must take the same number of
+                # steps for DDP's collectives), or to schedule.max_steps_per_epoch. steps_per_epoch (an
+                # estimate from the sample count) only sizes the schedule and the progress bar.
+                while cfg.schedule.max_steps_per_epoch is None or step < cfg.schedule.max_steps_per_epoch:
+                    item = _next_or_none(batches)
+                    if any_rank(info, item is None)[0]:  # a CPU all-reduce: no wait on the GPU
+                        break
+                    batch, rank_position = item
+                    # Seed index unique per micro-batch whatever the (estimated) epoch length: epoch·2^24 + step.
+                    # Everything drawn this step (targets, erasing, mixing, drop path) comes from (seed, rank, index).
+                    seed_index = (state.epoch << 24) + step
+                    seed_step(cfg.data.seed, info.rank, seed_index)
+                    begin_step(step_mode)
+                    images, cls_target, token_target = make_targets(batch, device, seed_index)
+                    images = images.contiguous(memory_format=memory_format)
+                    boundary = (pending + 1) % accum == 0
+                    sync = nullcontext() if boundary or not info.distributed else train_model.no_sync()
+                    with sync:
+                        with amp_context(device, cfg.run.amp):
+                            cls_logits, token_logits = split_outputs(train_model(images))
+                        terms = compute_loss(cls_logits, token_logits, cls_target, token_target)
+                        # NaN/inf: flagged on the device (no host sync here), read with the metrics below.
+                        health.note(terms.total, state.epoch, step, state.global_update)
+                        loss = terms.total / accum
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                    step += 1
+                    pending += 1
+                    seen += images.shape[0]
+                    last_terms = terms
+                    if not boundary:
+                        continue
+                    optimizer_update(synced=True)
+                    pending = 0
 
-                lr = optimizer.param_groups[0]["lr"]
-                rate = seen * info.world_size / max(time.perf_counter() - t0, 1e-9)
-                if state.global_update % cfg.run.log_every == 0:  # the only host reads of device values
-                    health.check()
-                    skipped = int(_position(rank_position).get("skipped", skipped))
+                    lr = optimizer.param_groups[0]["lr"]
+                    rate = seen * info.world_size / max(time.perf_counter() - t0, 1e-9)
+                    if state.global_update % cfg.run.log_every == 0:  # the only host reads of device values
+                        health.check()
+                        skipped = int(_position(rank_position).get("skipped", skipped))
+                        last_loss = float(last_terms.total.detach())
+                        log.record("train", epoch=state.epoch, update=state.global_update, loss=last_loss,
+                                   loss_cls=float(last_terms.cls), loss_token=float(last_terms.token), lr=lr,
+                                   images_per_s=round(rate, 2), skipped_samples=skipped)
+                    log.progress(state.epoch, total_epochs, step, steps_per_epoch, last_loss, lr, rate)
+                    stopping = any_rank(info, stop.requested)[0]  # agreed on a CPU group: no wait on the device
+                    every = cfg.run.checkpoint_every
+                    if stopping or (every is not None and state.global_update % every == 0):
+                        # Mid-epoch: every rank's exact loader position (resume continues with the next batch);
+                        # the loss health is read first so no checkpoint ever holds non-finite weights.
+                        health.check()
+                        last_loss = float(last_terms.total.detach())
+                        state.data_position = {"steps": step, "ranks": gather_positions(_position(rank_position), info)}
+                        last_ckpt = checkpoint({"loss": last_loss})
+                    if stopping:
+                        writer.wait()  # on disk before we say so
+                        log.record("sigterm", epoch=state.epoch, update=state.global_update, loss=last_loss)
+                        log.message(f"SIGTERM: checkpoint written to {last_ckpt} at epoch {state.epoch}, step {step}; "
+                                    f"continue with --resume {last_ckpt}")
+                        log.close()
+                        return TrainResult("stopped", state.epoch, state.global_update, last_ckpt, None, last_loss)
+                if pending:  # the epoch's last micro-batches still update (no sample's gradient is dropped)
+                    optimizer_update(synced=accum == 1)
+                health.check()
+                if last_terms is not None:
                     last_loss = float(last_terms.total.detach())
-                    log.record("train", epoch=state.epoch, update=state.global_update, loss=last_loss,
-                               loss_cls=float(last_terms.cls), loss_token=float(last_terms.token), lr=lr,
-                               images_per_s=round(rate, 2), skipped_samples=skipped)
-                log.progress(state.epoch, total_epochs, step, steps_per_epoch, last_loss, lr, rate)
-                stopping = any_rank(info, stop.requested)[0]  # agreed on a CPU group: no wait on the device
-                every = cfg.run.checkpoint_every
-                if stopping or (every is not None and state.global_update % every == 0):
-                    # Mid-epoch: every rank's exact loader position (resume continues with the next batch);
-                    # the loss health is read first so no checkpoint ever holds non-finite weights.
-                    health.check()
-                    last_loss = float(last_terms.total.detach())
-                    state.data_position = {"steps": step, "ranks": gather_positions(_position(rank_position), info)}
-                    last_ckpt = checkpoint({"loss": last_loss})
-                if stopping:
-                    log.record("sigterm", epoch=state.epoch, update=state.global_update, loss=last_loss)
-                    log.message(f"SIGTERM: checkpoint written to {last_ckpt} at epoch {state.epoch}, step {step}; "
-                                f"continue with --resume {last_ckpt}")
-                    log.close()
-                    return TrainResult("stopped", state.epoch, state.global_update, last_ckpt, None, last_loss)
-            if pending:  # the epoch's last micro-batches still update (no sample's gradient is dropped)
-                optimizer_update(synced=accum == 1)
-            health.check()
-            if last_terms is not None:
-                last_loss = float(last_terms.total.detach())
 
-            # -- end of epoch: the data position resets, a checkpoint is written --
-            skipped = int(_position(rank_position).get("skipped", skipped))
-            skipped = int(all_reduce_sum(torch.tensor([float(skipped)], device=device), info).item())
-            log.record("epoch", epoch=state.epoch, update=state.global_update, loss=last_loss,
-                       lr=optimizer.param_groups[0]["lr"], skipped_samples=skipped,
-                       images_per_s=round(seen * info.world_size / max(time.perf_counter() - t0, 1e-9), 2))
-            if skipped:
-                log.message(f"epoch {state.epoch}: {skipped} unreadable samples skipped (counted, see metrics)")
-            state.epoch += 1
-            state.data_position = {}
-            last_ckpt = checkpoint({"loss": last_loss})
+                # -- end of epoch: the data position resets, a checkpoint is written --
+                skipped = int(_position(rank_position).get("skipped", skipped))
+                skipped = int(all_reduce_sum(torch.tensor([float(skipped)], device=device), info).item())
+                log.record("epoch", epoch=state.epoch, update=state.global_update, loss=last_loss,
+                           lr=optimizer.param_groups[0]["lr"], skipped_samples=skipped,
+                           images_per_s=round(seen * info.world_size / max(time.perf_counter() - t0, 1e-9), 2))
+                if skipped:
+                    log.message(f"epoch {state.epoch}: {skipped} unreadable samples skipped (counted, see metrics)")
+                state.epoch += 1
+                state.data_position = {}
+                last_ckpt = checkpoint({"loss": last_loss})
+    finally:
+        writer.wait()  # the last checkpoint is on disk before the loop returns or raises
 
     # ---- phase 5: the EMA export `stl-labels generate --checkpoint` loads -------------------------------
     export = export_for_labeling(last_ckpt, out_dir / EXPORT) if info.is_main and last_ckpt else None
