@@ -8,8 +8,9 @@ work unit"):
    (`labeler.decode_chunks`) — the images' own bytes, in shared memory;
 2. one device loop (a thread) takes images from every shard in flight, fills fixed-shape forward batches
    of `batch_size // S` images (a shard's tail shares a batch with the next shard's head), copies each
-   batch up on a side stream (straight from the chunks, which their shard threads page-lock on arrival), renders all its views in one `render_batch` call, runs the teacher and the
-   top-k + tail on the device, and copies the results back behind an event while the next batch runs;
+   batch up on a side stream (straight from the chunks, which their shard threads page-lock on arrival),
+   renders all its views in one `render_batch` call, runs the teacher and the top-k + tail on the device,
+   and copies the results back behind an event while the next batch runs;
 3. each shard's caller (one thread per shard in flight: `label_shards` here, a threaded Ray actor in a
    job) files its rows and, once its last image's results are back, writes the shard in one
    `write_shard` call, while the device goes on with the other shards; on a GPU node the call runs in a

@@ -226,12 +226,11 @@ class TimedBatches:
     request of batch `warmup + 1` and closes it at the first request `seconds` later, then asks the loop to
     stop (the batch handed over at that moment is outside the window). Windows span epochs."""
 
-    def __init__(self, epoch_batches, *, warmup: int, seconds: float, stop: StopRequest, device: torch.device,
-                 targets: HostTimer | None = None):
+    def __init__(self, epoch_batches, *, warmup: int, seconds: float, stop: StopRequest, device: torch.device):
         self.epoch_batches, self.warmup, self.seconds, self.stop, self.device = epoch_batches, warmup, seconds, stop, device
         self.requested, self.start, self.end, self.images, self.wait = 0, None, None, 0, 0.0
         self.epoch_start_wait, self.epochs_started, self.steps = 0.0, 0, 0
-        self.targets = targets or HostTimer()  # wraps the loop's make_targets (the caller does): read in the window
+        self.targets = HostTimer()  # the caller wraps the loop's make_targets with it; read in the window
         self.targets_s = 0.0
         self.lag = DeviceLag(device)
         self.memory, self.allocator = AllocatorCounts(device), None

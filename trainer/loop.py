@@ -32,7 +32,7 @@ from trainer.checkpoint import (
 from trainer.checkpoint_writer import CheckpointWriter
 from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, seed_step, wrap_ddp
-from trainer.errors import NonFiniteLoss
+from trainer.errors import NonFiniteLoss, TrainCheckpointError
 from trainer.losses import LossTerms
 from trainer.optim import create_optimizer, create_scheduler
 from trainer.run_log import RunLog
@@ -200,7 +200,10 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
 
     # ---- phase 4: epochs -------------------------------------------------------------------------------
     def non_finite(epoch: int, step: int, update: int) -> None:
-        writer.wait()  # the last good checkpoint, complete
+        try:
+            writer.wait()  # the last good checkpoint, complete
+        except TrainCheckpointError as e:  # the NaN is the news; the previous checkpoint is intact
+            log.message(str(e))
         where = f"epoch {epoch}, step {step}, update {update}" if epoch >= 0 else "on another rank"
         log.record("stop", epoch=state.epoch, update=state.global_update, loss=float("nan"))
         log.message(f"loss is not finite at {where}; stopping. Last good checkpoint: {last_ckpt or 'none yet'}")
