@@ -103,3 +103,23 @@ def test_training_reports_a_failed_background_write(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint_writer, "atomic_save", failing)
     with pytest.raises(TrainCheckpointError, match=r"last\.pth failed: OSError: .*No space left on device"):
         run(tmp_path, config(epochs=2), ToySource())
+
+
+def test_a_nan_stop_is_reported_even_when_the_last_write_failed(tmp_path, monkeypatch):
+    from test_train_loop import records
+    from train_toy import make_targets
+    from trainer.loop import NonFiniteLoss
+
+    def failing(obj, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint_writer, "atomic_save", failing)
+    calls = {"n": 0}
+
+    def poisoned(batch, device, step):
+        calls["n"] += 1
+        images, cls_t, tok_t = make_targets(batch, device, step)
+        return (images * float("nan") if calls["n"] == 7 else images), cls_t, tok_t
+
+    with pytest.raises(NonFiniteLoss, match="epoch 1"):  # the NaN is what stops the run, not the failed write
+        run(tmp_path, config(epochs=3), ToySource(), targets=poisoned)
+    assert records(tmp_path, "stop")
