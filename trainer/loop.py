@@ -198,10 +198,18 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
         barrier(info)
         return out_dir / LAST
 
+    def checkpoint_on_disk() -> None:
+        """Wait for the write in flight, every rank with rank 0: a rank that exits first can make a launcher
+        (torchrun) stop rank 0 in the middle of it."""
+        try:
+            writer.wait()
+        finally:
+            barrier(info)
+
     # ---- phase 4: epochs -------------------------------------------------------------------------------
     def non_finite(epoch: int, step: int, update: int) -> None:
         try:
-            writer.wait()  # the last good checkpoint, complete
+            checkpoint_on_disk()  # the last good checkpoint, complete
         except TrainCheckpointError as e:  # the NaN is the news; the previous checkpoint is intact
             log.message(str(e))
         where = f"epoch {epoch}, step {step}, update {update}" if epoch >= 0 else "on another rank"
@@ -299,7 +307,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                         state.data_position = {"steps": step, "ranks": gather_positions(_position(rank_position), info)}
                         last_ckpt = checkpoint({"loss": last_loss})
                     if stopping:
-                        writer.wait()  # on disk before we say so
+                        checkpoint_on_disk()  # before we say so
                         log.record("sigterm", epoch=state.epoch, update=state.global_update, loss=last_loss)
                         log.message(f"SIGTERM: checkpoint written to {last_ckpt} at epoch {state.epoch}, step {step}; "
                                     f"continue with --resume {last_ckpt}")
