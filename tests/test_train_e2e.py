@@ -5,6 +5,7 @@ labeler name, an unknown config key, and a corrupt image mid-epoch (skipped and 
 """
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -153,7 +154,10 @@ def test_bench_prints_all_figures_and_ratios(world):
     # Where each step's host time went: one row per phase and variant, with numbers, the lag n/a on a CPU.
     splits = [line for line in r.output.splitlines() if line.strip().startswith(("end to end, (", "step only, ("))]
     assert len(splits) == 6 and all(line.rstrip().endswith("n/a (CPU)") for line in splits), r.output
-    assert all(float(line.split()[-4]) > 0 for line in splits), r.output  # targets ms measured
+    # End to end counts the loop's pause for each epoch-end checkpoint in its window (2 epochs began in it).
+    assert all(re.search(r" (\d+ × \d+ ms|none) ", line) for line in splits[:3]), r.output
+    numbers = [line[43:].split()[:3] for line in splits]  # after the 40-character name: wait, targets, rest
+    assert all(float(targets) > 0 and float(rest) > 0 for _, targets, rest in numbers), r.output
 
 
 @pytest.mark.slow

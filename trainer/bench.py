@@ -96,6 +96,7 @@ class EndToEnd:
     targets_s: float = 0.0  # host seconds in make_targets (render, augment, targets: issuing them)
     device_lag: float | None = None  # steps the device still had queued as each step began (trainer.step_timing)
     allocator: dict | None = None  # CUDA allocator calls in the window (trainer.step_timing.AllocatorCounts)
+    checkpoint_pauses: tuple[float, ...] = ()  # seconds the loop paused for each checkpoint inside the window
 
     @property
     def images_per_s(self) -> float:
@@ -105,29 +106,40 @@ class EndToEnd:
         n = max(self.steps, 1)
         return StepSplit(wait_ms=1e3 * self.loader_wait_s / n, targets_ms=1e3 * self.targets_s / n,
                          rest_ms=1e3 * (self.seconds - self.loader_wait_s - self.targets_s) / n,
-                         device_lag=self.device_lag, allocator=self.allocator)
+                         device_lag=self.device_lag, allocator=self.allocator,
+                         checkpoint_ms=tuple(1e3 * p for p in self.checkpoint_pauses))
 
 
 @dataclass(frozen=True)
 class StepSplit:
     """Host milliseconds per step: waiting for the loader, issuing the targets (render, augment, token targets),
-    and the rest (model forward + backward, optimizer, EMA, the loop); and how far the device lagged."""
+    and the rest (model forward + backward, optimizer, EMA, the loop, epoch-end checkpoints); how far the device
+    lagged; and the loop's pause for each checkpoint in the window (end to end: one per epoch end)."""
 
     wait_ms: float | None
     targets_ms: float
     rest_ms: float
     device_lag: float | None
     allocator: dict | None = None
+    checkpoint_ms: tuple[float, ...] | None = None  # None: no checkpoints in this phase (step only)
+
+    def _checkpoints(self) -> str:
+        if self.checkpoint_ms is None:
+            return "-"
+        if not self.checkpoint_ms:
+            return "none"
+        return f"{len(self.checkpoint_ms)} × {sum(self.checkpoint_ms) / len(self.checkpoint_ms):.0f} ms"
 
     def describe(self) -> str:
         wait = "" if self.wait_ms is None else f"wait {self.wait_ms:.1f}, "
         alloc = describe_allocator(self.allocator)
+        checkpoints = "" if self.checkpoint_ms is None else f"; checkpoint pauses {self._checkpoints()}"
         return (f"host ms/step: {wait}targets {self.targets_ms:.1f}, model + update {self.rest_ms:.1f}; "
-                f"device behind {describe_lag(self.device_lag)}" + (f"; allocator: {alloc}" if alloc else ""))
+                f"device behind {describe_lag(self.device_lag)}{checkpoints}" + (f"; allocator: {alloc}" if alloc else ""))
 
     def row(self, name: str) -> str:
         wait = "-" if self.wait_ms is None else f"{self.wait_ms:.1f}"
-        return (f"  {name:<40} {wait:>11} {self.targets_ms:9.1f} {self.rest_ms:16.1f}   "
+        return (f"  {name:<40} {wait:>11} {self.targets_ms:9.1f} {self.rest_ms:16.1f}   {self._checkpoints():>14}   "
                 f"{describe_lag(self.device_lag):<22} {describe_allocator(self.allocator)}").rstrip()
 
 
@@ -185,7 +197,7 @@ class BenchFigures:
         splits += [(f"step only, {NAMES[k]}", v) for k, v in self.step_split.items()]
         allocator = "allocator calls in the window" if any(v.allocator is not None for _, v in splits) else ""
         lines.append(f"  {'phase, variant':<40} {'loader wait':>11} {'targets':>9} {'model + update':>16}   "
-                     f"{'device behind':<22} {allocator}".rstrip())
+                     f"{'checkpoints':>14}   {'device behind':<22} {allocator}".rstrip())
         lines += [v.row(name) for name, v in splits]
         for k, v in self.loader_images_per_s.items():
             label = "replay loader (ours)" if k == "replay" else "timm train transform"
@@ -442,11 +454,13 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         stop = StopRequest()
         timed = TimedBatches(loader_epochs(loader), warmup=s.warmup, seconds=s.seconds, stop=stop, device=device)
         with tempfile.TemporaryDirectory(prefix="stl-bench-") as out:
-            train(model=shared.model, arch=s.model, cfg=cfg, out_dir=out, epoch_batches=timed,
-                  make_targets=timed.targets.wrap(targets_for(variant)), compute_loss=partial(student_loss, beta=1.0),
-                  steps_per_epoch=loader.batches_per_epoch(), info=DistInfo(device=device), log=RunLog.disabled(),
-                  stop=stop, forward=shared.forward)
-        end_to_end[variant] = e2e = timed.figures()
+            result = train(model=shared.model, arch=s.model, cfg=cfg, out_dir=out, epoch_batches=timed,
+                           make_targets=timed.targets.wrap(targets_for(variant)),
+                           compute_loss=partial(student_loss, beta=1.0), steps_per_epoch=loader.batches_per_epoch(),
+                           info=DistInfo(device=device), log=RunLog.disabled(), stop=stop, forward=shared.forward)
+        e2e = timed.figures()
+        end_to_end[variant] = e2e = dataclasses.replace(e2e, checkpoint_pauses=tuple(
+            seconds for start, seconds in result.checkpoint_pauses if timed.start <= start < timed.end))
         report(f"measured: {NAMES[variant]} end to end {e2e.images_per_s:.1f} img/s, loader wait "
                f"{e2e.loader_wait_s / max(e2e.seconds, 1e-9):.0%} ({e2e.seconds:.1f} s); {e2e.split().describe()}")
 

@@ -52,6 +52,9 @@ class TrainResult:
     last_checkpoint: Path | None
     export: Path | None  # EMA export for `stl-labels generate --checkpoint` (when finished)
     last_loss: float
+    # (time.perf_counter() at its start, seconds) of each checkpoint: how long the loop paused for it (queueing
+    # the copy, and waiting for a previous write still in flight); the file itself is written in the background.
+    checkpoint_pauses: tuple[tuple[float, float], ...] = ()
 
 
 def split_outputs(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -187,15 +190,18 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     last_loss = float("nan")
 
     writer = CheckpointWriter()
+    pauses: list[tuple[float, float]] = []
 
     def checkpoint(metrics: dict) -> Path | None:
         """Queue a copy of the state now, write it in the background (trainer/checkpoint_writer.py)."""
+        start = time.perf_counter()
         if info.is_main:
             writer.submit(checkpoint_dict(
                 model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler, state=state,
                 config=cfg.to_dict(), arch=arch, metrics=metrics, data=data_identity, world_size=info.world_size),
                 out_dir / LAST)
         barrier(info)
+        pauses.append((start, time.perf_counter() - start))
         return out_dir / LAST
 
     def checkpoint_on_disk() -> None:
@@ -312,7 +318,8 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                         log.message(f"SIGTERM: checkpoint written to {last_ckpt} at epoch {state.epoch}, step {step}; "
                                     f"continue with --resume {last_ckpt}")
                         log.close()
-                        return TrainResult("stopped", state.epoch, state.global_update, last_ckpt, None, last_loss)
+                        return TrainResult("stopped", state.epoch, state.global_update, last_ckpt, None, last_loss,
+                                           tuple(pauses))
                 if pending:  # the epoch's last micro-batches still update (no sample's gradient is dropped)
                     optimizer_update(synced=accum == 1)
                 health.check()
@@ -338,4 +345,4 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     barrier(info)
     log.message(f"done: {state.epoch} epochs, {state.global_update} updates; checkpoint {last_ckpt}, export {export}")
     log.close()
-    return TrainResult("finished", state.epoch, state.global_update, last_ckpt, export, last_loss)
+    return TrainResult("finished", state.epoch, state.global_update, last_ckpt, export, last_loss, tuple(pauses))
