@@ -43,7 +43,7 @@ nvidia-smi -L 2>/dev/null; $PY -c 'import torch; print("torch", torch.__version_
 step shards 35 "${labels[@]}" bench shards "$DATA" --shards "$SHARDS" --per-shard "$PER_SHARD"
 gen=(bench generate --shards "$all" --views "$VIEWS" --batch-size 256 --amp bf16 --forward-batches "$FWD_BATCHES")
 step generate_small 120 "${labels[@]}" "${gen[@]}" --model "$SMALL" --keep-store "$DATA/labels.zarr" $EXTRA
-step train_small 260 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 ${TRAIN_EXTRA:-}
+step train_small 260 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 --profile-steps 5 ${TRAIN_EXTRA:-}
 step generate_tiny 100 "${labels[@]}" "${gen[@]}" --model "$TINY" $EXTRA
 step generate_large 110 "${labels[@]}" "${gen[@]}" --model "$LARGE" $EXTRA
 step jpeg 30 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
@@ -62,6 +62,7 @@ f="$out/train_small.txt"
 if [ -f "$f" ]; then  # the table, or (a run cut by its limit) the figures it printed as it measured them
   if grep -q '^  ratio ' "$f"; then grep -v '^measured:' "$f" | grep -iE "end to end|step only|ratio|loader|timm|bytes|compile|host ms|phase, variant|^  \([abc]\)" | head -34
   else grep '^measured:' "$f"; fi
+  grep -A 24 -m1 'measured: profile of' "$f" | grep -E 'Name|^ *[a-zA-Z_].*[0-9]+\.[0-9]+(us|ms|s) ' | head -16  # the top kernels
 fi
 for g in generate_tiny generate_small generate_large; do  # steps cut by their limit: what they measured
   f="$out/$g.txt"; [ -f "$f" ] && ! grep -q '^pipeline ' "$f" && grep '^measured:' "$f" | sed "s/^/$g /"

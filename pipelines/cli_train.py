@@ -197,6 +197,7 @@ def bench_cmd(
     augment_device: str = typer.Option("auto", "--augment-device",
                                        help="auto | cpu | cuda: where views are rendered and augmented."),
     repeats: int = typer.Option(3, "--repeats", help="Interleaved step-only/loader repeats; the median is printed."),
+    profile_steps: int = typer.Option(0, "--profile-steps", help="Also profile this many step-only steps of (b) and print the top kernels (torch.profiler)."),
 ) -> None:
     """Student img/s end to end (real loop) and step only: (a) no token labels, (b) stored labels, (c) online
     teacher; where the time goes; loader images/s vs timm."""
@@ -207,7 +208,8 @@ def bench_cmd(
                                           seconds=seconds, steps=steps, warmup=warmup, batch_size=batch_size,
                                           workers=workers, device=device, amp=amp, compile=compile_step,
                                           compile_mode=compile_mode,
-                                          augment_device=augment_device, repeats=repeats),
+                                          augment_device=augment_device, repeats=repeats,
+                                          profile_steps=profile_steps),
                             report=lambda line: typer.echo(line, err=True))
     typer.echo(figures.table())
 

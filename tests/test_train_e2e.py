@@ -141,9 +141,10 @@ def test_bench_prints_all_figures_and_ratios(world):
     shard_args = [a for s in world["train"] for a in ("--shards", s)]
     r = runner.invoke(app, ["bench", *shard_args, "--labels", str(world["root"] / "labels.zarr"), "--labeler", "tl",
                             "--steps", "1", "--repeats", "1", "--batch-size", "8", "--seconds", "1", "--warmup", "1",
-                            "--workers", "1"])
+                            "--workers", "1", "--profile-steps", "2"])
     assert r.exit_code == 0, r.output
-    for text in ("measured: (b) stored token labels end to end", "measured: step only", "end to end (real loop)",
+    for text in ("measured: (b) stored token labels end to end", "profile of 2 step-only steps, (b) stored",
+                 "Self CPU time total", "measured: step only", "end to end (real loop)",
                  "loader wait", "epoch starts", "step only", "(a) no token labels", "(b) stored token labels",
                  "(c) online teacher", "replay loader (ours)", "timm train transform", "ratio b/a end to end",
                  "ratio b/c end to end", "ratio b/a step only", "ratio b end to end / step only", "ratio replay/timm",

@@ -11,7 +11,8 @@ the wait spent on epochs' first batches is printed too (the next epoch is starte
 Step only: the same three variants on batches already in memory (only the step is timed).
 Both phases also print the host milliseconds per step (loader wait, issuing the targets, the rest) and how
 many steps the device still had queued as each step began (`trainer.step_timing`): near 0 the device waited
-for the host, near 1 or more the device was the limit.
+for the host, near 1 or more the device was the limit. `profile_steps` adds torch.profiler's top kernels of
+that many step-only steps of (b).
 Data-loader images/s on the same shards: the student's loader vs timm's standard train transform, each read
 epoch after epoch as training reads it, timed from its first batch.
 One student and one teacher module serve every variant and both phases (weights reset between runs), so with
@@ -43,7 +44,8 @@ from trainer.losses import student_loss
 from trainer.optim import create_optimizer
 from trainer.run_log import RunLog
 from trainer.run_stage import loader_epochs
-from trainer.step_timing import AllocatorCounts, DeviceLag, HostTimer, describe_allocator, describe_lag
+from trainer.step_timing import (PROFILE_ROWS, AllocatorCounts, DeviceLag, HostTimer, describe_allocator,
+                                 describe_lag, profile_steps)
 from trainer.target_builder import TargetBuilder
 from trainer.token_targets import token_targets
 
@@ -70,12 +72,15 @@ class BenchSettings:
     augment_device: str = "auto"
     seed: int = 0
     repeats: int = 3  # step-only and loader runs interleaved this many times; the median is reported
+    profile_steps: int = 0  # > 0: also profile this many step-only steps of (b) and print the top kernels
 
     def __post_init__(self) -> None:
         if not self.shards:
             raise ValueError("bench: give --shards (the shards labelled in --labels)")
         if self.steps < 1 or self.warmup < 0 or self.batch_size < 1 or self.workers < 0 or self.repeats < 1:
             raise ValueError("bench: steps and batch size must be >= 1, warmup and workers >= 0")
+        if self.profile_steps < 0:
+            raise ValueError(f"bench: --profile-steps must be >= 0, got {self.profile_steps}")
         ModelConfig(name=self.model, compile=self.compile, compile_mode=self.compile_mode)  # the config's own checks
         if not self.seconds > 0:
             raise ValueError(f"bench: --seconds must be > 0, got {self.seconds}")
@@ -158,6 +163,8 @@ class BenchFigures:
     source_kb_per_sample: float | None = None  # device path: decoded bytes handed to the device per sample
     compile_mode: str = "default"
     step_split: dict = dataclasses.field(default_factory=dict)  # variant -> StepSplit of the step-only run reported
+    profile: str | None = None  # torch.profiler's table of `profile_steps` step-only steps of (b)
+    profile_steps: int = 0
 
     def ratios(self) -> dict:
         s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s
@@ -204,6 +211,10 @@ class BenchFigures:
             lines.append(f"  {label:<28} {v:9.1f} images/s  ({self.loader_images} images per run)")
         for k, v in self.ratios().items():
             lines.append(f"  ratio {k:<42} {v:6.3f}")
+        if self.profile:
+            lines.append(f"  profile of {self.profile_steps} step-only steps, {NAMES['b_stored']} "
+                         f"(torch.profiler, top {PROFILE_ROWS} by self time on the device):")
+            lines += ["  " + line for line in self.profile.splitlines()]
         return "\n".join(lines)
 
 
@@ -403,13 +414,28 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         report("measured: torch.compile " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
 
     # ---- step only, first (the figure end to end is read against): the variants on batches in memory ----
-    def steps_per_s(variant: str) -> tuple[float, StepSplit]:
+    def step_fn(variant: str, targets: HostTimer) -> Callable[[int], None]:
+        """One step-only training step on in-memory batch i (fresh weights and optimizer per call of step_fn)."""
         shared.reset()
         opt = create_optimizer(shared.model, OptimConfig(), lr=1e-4)
-        targets, lag, memory = HostTimer(), DeviceLag(device), AllocatorCounts(device)
         make_targets = targets.wrap(targets_for(variant))
+
+        def step(i: int) -> None:
+            begin_step(shared.mode)
+            images, cls_target, token_target = make_targets(batches[i], device, i)
+            with amp_context(device, s.amp):
+                cls_logits, token_logits = split_outputs(shared.forward(images.contiguous(memory_format=memory_format)))
+            loss = student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0).total
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def steps_per_s(variant: str) -> tuple[float, StepSplit]:
+        targets, lag, memory = HostTimer(), DeviceLag(device), AllocatorCounts(device)
+        step = step_fn(variant, targets)
         start = 0.0
-        for i, batch in enumerate(batches):
+        for i in range(len(batches)):
             if i == s.warmup:
                 _sync(device)
                 targets.reset()
@@ -417,14 +443,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                 start = time.perf_counter()
             if i >= s.warmup:
                 lag.mark()
-            begin_step(shared.mode)
-            images, cls_target, token_target = make_targets(batch, device, i)
-            with amp_context(device, s.amp):
-                cls_logits, token_logits = split_outputs(shared.forward(images.contiguous(memory_format=memory_format)))
-            loss = student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0).total
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step(i)
         _sync(device)
         wall = time.perf_counter() - start
         split = StepSplit(wait_ms=None, targets_ms=1e3 * targets.seconds / s.steps,
@@ -440,6 +459,13 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     rates = {v: run[0] for v, run in median.items()}
     report("measured: step only " + ", ".join(f"{NAMES[v]} {r * s.batch_size:.1f} img/s ({median[v][1].describe()})"
                                               for v, r in rates.items()))
+    profile = None
+    if s.profile_steps:  # the product's path, (b): which kernels (ops on a CPU) a step's time goes to
+        step = step_fn("b_stored", HostTimer())
+        for i in range(s.warmup):
+            step(i)
+        profile = profile_steps(lambda i: step(s.warmup + i % s.steps), s.profile_steps, device)
+        report(f"measured: profile of {s.profile_steps} step-only steps, {NAMES['b_stored']}:\n{profile}")
 
     # ---- end to end: trainer.loop.train with the real loader, for `seconds` after the warm-up ----
     cfg = TrainConfig(model=ModelConfig(name=s.model, num_classes=num_classes, compile=s.compile,
@@ -483,4 +509,5 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                         end_to_end=end_to_end, loader_images_per_s={"replay": replay_rate, "timm": timm_rate},
                         loader_images=n_images, augment_on_device=on_device, compile_s=compile_s,
                         compile_mode=s.compile_mode, step_split={v: run[1] for v, run in median.items()},
+                        profile=profile, profile_steps=s.profile_steps,
                         source_kb_per_sample=_source_kb_per_sample(batches))
