@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from labeler.device import resolve_device
+from labeler.kernel_profile import PROFILE_ROWS, profile_calls
 from labeler.stage_clock import COMPUTE_PHASES, DEVICE_PHASES, PHASES
 from labeler.teacher import AMP_DTYPES, Teacher, resolve_compile
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
@@ -90,6 +91,8 @@ class BenchReport:
     phase_seconds: dict = field(default_factory=dict)
     issue_seconds: dict = field(default_factory=dict)  # host seconds issuing each device phase
     batches: int = 0  # forward batches the pipeline ran (padded ones included)
+    profile: str | None = None  # torch.profiler's table of `profile_batches` teacher batches (labeler.kernel_profile)
+    profile_batches: int = 0
 
     @property
     def pipeline_rate(self) -> float:
@@ -141,6 +144,10 @@ class BenchReport:
         if self.batches:
             lines.append(f"device loop: {self.batches} batches, {1e3 * wall / self.batches:.1f} ms of wall and "
                          f"{1e3 * busy / self.batches:.1f} ms of render + forward on the device per batch")
+        if self.profile:
+            lines.append(f"profile of {self.profile_batches} teacher batches (forward + top-k + tail as the pipeline "
+                         f"runs them, kernel by kernel; torch.profiler, top {PROFILE_ROWS} by self time on the device):")
+            lines += self.profile.splitlines()
         return "\n".join(lines)
 
 
@@ -171,14 +178,17 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                    render_backend: str = "auto", decode_workers: int = 0, checkpoint: str | None = None,
                    compile: str = "auto", decode_device: str = "cpu", forward_batches: int | None = None,
                    keep_store: str | None = None, decode_pool: str = "auto", shards_in_flight: int = 0,
-                   cuda_graph: str = "auto", store_writers: int = -1,
+                   cuda_graph: str = "auto", store_writers: int = -1, profile_batches: int = 0,
                    report: Callable[[str], None] = lambda line: None) -> BenchReport:
     """Measure pipeline, bare eager and compiled forward; the teacher has random weights unless `checkpoint`.
     `report` gets one line as each figure is measured (a run cut short by a time limit still leaves them).
 
     The labels go to a scratch store, deleted afterwards, or to `keep_store` (labeler "bench"), which a
     training bench can then read (`stl-train bench --labels ... --labeler bench`) on a node without Ray.
+    `profile_batches` > 0: also torch.profiler's top kernels of that many teacher batches.
     """
+    if profile_batches < 0:
+        raise ValueError(f"bench generate: --profile-batches must be >= 0, got {profile_batches}")
     urls = expand_shard_urls(shards)
     dev = resolve_device(device)
     worker = WorkerSettings(checkpoint=checkpoint, batch_size=batch_size, amp=amp, device=str(dev), compile=compile,
@@ -235,6 +245,11 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                                                                 compile=True)
             compiled_rate = _rate(compiled.forward, fixed, n_batches, sync)
             report(f"measured: bare forward compiled {compiled_rate:.1f} views/s")
+        profile = None
+        if profile_batches:  # the pipeline's teacher work, not graphed so the profiler sees each kernel
+            profiled = compiled if want_compiled else teacher
+            profile = profile_calls(lambda i: profiled.encode_views_on_device(fixed), profile_batches, dev)
+            report(f"measured: profile of {profile_batches} teacher batches:\n{profile}")
         fpv = flops_per_view(eager, fixed)
     name = str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev)
     return BenchReport(device=name, model=model, batch_views=work.views_per_batch, amp=amp, views_per_sample=views,
@@ -245,5 +260,5 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                        pipeline_seconds=pipeline_seconds, eager_rate=eager_rate, compiled_rate=compiled_rate,
                        graphed_rate=graphed_rate,
                        flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases, issue_seconds=issued,
-                       batches=work.batches - batches_before,
+                       batches=work.batches - batches_before, profile=profile, profile_batches=profile_batches,
                        decode_rate=decode_rate)

@@ -109,7 +109,7 @@ class Teacher:
                            else self.model.forward_tokens)
         self.topk = int(topk)
         self.amp = amp
-        self.graphed = (GraphedFunction(self._encode_on_device_views) if resolve_cuda_graph(cuda_graph, self.device)
+        self.graphed = (GraphedFunction(self.encode_views_on_device) if resolve_cuda_graph(cuda_graph, self.device)
                         else None)
         # Normalise in 0..255 units so uint8 views go straight in: (x/255 − mean)/std.
         self._scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, 3, 1, 1).to(self.device)
@@ -149,8 +149,9 @@ class Teacher:
         return HostCopy(self.encode_on_device(logits))
 
     @torch.inference_mode()
-    def _encode_on_device_views(self, views: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """uint8 views → (token values, ids, tail, class values, ids, tail) on the device: a batch's device work."""
+    def encode_views_on_device(self, views: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """uint8 views → (token values, ids, tail, class values, ids, tail) on the device: a batch's device work,
+        kernel by kernel (what `encode_views_async` replays as one CUDA graph when captured)."""
         cls_logits, token_logits = self.forward(views)
         return (*self.encode_on_device(token_logits), *self.encode_on_device(cls_logits))
 
@@ -159,7 +160,7 @@ class Teacher:
         """uint8 views (N, 3, h, w) → (tokens, cls) on their way to the host (`.wait()` each): one graph launch
         when captured, else forward + top-k launched kernel by kernel."""
         x = torch.as_tensor(views).to(self.device, non_blocking=True)
-        out = self.graphed(x) if self.graphed is not None else self._encode_on_device_views(x)
+        out = self.graphed(x) if self.graphed is not None else self.encode_views_on_device(x)
         # Queued behind the work on this stream: the copies read the graph's outputs before its next replay.
         return HostCopy(out[:3]), HostCopy(out[3:])
 

@@ -416,9 +416,11 @@ def test_bench_generate_prints_pipeline_forward_and_phases(data):
     _, paths = data
     result = CliRunner().invoke(app, ["bench", "generate", "--shards", paths[2], "--model", MODEL, "--batch-size", "4",
                                       "--amp", "none", "--views", "2", "--num-classes", "10", "--topk", "3",
-                                      "--device", "cpu", "--decode-workers", "2", "--forward-batches", "2"])
+                                      "--device", "cpu", "--decode-workers", "2", "--forward-batches", "2",
+                                      "--profile-batches", "2"])
     assert result.exit_code == 0, result.output
     out = result.stdout
+    assert "profile of 2 teacher batches" in out and "Self CPU time total" in out and "aten::" in out
     assert "batch 4 views" in out and "2 decode threads" in out and "render pillow" in out
     assert re.search(r"forward FLOPs \d+\.\d+ GFLOP/view", out)
     assert re.search(r"pipeline +\d+\.\d views/s +\d+\.\d+ TFLOP/s +unknown of peak +\(6 views in", out)  # 3 × 2

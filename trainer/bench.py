@@ -12,7 +12,7 @@ Step only: the same three variants on batches already in memory (only the step i
 Both phases also print the host milliseconds per step (loader wait, issuing the targets, the rest) and how
 many steps the device still had queued as each step began (`trainer.step_timing`): near 0 the device waited
 for the host, near 1 or more the device was the limit. `profile_steps` adds torch.profiler's top kernels of
-that many step-only steps of (b).
+that many step-only steps of (b) (`labeler.kernel_profile`).
 Data-loader images/s on the same shards: the student's loader vs timm's standard train transform, each read
 epoch after epoch as training reads it, timed from its first batch.
 One student and one teacher module serve every variant and both phases (weights reset between runs), so with
@@ -33,6 +33,7 @@ from functools import partial
 import torch
 
 from labeler.device import prefer_fastest_convolutions
+from labeler.kernel_profile import PROFILE_ROWS, profile_calls
 from labeler.models import TokenForward, create_token_model, token_grid
 from trainer.checkpoint import StopRequest
 from trainer.config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
@@ -44,8 +45,7 @@ from trainer.losses import student_loss
 from trainer.optim import create_optimizer
 from trainer.run_log import RunLog
 from trainer.run_stage import loader_epochs
-from trainer.step_timing import (PROFILE_ROWS, AllocatorCounts, DeviceLag, HostTimer, describe_allocator,
-                                 describe_lag, profile_steps)
+from trainer.step_timing import AllocatorCounts, DeviceLag, HostTimer, describe_allocator, describe_lag
 from trainer.target_builder import TargetBuilder
 from trainer.token_targets import token_targets
 
@@ -464,7 +464,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         step = step_fn("b_stored", HostTimer())
         for i in range(s.warmup):
             step(i)
-        profile = profile_steps(lambda i: step(s.warmup + i % s.steps), s.profile_steps, device)
+        profile = profile_calls(lambda i: step(s.warmup + i % s.steps), s.profile_steps, device)
         report(f"measured: profile of {s.profile_steps} step-only steps, {NAMES['b_stored']}:\n{profile}")
 
     # ---- end to end: trainer.loop.train with the real loader, for `seconds` after the warm-up ----

@@ -111,20 +111,3 @@ def describe_lag(lag: float | None) -> str:
         return "n/a (CPU)"
     return f"{lag:.2f} ({'device-bound' if lag >= 0.5 else 'host-bound'})"
 
-
-PROFILE_ROWS = 15
-
-
-def profile_steps(step: Callable[[int], None], steps: int, device: torch.device | str) -> str:
-    """torch.profiler's table of `steps` calls `step(i)`: the top `PROFILE_ROWS` kernels by self time on the
-    device (a GPU), or ops by self CPU time (a CPU). Which kernels a step's device time goes to is what says
-    where a model or a data path can get faster."""
-    cuda = torch.device(device).type == "cuda"
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        for i in range(steps):
-            step(i)
-        if cuda:
-            torch.cuda.synchronize(device)
-    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                     row_limit=PROFILE_ROWS)
