@@ -5,8 +5,9 @@ themselves (every image padded to the batch's largest side), and every byte is c
 on its way to the device: into shared memory by a data worker, into page-locked memory, over PCIe.
 `FlatImages` keeps only the images' own bytes, back to back; `upload_flat` copies that one buffer
 to the device and lays the images out there as the padded `SourceBatch` the renderer reads (on a GPU
-one gather for the whole batch, `gather_padded`; on a CPU one copy per image). `pack_flat(shared=True)` writes straight into shared memory, so a
-DataLoader worker or decode process hands the batch over without another copy.
+one gather for the whole batch, `gather_padded`; on a CPU one copy per image). `pack_flat(shared=True)`
+writes straight into shared memory, so a DataLoader worker or decode process hands the batch over
+without another copy.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 The student's photometric slots (op index + timm's argument, drawn in the data workers by
 `trainer.photometric`) are applied here after the GPU render: one group of kernels per (slot, op)
 for all the samples that drew it, with per-sample arguments, on one gathered batch per slot; the
-grouping happens on the host from the collated slot arrays, so nothing waits on the device. Each op re-does timm's Pillow op
-(`timm.data.auto_augment`: ImageOps / ImageEnhance) with Pillow's integer conventions:
+grouping happens on the host from the collated slot arrays, so nothing waits on the device. Each op
+re-does timm's Pillow op (`timm.data.auto_augment`: ImageOps / ImageEnhance) with Pillow's integer
+conventions:
 
 * LUT ops (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd, Brightness, Contrast):
   a per-sample, per-channel 256-entry table built exactly as Pillow builds it, then one gather;
