@@ -295,13 +295,16 @@ class TimedBatches:
             first = False
             yield item
 
-    def figures(self) -> EndToEnd:
+    def figures(self, checkpoint_pauses=()) -> EndToEnd:
+        """The window's figures; `checkpoint_pauses`: the run's `TrainResult.checkpoint_pauses` (those that began
+        inside the window are kept)."""
         if self.end is None:
             raise RuntimeError("bench: the timed window never closed (the run ended first)")
         return EndToEnd(images=self.images, seconds=self.end - self.start, loader_wait_s=self.wait,
                         epoch_start_wait_s=self.epoch_start_wait, epochs_started=self.epochs_started,
                         steps=self.steps, targets_s=self.targets_s, device_lag=self.lag.mean,
-                        allocator=self.allocator)
+                        allocator=self.allocator, checkpoint_pauses=tuple(
+                            seconds for start, seconds in checkpoint_pauses if self.start <= start < self.end))
 
 
 def _variant_targets(variant: str, builder: TargetBuilder, teacher_forward, teacher_grid, tokens: TokenLabelConfig,
@@ -484,9 +487,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                            make_targets=timed.targets.wrap(targets_for(variant)),
                            compute_loss=partial(student_loss, beta=1.0), steps_per_epoch=loader.batches_per_epoch(),
                            info=DistInfo(device=device), log=RunLog.disabled(), stop=stop, forward=shared.forward)
-        e2e = timed.figures()
-        end_to_end[variant] = e2e = dataclasses.replace(e2e, checkpoint_pauses=tuple(
-            seconds for start, seconds in result.checkpoint_pauses if timed.start <= start < timed.end))
+        end_to_end[variant] = e2e = timed.figures(result.checkpoint_pauses)
         report(f"measured: {NAMES[variant]} end to end {e2e.images_per_s:.1f} img/s, loader wait "
                f"{e2e.loader_wait_s / max(e2e.seconds, 1e-9):.0%} ({e2e.seconds:.1f} s); {e2e.split().describe()}")
 
