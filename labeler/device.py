@@ -1,5 +1,6 @@
 """The one device resolver of the labeler and the trainer: a setting (`auto`, `cpu`, `cuda`, `cuda:N`) → torch.device;
-the one way small host arrays go to the device inside a hot loop (`to_device`); cuDNN's algorithm choice."""
+the one way small host arrays go to the device inside a hot loop (`to_device`) and device results come back without
+a wait (`to_host_async`); cuDNN's algorithm choice."""
 from __future__ import annotations
 
 import numpy as np
@@ -49,3 +50,16 @@ def to_device(host, device: torch.device | str) -> torch.Tensor:
     if device.type == "cuda" and not t.is_pinned():
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
+
+
+def to_host_async(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of `t` that later device work cannot change: a device tensor copied into page-locked memory
+    without waiting (queued on the current stream: wait for the device, e.g. an event recorded after it, before
+    reading it), its strides kept; a host tensor cloned."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.clone()
+    dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+    out = (torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, pin_memory=True) if dense
+           else torch.empty(t.size(), dtype=t.dtype, pin_memory=True))
+    return out.copy_(t, non_blocking=True)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from labeler.cuda_graph import GraphedFunction
-from labeler.device import prefer_fastest_convolutions
+from labeler.device import prefer_fastest_convolutions, to_host_async
 from labelstore import EncodedLogits, class_id_dtype
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,8 +60,7 @@ class HostCopy:
 
     def __init__(self, tensors: tuple[torch.Tensor | None, ...]):
         pin = any(t is not None and t.device.type == "cuda" for t in tensors)
-        self._host = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin)
-                           for t in tensors)
+        self._host = tuple(None if t is None else to_host_async(t) for t in tensors)
         self._event = None
         if pin:
             self._event = torch.cuda.Event()

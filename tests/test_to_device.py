@@ -1,4 +1,5 @@
-"""`labeler.device.to_device`: host arrays to the device without a host sync, read-only arrays included."""
+"""`labeler.device.to_device` and `to_host_async`: host arrays to the device without a host sync, read-only arrays
+included; device tensors back to page-locked host memory without a wait."""
 import warnings
 
 import numpy as np
@@ -33,3 +34,24 @@ def test_read_only_array_reaches_the_gpu():
         warnings.simplefilter("error")
         t = to_device(host, "cuda")
     assert t.is_cuda and np.array_equal(t.cpu().numpy(), host)
+
+
+def test_to_host_async_copies_a_host_tensor():
+    from labeler.device import to_host_async
+
+    t = torch.arange(6.0).view(2, 3)
+    copy = to_host_async(t)
+    t.add_(1)
+    assert torch.equal(copy, torch.arange(6.0).view(2, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_host_async_queues_a_page_locked_copy_with_the_strides():
+    from labeler.device import to_host_async
+
+    t = torch.randn(4, 8, 5, 5, device="cuda").to(memory_format=torch.channels_last)
+    want = t.cpu()
+    copy = to_host_async(t)
+    t.zero_()  # queued after the copy: does not reach it
+    torch.cuda.synchronize()
+    assert copy.is_pinned() and copy.is_contiguous(memory_format=torch.channels_last) and torch.equal(copy, want)

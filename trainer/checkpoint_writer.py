@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from labeler.device import to_host_async
 from trainer.checkpoint import atomic_save
 from trainer.errors import TrainCheckpointError
 
@@ -30,16 +31,9 @@ def host_copy(obj: Any, devices: set | None = None) -> Any:
     host tensors cloned, device tensors copied into page-locked host memory without waiting (their devices are
     added to `devices`: wait for them before reading the copies); other values as they are."""
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if t.device.type == "cpu":
-            return t.clone()
-        dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-        out = (torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, pin_memory=True) if dense
-               else torch.empty(t.size(), dtype=t.dtype, pin_memory=True))
-        out.copy_(t, non_blocking=True)
-        if devices is not None:
-            devices.add(t.device)
-        return out
+        if devices is not None and obj.device.type != "cpu":
+            devices.add(obj.device)
+        return to_host_async(obj)
     if isinstance(obj, dict):
         return {k: host_copy(v, devices) for k, v in obj.items()}
     if isinstance(obj, list):
