@@ -81,18 +81,12 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             tmp.unlink()
 
 
-def save_checkpoint(path: str | Path, **parts: Any) -> None:
-    """Write the full training checkpoint atomically, now (`checkpoint_dict`'s arguments). The training loop
-    writes the same dict in the background instead (`trainer.checkpoint_writer`)."""
-    atomic_save(checkpoint_dict(**parts), path)
-
-
 def checkpoint_dict(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                     ema: torch.nn.Module | None, scaler: torch.amp.GradScaler | None, state: TrainState,
                     config: Mapping, arch: str, metrics: Mapping | None = None, data: Mapping | None = None,
                     world_size: int = 1) -> dict:
     """The full training checkpoint (model must be unwrapped: no DDP `module.` prefix). Its tensors are the
-    live ones: save it at once, or hand it to `trainer.checkpoint_writer.CheckpointWriter` (which copies it).
+    live ones: hand it to `trainer.checkpoint_writer.CheckpointWriter` (which copies it), or `atomic_save` it now.
 
     `data`: what identifies the training data ({"shards": names, "num_samples": n}), checked on resume.
     """
@@ -115,7 +109,7 @@ def checkpoint_dict(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
-    """Read a checkpoint written by `save_checkpoint` (weights only: no pickled code runs)."""
+    """Read a training checkpoint (a `checkpoint_dict` the loop wrote) with weights_only: no pickled code runs."""
     path = Path(path)
     if not path.is_file():
         raise TrainCheckpointError(f"checkpoint {path} does not exist")
