@@ -75,3 +75,20 @@ def test_allocator_counts_see_a_new_segment():
     assert delta["mallocs"] >= 1 and set(delta) == {"mallocs", "frees", "retries"}
     assert describe_allocator(delta).startswith(f"{delta['mallocs']} mallocs")
 
+
+
+def test_step_window_counts_only_its_own_targets_calls_and_syncs_at_close():
+    from trainer.step_timing import StepWindow
+
+    window = StepWindow("cpu")
+    nap = window.targets.wrap(lambda: time.sleep(0.01))
+    nap()  # before the window: not counted
+    window.open()
+    nap()
+    window.mark()
+    nap()
+    synced = []
+    window.close(lambda: synced.append(True))
+    nap()  # after the window: not counted
+    assert synced == [True] and 0.02 <= window.targets_s < 0.03 + 0.5
+    assert window.device_lag is None and window.allocator is None  # CPU: no queue, no CUDA allocator

@@ -45,7 +45,7 @@ from trainer.losses import student_loss
 from trainer.optim import create_optimizer
 from trainer.run_log import RunLog
 from trainer.run_stage import loader_epochs
-from trainer.step_timing import AllocatorCounts, DeviceLag, HostTimer, describe_allocator, describe_lag
+from trainer.step_timing import HostTimer, StepWindow, describe_allocator, describe_lag
 from trainer.target_builder import TargetBuilder
 from trainer.token_targets import token_targets
 
@@ -253,10 +253,7 @@ class TimedBatches:
         self.epoch_batches, self.warmup, self.seconds, self.stop, self.device = epoch_batches, warmup, seconds, stop, device
         self.requested, self.start, self.end, self.images, self.wait = 0, None, None, 0, 0.0
         self.epoch_start_wait, self.epochs_started, self.steps = 0.0, 0, 0
-        self.targets = HostTimer()  # the caller wraps the loop's make_targets with it; read in the window
-        self.targets_s = 0.0
-        self.lag = DeviceLag(device)
-        self.memory, self.allocator = AllocatorCounts(device), None
+        self.window = StepWindow(device)  # the caller wraps the loop's make_targets with window.targets
 
     def __call__(self, epoch: int, position: dict):
         batches = iter(self.epoch_batches(epoch, position))
@@ -265,12 +262,10 @@ class TimedBatches:
             t0 = time.perf_counter()
             if self.requested == self.warmup:
                 _sync(self.device)  # the warm-up's queued device work is not in the window
-                self.targets.reset()
-                self.lag.reset()
-                self.memory.start()
+                self.window.open()
                 t0 = self.start = time.perf_counter()
             if self.start is not None and self.end is None:
-                self.lag.mark()  # the previous step is issued: how much of the device's queue is left
+                self.window.mark()  # the previous step is issued: how much of the device's queue is left
             item = next(batches, None)
             t1 = time.perf_counter()
             if item is None:
@@ -280,10 +275,8 @@ class TimedBatches:
             self.requested += 1
             if self.start is not None and self.end is None:
                 if t0 - self.start >= self.seconds and self.requested > self.warmup + 1:
-                    self.targets_s = self.targets.seconds  # the batches of the window, all issued
-                    _sync(self.device)
+                    self.window.close(lambda: _sync(self.device))
                     self.end = time.perf_counter()
-                    self.allocator = self.memory.delta()
                     self.stop.requested = True
                 else:
                     self.wait += t1 - t0
@@ -302,8 +295,8 @@ class TimedBatches:
             raise RuntimeError("bench: the timed window never closed (the run ended first)")
         return EndToEnd(images=self.images, seconds=self.end - self.start, loader_wait_s=self.wait,
                         epoch_start_wait_s=self.epoch_start_wait, epochs_started=self.epochs_started,
-                        steps=self.steps, targets_s=self.targets_s, device_lag=self.lag.mean,
-                        allocator=self.allocator, checkpoint_pauses=tuple(
+                        steps=self.steps, targets_s=self.window.targets_s, device_lag=self.window.device_lag,
+                        allocator=self.window.allocator, checkpoint_pauses=tuple(
                             seconds for start, seconds in checkpoint_pauses if self.start <= start < self.end))
 
 
@@ -435,23 +428,22 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         return step
 
     def steps_per_s(variant: str) -> tuple[float, StepSplit]:
-        targets, lag, memory = HostTimer(), DeviceLag(device), AllocatorCounts(device)
-        step = step_fn(variant, targets)
+        window = StepWindow(device)
+        step = step_fn(variant, window.targets)
         start = 0.0
         for i in range(len(batches)):
             if i == s.warmup:
                 _sync(device)
-                targets.reset()
-                memory.start()
+                window.open()
                 start = time.perf_counter()
             if i >= s.warmup:
-                lag.mark()
+                window.mark()
             step(i)
-        _sync(device)
+        window.close(lambda: _sync(device))
         wall = time.perf_counter() - start
-        split = StepSplit(wait_ms=None, targets_ms=1e3 * targets.seconds / s.steps,
-                          rest_ms=1e3 * (wall - targets.seconds) / s.steps, device_lag=lag.mean,
-                          allocator=memory.delta())
+        split = StepSplit(wait_ms=None, targets_ms=1e3 * window.targets_s / s.steps,
+                          rest_ms=1e3 * (wall - window.targets_s) / s.steps, device_lag=window.device_lag,
+                          allocator=window.allocator)
         return s.steps / wall, split
 
     runs = {v: [] for v in VARIANTS}
@@ -484,7 +476,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         timed = TimedBatches(loader_epochs(loader), warmup=s.warmup, seconds=s.seconds, stop=stop, device=device)
         with tempfile.TemporaryDirectory(prefix="stl-bench-") as out:
             result = train(model=shared.model, arch=s.model, cfg=cfg, out_dir=out, epoch_batches=timed,
-                           make_targets=timed.targets.wrap(targets_for(variant)),
+                           make_targets=timed.window.targets.wrap(targets_for(variant)),
                            compute_loss=partial(student_loss, beta=1.0), steps_per_epoch=loader.batches_per_epoch(),
                            info=DistInfo(device=device), log=RunLog.disabled(), stop=stop, forward=shared.forward)
         end_to_end[variant] = e2e = timed.figures(result.checkpoint_pauses)

@@ -99,6 +99,36 @@ class AllocatorCounts:
         return {k: now[k] - self._start[k] for k in now}
 
 
+class StepWindow:
+    """The per-step figures of one timed window, together: host seconds in the call `targets` wraps (the
+    targets), the device's lag, the allocator's calls. `open()` at the window's start, `mark()` at each step
+    boundary in it, `close(sync)` at its end (`sync` waits for the device before the allocator is read)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.targets = HostTimer()
+        self.lag = DeviceLag(device)
+        self.memory = AllocatorCounts(device)
+        self.targets_s = 0.0
+        self.allocator: dict | None = None
+
+    def open(self) -> None:
+        self.targets.reset()
+        self.lag.reset()
+        self.memory.start()
+
+    def mark(self) -> None:
+        self.lag.mark()
+
+    def close(self, sync: Callable[[], None]) -> None:
+        self.targets_s = self.targets.seconds  # every targets call of the window has been issued
+        sync()
+        self.allocator = self.memory.delta()
+
+    @property
+    def device_lag(self) -> float | None:
+        return self.lag.mean
+
+
 def describe_allocator(counts: dict | None) -> str:
     if counts is None:
         return ""
