@@ -17,11 +17,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from labeler.decode_chunks import DecodedChunk
 from labeler.device import resolve_device
+from labeler.flat_images import upload_flat
 from labeler.kernel_profile import PROFILE_ROWS, profile_calls
+from labeler.render_batch import render_batch
 from labeler.stage_clock import COMPUTE_PHASES, DEVICE_PHASES, PHASES
 from labeler.teacher import AMP_DTYPES, Teacher, resolve_compile
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
@@ -93,10 +97,30 @@ class BenchReport:
     batches: int = 0  # forward batches the pipeline ran (padded ones included)
     profile: str | None = None  # torch.profiler's table of `profile_batches` teacher batches (labeler.kernel_profile)
     profile_batches: int = 0
+    render_rate: float | None = None  # the batched render alone on device-resident real images; None: not torch
+    loop_wall: float = 0.0  # the device loop's host work (issue + filing), wall seconds
+    loop_cpu: float = 0.0  # ... of which its thread ran on a CPU
+    ramp_seconds: float = 0.0  # from the start to the first batch launched (the first decoded chunk)
+    drain_seconds: float = 0.0  # from the last batch filed to the end (the last shards' store writes)
 
     @property
     def pipeline_rate(self) -> float:
         return self.pipeline_views / self.pipeline_seconds
+
+    @property
+    def steady_rate(self) -> float:
+        """Views/s between the first batch launched and the last one filed: what a long job runs at once its
+        first chunk is decoded, before its last shards are written."""
+        return self.pipeline_views / max(self.pipeline_seconds - self.ramp_seconds - self.drain_seconds, 1e-9)
+
+    @property
+    def device_ceiling(self) -> float | None:
+        """Views/s of render then the pipeline's teacher call (graphed forward + top-k where captured), one after
+        the other on one stream as the pipeline runs them: what it reaches when the device never waits for the host."""
+        forward = self.graphed_rate or (self.compiled_rate if self.pipeline_compiled else self.eager_rate)
+        if self.render_rate is None or not forward:
+            return None
+        return 1.0 / (1.0 / self.render_rate + 1.0 / forward)
 
     def tflops(self, rate: float) -> float:
         return rate * self.flops_per_view / 1e12
@@ -131,6 +155,16 @@ class BenchReport:
                                "(the pipeline's teacher call on device-resident views: its device ceiling)")]
               if self.graphed_rate is not None else []),
             f"pipeline / {ref_name} forward = {self.pipeline_rate / reference:.2f}",
+            f"{'pipeline, steady':24s} {self.steady_rate:10.1f} views/s  (first batch launched → last filed; "
+            f"{self.ramp_seconds:.2f} s before it: the first decoded chunk, {self.drain_seconds:.2f} s after: the "
+            f"last shards' writes) / {ref_name} forward = {self.steady_rate / reference:.2f}",
+            f"{'render alone':24s} " + (f"{self.render_rate:10.1f} views/s  ({1e3 * self.batch_views / self.render_rate:.2f} "
+                                        f"ms per batch: the batched render on device-resident decoded images)"
+                                        if self.render_rate is not None else
+                                        f"{'n/a':>10s}          (render backend {self.render_backend}: in the decode workers)"),
+            *([f"{'render + forward':24s} {self.device_ceiling:10.1f} views/s  (both on one stream, one after the "
+               f"other: the pipeline's device ceiling) / {ref_name} forward = {self.device_ceiling / reference:.2f}"]
+              if self.device_ceiling is not None else []),
             f"wall-time breakdown of the pipeline ({wall:.2f} s):",
         ]
         for phase in PHASES:
@@ -142,10 +176,20 @@ class BenchReport:
         lines.append(f"  {'device idle':12s} {idle:8.2f} s  {100 * idle / wall:6.1f} %  wall − (render + forward): "
                      f"the device waited (see decode_wait)")
         if self.batches:
-            lines.append(f"device loop: {self.batches} batches, {1e3 * wall / self.batches:.1f} ms of wall and "
-                         f"{1e3 * busy / self.batches:.1f} ms of render + forward on the device per batch")
+            per = 1e3 / self.batches
+            lines.append(f"device loop: {self.batches} batches, {per * wall:.1f} ms of wall and "
+                         f"{per * busy:.1f} ms of render + forward on the device per batch")
+            if self.device.startswith("cpu"):  # the loop computes each batch itself, partly on torch's threads
+                lines.append(f"device loop host work: {per * self.loop_wall:.1f} ms per batch (on a CPU: the batch's "
+                             f"render and forward themselves, and filing its results)")
+            else:
+                lines.append(f"device loop host work: {per * self.loop_wall:.1f} ms per batch (issuing it, filing its "
+                             f"results), {per * self.loop_cpu:.1f} ms of it on a CPU; "
+                             f"{per * max(0.0, self.loop_wall - self.loop_cpu):.1f} ms runnable but not running "
+                             f"(the GIL held by another thread, or no free core)")
         if self.profile:
-            lines.append(f"profile of {self.profile_batches} teacher batches (forward + top-k + tail as the pipeline "
+            what = "render + " if self.render_rate is not None else ""
+            lines.append(f"profile of {self.profile_batches} batches ({what}forward + top-k + tail as the pipeline "
                          f"runs them, kernel by kernel; torch.profiler, top {PROFILE_ROWS} by self time on the device):")
             lines += self.profile.splitlines()
         return "\n".join(lines)
@@ -162,15 +206,36 @@ def _rate(call: Callable[[torch.Tensor], object], views: torch.Tensor, batches: 
     return batches * views.shape[0] / (time.perf_counter() - start)
 
 
-def _decode_alone(work: ShardLabeler, decoder, num_shards: int) -> tuple[int, float]:
-    """The decode workers' own rate (no device): every shard decoded, as many in flight as in the pipeline."""
+def _decode_alone(work: ShardLabeler, decoder, num_shards: int) -> tuple[int, float, DecodedChunk | None]:
+    """The decode workers' own rate (no device): every shard decoded, as many in flight as in the pipeline.
+    Also returns the first shard's first chunk (the bare render's real images and view params)."""
+    first: list[DecodedChunk] = []
+
     def one(index: int) -> int:
-        return sum(c.num_valid for c in decoder.submit(work.decode_job(work.store.shard(index))))
+        n = 0
+        for chunk in decoder.submit(work.decode_job(work.store.shard(index))):
+            if index == 0 and not first and chunk.num_valid:
+                first.append(chunk)
+            n += chunk.num_valid
+        return n
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=work.shards_in_flight) as pool:
         images = sum(pool.map(one, range(num_shards)))
-    return images, time.perf_counter() - start
+    return images, time.perf_counter() - start, (first[0] if first else None)
+
+
+def _render_call(work: ShardLabeler, chunk: DecodedChunk | None) -> tuple[Callable[[], torch.Tensor], int] | None:
+    """The device loop's render of one batch (the first decoded chunk's images, uploaded once), and its views;
+    None where the pipeline does not render on the device (Pillow views come from the decode workers)."""
+    if chunk is None or work.chunk_mode != "pixels" or chunk.pixels is None:
+        return None
+    n = min(chunk.num_valid, work.images_per_batch)
+    sources = upload_flat(chunk.pixels.slice(0, n), work.device, multiple=32)
+    index = np.repeat(np.arange(n), work.spec.views)
+    params = chunk.params[:n].reshape(n * work.spec.views, -1)
+    view_spec = work.spec.view_spec
+    return (lambda: render_batch(sources, index, params, view_spec)), n * work.spec.views
 
 
 def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, views: int, topk: int = 10,
@@ -203,7 +268,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         store.register_shards([(u, count_samples(u)) for u in urls])
         work = ShardLabeler(store.path, "bench", worker)
         decoder = work.start(wait=True)  # decode processes start (and import) before the clock runs, as in a long job
-        decode_images, decode_seconds = _decode_alone(work, decoder, len(urls))
+        decode_images, decode_seconds, first_chunk = _decode_alone(work, decoder, len(urls))
         decode_rate = decode_images * views / max(decode_seconds, 1e-9)
         report(f"measured: decode workers alone {decode_rate:.1f} views/s")
         teacher = work.teacher
@@ -213,10 +278,17 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         for copy in teacher.encode_views_async(fixed):  # warm-up of the pipeline's teacher: compile (and capture)
             copy.wait()
 
-        before, issued_before, batches_before = dict(work.clock.seconds), dict(work.clock.issue_seconds), work.batches
+        clock = work.clock
+        before, issued_before, batches_before = dict(clock.seconds), dict(clock.issue_seconds), work.batches
+        loop_before = (clock.loop_wall, clock.loop_cpu)
+        clock.reset_span()
         start = time.perf_counter()
         outcomes = list(work.label_shards(range(len(urls))))
-        pipeline_seconds = time.perf_counter() - start
+        end = time.perf_counter()
+        pipeline_seconds = end - start
+        ramp = (clock.first_launch - start) if clock.first_launch is not None else 0.0
+        drain = (end - clock.last_filed) if clock.last_filed is not None else 0.0
+        loop_wall, loop_cpu = clock.loop_wall - loop_before[0], clock.loop_cpu - loop_before[1]
         work.close()
         work.clock.resolve()
         phases = {p: work.clock.seconds[p] - before[p] for p in PHASES}
@@ -245,11 +317,23 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                                                                 compile=True)
             compiled_rate = _rate(compiled.forward, fixed, n_batches, sync)
             report(f"measured: bare forward compiled {compiled_rate:.1f} views/s")
+        render = _render_call(work, first_chunk)
+        render_rate = None
+        if render is not None:
+            render_batch_call, render_views = render
+            render_rate = _rate(lambda _: render_batch_call(), fixed, n_batches, sync) * render_views / fixed.shape[0]
+            report(f"measured: render alone {render_rate:.1f} views/s")
         profile = None
-        if profile_batches:  # the pipeline's teacher work, not graphed so the profiler sees each kernel
+        if profile_batches:  # the pipeline's device work, not graphed so the profiler sees each kernel
             profiled = compiled if want_compiled else teacher
-            profile = profile_calls(lambda i: profiled.encode_views_on_device(fixed), profile_batches, dev)
-            report(f"measured: profile of {profile_batches} teacher batches:\n{profile}")
+
+            def batch(_: int) -> None:
+                if render is not None:
+                    render[0]()
+                profiled.encode_views_on_device(fixed)
+
+            profile = profile_calls(batch, profile_batches, dev)
+            report(f"measured: profile of {profile_batches} batches (render + teacher):\n{profile}")
         fpv = flops_per_view(eager, fixed)
     name = str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev)
     return BenchReport(device=name, model=model, batch_views=work.views_per_batch, amp=amp, views_per_sample=views,
@@ -261,4 +345,5 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                        graphed_rate=graphed_rate,
                        flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases, issue_seconds=issued,
                        batches=work.batches - batches_before, profile=profile, profile_batches=profile_batches,
-                       decode_rate=decode_rate)
+                       decode_rate=decode_rate, render_rate=render_rate, loop_wall=loop_wall, loop_cpu=loop_cpu,
+                       ramp_seconds=ramp, drain_seconds=drain)

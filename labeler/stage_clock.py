@@ -28,6 +28,14 @@ class StageClock:
         # Host seconds spent issuing each device phase: when they approach the phase's device seconds, the
         # device ran as fast as the host could queue its work (host-bound), not as fast as it computes.
         self.issue_seconds = {p: 0.0 for p in DEVICE_PHASES}
+        # The device loop's own host work (issuing each batch, filing its results; its waits left out): wall
+        # seconds and the loop thread's CPU seconds. Wall well above CPU means the thread was runnable but not
+        # running: waiting for the GIL (held by another thread of the process) or for a free core.
+        self.loop_wall = 0.0
+        self.loop_cpu = 0.0
+        # When the first batch of a run was launched and its last batch filed (perf_counter; `reset_span`).
+        self.first_launch: float | None = None
+        self.last_filed: float | None = None
         self._cuda = device.type == "cuda"
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self._lock = threading.Lock()
@@ -43,6 +51,28 @@ class StageClock:
             yield
         finally:
             self.add(phase, time.perf_counter() - start)
+
+    @contextlib.contextmanager
+    def loop_work(self) -> Iterator[None]:
+        """Count the block as the device loop's host work (wall and this thread's CPU time)."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.loop_wall += time.perf_counter() - wall
+                self.loop_cpu += time.thread_time() - cpu
+
+    def batch_launched(self) -> None:
+        if self.first_launch is None:
+            self.first_launch = time.perf_counter()
+
+    def batch_filed(self) -> None:
+        self.last_filed = time.perf_counter()
+
+    def reset_span(self) -> None:
+        """Forget the first launch and last filing (a bench starts its timed run here)."""
+        self.first_launch = self.last_filed = None
 
     @contextlib.contextmanager
     def device(self, phase: str, stream: "torch.cuda.Stream | None" = None) -> Iterator[None]:

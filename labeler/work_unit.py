@@ -445,8 +445,10 @@ class ShardLabeler:
                     self.clock.add("decode_wait", time.perf_counter() - start)
 
     def _launch_safely(self, pieces: list[_Piece]) -> _InFlight | None:
+        self.clock.batch_launched()
         try:
-            return self._launch(pieces)
+            with self.clock.loop_work():
+                return self._launch(pieces)
         except Exception as e:  # noqa: BLE001 - a device error fails the shards in this batch, not the loop
             _fail_pieces(pieces, f"{type(e).__name__}: {e}")
             return None
@@ -555,7 +557,7 @@ class ShardLabeler:
         """Wait for a batch's results (queued behind its forward) and file them at their shards' rows."""
         with self.clock.host("result_wait"):
             tokens, cls = done.tokens.wait(), done.cls.wait()
-        with self.clock.host("file"):
+        with self.clock.host("file"), self.clock.loop_work():
             s, at = self.spec.views, 0
             for p in done.pieces:
                 n = (p.b - p.a) * s
@@ -563,6 +565,7 @@ class ShardLabeler:
                     flat = (p.positions[:, None] * s + np.arange(s)).ravel()
                     p.run.out.put(flat, _rows(tokens, at, at + n), _rows(cls, at, at + n))
                 at += n
+        self.clock.batch_filed()
         for p in done.pieces:
             p.run.outstanding -= p.b - p.a
             p.run.check_done()

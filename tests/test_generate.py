@@ -420,7 +420,7 @@ def test_bench_generate_prints_pipeline_forward_and_phases(data):
                                       "--profile-batches", "2"])
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "profile of 2 teacher batches" in out and "Self CPU time total" in out and "aten::" in out
+    assert "profile of 2 batches (forward + top-k" in out and "Self CPU time total" in out and "aten::" in out
     assert "batch 4 views" in out and "2 decode threads" in out and "render pillow" in out
     assert re.search(r"forward FLOPs \d+\.\d+ GFLOP/view", out)
     assert re.search(r"pipeline +\d+\.\d views/s +\d+\.\d+ TFLOP/s +unknown of peak +\(6 views in", out)  # 3 × 2
@@ -428,11 +428,38 @@ def test_bench_generate_prints_pipeline_forward_and_phases(data):
     assert re.search(r"bare forward compiled +n/a views/s", out)  # CPU: not compiled unless asked
     assert "graphed forward" not in out  # CUDA graphs are for CUDA only
     assert re.search(r"device loop: 2 batches, \d+\.\d ms of wall and \d+\.\d ms of render \+ forward", out)
+    assert re.search(r"device loop host work: \d+\.\d ms per batch \(on a CPU: the batch's render and forward", out)
+    assert re.search(r"pipeline, steady +\d+\.\d views/s +\(first batch launched → last filed; \d+\.\d\d s before", out)
+    assert re.search(r"render alone +n/a +\(render backend pillow: in the decode workers\)", out)
+    assert not re.search(r"^render \+ forward", out, re.M)  # no device render to add up
     assert "to issue it" not in out  # on CPU the issue time is the phase's own
     assert re.search(r"pipeline / eager \(no compiled figure\) forward = \d+\.\d\d", out)
     for phase in ("read", "decode", "pin", "decode_wait", "copy", "render", "forward", "result_wait", "file", "write",
                   "device idle"):
         assert re.search(rf"\n  {phase} +\d+\.\d\d s +\d+\.\d %", out), phase
+
+
+@pytest.mark.timeout(120)
+def test_bench_generate_times_the_batched_render_alone_and_the_device_ceiling(data):
+    """With the torch renderer (the GPU default) the bench renders one real decoded batch alone and adds it to
+    the pipeline's teacher call: the device's ceiling. The profile holds the render's ops too."""
+    from pipelines.cli_labels import app
+
+    _, paths = data
+    result = CliRunner().invoke(app, ["bench", "generate", "--shards", paths[2], "--model", MODEL, "--batch-size", "4",
+                                      "--amp", "none", "--views", "2", "--num-classes", "10", "--topk", "3",
+                                      "--device", "cpu", "--decode-workers", "1", "--forward-batches", "2",
+                                      "--render-backend", "torch", "--profile-batches", "1"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    render = re.search(r"render alone +(\d+\.\d) views/s +\((\d+\.\d\d) ms per batch", out)
+    eager = re.search(r"bare forward eager +(\d+\.\d) views/s", out)
+    ceiling = re.search(r"render \+ forward +(\d+\.\d) views/s .*forward = (\d+\.\d\d)", out)
+    assert render and eager and ceiling, out
+    r, f, c = float(render[1]), float(eager[1]), float(ceiling[1])
+    assert float(render[2]) == pytest.approx(1e3 * 4 / r, rel=0.01)  # 4 views per batch
+    assert c == pytest.approx(1 / (1 / r + 1 / f), rel=0.01) and c < min(r, f)
+    assert "profile of 1 batches (render + forward" in out and "aten::grid_sampler_2d" in out
 
 
 @pytest.mark.timeout(60)

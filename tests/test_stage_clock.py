@@ -32,3 +32,24 @@ def test_on_cuda_device_time_comes_from_events_and_issue_time_from_the_host():
     issued = clock.issue_seconds["forward"]
     seconds = clock.resolve()["forward"]
     assert seconds > 0 and issued > 0 and not clock._events
+
+
+def test_loop_work_separates_the_threads_cpu_time_from_its_wall_time_and_marks_the_batch_span():
+    clock = StageClock(torch.device("cpu"))
+    with clock.loop_work():
+        time.sleep(0.05)  # not running: wall, no CPU (as a wait for the GIL)
+    slept_wall, slept_cpu = clock.loop_wall, clock.loop_cpu
+    assert slept_wall >= 0.05 and slept_cpu < 0.02
+    with clock.loop_work():
+        end = time.thread_time() + 0.03
+        while time.thread_time() < end:  # running: CPU and wall alike
+            pass
+    assert clock.loop_cpu - slept_cpu >= 0.03 and clock.loop_wall - slept_wall >= clock.loop_cpu - slept_cpu - 1e-3
+    assert clock.first_launch is None and clock.last_filed is None
+    clock.batch_launched()
+    first = clock.first_launch
+    clock.batch_launched()  # only the first launch counts
+    clock.batch_filed()
+    assert clock.first_launch == first and clock.last_filed >= first
+    clock.reset_span()
+    assert clock.first_launch is None and clock.last_filed is None
