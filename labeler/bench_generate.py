@@ -84,6 +84,7 @@ class BenchReport:
     store_writers: int
     render_backend: str
     pipeline_compiled: bool
+    channels_last: bool
     pipeline_views: int
     pipeline_seconds: float
     eager_rate: float
@@ -142,7 +143,7 @@ class BenchReport:
             f"{self.views_per_sample} views/sample, {self.decode_workers} decode "
             f"{'processes' if self.decode_pool == 'process' else 'threads'}, "
             f"{self.shards_in_flight} shard(s) in flight, {self.store_writers or 'no'} store writer process(es), "
-            f"render {self.render_backend}",
+            f"render {self.render_backend}, teacher memory {'channels_last' if self.channels_last else 'contiguous'}",
             f"forward FLOPs {self.flops_per_view / 1e9:.2f} GFLOP/view (torch.utils.flop_counter)",
             self._rate_line("pipeline", self.pipeline_rate,
                             f"({self.pipeline_views} views in {wall:.2f} s, teacher "
@@ -243,7 +244,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                    render_backend: str = "auto", decode_workers: int = 0, checkpoint: str | None = None,
                    compile: str = "auto", decode_device: str = "cpu", forward_batches: int | None = None,
                    keep_store: str | None = None, decode_pool: str = "auto", shards_in_flight: int = 0,
-                   cuda_graph: str = "auto", store_writers: int = -1, profile_batches: int = 0,
+                   cuda_graph: str = "auto", channels_last: str = "auto", store_writers: int = -1, profile_batches: int = 0,
                    report: Callable[[str], None] = lambda line: None) -> BenchReport:
     """Measure pipeline, bare eager and compiled forward; the teacher has random weights unless `checkpoint`.
     `report` gets one line as each figure is measured (a run cut short by a time limit still leaves them).
@@ -257,7 +258,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
     urls = expand_shard_urls(shards)
     dev = resolve_device(device)
     worker = WorkerSettings(checkpoint=checkpoint, batch_size=batch_size, amp=amp, device=str(dev), compile=compile,
-                            cuda_graph=cuda_graph, store_writers=store_writers,
+                            cuda_graph=cuda_graph, channels_last=channels_last, store_writers=store_writers,
                             render_backend=render_backend, decode_workers=decode_workers, decode_device=decode_device,
                             decode_pool=decode_pool, shards_in_flight=shards_in_flight)
     with tempfile.TemporaryDirectory(prefix="stl-bench-") as tmp:
@@ -307,14 +308,16 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
             report(f"measured: graphed forward + top-k {graphed_rate:.1f} views/s")
         elif teacher.graphed is not None:
             report(f"CUDA graph not captured: {teacher.graphed.failed}")
-        eager = teacher if not teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp)
+        layout = dict(channels_last=teacher.channels_last)  # the pipeline teacher's (the model is shared)
+        eager = teacher if not teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp,
+                                                             **layout)
         eager_rate = _rate(eager.forward, fixed, n_batches, sync)
         report(f"measured: bare forward eager {eager_rate:.1f} views/s")
         want_compiled = resolve_compile(compile, dev)
         compiled_rate = None
         if want_compiled:
             compiled = teacher if teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp,
-                                                                compile=True)
+                                                                compile=True, **layout)
             compiled_rate = _rate(compiled.forward, fixed, n_batches, sync)
             report(f"measured: bare forward compiled {compiled_rate:.1f} views/s")
         render = _render_call(work, first_chunk)
@@ -340,7 +343,8 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                        decode_workers=work.decode_workers, decode_pool=work.decode_pool,
                        shards_in_flight=work.shards_in_flight, store_writers=work.writers.processes,
                        render_backend=work.render_backend,
-                       pipeline_compiled=teacher.compiled, pipeline_views=pipeline_views,
+                       pipeline_compiled=teacher.compiled, channels_last=teacher.channels_last,
+                       pipeline_views=pipeline_views,
                        pipeline_seconds=pipeline_seconds, eager_rate=eager_rate, compiled_rate=compiled_rate,
                        graphed_rate=graphed_rate,
                        flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases, issue_seconds=issued,

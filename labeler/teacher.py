@@ -16,7 +16,7 @@ from labeler.device import prefer_fastest_convolutions, to_host_async
 from labelstore import EncodedLogits, class_id_dtype
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-AUTO_CHOICES = ("auto", "true", "false")  # the `compile` and `cuda_graph` settings: auto = on CUDA
+AUTO_CHOICES = ("auto", "true", "false")  # the `compile`, `cuda_graph` and `channels_last` settings: auto = on CUDA
 
 
 def _on_cuda_by_default(name: str, setting: bool | str, device: torch.device) -> bool:
@@ -29,6 +29,12 @@ def _on_cuda_by_default(name: str, setting: bool | str, device: torch.device) ->
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
     """`compile` setting → whether to torch.compile: auto = on CUDA only (compiling pays off on a GPU)."""
     return _on_cuda_by_default("compile", setting, device)
+
+
+def resolve_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """`channels_last` setting → whether the teacher (weights and input) uses channels-last memory: auto = on CUDA,
+    where the hybrid stem's convolutions run on tensor cores in that layout (the student's default too)."""
+    return _on_cuda_by_default("channels_last", setting, device)
 
 
 def resolve_cuda_graph(setting: bool | str, device: torch.device) -> bool:
@@ -45,10 +51,11 @@ def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     tail = log Σ exp(logit) over the classes outside the top-k (−inf when k = C), so exact top-k
     log-probabilities are `value − logaddexp(lse(values), tail)`.
     """
-    logits = logits.float()
+    # Top-k in the logits' own dtype (bf16 under autocast): the cast to float32 is exact and keeps the order,
+    # so it picks the same values while reading half the bytes.
     values, ids = logits.topk(k, dim=-1, largest=True, sorted=True)
-    tail = logits.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
-    return values, ids, tail
+    tail = logits.float().scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
+    return values.float(), ids, tail
 
 
 class HostCopy:
@@ -79,8 +86,10 @@ class Teacher:
     Calls `model.forward_tokens(x) -> (cls_logits (N, C), token_logits (N, T, C))` (labeler.models
     contract). BatchNorm lives inside FAN blocks, so eval mode is not optional. With `compile` the
     forward is `torch.compile`d once; callers keep the batch shape fixed (pad the last batch) so it
-    compiles once. With `cuda_graph` (auto: on CUDA) `encode_views_async` runs a batch's whole device work
-    (normalise, forward, top-k and tail) as one CUDA graph, captured on the first batch for that one shape.
+    compiles once; the normalisation and the top-k + tail are then compiled too (one fused pass over their
+    tensor each instead of several). With `cuda_graph` (auto: on CUDA) `encode_views_async` runs a batch's whole
+    device work (normalise, forward, top-k and tail) as one CUDA graph, captured on the first batch for that one
+    shape. With `channels_last` (auto: on CUDA) weights and input use channels-last memory.
     """
 
     def __init__(
@@ -93,6 +102,7 @@ class Teacher:
         amp: str = "none",
         compile: bool | str = False,
         cuda_graph: bool | str = False,
+        channels_last: bool | str = False,
     ):
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
@@ -102,45 +112,69 @@ class Teacher:
             raise ValueError(f"mean/std must be 3 values with std > 0, got mean={mean} std={std}")
         self.device = torch.device(device)
         prefer_fastest_convolutions(self.device)  # one batch shape: the hybrid stem's convolutions are timed once
-        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.channels_last = resolve_channels_last(channels_last, self.device)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.eval().requires_grad_(False).to(self.device, memory_format=self.memory_format)
         self.compiled = resolve_compile(compile, self.device)
         self.forward_fn = (torch.compile(self.model.forward_tokens, dynamic=False) if self.compiled
                            else self.model.forward_tokens)
         self.topk = int(topk)
         self.amp = amp
+        # Compiled, the input's normalisation is one pass writing the autocast dtype (the stem's convolution
+        # would cast it anyway), and the float32 copy, -inf scatter and log-sum-exp of the tail fuse (eagerly
+        # each is a pass over the (N, T, C) logits).
+        compile_small = (lambda fn: torch.compile(fn, dynamic=False)) if self.compiled else (lambda fn: fn)
+        self._input_fn = compile_small(self._model_input)
+        self._encode_fn = compile_small(self._encode)
         self.graphed = (GraphedFunction(self.encode_views_on_device) if resolve_cuda_graph(cuda_graph, self.device)
                         else None)
         # Normalise in 0..255 units so uint8 views go straight in: (x/255 − mean)/std.
         self._scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, 3, 1, 1).to(self.device)
         self._shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(1, 3, 1, 1).to(self.device)
 
-    def normalize(self, views: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """uint8 (N, 3, h, w) → float32 (N, 3, h, w) normalised, on the teacher's device."""
+    def _views(self, views: torch.Tensor | np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(views).to(self.device, non_blocking=True)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"Teacher expects uint8 views (N, 3, h, w), got {tuple(x.shape)} {x.dtype}")
-        return x.float().mul_(self._scale).sub_(self._shift)
+        return x
+
+    def normalize(self, views: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 (N, 3, h, w) → float32 (N, 3, h, w) normalised, on the teacher's device, in its memory format."""
+        x = self._views(views).to(dtype=torch.float32, memory_format=self.memory_format)
+        return x.mul_(self._scale).sub_(self._shift)
+
+    def _model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 views → the model's input: normalised in float32, then in the autocast dtype (what autocast hands
+        the stem's convolution anyway), in the teacher's memory format."""
+        y = x.to(dtype=torch.float32, memory_format=self.memory_format) * self._scale - self._shift
+        return y.to(AMP_DTYPES[self.amp] or torch.float32)
+
+    def _logits(self, views: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cls (N, C), tokens (N, T, C)) logits in the autocast dtype."""
+        x = self._input_fn(self._views(views))
+        dtype = AMP_DTYPES[self.amp]
+        with torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return self.forward_fn(x)
 
     @torch.inference_mode()
     def forward(self, views: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw logits on the device: (cls (N, C), tokens (N, T, C)), float32."""
-        x = self.normalize(views)
-        dtype = AMP_DTYPES[self.amp]
-        with torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            cls_logits, token_logits = self.forward_fn(x)
+        cls_logits, token_logits = self._logits(views)
         return cls_logits.float(), token_logits.float()
+
+    def _encode(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if self.topk == 0:
+            return logits.half(), None, None
+        values, ids, tail = topk_with_tail(logits, self.topk)
+        id_dtype = torch.int16 if class_id_dtype(logits.shape[-1]) == np.int16 else torch.int32
+        return values.half(), ids.to(id_dtype), tail.half()
 
     @torch.inference_mode()
     def encode_on_device(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Device logits (..., C) → (values float16, class ids, tail float16) still on the device (dense: ids/tail None)."""
-        num_classes = logits.shape[-1]
-        if self.topk == 0:
-            return logits.half(), None, None
-        if self.topk > num_classes:
-            raise ValueError(f"topk={self.topk} exceeds the teacher's {num_classes} classes")
-        values, ids, tail = topk_with_tail(logits, self.topk)
-        id_dtype = torch.int16 if class_id_dtype(num_classes) == np.int16 else torch.int32
-        return values.half(), ids.to(id_dtype), tail.half()
+        if self.topk > logits.shape[-1]:
+            raise ValueError(f"topk={self.topk} exceeds the teacher's {logits.shape[-1]} classes")
+        return self._encode_fn(logits)
 
     @torch.inference_mode()
     def encode_async(self, logits: torch.Tensor) -> HostCopy:
@@ -151,7 +185,7 @@ class Teacher:
     def encode_views_on_device(self, views: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """uint8 views → (token values, ids, tail, class values, ids, tail) on the device: a batch's device work,
         kernel by kernel (what `encode_views_async` replays as one CUDA graph when captured)."""
-        cls_logits, token_logits = self.forward(views)
+        cls_logits, token_logits = self._logits(views)  # in the autocast dtype: the top-k reads them once
         return (*self.encode_on_device(token_logits), *self.encode_on_device(cls_logits))
 
     @torch.inference_mode()

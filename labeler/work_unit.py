@@ -50,7 +50,7 @@ from labeler.render_batch import SourceBatch, render_batch
 from labeler.shard_results import ResultBuffers, ShardRows
 from labeler.stage_clock import PHASES, StageClock
 from labeler.store_writers import StoreWriters
-from labeler.teacher import HostCopy, Teacher, resolve_compile, resolve_cuda_graph
+from labeler.teacher import HostCopy, Teacher, resolve_channels_last, resolve_compile, resolve_cuda_graph
 from labelstore import EncodedLogits, ImageDecodeError, LabelStore, decode_image
 
 RENDER_BACKENDS = ("auto", "torch", "pillow")
@@ -68,6 +68,7 @@ class WorkerSettings:
     amp: str = "bf16"
     compile: bool | str = "auto"  # auto = torch.compile on CUDA, eager on CPU
     cuda_graph: bool | str = "auto"  # auto = on CUDA: a batch's forward + top-k is one captured graph launch
+    channels_last: bool | str = "auto"  # auto = on CUDA: the teacher's weights and input in channels-last memory
     device: str = "auto"  # auto = cuda if available, else cpu
     render_backend: str = "auto"  # auto = batched torch on cuda, Pillow (the reference renderer) on cpu
     decode_workers: int = 0  # 0 = one per CPU this worker may use
@@ -86,6 +87,7 @@ class WorkerSettings:
         resolve_decode_pool(self.decode_pool, "cpu")
         resolve_compile(self.compile, torch.device("cpu"))
         resolve_cuda_graph(self.cuda_graph, torch.device("cuda"))  # the value; "true" on CPU fails at build time
+        resolve_channels_last(self.channels_last, torch.device("cpu"))
         if self.shards_in_flight < 0:
             raise ValueError(f"shards_in_flight must be >= 0 (0 = automatic), got {self.shards_in_flight}")
         if self.store_writers < -1:
@@ -632,4 +634,4 @@ def build_teacher(spec: Any, settings: WorkerSettings, device: Any):
             raise ValueError(f"checkpoint {settings.checkpoint} has sha256 {sha[:12]}…, but labeler {spec.name!r} "
                              f"in the store was made with {spec.checkpoint_sha256[:12]}…")
     return Teacher(model, spec.mean, spec.std, spec.topk, device=device, amp=settings.amp, compile=settings.compile,
-                   cuda_graph=settings.cuda_graph)
+                   cuda_graph=settings.cuda_graph, channels_last=settings.channels_last)

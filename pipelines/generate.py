@@ -64,6 +64,7 @@ class GenerateSettings:
     amp: str = "bf16"
     compile: bool | str = "auto"  # auto = torch.compile on CUDA workers
     cuda_graph: bool | str = "auto"  # auto = on CUDA workers: a batch's forward + top-k is one captured CUDA graph
+    channels_last: bool | str = "auto"  # auto = on CUDA workers: the teacher in channels-last memory
     address: str | None = None  # None = local Ray sized to the machine; "auto" or "ray://host:port"
     cpus_per_worker: float = 1.0  # CPU workers only (GPU workers get the node's CPUs per GPU)
     decode_workers: int = 0  # 0 = one per CPU the worker owns (processes on GPU workers, threads on CPU)
@@ -98,7 +99,7 @@ class GenerateSettings:
 
     def worker_settings(self) -> WorkerSettings:
         return WorkerSettings(checkpoint=self.checkpoint, batch_size=self.batch_size, amp=self.amp, compile=self.compile,
-                              cuda_graph=self.cuda_graph,
+                              cuda_graph=self.cuda_graph, channels_last=self.channels_last,
                               device=self.device, render_backend=self.render_backend,
                               decode_workers=self.decode_workers, decode_pool=self.decode_pool,
                               shards_in_flight=self.shards_in_flight, decode_device=self.decode_device,

@@ -10,6 +10,7 @@ from labeler.cuda_graph import GraphedFunction
 from labeler.models import create_token_model
 from labeler.teacher import Teacher, resolve_cuda_graph
 from labeler.work_unit import WorkerSettings
+from labelstore import topk_log_probs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -85,6 +86,28 @@ def test_graphed_teacher_encodes_like_the_direct_teacher():
         np.testing.assert_allclose(cls.logit.astype(np.float32), ref_cls.logit.astype(np.float32), atol=1e-2)
         assert (tokens.cls[..., 0] == ref_tokens.cls[..., 0]).mean() > 0.95
     assert graphed.graphed.captured
+
+
+@cuda
+@pytest.mark.timeout(300)
+def test_the_gpu_default_teacher_compiled_graphed_channels_last_labels_like_the_eager_one():
+    """What a GPU worker runs by default (compile, CUDA graph, channels-last, bf16) against the plain eager
+    teacher in float32: the same top classes, top-k probabilities within bf16's error."""
+    torch.manual_seed(0)
+    model = create_token_model("fan_test_p4_hybrid_token", num_classes=10, pretrained=False)
+    plain = Teacher(model, MEAN, STD, topk=4, device="cuda", amp="none", channels_last=False)
+    fast = Teacher(model, MEAN, STD, topk=4, device="cuda", amp="bf16", compile="auto", cuda_graph="auto",
+                   channels_last="auto")
+    assert fast.compiled and fast.graphed is not None and fast.channels_last
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for _ in range(2):
+        views = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, device="cuda", generator=gen)
+        got = [c.wait() for c in fast.encode_views_async(views)]
+        want = [c.wait() for c in plain.encode_views_async(views)]
+        for g, w in zip(got, want):
+            assert (g.cls[..., 0] == w.cls[..., 0]).mean() > 0.9
+            np.testing.assert_allclose(np.exp(topk_log_probs(g)), np.exp(topk_log_probs(w)), atol=0.03)
+    assert fast.graphed.captured, fast.graphed.failed
 
 
 @cuda

@@ -102,3 +102,48 @@ def test_compile_setting_and_async_encode():
     np.testing.assert_array_equal(got.cls, ref.cls)
     np.testing.assert_array_equal(got.logit, ref.logit)
     assert got.cls.dtype == ref.cls.dtype and got.tail_lse.dtype == np.float16
+
+
+def test_channels_last_setting_moves_weights_and_input_and_keeps_the_labels():
+    import labeler.models as models
+    from labeler.teacher import resolve_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (resolve_channels_last("auto", cpu), resolve_channels_last("auto", cuda)) == (False, True)
+    assert resolve_channels_last("true", cpu) and not resolve_channels_last(False, cuda)
+    with pytest.raises(ValueError, match="channels_last must be one of"):
+        resolve_channels_last("nhwc", cpu)
+    torch.manual_seed(0)
+    model = models.create_token_model("fan_test_p4_hybrid_token", num_classes=10)
+    views = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    plain_tokens, plain_cls = Teacher(model, MEAN, STD, topk=4, amp="none")(views)
+    teacher = Teacher(model, MEAN, STD, topk=4, amp="none", channels_last=True)
+    stem = teacher.model.patch_embed.backbone.stem[0].weight
+    assert teacher.channels_last and stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+    assert teacher.normalize(views).is_contiguous(memory_format=torch.channels_last)
+    tokens, cls = teacher(views)
+    np.testing.assert_array_equal(tokens.cls, plain_tokens.cls)
+    np.testing.assert_allclose(tokens.logit.astype(np.float32), plain_tokens.logit.astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(cls.tail_lse.astype(np.float32), plain_cls.tail_lse.astype(np.float32), atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compiled_teacher_encodes_as_the_eager_one():
+    """compile: forward, input normalisation and top-k + tail compiled (the GPU default); same labels as eager."""
+    import labeler.models as models
+
+    torch.manual_seed(0)
+    model = models.create_token_model("fan_test_p4_hybrid_token", num_classes=10)
+    views = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    for amp in ("none", "bf16"):
+        eager = Teacher(model, MEAN, STD, topk=4, amp=amp)
+        compiled = Teacher(model, MEAN, STD, topk=4, amp=amp, compile=True)
+        assert compiled.compiled and not eager.compiled
+        want = [c.wait() for c in eager.encode_views_async(views)]
+        got = [c.wait() for c in compiled.encode_views_async(views)]
+        for g, w in zip(got, want):
+            assert (g.cls[..., 0] == w.cls[..., 0]).mean() > 0.9, amp
+            np.testing.assert_allclose(np.exp(topk_log_probs(g)), np.exp(topk_log_probs(w)), atol=0.02 if amp == "bf16" else 1e-3)
+        cls_logits, _ = compiled.forward(views)  # the bare forward shares the compiled model with the batch's work
+        assert cls_logits.dtype == torch.float32 and cls_logits.shape == (4, 10)

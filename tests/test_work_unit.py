@@ -79,8 +79,8 @@ def test_last_batch_is_padded_to_the_fixed_shape(shards, tmp_path, backend):
     torch.manual_seed(0)
     teacher = build_teacher(spec, WorkerSettings(checkpoint=None, amp="none"), torch.device("cpu"))
     shapes = []
-    forward = teacher.forward
-    teacher.forward = lambda views: (shapes.append(tuple(views.shape)), forward(views))[1]
+    forward = teacher.forward_fn  # the model call every batch goes through
+    teacher.forward_fn = lambda x: (shapes.append(tuple(x.shape)), forward(x))[1]
     padded_store, _, _ = labelled(tmp_path / "p", shards[:1], render_backend=backend, teacher=teacher)
     assert shapes == [(6, 3, 64, 64)] * 3
     shapes.clear()
@@ -189,8 +189,8 @@ def test_shards_in_flight_share_batches_and_label_like_one_at_a_time(shards, tmp
     teacher = build_teacher(spec, WorkerSettings(checkpoint=None, amp="none"), torch.device("cpu"))
     one, _, _ = labelled(tmp_path / "one", shards, render_backend="torch", teacher=teacher)
     calls = []
-    forward = teacher.forward
-    teacher.forward = lambda views: (calls.append(views.shape[0]), forward(views))[1]
+    forward = teacher.forward_fn  # the model call every batch goes through
+    teacher.forward_fn = lambda x: (calls.append(x.shape[0]), forward(x))[1]
     spec_store = build_labeler_spec(name="t", model=MODEL, num_classes=10, views=VIEWS, topk=4)
     store, _ = open_labeler_store(str(tmp_path / "many" / "l.zarr"), seed=3, rows_per_chunk=8, spec=spec_store)
     store.register_shards([(p, count_samples(p)) for p in shards])
