@@ -42,7 +42,7 @@ labels=("$PY" -m pipelines.cli_labels); train=("$PY" -m pipelines.cli_train)  # 
 nvidia-smi -L 2>/dev/null; $PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
 step shards 35 "${labels[@]}" bench shards "$DATA" --shards "$SHARDS" --per-shard "$PER_SHARD"
 gen=(bench generate --shards "$all" --views "$VIEWS" --batch-size 256 --amp bf16 --forward-batches "$FWD_BATCHES")
-step generate_small 120 "${labels[@]}" "${gen[@]}" --model "$SMALL" --keep-store "$DATA/labels.zarr" --profile-batches 3 $EXTRA
+step generate_small 150 "${labels[@]}" "${gen[@]}" --model "$SMALL" --keep-store "$DATA/labels.zarr" --profile-batches 3 $EXTRA
 step train_small 260 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 --profile-steps 5 ${TRAIN_EXTRA:-}
 step generate_tiny 100 "${labels[@]}" "${gen[@]}" --model "$TINY" $EXTRA
 step generate_large 110 "${labels[@]}" "${gen[@]}" --model "$LARGE" $EXTRA
