@@ -25,7 +25,7 @@ from labeler.decode_chunks import DecodedChunk
 from labeler.device import resolve_device
 from labeler.flat_images import upload_flat
 from labeler.kernel_profile import PROFILE_ROWS, profile_calls
-from labeler.render_batch import render_batch
+from labeler.render_batch import render_batch, warm_up_render
 from labeler.stage_clock import COMPUTE_PHASES, DEVICE_PHASES, PHASES
 from labeler.teacher import AMP_DTYPES, Teacher, resolve_compile
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
@@ -236,7 +236,8 @@ def _render_call(work: ShardLabeler, chunk: DecodedChunk | None) -> tuple[Callab
     index = np.repeat(np.arange(n), work.spec.views)
     params = chunk.params[:n].reshape(n * work.spec.views, -1)
     view_spec = work.spec.view_spec
-    return (lambda: render_batch(sources, index, params, view_spec)), n * work.spec.views
+    compiled = work.teacher.compiled  # as the device loop renders
+    return (lambda: render_batch(sources, index, params, view_spec, compiled)), n * work.spec.views
 
 
 def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, views: int, topk: int = 10,
@@ -278,6 +279,8 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         fixed = torch.randint(0, 256, (work.views_per_batch, 3, h, w), dtype=torch.uint8, device=dev)
         for copy in teacher.encode_views_async(fixed):  # warm-up of the pipeline's teacher: compile (and capture)
             copy.wait()
+        if work.render_backend == "torch":  # and of its renderer (compiled on a GPU)
+            warm_up_render(spec.view_spec, views, dev, compiled=teacher.compiled)
 
         clock = work.clock
         before, issued_before, batches_before = dict(clock.seconds), dict(clock.issue_seconds), work.batches

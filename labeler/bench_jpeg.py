@@ -62,7 +62,8 @@ def bench_jpeg(shards: list[str], model: str, num_classes: int | None = None, ch
         outs = []
         for k in range(2):
             src = upload_flat(pack_flat([p[k] for p in pending], pin_memory=dev.type == "cuda"), dev)
-            outs.append(teacher.forward(render_batch(src, index, params, spec.view_spec)))
+            # Eager render: this bench compares decoders, a compile would only add its start-up time.
+            outs.append(teacher.forward(render_batch(src, index, params, spec.view_spec, compiled=False)))
         agree_cls += int((outs[0][0].argmax(-1) == outs[1][0].argmax(-1)).sum())
         agree_tok += int((outs[0][1].argmax(-1) == outs[1][1].argmax(-1)).sum())
         n_cls, n_tok = n_cls + outs[0][0].shape[0], n_tok + outs[0][1].shape[0] * outs[0][1].shape[1]

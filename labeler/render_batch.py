@@ -15,6 +15,7 @@ Views with k = 1 (most of them) sample the uploaded image directly through one `
 with k >= 2 get their reduced crops from a summed-area table (4 gathers per reduced pixel, integer
 exact) and a second `grid_sample`. Float64 arithmetic on the CPU keeps the reference exact; float32
 on a GPU stays within the bound the tests pin (mean |Δ| <= 0.01, max |Δ| <= 1 grey level).
+Both samplings are one pure function, `sample_views`, which a GPU runs compiled: one fused kernel.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.fx.experimental._config  # noqa: F401 - the duck-sizing switch (see _compiled_traced_without_duck_sizes)
 import torch.nn.functional as F
 
 from labeler.device import to_device
-from labelstore.views import ViewSpec, view_geometry
+from labelstore.views import NUM_PARAMS, ViewSpec, view_geometry
 
 # Pillow truncates its bilinear result; a small epsilon absorbs float error on exact integers (without
 # it, hflip + integer crops came out one level low in about a third of the pixels). float32 needs a
@@ -151,6 +153,75 @@ def _reduced_crops(sources: SourceBatch, used: torch.Tensor, image_index: torch.
     return reduced.to(torch.uint8).permute(0, 3, 1, 2)
 
 
+def sample_views(pixels: torch.Tensor, view_rows: torch.Tensor, fill: torch.Tensor, depth: int,
+                 out_hw: tuple[int, int]) -> torch.Tensor:
+    """The pixel arithmetic of a render: (N·depth, 3, h, w) uint8 views of N images, view j sampling image j // depth.
+
+    pixels: (N, 3, H, W) uint8; view_rows: (N·depth, 10) in the render's float dtype, per view its (2, 3) matrix
+    (output pixel centres → reduced-crop coordinates), the reduced crop's (h, w) and the crop's origin (x, y) in
+    `pixels`; fill: (3,) the colour outside the crop. A pure function of tensors, so on a GPU it is compiled
+    into one fused kernel (coordinates, bilinear taps read straight from the uint8 pixels, fill, truncation),
+    where eagerly it is some forty passes over the views.
+    """
+    h, w = out_hw
+    v_count = view_rows.shape[0]
+    matrices = view_rows[:, :6].reshape(v_count, 2, 3)
+    hr, wr = view_rows[:, 6, None, None], view_rows[:, 7, None, None]
+    u, v = _sample_coords(matrices, out_hw)
+    inside = (u >= 0) & (u < wr) & (v >= 0) & (v < hr)
+    # Bilinear sample positions in pixel-index units, clamped to the reduced crop (Pillow's edge rule).
+    su = torch.minimum(torch.clamp(u - 0.5, min=0.0), wr - 1)
+    sv = torch.minimum(torch.clamp(v - 0.5, min=0.0), hr - 1)
+    n, _, hmax, wmax = pixels.shape
+    grid = torch.stack([_normalized(su + view_rows[:, 8, None, None], wmax),
+                        _normalized(sv + view_rows[:, 9, None, None], hmax)], -1)
+    # The views of one image are stacked along the grid's height: one grid_sample serves them all.
+    sampled = F.grid_sample(pixels.to(view_rows.dtype), grid.view(n, depth * h, w, 2), mode="bilinear",
+                            padding_mode="border", align_corners=False)
+    values = sampled.view(n, 3, depth, h, w).transpose(1, 2).reshape(v_count, 3, h, w)
+    values = torch.where(inside[:, None], values, fill.view(1, 3, 1, 1))
+    return (values + _TRUNC_EPS[view_rows.dtype]).floor().clamp(0, 255).to(torch.uint8)
+
+
+_compiled_sample_views = None  # built on first use: torch.compile(sample_views), sizes dynamic
+
+
+def _sampler(compiled: bool):
+    if not compiled:
+        return sample_views
+    global _compiled_sample_views
+    if _compiled_sample_views is None:
+        # Dynamic sizes: every batch pads its sources to another (H, W), and that must not recompile.
+        _compiled_sample_views = torch.compile(sample_views, dynamic=True)
+    return _compiled_traced_without_duck_sizes
+
+
+def _compiled_traced_without_duck_sizes(*args):
+    # Traced with duck sizing off: by default sizes equal at the first call are assumed equal for ever (a
+    # square padded batch, H == W, would make the next non-square one recompile, and compiles per function are
+    # capped). Guards and replays do not read the setting, so it matters only while a call compiles.
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        return _compiled_sample_views(*args)
+
+
+def warm_up_render(spec: ViewSpec, views_per_image: int, device: torch.device | str, compiled: bool | None = None) -> None:
+    """Render small synthetic batches once, so a compiled `sample_views` is compiled before a timed run: views
+    grouped `views_per_image` per image, and one and two box-reduced views (torch specialises size 1)."""
+    device = torch.device(device)
+    h, w = spec.size
+    hw = np.array([[4 * h, 4 * w]] * 2, np.int64)
+    # Laid out as uploads are (`upload_flat`: HWC pixels seen as NCHW): compiled code is specialised to strides.
+    pixels = torch.zeros((2, 4 * h, 4 * w, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+    whole = np.zeros(NUM_PARAMS, np.float32)  # the whole image: k = 4, a reduced view
+    whole[:4] = (0, 0, 4 * w, 4 * h)
+    small = whole.copy()  # a crop of the output's size: k = 1, sampled directly
+    small[2:4] = (w, h)
+    for reduced_images in (1, 2):
+        params = np.stack([whole if (i < reduced_images and j == 0) else small
+                           for i in range(2) for j in range(views_per_image)])
+        render_batch(SourceBatch(pixels, hw), np.repeat(np.arange(2), views_per_image), params, spec, compiled)
+
+
 def _equal_groups(index: np.ndarray, num_images: int) -> bool:
     """True when views are image 0's, then image 1's, ... with the same count for every image."""
     if num_images == 0 or len(index) % num_images:
@@ -159,10 +230,11 @@ def _equal_groups(index: np.ndarray, num_images: int) -> bool:
 
 
 def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, params: np.ndarray,
-                 spec: ViewSpec) -> torch.Tensor:
+                 spec: ViewSpec, compiled: bool | None = None) -> torch.Tensor:
     """Render V views (view j of image `image_index[j]`, params (V, P)) → (V, 3, h, w) uint8 on the device.
 
     Same pixels as `labelstore.render` within mean |Δ| <= 0.01, max |Δ| <= 1 (bilinear ViewSpecs).
+    `compiled` (default: on a GPU) runs `sample_views` through torch.compile (compiled once, any source size).
     """
     if spec.interpolation != "bilinear":
         raise ValueError(f"the batched renderer supports interpolation 'bilinear' only, ViewSpec has "
@@ -184,70 +256,48 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
     # Crop boxes in the held region's pixel coordinates (the geometry stays the whole image's).
     local_boxes = geo.boxes - np.concatenate([origin[:, ::-1], origin[:, ::-1]], 1)
     dtype = _float_dtype(device)
-    out_h, out_w = spec.size
+    out_hw = tuple(spec.size)
     v_count = len(index)
-    out = torch.empty((v_count, 3, out_h, out_w), dtype=torch.uint8, device=device)
     if v_count == 0:
-        return out
+        return torch.empty((0, 3, *out_hw), dtype=torch.uint8, device=device)
 
-    def put(dev_rows: np.ndarray) -> torch.Tensor:
-        return to_device(dev_rows, device)  # page-locked first on CUDA: no host sync per copy
+    def put(host: np.ndarray) -> torch.Tensor:
+        return to_device(host, device)  # page-locked first on CUDA: no host sync per copy
 
-    matrices = put(geo.matrices).to(dtype)
-    reduced_hw = put(geo.reduced_hw)
-    u, v = _sample_coords(matrices, (out_h, out_w))
-    hr = reduced_hw[:, 0, None, None].to(dtype)
-    wr = reduced_hw[:, 1, None, None].to(dtype)
-    inside = (u >= 0) & (u < wr) & (v >= 0) & (v < hr)
-    # Bilinear sample positions in pixel-index units, clamped to the reduced crop (Pillow's edge rule).
-    su = torch.minimum(torch.clamp(u - 0.5, min=0.0), wr - 1)
-    sv = torch.minimum(torch.clamp(v - 0.5, min=0.0), hr - 1)
-    values = torch.empty((v_count, 3, out_h, out_w), dtype=dtype, device=device)
-    _, _, hmax, wmax = sources.pixels.shape
+    # Everything a view's sampling needs, one row per view, made on the host in the render's dtype: one upload.
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    rows = np.concatenate([geo.matrices.reshape(v_count, 6), geo.reduced_hw, local_boxes[:, :2]], 1).astype(np_dtype)
+    fill = put(np.asarray(spec.fill, np_dtype))
+    sample = _sampler(device.type == "cuda" if compiled is None else compiled)
     direct = np.flatnonzero(geo.factors == 1)
-    grouped = _equal_groups(index, len(sources.hw))
-    if grouped:
-        # The common case (labeler: S views per image, trainer: one): views come grouped by image, so
-        # the grid is a reshape and one grid_sample renders the whole batch. Views with k >= 2 are
-        # sampled here too (wasted, but cheaper than splitting) and overwritten below.
-        depth = v_count // len(sources.hw)
-        boxes = put(local_boxes).to(dtype)
-        grid = torch.stack([_normalized(su + boxes[:, 0, None, None], wmax),
-                            _normalized(sv + boxes[:, 1, None, None], hmax)], -1)
-        sampled = F.grid_sample(sources.pixels.to(dtype), grid.view(-1, depth * out_h, out_w, 2), mode="bilinear",
-                                padding_mode="border", align_corners=False)
-        values = sampled.view(-1, 3, depth, out_h, out_w).transpose(1, 2).reshape(v_count, 3, out_h, out_w)
-    elif len(direct):
-        # k = 1: sample the uploaded image itself at crop offset + position; the views of one image are
-        # stacked along the grid's height so a single grid_sample serves them all.
-        d = put(direct)
-        boxes = put(local_boxes[direct]).to(dtype)
-        gx = _normalized(su[d] + boxes[:, 0, None, None], wmax)
-        gy = _normalized(sv[d] + boxes[:, 1, None, None], hmax)
-        used, slot = np.unique(index[direct], return_inverse=True)
-        order = np.argsort(slot, kind="stable")
-        per_image = np.bincount(slot)
-        depth = int(per_image.max())
-        position = np.arange(len(order)) - np.repeat(np.cumsum(per_image) - per_image, per_image)
-        grid = torch.zeros((len(used), depth, out_h, out_w, 2), dtype=dtype, device=device)
-        which = put(slot[order]), put(position)
-        grid[which] = torch.stack([gx, gy], -1)[put(order)]
-        sampled = F.grid_sample(sources.pixels[put(used)].to(dtype), grid.view(len(used), depth * out_h, out_w, 2),
-                                mode="bilinear", padding_mode="border", align_corners=False)
-        values[put(direct[order])] = sampled.view(len(used), 3, depth, out_h, out_w).transpose(1, 2)[which]
+    if _equal_groups(index, len(sources.hw)):
+        # The common case (labeler: S views per image, trainer: one): views come grouped by image, so one call
+        # renders the whole batch. Views with k >= 2 are sampled here too (wasted, but cheaper than splitting)
+        # and overwritten below.
+        out = sample(sources.pixels, put(rows), fill, v_count // len(sources.hw), out_hw)
+    else:
+        out = torch.empty((v_count, 3, *out_hw), dtype=torch.uint8, device=device)
+        if len(direct):
+            # k = 1 in any order: grouped by image on the host, each group padded to the largest with copies of
+            # its first view (rendered, then dropped).
+            used, slot = np.unique(index[direct], return_inverse=True)
+            order = np.argsort(slot, kind="stable")
+            per_image = np.bincount(slot)
+            depth = int(per_image.max())
+            firsts = np.cumsum(per_image) - per_image
+            at = slot[order] * depth + (np.arange(len(order)) - np.repeat(firsts, per_image))
+            slot_rows = np.repeat(rows[direct[order]][firsts], depth, 0)
+            slot_rows[at] = rows[direct[order]]
+            sampled = sample(sources.pixels[put(used)], put(slot_rows), fill, depth, out_hw)
+            out[put(direct[order])] = sampled[put(at)]
 
     reduced = np.flatnonzero(geo.factors > 1)
     if len(reduced):
-        r = put(reduced)
         used, slot = np.unique(index[reduced], return_inverse=True)
         crops = _reduced_crops(sources, put(used), put(slot.reshape(-1)), put(local_boxes[reduced]),
-                               put(geo.factors[reduced]), reduced_hw[r],
+                               put(geo.factors[reduced]), put(geo.reduced_hw[reduced]),
                                tuple(int(v) for v in geo.reduced_hw[reduced].max(0)))
-        _, _, hmax, wmax = crops.shape
-        grid = torch.stack([_normalized(su[r], wmax), _normalized(sv[r], hmax)], -1)
-        values[r] = F.grid_sample(crops.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-    fill = to_device(np.array(spec.fill, np.float64), device).to(dtype)[None, :, None, None]
-    values = torch.where(inside[:, None], values, fill)
-    out.copy_(values.add_(_TRUNC_EPS[dtype]).floor_().clamp_(0, 255))
+        crop_rows = rows[reduced].copy()
+        crop_rows[:, 8:] = 0  # each crop starts at its buffer's corner
+        out[put(reduced)] = sample(crops, put(crop_rows), fill, 1, out_hw)
     return out

@@ -542,7 +542,7 @@ class ShardLabeler:
                 views = sources.pixels  # the Pillow views themselves, (V, 3, h, w)
             else:
                 index = np.repeat(np.arange(self.images_per_batch), self.spec.views)
-                views = render_batch(sources, index, params, self.spec.view_spec)
+                views = render_batch(sources, index, params, self.spec.view_spec, compiled=self.teacher.compiled)
         with self.clock.device("forward"):
             tokens, cls = self.teacher.encode_views_async(views)
         if any(p.run.dump is not None for p in pieces):

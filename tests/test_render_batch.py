@@ -155,3 +155,52 @@ def test_cuda_render_matches_pillow():
         d = _diff(got, _reference(images, params, spec))
         print(f"cuda render vs Pillow, {name}: mean |d| {d.mean():.5f}, max {d.max()}")
         assert d.max() <= 1 and d.mean() <= 0.01, (name, d.mean(), d.max())
+
+
+def test_warm_up_render_exercises_grouped_and_reduced_views(monkeypatch):
+    calls = []
+    sample = rb.sample_views
+
+    def spy(pixels, rows, fill, depth, out_hw):
+        calls.append((tuple(pixels.shape), depth))
+        return sample(pixels, rows, fill, depth, out_hw)
+
+    monkeypatch.setattr(rb, "sample_views", spy)
+    rb.warm_up_render(ViewSpec(size=(16, 24)), 3, "cpu", compiled=False)
+    # per batch: the grouped call (2 images, 3 views each), then the reduced crops of 1, then 2 images
+    assert calls == [((2, 3, 64, 96), 3), ((1, 3, 16, 24), 1), ((2, 3, 64, 96), 3), ((2, 3, 16, 24), 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compiled_render_matches_eager_and_pillow_without_recompiling(monkeypatch):
+    """compiled=True (the GPU default; here inductor's CPU backend in float32, the GPU's dtype): within one grey
+    level of the eager render, the Pillow bound kept, and new source sizes or view orders compile nothing new."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(rb, "_float_dtype", lambda device: torch.float32)
+    spec = SPECS["large crops (box reduction)"]
+    rb.warm_up_render(spec, 4, "cpu", compiled=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for seed, sizes in ((6, SIZES), (7, [(90, 300), (250, 64), (128, 128)]), (8, SIZES[::-1])):
+        images = _images(seed, sizes)
+        params = [draw_views(spec, seed, row, 4, im.shape[:2]) for row, im in enumerate(images)]
+        index = np.repeat(np.arange(len(images)), 4)
+        src = upload_flat(pack_flat(images), "cpu")
+        flat_params = np.concatenate(params)
+        got = render_batch(src, index, flat_params, spec, compiled=True)
+        eager = render_batch(src, index, flat_params, spec, compiled=False)
+        assert (got.int() - eager.int()).abs().max() <= 1
+        d = _diff(got, _reference(images, params, spec))
+        assert d.max() <= 1 and d.mean() <= 0.01, (seed, d.mean(), d.max())
+    assert counters["stats"]["unique_graphs"] == graphs  # warm_up_render compiled all of them
+    rb.warm_up_render(spec, 1, "cpu", compiled=True)  # the student's batches: one view per image
+    graphs = counters["stats"]["unique_graphs"]
+    for seed, sizes in ((9, SIZES), (10, [(90, 300), (300, 90)])):
+        images = _images(seed, sizes)
+        params = [draw_views(spec, seed, row, 1, im.shape[:2]) for row, im in enumerate(images)]
+        got = render_batch(upload_flat(pack_flat(images), "cpu"), np.arange(len(images)), np.concatenate(params), spec,
+                           compiled=True)
+        d = _diff(got, _reference(images, params, spec))
+        assert d.max() <= 1 and d.mean() <= 0.01, (seed, d.mean(), d.max())
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -35,6 +35,7 @@ import torch
 from labeler.device import prefer_fastest_convolutions
 from labeler.kernel_profile import PROFILE_ROWS, profile_calls
 from labeler.models import TokenForward, create_token_model, token_grid
+from labeler.render_batch import warm_up_render
 from trainer.checkpoint import StopRequest
 from trainer.config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
 from trainer.data_config import DataConfig, TokenLabelConfig
@@ -406,6 +407,11 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
             raise ValueError(NO_FULL_BATCH)
     compile_s = _compile_seconds(shared, builder_for("b_stored"), batches[0], device, memory_format, s.amp) \
         if s.compile else {}
+    if on_device and device.type == "cuda":  # the device renderer is compiled (labeler.render_batch): not in a timed run
+        t0 = time.perf_counter()
+        warm_up_render(loader.view_spec, 1, device)
+        _sync(device)
+        compile_s["renderer (sample_views)"] = time.perf_counter() - t0
     if compile_s:
         report("measured: torch.compile " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
 
