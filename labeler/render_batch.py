@@ -19,6 +19,7 @@ Both samplings are one pure function, `sample_views`, which a GPU runs compiled:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -184,10 +185,11 @@ def sample_views(pixels: torch.Tensor, view_rows: torch.Tensor, fill: torch.Tens
 
 
 _compiled_sample_views = None  # built on first use: torch.compile(sample_views), sizes dynamic
+_compile_failed: str | None = None  # why compiling failed: every later call runs eagerly
 
 
 def _sampler(compiled: bool):
-    if not compiled:
+    if not compiled or _compile_failed is not None:
         return sample_views
     global _compiled_sample_views
     if _compiled_sample_views is None:
@@ -197,11 +199,17 @@ def _sampler(compiled: bool):
 
 
 def _compiled_traced_without_duck_sizes(*args):
-    # Traced with duck sizing off: by default sizes equal at the first call are assumed equal for ever (a
-    # square padded batch, H == W, would make the next non-square one recompile, and compiles per function are
-    # capped). Guards and replays do not read the setting, so it matters only while a call compiles.
-    with torch.fx.experimental._config.patch(use_duck_shape=False):
-        return _compiled_sample_views(*args)
+    global _compile_failed
+    try:
+        # Traced with duck sizing off: by default sizes equal at the first call are assumed equal for ever (a
+        # square padded batch, H == W, would make the next non-square one recompile, and compiles per function
+        # are capped). Guards and replays do not read the setting, so it matters only while a call compiles.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return _compiled_sample_views(*args)
+    except Exception as e:  # noqa: BLE001 - a compiler that fails here must not stop a job: same pixels eagerly
+        _compile_failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"compiling the renderer failed, rendering eagerly from now on: {_compile_failed}", stacklevel=3)
+        return sample_views(*args)  # an error of the inputs themselves is raised from here
 
 
 def warm_up_render(spec: ViewSpec, views_per_image: int, device: torch.device | str, compiled: bool | None = None) -> None:

@@ -204,3 +204,19 @@ def test_compiled_render_matches_eager_and_pillow_without_recompiling(monkeypatc
         d = _diff(got, _reference(images, params, spec))
         assert d.max() <= 1 and d.mean() <= 0.01, (seed, d.mean(), d.max())
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_renderer_that_fails_to_compile_warns_and_renders_eagerly(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler for this device")
+
+    monkeypatch.setattr(rb, "_compiled_sample_views", broken)
+    monkeypatch.setattr(rb, "_compile_failed", None)
+    spec = SPECS["default"]
+    images = _images(12, SIZES[1:3])
+    params = np.concatenate([draw_views(spec, 1, row, 2, im.shape[:2]) for row, im in enumerate(images)])
+    src = upload_flat(pack_flat(images), "cpu")
+    with pytest.warns(UserWarning, match="compiling the renderer failed, rendering eagerly.*no compiler"):
+        got = render_batch(src, np.repeat([0, 1], 2), params, spec, compiled=True)
+    assert torch.equal(got, render_batch(src, np.repeat([0, 1], 2), params, spec, compiled=False))
+    assert rb._sampler(True) is rb.sample_views  # and stays eager, without warning again
