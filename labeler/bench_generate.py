@@ -99,6 +99,7 @@ class BenchReport:
     profile: str | None = None  # torch.profiler's table of `profile_batches` teacher batches (labeler.kernel_profile)
     profile_batches: int = 0
     render_rate: float | None = None  # the batched render alone on device-resident real images; None: not torch
+    render_eager_rate: float | None = None  # the same render uncompiled (measured when the pipeline's is compiled)
     loop_wall: float = 0.0  # the device loop's host work (issue + filing), wall seconds
     loop_cpu: float = 0.0  # ... of which its thread ran on a CPU
     ramp_seconds: float = 0.0  # from the start to the first batch launched (the first decoded chunk)
@@ -160,9 +161,13 @@ class BenchReport:
             f"{self.ramp_seconds:.2f} s before it: the first decoded chunk, {self.drain_seconds:.2f} s after: the "
             f"last shards' writes) / {ref_name} forward = {self.steady_rate / reference:.2f}",
             f"{'render alone':24s} " + (f"{self.render_rate:10.1f} views/s  ({1e3 * self.batch_views / self.render_rate:.2f} "
-                                        f"ms per batch: the batched render on device-resident decoded images)"
+                                        f"ms per batch: the batched render{', compiled,' if self.pipeline_compiled else ''} "
+                                        f"on device-resident decoded images)"
                                         if self.render_rate is not None else
                                         f"{'n/a':>10s}          (render backend {self.render_backend}: in the decode workers)"),
+            *([f"{'render alone, eager':24s} {self.render_eager_rate:10.1f} views/s  (the same render uncompiled: "
+               f"{1e3 * self.batch_views / self.render_eager_rate:.2f} ms per batch)"]
+              if self.render_eager_rate is not None else []),
             *([f"{'render + forward':24s} {self.device_ceiling:10.1f} views/s  (both on one stream, one after the "
                f"other: the pipeline's device ceiling) / {ref_name} forward = {self.device_ceiling / reference:.2f}"]
               if self.device_ceiling is not None else []),
@@ -226,9 +231,10 @@ def _decode_alone(work: ShardLabeler, decoder, num_shards: int) -> tuple[int, fl
     return images, time.perf_counter() - start, (first[0] if first else None)
 
 
-def _render_call(work: ShardLabeler, chunk: DecodedChunk | None) -> tuple[Callable[[], torch.Tensor], int] | None:
-    """The device loop's render of one batch (the first decoded chunk's images, uploaded once), and its views;
-    None where the pipeline does not render on the device (Pillow views come from the decode workers)."""
+def _render_call(work: ShardLabeler, chunk: DecodedChunk | None) -> tuple[Callable[[bool], torch.Tensor], int] | None:
+    """The device loop's render of one batch (the first decoded chunk's images, uploaded once), compiled or not,
+    and its views; None where the pipeline does not render on the device (Pillow views come from the decode
+    workers)."""
     if chunk is None or work.chunk_mode != "pixels" or chunk.pixels is None:
         return None
     n = min(chunk.num_valid, work.images_per_batch)
@@ -236,8 +242,7 @@ def _render_call(work: ShardLabeler, chunk: DecodedChunk | None) -> tuple[Callab
     index = np.repeat(np.arange(n), work.spec.views)
     params = chunk.params[:n].reshape(n * work.spec.views, -1)
     view_spec = work.spec.view_spec
-    compiled = work.teacher.compiled  # as the device loop renders
-    return (lambda: render_batch(sources, index, params, view_spec, compiled)), n * work.spec.views
+    return (lambda compiled: render_batch(sources, index, params, view_spec, compiled)), n * work.spec.views
 
 
 def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, views: int, topk: int = 10,
@@ -324,18 +329,22 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
             compiled_rate = _rate(compiled.forward, fixed, n_batches, sync)
             report(f"measured: bare forward compiled {compiled_rate:.1f} views/s")
         render = _render_call(work, first_chunk)
-        render_rate = None
+        render_rate = render_eager_rate = None
         if render is not None:
             render_batch_call, render_views = render
-            render_rate = _rate(lambda _: render_batch_call(), fixed, n_batches, sync) * render_views / fixed.shape[0]
+            per_view = render_views / fixed.shape[0]
+            render_rate = _rate(lambda _: render_batch_call(teacher.compiled), fixed, n_batches, sync) * per_view
             report(f"measured: render alone {render_rate:.1f} views/s")
+            if teacher.compiled:  # the same render uncompiled: what compiling it gains
+                render_eager_rate = _rate(lambda _: render_batch_call(False), fixed, n_batches, sync) * per_view
+                report(f"measured: render alone, eager {render_eager_rate:.1f} views/s")
         profile = None
         if profile_batches:  # the pipeline's device work, not graphed so the profiler sees each kernel
             profiled = compiled if want_compiled else teacher
 
             def batch(_: int) -> None:
                 if render is not None:
-                    render[0]()
+                    render[0](teacher.compiled)
                 profiled.encode_views_on_device(fixed)
 
             profile = profile_calls(batch, profile_batches, dev)
@@ -352,5 +361,5 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                        graphed_rate=graphed_rate,
                        flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases, issue_seconds=issued,
                        batches=work.batches - batches_before, profile=profile, profile_batches=profile_batches,
-                       decode_rate=decode_rate, render_rate=render_rate, loop_wall=loop_wall, loop_cpu=loop_cpu,
+                       decode_rate=decode_rate, render_rate=render_rate, render_eager_rate=render_eager_rate, loop_wall=loop_wall, loop_cpu=loop_cpu,
                        ramp_seconds=ramp, drain_seconds=drain)
