@@ -133,6 +133,13 @@ class BenchReport:
         peak = f"{100 * self.tflops(rate) / self.peak_tflops:5.1f} %" if self.peak_tflops else "unknown"
         return f"{name:24s} {rate:10.1f} views/s  {self.tflops(rate):8.3f} TFLOP/s  {peak:>7s} of peak  {note}"
 
+    def _render_line(self) -> str:
+        if self.render_rate is None:
+            return f"{'render alone':24s} {'n/a':>10s}          (render backend {self.render_backend}: in the decode workers)"
+        compiled = ", compiled," if self.pipeline_compiled else ""
+        return (f"{'render alone':24s} {self.render_rate:10.1f} views/s  ({1e3 * self.batch_views / self.render_rate:.2f} "
+                f"ms per batch: the batched render{compiled} on device-resident decoded images)")
+
     def format(self) -> str:
         wall = self.pipeline_seconds
         reference = self.compiled_rate if self.compiled_rate is not None else self.eager_rate
@@ -160,11 +167,7 @@ class BenchReport:
             f"{'pipeline, steady':24s} {self.steady_rate:10.1f} views/s  (first batch launched → last filed; "
             f"{self.ramp_seconds:.2f} s before it: the first decoded chunk, {self.drain_seconds:.2f} s after: the "
             f"last shards' writes) / {ref_name} forward = {self.steady_rate / reference:.2f}",
-            f"{'render alone':24s} " + (f"{self.render_rate:10.1f} views/s  ({1e3 * self.batch_views / self.render_rate:.2f} "
-                                        f"ms per batch: the batched render{', compiled,' if self.pipeline_compiled else ''} "
-                                        f"on device-resident decoded images)"
-                                        if self.render_rate is not None else
-                                        f"{'n/a':>10s}          (render backend {self.render_backend}: in the decode workers)"),
+            self._render_line(),
             *([f"{'render alone, eager':24s} {self.render_eager_rate:10.1f} views/s  (the same render uncompiled: "
                f"{1e3 * self.batch_views / self.render_eager_rate:.2f} ms per batch)"]
               if self.render_eager_rate is not None else []),
@@ -250,7 +253,8 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                    render_backend: str = "auto", decode_workers: int = 0, checkpoint: str | None = None,
                    compile: str = "auto", decode_device: str = "cpu", forward_batches: int | None = None,
                    keep_store: str | None = None, decode_pool: str = "auto", shards_in_flight: int = 0,
-                   cuda_graph: str = "auto", channels_last: str = "auto", store_writers: int = -1, profile_batches: int = 0,
+                   cuda_graph: str = "auto", channels_last: str = "auto", store_writers: int = -1,
+                   profile_batches: int = 0,
                    report: Callable[[str], None] = lambda line: None) -> BenchReport:
     """Measure pipeline, bare eager and compiled forward; the teacher has random weights unless `checkpoint`.
     `report` gets one line as each figure is measured (a run cut short by a time limit still leaves them).
@@ -316,7 +320,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
             report(f"measured: graphed forward + top-k {graphed_rate:.1f} views/s")
         elif teacher.graphed is not None:
             report(f"CUDA graph not captured: {teacher.graphed.failed}")
-        layout = dict(channels_last=teacher.channels_last)  # the pipeline teacher's (the model is shared)
+        layout = dict(channels_last=teacher.channels_last)  # the pipeline teacher's: the model (and layout) is shared
         eager = teacher if not teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp,
                                                              **layout)
         eager_rate = _rate(eager.forward, fixed, n_batches, sync)
@@ -348,7 +352,8 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                 profiled.encode_views_on_device(fixed)
 
             profile = profile_calls(batch, profile_batches, dev)
-            report(f"measured: profile of {profile_batches} batches (render + teacher):\n{profile}")
+            what = "render + teacher" if render is not None else "teacher"
+            report(f"measured: profile of {profile_batches} batches ({what}):\n{profile}")
         fpv = flops_per_view(eager, fixed)
     name = str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev)
     return BenchReport(device=name, model=model, batch_views=work.views_per_batch, amp=amp, views_per_sample=views,
@@ -361,5 +366,5 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                        graphed_rate=graphed_rate,
                        flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases, issue_seconds=issued,
                        batches=work.batches - batches_before, profile=profile, profile_batches=profile_batches,
-                       decode_rate=decode_rate, render_rate=render_rate, render_eager_rate=render_eager_rate, loop_wall=loop_wall, loop_cpu=loop_cpu,
-                       ramp_seconds=ramp, drain_seconds=drain)
+                       decode_rate=decode_rate, render_rate=render_rate, render_eager_rate=render_eager_rate,
+                       loop_wall=loop_wall, loop_cpu=loop_cpu, ramp_seconds=ramp, drain_seconds=drain)

@@ -212,7 +212,8 @@ def _compiled_traced_without_duck_sizes(*args):
         return sample_views(*args)  # an error of the inputs themselves is raised from here
 
 
-def warm_up_render(spec: ViewSpec, views_per_image: int, device: torch.device | str, compiled: bool | None = None) -> None:
+def warm_up_render(spec: ViewSpec, views_per_image: int, device: torch.device | str,
+                   compiled: bool | None = None) -> None:
     """Render small synthetic batches once, so a compiled `sample_views` is compiled before a timed run: views
     grouped `views_per_image` per image, and one and two box-reduced views (torch specialises size 1)."""
     device = torch.device(device)
