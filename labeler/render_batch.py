@@ -278,7 +278,6 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
     rows = np.concatenate([geo.matrices.reshape(v_count, 6), geo.reduced_hw, local_boxes[:, :2]], 1).astype(np_dtype)
     fill = put(np.asarray(spec.fill, np_dtype))
     sample = _sampler(device.type == "cuda" if compiled is None else compiled)
-    direct = np.flatnonzero(geo.factors == 1)
     if _equal_groups(index, len(sources.hw)):
         # The common case (labeler: S views per image, trainer: one): views come grouped by image, so one call
         # renders the whole batch. Views with k >= 2 are sampled here too (wasted, but cheaper than splitting)
@@ -286,6 +285,7 @@ def render_batch(sources: SourceBatch, image_index: Sequence[int] | np.ndarray, 
         out = sample(sources.pixels, put(rows), fill, v_count // len(sources.hw), out_hw)
     else:
         out = torch.empty((v_count, 3, *out_hw), dtype=torch.uint8, device=device)
+        direct = np.flatnonzero(geo.factors == 1)
         if len(direct):
             # k = 1 in any order: grouped by image on the host, each group padded to the largest with copies of
             # its first view (rendered, then dropped).
