@@ -10,7 +10,7 @@ work unit"):
    of `batch_size // S` images (a shard's tail shares a batch with the next shard's head), copies each
    batch up on a side stream (straight from the chunks, which their shard threads page-lock on arrival),
    renders all its views in one `render_batch` call, runs the teacher and the top-k + tail on the device,
-   and copies the results back behind an event while the next batch runs;
+   and copies the results back behind an event, filing a batch's results while the next two run;
 3. each shard's caller (one thread per shard in flight: `label_shards` here, a threaded Ray actor in a
    job) files its rows and, once its last image's results are back, writes the shard in one
    `write_shard` call, while the device goes on with the other shards; on a GPU node the call runs in a
@@ -206,6 +206,10 @@ class _InFlight:
 
 
 _END = "end"
+# Batches the device loop keeps queued on the device while it waits for and files the oldest one. Two give the
+# host two batches of device time to launch the next: a pause of the loop's thread (the GIL, a garbage
+# collection, a burst of arriving chunks) then delays no batch, where with one the device idled through it.
+BATCHES_QUEUED = 2
 
 
 class ShardLabeler:
@@ -398,17 +402,17 @@ class ShardLabeler:
             torch.cuda.set_device(self.device)
         pending: deque[_Piece] = deque()  # images not in a batch yet, in arrival order
         count = 0  # valid images in `pending`
-        in_flight: _InFlight | None = None
+        in_flight: deque[_InFlight] = deque()  # launched, results not filed yet, oldest first
         while True:
             # Take what has arrived; wait only when there is nothing else to do.
-            idle = count < self.images_per_batch and in_flight is None and not _any_ended(pending)
+            idle = count < self.images_per_batch and not in_flight and not _any_ended(pending)
             try:
                 msg = self._wait_for_work() if idle else self._inbox.get_nowait()
             except queue.Empty:
                 msg = False
             if msg is None:  # close()
-                if in_flight is not None:
-                    self._collect_safely(in_flight)
+                while in_flight:
+                    self._collect_safely(in_flight.popleft())
                 for piece in pending:
                     piece.run.fail("the work unit was closed while the shard was being labelled")
                 return
@@ -422,16 +426,16 @@ class ShardLabeler:
                     pending.append(_Piece(run, chunk, 0, chunk.num_valid))
                     count += chunk.num_valid
                 continue
-            if count >= self.images_per_batch or (count and in_flight is None and _any_ended(pending)):
+            if count >= self.images_per_batch or (count and not in_flight and _any_ended(pending)):
                 pieces = _take(pending, self.images_per_batch)
                 count -= sum(p.b - p.a for p in pieces)
                 launched = self._launch_safely(pieces)
-                if in_flight is not None:
-                    self._collect_safely(in_flight)
-                in_flight = launched
-            elif in_flight is not None:  # nothing to launch yet: file the batch on the device meanwhile
-                self._collect_safely(in_flight)
-                in_flight = None
+                if launched is not None:
+                    in_flight.append(launched)
+                while len(in_flight) > BATCHES_QUEUED:  # file the oldest while the device works on the others
+                    self._collect_safely(in_flight.popleft())
+            elif in_flight:  # nothing to launch yet: file the oldest batch meanwhile
+                self._collect_safely(in_flight.popleft())
 
     def _wait_for_work(self):
         """The next inbox message; the wait counts as "decode_wait" only while some shard is being labelled

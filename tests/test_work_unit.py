@@ -287,3 +287,37 @@ def test_jpeg_mode_keeps_rows_in_place_among_pillow_decoded_images(tmp_path):
             np.testing.assert_allclose(got[name].astype(np.float32), want[name].astype(np.float32), atol=2e-3, err_msg=name)
         else:
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.timeout(120)
+def test_the_device_loop_keeps_two_batches_queued_while_it_files_the_oldest(shards, tmp_path, monkeypatch):
+    """Batch n is filed only after batch n + 2 is launched (when there is one), every batch once, in order."""
+    from labeler import work_unit
+
+    events = []
+    launch, collect = ShardLabeler._launch, ShardLabeler._collect
+
+    def record_launch(self, pieces):
+        if self.batches == 0:  # let the rest of the shard arrive first (until its end, or the inbox is full)
+            deadline = time.monotonic() + 60
+            while not (self._inbox.full() or any(m[0] == "end" for m in list(self._inbox.queue))):
+                assert time.monotonic() < deadline, "the shard's other images never arrived"
+                time.sleep(0.01)
+        events.append(("launch", self.batches + 1))
+        done = launch(self, pieces)
+        done.number = self.batches
+        return done
+
+    def record_collect(self, done):
+        events.append(("file", done.number))
+        collect(self, done)
+
+    monkeypatch.setattr(ShardLabeler, "_launch", record_launch)
+    monkeypatch.setattr(ShardLabeler, "_collect", record_collect)
+    store, _, _ = labelled(tmp_path, shards[:1], render_backend="torch", batch_size=VIEWS)  # 5 images, 1 per batch
+    assert work_unit.BATCHES_QUEUED == 2
+    assert [e for e in events if e[0] == "launch"] == [("launch", i) for i in range(1, 6)]
+    assert [e for e in events if e[0] == "file"] == [("file", i) for i in range(1, 6)]
+    for n in (1, 2, 3):  # batch n is filed after batch n + 2 was launched
+        assert events.index(("file", n)) > events.index(("launch", n + 2))
+    assert LabelStore.open(store).samples["valid"][:5].all()
