@@ -206,9 +206,9 @@ class _InFlight:
 
 
 _END = "end"
-# Batches the device loop keeps queued on the device while it waits for and files the oldest one. Two give the
-# host two batches of device time to launch the next: a pause of the loop's thread (the GIL, a garbage
-# collection, a burst of arriving chunks) then delays no batch, where with one the device idled through it.
+# Batches the device loop keeps queued on the device while it waits for and files the oldest one. With two, a
+# pause of the loop's thread (the GIL, a garbage collection, a burst of arriving chunks) of up to a batch's
+# device time leaves the device busy; with one, the device idled through any pause.
 BATCHES_QUEUED = 2
 
 
