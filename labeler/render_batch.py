@@ -198,37 +198,42 @@ def _sampler(compiled: bool):
     return _compiled_traced_without_duck_sizes
 
 
-def _compiled_traced_without_duck_sizes(*args):
+def _compiled_traced_without_duck_sizes(pixels: torch.Tensor, view_rows: torch.Tensor, fill: torch.Tensor,
+                                        depth: int, out_hw: tuple[int, int]) -> torch.Tensor:
     global _compile_failed
+    if pixels.shape[0] == 1:
+        # torch specialises a size of 1 (a graph of its own, compiled mid-run the first time a batch has one
+        # image or one box-reduced view): render it twice instead, so one graph per depth serves every batch.
+        twice = _compiled_traced_without_duck_sizes(torch.cat([pixels, pixels]), torch.cat([view_rows, view_rows]),
+                                                    fill, depth, out_hw)
+        return twice[:depth]
     try:
         # Traced with duck sizing off: by default sizes equal at the first call are assumed equal for ever (a
         # square padded batch, H == W, would make the next non-square one recompile, and compiles per function
         # are capped). Guards and replays do not read the setting, so it matters only while a call compiles.
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return _compiled_sample_views(*args)
+            return _compiled_sample_views(pixels, view_rows, fill, depth, out_hw)
     except Exception as e:  # noqa: BLE001 - a compiler that fails here must not stop a job: same pixels eagerly
         _compile_failed = f"{type(e).__name__}: {e}"
         warnings.warn(f"compiling the renderer failed, rendering eagerly from now on: {_compile_failed}", stacklevel=3)
-        return sample_views(*args)  # an error of the inputs themselves is raised from here
+        return sample_views(pixels, view_rows, fill, depth, out_hw)  # an error of the inputs is raised from here
 
 
 def warm_up_render(spec: ViewSpec, views_per_image: int, device: torch.device | str,
                    compiled: bool | None = None) -> None:
-    """Render small synthetic batches once, so a compiled `sample_views` is compiled before a timed run: views
-    grouped `views_per_image` per image, and one and two box-reduced views (torch specialises size 1)."""
+    """Render one small synthetic batch, so a compiled `sample_views` is compiled before a timed run: views
+    grouped `views_per_image` per image, and a box-reduced one (the two graphs a run meets)."""
     device = torch.device(device)
     h, w = spec.size
     hw = np.array([[4 * h, 4 * w]] * 2, np.int64)
     # Laid out as uploads are (`upload_flat`: HWC pixels seen as NCHW): compiled code is specialised to strides.
     pixels = torch.zeros((2, 4 * h, 4 * w, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
-    whole = np.zeros(NUM_PARAMS, np.float32)  # the whole image: k = 4, a reduced view
-    whole[:4] = (0, 0, 4 * w, 4 * h)
-    small = whole.copy()  # a crop of the output's size: k = 1, sampled directly
-    small[2:4] = (w, h)
-    for reduced_images in (1, 2):
-        params = np.stack([whole if (i < reduced_images and j == 0) else small
-                           for i in range(2) for j in range(views_per_image)])
-        render_batch(SourceBatch(pixels, hw), np.repeat(np.arange(2), views_per_image), params, spec, compiled)
+    small = np.zeros(NUM_PARAMS, np.float32)  # a crop of the output's size: k = 1, sampled directly
+    small[:4] = (0, 0, w, h)
+    whole = small.copy()  # the whole image: k = 4, a reduced view
+    whole[2:4] = (4 * w, 4 * h)
+    params = np.stack([whole] + [small] * (2 * views_per_image - 1))
+    render_batch(SourceBatch(pixels, hw), np.repeat(np.arange(2), views_per_image), params, spec, compiled)
 
 
 def _equal_groups(index: np.ndarray, num_images: int) -> bool:
