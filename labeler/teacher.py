@@ -138,16 +138,17 @@ class Teacher:
             raise ValueError(f"Teacher expects uint8 views (N, 3, h, w), got {tuple(x.shape)} {x.dtype}")
         return x
 
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype=torch.float32, memory_format=self.memory_format).mul_(self._scale).sub_(self._shift)
+
     def normalize(self, views: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 (N, 3, h, w) → float32 (N, 3, h, w) normalised, on the teacher's device, in its memory format."""
-        x = self._views(views).to(dtype=torch.float32, memory_format=self.memory_format)
-        return x.mul_(self._scale).sub_(self._shift)
+        return self._normalized(self._views(views))
 
     def _model_input(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 views → the model's input: normalised in float32, then in the autocast dtype (what autocast hands
         the stem's convolution anyway), in the teacher's memory format."""
-        y = x.to(dtype=torch.float32, memory_format=self.memory_format) * self._scale - self._shift
-        return y.to(AMP_DTYPES[self.amp] or torch.float32)
+        return self._normalized(x).to(AMP_DTYPES[self.amp] or torch.float32)
 
     def _logits(self, views: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(cls (N, C), tokens (N, T, C)) logits in the autocast dtype."""
