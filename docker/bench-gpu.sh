@@ -48,7 +48,7 @@ step train_small 260 "${train[@]}" bench --shards "$train_all" --labels "$DATA/l
 step generate_tiny 100 "${labels[@]}" "${gen[@]}" --model "$TINY" $EXTRA
 step generate_large 110 "${labels[@]}" "${gen[@]}" --model "$LARGE" $EXTRA
 step jpeg 30 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
-step cuda_tests 150 $PY -m pytest -q -s -p no:cacheprovider $CUDA_TESTS
+step cuda_tests 200 $PY -m pytest -q -s -p no:cacheprovider $CUDA_TESTS
 # The figures the docs record, one table (from the step outputs above).
 echo "=== summary"
 for g in generate_tiny generate_small generate_large; do

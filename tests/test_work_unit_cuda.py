@@ -47,3 +47,30 @@ def test_gpu_worker_labels_like_the_cpu_reference(tmp_path):
             assert (got[name][..., 0] == want[name][..., 0]).mean() > 0.95
         else:
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_the_device_loop_never_waits_on_the_device(tmp_path):
+    """A job's launches (uploads, render, the graphed forward + top-k, the copies back) queue device work without
+    a host sync: the second job of a warm teacher runs under `torch.cuda.set_sync_debug_mode("error")`, where any
+    synchronizing CUDA call raises and fails its batch's shards. Waiting for a batch's results is an event's
+    wait, which the mode allows: the loop waits only where it means to."""
+    shards = make_bench_shards(tmp_path / "shards", shards=3, per_shard=9, min_size=40, max_size=200, num_classes=10)
+    spec = build_labeler_spec(name="t", model=MODEL, num_classes=10, views=4, topk=4)
+    teacher = build_teacher(spec, WorkerSettings(checkpoint=None, amp="bf16", compile="false", cuda_graph="true"),
+                            torch.device("cuda"))
+    settings = dict(device="cuda", decode_pool="process", decode_workers=2, amp="bf16", cuda_graph="true")
+    warm = _label(tmp_path / "warm", shards, teacher, **settings)  # captures the graph, allocates the pools
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = _label(tmp_path / "strict", shards, teacher, **settings)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name in got:  # other batch compositions (decode order), the same views and teacher
+        if "logit" in name or "tail" in name:
+            np.testing.assert_allclose(got[name].astype(np.float32), warm[name].astype(np.float32), atol=0.05, rtol=0.02)
+        elif "class" in name:
+            assert (got[name][..., 0] == warm[name][..., 0]).mean() > 0.95
+        else:
+            np.testing.assert_array_equal(got[name], warm[name], err_msg=name)
