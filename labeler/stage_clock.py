@@ -16,8 +16,9 @@ from typing import Iterator
 import torch
 
 PHASES = ("read", "decode", "pin", "decode_wait", "copy", "render", "forward", "result_wait", "file", "write")
-COMPUTE_PHASES = ("render", "forward")  # what runs on the compute stream, one after the other
-DEVICE_PHASES = ("copy", "render", "forward")  # queued on the device: timed by events, their issue by the host
+SIDE_PHASES = ("copy", "render")  # on a GPU: the side stream, beside the previous batch's forward
+COMPUTE_PHASES = ("forward",)  # on a GPU: the compute stream (on a CPU all three run one after the other)
+DEVICE_PHASES = SIDE_PHASES + COMPUTE_PHASES  # queued on the device: timed by events, their issue by the host
 
 
 class StageClock:

@@ -8,8 +8,9 @@ work unit"):
    (`labeler.decode_chunks`) — the images' own bytes, in shared memory;
 2. one device loop (a thread) takes images from every shard in flight, fills fixed-shape forward batches
    of `batch_size // S` images (a shard's tail shares a batch with the next shard's head), copies each
-   batch up on a side stream (straight from the chunks, which their shard threads page-lock on arrival),
-   renders all its views in one `render_batch` call, runs the teacher and the top-k + tail on the device,
+   batch up and renders all its views in one `render_batch` call on a side stream (straight from the
+   chunks, which their shard threads page-lock on arrival), runs the teacher and the top-k + tail on the
+   compute stream, overlapping the next batch's copy and render,
    and copies the results back behind an event, filing a batch's results while the next two run;
 3. each shard's caller (one thread per shard in flight: `label_shards` here, a threaded Ray actor in a
    job) files its rows and, once its last image's results are back, writes the shard in one
@@ -238,7 +239,8 @@ class ShardLabeler:
         self.samples_done = 0  # per process, across shards: what the fault switch counts
         self.batches = 0  # forward batches launched (the bench's per-batch figures)
         self.clock = StageClock(self.device)
-        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Copies and renders (on a GPU): the compute stream runs only the teacher, overlapping the next batch's.
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._lock = threading.Lock()
         self._decoder: DecodeWorkers | None = None
         self._inbox: queue.Queue = queue.Queue(maxsize=4 * max(1, self.shards_in_flight))
@@ -533,20 +535,27 @@ class ShardLabeler:
 
     def _launch(self, pieces: list[_Piece]) -> _InFlight:
         """Queue copy → render → teacher (forward, top-k: one CUDA graph on a GPU) → copy back for one batch;
-        nothing here waits for the device."""
+        nothing here waits for the device.
+
+        On a GPU the copy and the render go on the side stream and only the teacher on the compute stream, which
+        waits for them by an event: the next batch is uploaded and rendered while this one's forward runs, so the
+        render costs the forward no time (serial, it would have to fit in a few percent of it)."""
         self.batches += 1
         host, params = self._host_batch(pieces)
-        with self.clock.device("copy", self._copy_stream), _on_stream(self._copy_stream):
-            sources = self._sources(pieces, host)
-        if self._copy_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
-            sources.pixels.record_stream(torch.cuda.current_stream(self.device))  # allocated on the side stream
-        with self.clock.device("render"):
-            if self.render_backend == "pillow":
-                views = sources.pixels  # the Pillow views themselves, (V, 3, h, w)
-            else:
-                index = np.repeat(np.arange(self.images_per_batch), self.spec.views)
-                views = render_batch(sources, index, params, self.spec.view_spec, compiled=self.teacher.compiled)
+        side = self._side_stream
+        with _on_stream(side):
+            with self.clock.device("copy", side):
+                sources = self._sources(pieces, host)
+            with self.clock.device("render", side):
+                if self.render_backend == "pillow":
+                    views = sources.pixels  # the Pillow views themselves, (V, 3, h, w)
+                else:
+                    index = np.repeat(np.arange(self.images_per_batch), self.spec.views)
+                    views = render_batch(sources, index, params, self.spec.view_spec, compiled=self.teacher.compiled)
+        if side is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(side)
+            views.record_stream(compute)  # allocated on the side stream, read by the forward
         with self.clock.device("forward"):
             tokens, cls = self.teacher.encode_views_async(views)
         if any(p.run.dump is not None for p in pieces):

@@ -1,0 +1,72 @@
+"""labeler.bench_generate's report: which phases count as the device's compute, and the two device ceilings
+(render then forward on one stream; render ∥ forward as the GPU work unit queues them)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from labeler.bench_generate import BenchReport, _overlapped_rate
+
+
+def _report(device: str, **figures) -> BenchReport:
+    base = dict(device=device, model="m", batch_views=256, amp="bf16", views_per_sample=8, decode_workers=16,
+                decode_pool="process", shards_in_flight=18, store_writers=4, render_backend="torch",
+                pipeline_compiled=True, channels_last=True, pipeline_views=25600, pipeline_seconds=3.0,
+                eager_rate=4000.0, compiled_rate=10000.0, graphed_rate=9600.0, flops_per_view=14e9, peak_tflops=989.0,
+                render_rate=96000.0, batches=100,
+                phase_seconds={"copy": 0.4, "render": 0.3, "forward": 2.7}, issue_seconds={})
+    return BenchReport(**{**base, **figures})
+
+
+def test_on_a_gpu_only_the_forward_keeps_the_compute_stream_busy_and_the_measured_overlap_is_the_ceiling():
+    report = _report("NVIDIA H200", overlapped_rate=9400.0)
+    out = report.format()
+    assert report.busy_phases == ("forward",)
+    assert report.device_ceiling == 9400.0
+    serial = 1 / (1 / 96000 + 1 / 9600)
+    assert report.serial_ceiling == pytest.approx(serial)
+    assert re.search(rf"render \+ forward +{serial:.1f} views/s +\(one after the other on one stream\) / compiled "
+                     rf"forward = {serial / 10000:.2f}", out), out
+    assert re.search(r"render ∥ forward +9400\.0 views/s .*its device ceiling\) / compiled forward = 0\.94", out), out
+    # The render ran beside the forward: the compute stream idled 3.0 − 2.7 s, not 3.0 − (0.3 + 2.7).
+    assert re.search(r"device idle +0\.30 s +10\.0 %  wall − \(forward\): the device's compute waited for decoded "
+                     r"batches, copies or renders", out), out
+    assert "27.0 ms of forward on the device per batch" in out
+
+
+def test_on_a_cpu_render_and_forward_run_one_after_the_other():
+    report = _report("cpu", compiled_rate=None, graphed_rate=None, pipeline_compiled=False)
+    out = report.format()
+    assert report.busy_phases == ("render", "forward") and report.overlapped_rate is None
+    assert report.device_ceiling == pytest.approx(1 / (1 / 96000 + 1 / 4000))
+    assert "render ∥ forward" not in out
+    assert re.search(r"render \+ forward +\d+\.\d views/s +\(one after the other on one stream: the pipeline's "
+                     r"device ceiling\)", out), out
+    assert re.search(r"device idle +0\.00 s +0\.0 %  wall − \(render \+ forward\)", out), out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_overlapped_rate_feeds_the_teacher_each_rendered_batch_after_its_render():
+    """The side-stream render and the compute-stream teacher call are ordered by an event: every call sees its
+    own batch's finished render (a missing wait would read a half-written buffer)."""
+    views = torch.zeros((64, 3, 224, 224), dtype=torch.uint8, device="cuda")
+    calls = {"n": 0}
+    seen: list[torch.Tensor] = []
+
+    def render() -> torch.Tensor:
+        calls["n"] += 1
+        out = torch.empty_like(views)
+        big = torch.randn(2048, 2048, device="cuda")
+        for _ in range(8):  # slow the render down, so an unordered reader would see it unfinished
+            big = big @ big / 2048
+        out.fill_(calls["n"] % 251)
+        return out
+
+    def teacher(batch: torch.Tensor) -> None:
+        seen.append(batch.float().mean().reshape(1))
+
+    rate = _overlapped_rate(render, teacher, views, batches=5)
+    assert rate > 0
+    assert [int(v.item()) for v in seen] == list(range(1, 7))  # the untimed first call, then 5 timed ones
