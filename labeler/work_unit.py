@@ -539,7 +539,8 @@ class ShardLabeler:
 
         On a GPU the copy and the render go on the side stream and only the teacher on the compute stream, which
         waits for them by an event: the next batch is uploaded and rendered while this one's forward runs, so the
-        render costs the forward no time (serial, it would have to fit in a few percent of it)."""
+        render overlaps the forward instead of adding to it (queued behind it, it would have to fit in a few
+        percent of the forward's time)."""
         self.batches += 1
         host, params = self._host_batch(pieces)
         side = self._side_stream
