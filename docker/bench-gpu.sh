@@ -57,7 +57,7 @@ for g in generate_tiny generate_small generate_large; do
     "decode alone $(grep -m1 '^decode workers alone' "$f" | awk '{print $4}')" \
     "compiled $(grep -m1 '^bare forward compiled' "$f" | awk '{print $4}')" \
     "graphed $(grep -m1 '^graphed forward' "$f" | awk '{print $5}')" "$(grep -m1 '^pipeline / ' "$f")"
-  grep -E -m6 '^(pipeline, steady|render alone|render \+ forward|render ∥ forward|device loop:)' "$f" | sed 's/^/                /'
+  grep -E -m7 '^(pipeline, steady|render alone|render \+ forward|render ∥ forward|pipeline / device ceiling|device loop:)' "$f" | sed 's/^/                /'
   grep -m1 '^device loop host work' "$f" | sed 's/^/                /'
   grep -A 24 -m1 '^profile of' "$f" | grep -E 'Name|^ *[a-zA-Z_].*[0-9]+\.[0-9]+(us|ms|s) ' | head -16  # top kernels
 done

@@ -136,7 +136,11 @@ class BenchReport:
     def busy_phases(self) -> tuple[str, ...]:
         """The phases the device's compute could not overlap: the forward on a GPU (copy and render run beside
         it on the side stream), render and forward on a CPU."""
-        return ("render",) + COMPUTE_PHASES if self.device.startswith("cpu") else COMPUTE_PHASES
+        return ("render",) + COMPUTE_PHASES if self.on_cpu else COMPUTE_PHASES
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.startswith("cpu")
 
     def tflops(self, rate: float) -> float:
         return rate * self.flops_per_view / 1e12
@@ -194,22 +198,24 @@ class BenchReport:
                f"stream during the previous batch's forward, as the pipeline queues them: its device ceiling) / "
                f"{ref_name} forward = {self.overlapped_rate / reference:.2f}"]
               if self.overlapped_rate is not None else []),
+            *([f"pipeline / device ceiling = {self.pipeline_rate / self.device_ceiling:.2f} (the rest: the device "
+               f"waited for the host side)"] if self.device_ceiling else []),
             f"wall-time breakdown of the pipeline ({wall:.2f} s):",
         ]
         for phase in PHASES:
             sec = self.phase_seconds.get(phase, 0.0)
             issued = (f" (the host took {self.issue_seconds[phase]:.2f} s to issue it)"
-                      if phase in self.issue_seconds and not self.device.startswith("cpu") else "")
+                      if phase in self.issue_seconds and not self.on_cpu else "")
             lines.append(f"  {phase:12s} {sec:8.2f} s  {100 * sec / wall:6.1f} %  {PHASE_NOTES[phase]}{issued}")
         idle = max(0.0, wall - busy)
-        waited = "decoded batches, copies or renders" if busy_name == "forward" else "decoded batches or copies"
+        waited = "decoded batches or copies" if self.on_cpu else "decoded batches, copies or renders"
         lines.append(f"  {'device idle':12s} {idle:8.2f} s  {100 * idle / wall:6.1f} %  wall − ({busy_name}): "
                      f"the device's compute waited for {waited} (see decode_wait)")
         if self.batches:
             per = 1e3 / self.batches
             lines.append(f"device loop: {self.batches} batches, {per * wall:.1f} ms of wall and "
                          f"{per * busy:.1f} ms of {busy_name} on the device per batch")
-            if self.device.startswith("cpu"):  # the loop computes each batch itself, partly on torch's threads
+            if self.on_cpu:  # the loop computes each batch itself, partly on torch's threads
                 lines.append(f"device loop host work: {per * self.loop_wall:.1f} ms per batch (on a CPU: the batch's "
                              f"render and forward themselves, and filing its results)")
             else:

@@ -34,6 +34,7 @@ def test_on_a_gpu_only_the_forward_keeps_the_compute_stream_busy_and_the_measure
     assert re.search(r"device idle +0\.30 s +10\.0 %  wall − \(forward\): the device's compute waited for decoded "
                      r"batches, copies or renders", out), out
     assert "27.0 ms of forward on the device per batch" in out
+    assert f"pipeline / device ceiling = {25600 / 3.0 / 9400:.2f} (the rest: the device waited" in out
 
 
 def test_on_a_cpu_render_and_forward_run_one_after_the_other():
