@@ -13,7 +13,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     from timm.layers import DropPath
     from test_train_loop import config
     from trainer.data_config import TokenLabelConfig
-    from trainer.distributed import any_rank, seed_step, shutdown_distributed
+    from trainer.distributed import any_rank, seed_step, shutdown_distributed, sum_over_ranks
     from trainer.run_stage import _prepare, build_model
     from trainer.target_builder import TargetBuilder
 
@@ -41,6 +41,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     out_of_order = {step: draw(again, step) for step in (3, 1, 2, 0)}
     got["again"] = [out_of_order[step] for step in range(4)]
     assert any_rank(info, rank == 1) == [True]  # the control-flag all-reduce agrees across ranks
+    assert sum_over_ranks(info, rank + 1, 5) == [3, 10]  # host counts (skipped samples) summed on the same group
     torch.save(got, f"{out}/rank{rank}.pt")
     shutdown_distributed(info)
 
@@ -61,3 +62,10 @@ def test_ranks_draw_differently_and_repeat_on_rerun(tmp_path):
             assert sa["lam"] == sb["lam"] and sa["kind"] == sb["kind"]
             for key in ("images", "cls", "tokens", "drop"):
                 assert torch.equal(sa[key], sb[key]), key
+
+
+def test_one_process_sums_and_flags_are_its_own():
+    from trainer.distributed import DistInfo, any_rank, sum_over_ranks
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert sum_over_ranks(info, 4, 0) == [4, 0]
+    assert any_rank(info, True, False) == [True, False]

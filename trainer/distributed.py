@@ -93,15 +93,21 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 
 def any_rank(info: DistInfo, *flags: bool) -> list[bool]:
     """For each flag: is it set on any rank? A CPU all-reduce (gloo), so the GPU queue is never waited on."""
+    return [total > 0 for total in sum_over_ranks(info, *(int(bool(f)) for f in flags))]
+
+
+def sum_over_ranks(info: DistInfo, *counts: int) -> list[int]:
+    """Host integers (skipped samples, flags) summed over ranks on the CPU (gloo) group: a device tensor and
+    `.item()` would wait for every step still queued on the GPU."""
     if not info.distributed:
-        return [bool(f) for f in flags]
-    t = torch.tensor([float(bool(f)) for f in flags])
+        return [int(c) for c in counts]
+    t = torch.tensor([int(c) for c in counts], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_CONTROL_GROUP)
-    return [bool(v > 0) for v in t.tolist()]
+    return [int(v) for v in t.tolist()]
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum a tensor over ranks (identity on one process); used for eval counts and NaN agreement."""
+    """Sum a device tensor over ranks (identity on one process): gradients, eval counts."""
     if info.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t

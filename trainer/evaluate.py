@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from labeler.models import create_token_model, load_checkpoint
-from trainer.distributed import DistInfo, all_reduce_sum
+from trainer.distributed import DistInfo, all_reduce_sum, sum_over_ranks
 from trainer.loader import build_eval_loader
 from trainer.loop import amp_context
 from trainer.robustness import (
@@ -230,7 +230,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, model_name: str | None, num_c
         counts = count_correct(model, loader, device=info.device, mean=data.mean, std=data.std, amp=amp,
                                class_subset=subset, label_space=label_space, where=where)
         out = reduce_counts(counts, info).summary()
-        skipped = int(all_reduce_sum(torch.tensor([float(loader.num_skipped)], device=info.device), info).item())
+        skipped, = sum_over_ranks(info, loader.num_skipped)
         return {**out, "skipped_samples": skipped}
 
     report = EvalReport(checkpoint=str(checkpoint), clean=accuracy(clean_shards, "clean"))

@@ -31,7 +31,7 @@ from trainer.checkpoint import (
 )
 from trainer.checkpoint_writer import CheckpointWriter
 from trainer.config import TrainConfig
-from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, seed_step, wrap_ddp
+from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, seed_step, sum_over_ranks, wrap_ddp
 from trainer.errors import NonFiniteLoss, TrainCheckpointError
 from trainer.losses import LossTerms
 from trainer.optim import create_optimizer, create_scheduler
@@ -328,7 +328,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
 
                 # -- end of epoch: the data position resets, a checkpoint is written --
                 skipped = int(_position(rank_position).get("skipped", skipped))
-                skipped = int(all_reduce_sum(torch.tensor([float(skipped)], device=device), info).item())
+                skipped, = sum_over_ranks(info, skipped)  # a host count: summed on the CPU group, not via the GPU
                 log.record("epoch", epoch=state.epoch, update=state.global_update, loss=last_loss,
                            lr=optimizer.param_groups[0]["lr"], skipped_samples=skipped,
                            images_per_s=round(seen * info.world_size / max(time.perf_counter() - t0, 1e-9), 2))
