@@ -70,10 +70,28 @@ class GraphedFunction:
             for _ in range(WARMUP_CALLS):
                 self.fn(self._input)
         torch.cuda.current_stream(x.device).wait_stream(side)
+        caller = torch.cuda.current_stream(x.device)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls other threads of the process make meanwhile (pinned buffers, copies) are
-        # not part of this capture and do not break it.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = self.fn(self._input)
+        try:
+            # thread_local: CUDA calls other threads of the process make meanwhile (pinned buffers, copies) are
+            # not part of this capture and do not break it.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                outputs = self.fn(self._input)
+        except RuntimeError:
+            torch.cuda.set_stream(caller)  # torch's capture stream can stay current after a failure
+            end_failed_capture(x.device)
+            raise
         self._outputs = tuple(outputs)
         self._graph = graph
+
+
+def end_failed_capture(device: torch.device) -> None:
+    """Leave the device's random generator usable after a capture that failed.
+
+    A capture marks the device's default generator as capturing and only a capture that ends cleanly unmarks
+    it; after a failed one every later random op on the device (dropout, `randn`, a Gumbel draw) raises
+    "Offset increment outside graph capture". One clean capture of a one-element add unmarks it."""
+    scratch = torch.zeros(1, device=device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        scratch.add_(1)

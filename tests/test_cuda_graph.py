@@ -111,7 +111,7 @@ def test_the_gpu_default_teacher_compiled_graphed_channels_last_labels_like_the_
 
 
 @cuda
-def test_a_function_that_syncs_cannot_be_captured_and_runs_directly():  # last: a failed capture
+def test_a_function_that_syncs_cannot_be_captured_and_runs_directly():
     def fn(x):
         scale = float(x.float().mean())  # a host read: not capturable
         return (x.float() * scale,)
@@ -122,4 +122,9 @@ def test_a_function_that_syncs_cannot_be_captured_and_runs_directly():  # last: 
         out = graphed(x)
     torch.testing.assert_close(out[0], fn(x)[0])
     assert not graphed.captured and graphed.failed
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the caller's stream, not the capture's
     torch.testing.assert_close(graphed(x)[0], fn(x)[0])  # later calls: directly, no new warning needed
+    # The failed capture left the device's random generator usable (torch leaves it marked as capturing).
+    assert torch.randn(64, device="cuda").isfinite().all()
+    with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):  # and later captures work
+        torch.randn(64, device="cuda")
