@@ -95,6 +95,8 @@ class BenchReport:
     decode_rate: float = 0.0  # views/s the decode workers alone deliver (images/s × S)
     phase_seconds: dict = field(default_factory=dict)
     issue_seconds: dict = field(default_factory=dict)  # host seconds issuing each device phase
+    issue_max: dict = field(default_factory=dict)  # ... the longest single batch's issue of each
+    pipeline_compiles: int = 0  # graphs torch.compile built while the pipeline was timed (0: all before)
     batches: int = 0  # forward batches the pipeline ran (padded ones included)
     profile: str | None = None  # torch.profiler's table of `profile_batches` teacher batches (labeler.kernel_profile)
     profile_batches: int = 0
@@ -200,11 +202,14 @@ class BenchReport:
               if self.overlapped_rate is not None else []),
             *([f"pipeline / device ceiling = {self.pipeline_rate / self.device_ceiling:.2f} (the rest: the device "
                f"waited for the host side)"] if self.device_ceiling else []),
+            f"torch.compile during the timed pipeline: {self.pipeline_compiles} graph(s) built"
+            + (" (a compile the warm-up missed: its seconds count in the pipeline)" if self.pipeline_compiles else ""),
             f"wall-time breakdown of the pipeline ({wall:.2f} s):",
         ]
         for phase in PHASES:
             sec = self.phase_seconds.get(phase, 0.0)
-            issued = (f" (the host took {self.issue_seconds[phase]:.2f} s to issue it)"
+            longest = (f", its longest batch {1e3 * self.issue_max[phase]:.1f} ms" if phase in self.issue_max else "")
+            issued = (f" (the host took {self.issue_seconds[phase]:.2f} s to issue it{longest})"
                       if phase in self.issue_seconds and not self.on_cpu else "")
             lines.append(f"  {phase:12s} {sec:8.2f} s  {100 * sec / wall:6.1f} %  {PHASE_NOTES[phase]}{issued}")
         idle = max(0.0, wall - busy)
@@ -229,6 +234,13 @@ class BenchReport:
                          f"runs them, kernel by kernel; torch.profiler, top {PROFILE_ROWS} by self time on the device):")
             lines += self.profile.splitlines()
         return "\n".join(lines)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (Dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _rate(call: Callable[[torch.Tensor], object], views: torch.Tensor, batches: int, sync) -> float:
@@ -341,9 +353,11 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         before, issued_before, batches_before = dict(clock.seconds), dict(clock.issue_seconds), work.batches
         loop_before = (clock.loop_wall, clock.loop_cpu)
         clock.reset_span()
+        graphs_before = compiled_graphs()
         start = time.perf_counter()
         outcomes = list(work.label_shards(range(len(urls))))
         end = time.perf_counter()
+        pipeline_compiles = compiled_graphs() - graphs_before
         pipeline_seconds = end - start
         ramp = (clock.first_launch - start) if clock.first_launch is not None else 0.0
         drain = (end - clock.last_filed) if clock.last_filed is not None else 0.0
@@ -413,6 +427,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                        pipeline_seconds=pipeline_seconds, eager_rate=eager_rate, compiled_rate=compiled_rate,
                        graphed_rate=graphed_rate,
                        flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases, issue_seconds=issued,
+                       issue_max=dict(work.clock.issue_max), pipeline_compiles=pipeline_compiles,
                        batches=work.batches - batches_before, profile=profile, profile_batches=profile_batches,
                        decode_rate=decode_rate, render_rate=render_rate, render_eager_rate=render_eager_rate,
                        overlapped_rate=overlapped_rate,

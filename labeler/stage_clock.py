@@ -29,6 +29,8 @@ class StageClock:
         # Host seconds spent issuing each device phase: when they approach the phase's device seconds, the
         # device ran as fast as the host could queue its work (host-bound), not as fast as it computes.
         self.issue_seconds = {p: 0.0 for p in DEVICE_PHASES}
+        # The longest single issue of each: a one-off (a compile in the first batch) or a steady cost per batch.
+        self.issue_max = {p: 0.0 for p in DEVICE_PHASES}
         # The device loop's own host work (issuing each batch, filing its results; its waits left out): wall
         # seconds and the loop thread's CPU seconds. Wall well above CPU means the thread was runnable but not
         # running: waiting for the GIL (held by another thread of the process) or for a free core.
@@ -72,8 +74,10 @@ class StageClock:
         self.last_filed = time.perf_counter()
 
     def reset_span(self) -> None:
-        """Forget the first launch and last filing (a bench starts its timed run here)."""
+        """Forget the first launch, the last filing and the longest issues (a bench starts its timed run here)."""
         self.first_launch = self.last_filed = None
+        with self._lock:
+            self.issue_max = {p: 0.0 for p in DEVICE_PHASES}
 
     @contextlib.contextmanager
     def device(self, phase: str, stream: "torch.cuda.Stream | None" = None) -> Iterator[None]:
@@ -82,7 +86,9 @@ class StageClock:
             with self.host(phase):
                 yield
             with self._lock:
-                self.issue_seconds[phase] += self.seconds[phase] - before
+                took = self.seconds[phase] - before
+                self.issue_seconds[phase] += took
+                self.issue_max[phase] = max(self.issue_max[phase], took)
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
@@ -91,8 +97,10 @@ class StageClock:
             yield
         finally:
             end.record(stream)
+            took = time.perf_counter() - issued
             with self._lock:
-                self.issue_seconds[phase] += time.perf_counter() - issued
+                self.issue_seconds[phase] += took
+                self.issue_max[phase] = max(self.issue_max[phase], took)
                 self._events.append((phase, start, end))
 
     def resolve(self, block: bool = True) -> dict[str, float]:

@@ -47,7 +47,7 @@ from labeler.device import resolve_device, to_device
 from labeler.flat_images import FlatImages, pad_images, upload_flat
 from labeler.models import create_token_model
 from labeler.models.checkpoint import load_checkpoint
-from labeler.render_batch import SourceBatch, render_batch
+from labeler.render_batch import SourceBatch, render_batch, warm_up_render
 from labeler.shard_results import ResultBuffers, ShardRows
 from labeler.stage_clock import PHASES, StageClock
 from labeler.store_writers import StoreWriters
@@ -247,6 +247,7 @@ class ShardLabeler:
         self._loop: threading.Thread | None = None
         self._active = 0  # shards being labelled now (calls in progress)
         self._loop_error: str | None = None
+        self._ready = threading.Event()  # set by the device loop once warmed up (`start(wait=True)` waits)
 
     @property
     def views_per_batch(self) -> int:
@@ -267,12 +268,16 @@ class ShardLabeler:
             if self._decoder is None:
                 self._decoder = DecodeWorkers(self.decode_workers, self.decode_pool)
             if self._loop is None or not self._loop.is_alive():
+                self._ready = threading.Event()
                 self._loop = threading.Thread(target=self._device_loop, name="stl-device-loop", daemon=True)
                 self._loop.start()
-            decoder = self._decoder
+            decoder, ready = self._decoder, self._ready
         if wait:
             decoder.wait_ready()
             self.writers.start()
+            ready.wait()  # the device loop's warm-up (the compiled render) is done
+            if self._loop_error is not None:
+                raise RuntimeError(f"the work unit's device loop stopped: {self._loop_error}")
         return decoder
 
     def close(self) -> None:
@@ -394,14 +399,25 @@ class ShardLabeler:
     # --- the device loop (one thread) ---------------------------------------------------------------------
     def _device_loop(self) -> None:
         try:
+            self._prepare_device()
+            self._ready.set()
             self._run_device_loop()
         except BaseException as e:  # a bug, not a device error (those fail their batch's shards): say so
             self._loop_error = f"{type(e).__name__}: {e}"
             raise
+        finally:
+            self._ready.set()  # after an error too (set after `_loop_error`): `start(wait=True)` reports it
 
-    def _run_device_loop(self) -> None:
+    def _prepare_device(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if self.render_backend == "torch" and self.teacher.compiled:
+            # The compiled render is built here, before the first batch: a job's compile overlaps its decode
+            # processes' start-up, and it is built on the thread and stream that render every batch.
+            with _on_stream(self._side_stream):
+                warm_up_render(self.spec.view_spec, self.spec.views, self.device, compiled=True)
+
+    def _run_device_loop(self) -> None:
         pending: deque[_Piece] = deque()  # images not in a batch yet, in arrival order
         count = 0  # valid images in `pending`
         in_flight: deque[_InFlight] = deque()  # launched, results not filed yet, oldest first

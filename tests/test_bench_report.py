@@ -37,6 +37,18 @@ def test_on_a_gpu_only_the_forward_keeps_the_compute_stream_busy_and_the_measure
     assert f"pipeline / device ceiling = {25600 / 3.0 / 9400:.2f} (the rest: the device waited" in out
 
 
+def test_a_gpu_report_says_the_longest_issue_of_each_device_phase_and_the_compiles_inside_the_timed_run():
+    report = _report("NVIDIA H200", issue_seconds={"copy": 1.33, "render": 7.0, "forward": 0.1},
+                     issue_max={"copy": 0.02, "render": 6.1, "forward": 0.004}, pipeline_compiles=2)
+    out = report.format()
+    assert "(the host took 7.00 s to issue it, its longest batch 6100.0 ms)" in out, out
+    assert "(the host took 0.10 s to issue it, its longest batch 4.0 ms)" in out, out
+    assert ("torch.compile during the timed pipeline: 2 graph(s) built (a compile the warm-up missed: its seconds "
+            "count in the pipeline)") in out, out
+    clean = _report("NVIDIA H200").format()
+    assert "torch.compile during the timed pipeline: 0 graph(s) built\n" in clean, clean
+
+
 def test_on_a_cpu_render_and_forward_run_one_after_the_other():
     report = _report("cpu", compiled_rate=None, graphed_rate=None, pipeline_compiled=False)
     out = report.format()

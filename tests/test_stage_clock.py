@@ -20,6 +20,13 @@ def test_phases_add_up_and_device_phases_record_their_issue_time_on_cpu():
     assert clock.seconds["write"] >= 0.02 and clock.seconds["decode"] == 1.5
     assert clock.seconds["render"] >= 0.03 and clock.issue_seconds["render"] == clock.seconds["render"]
     assert clock.issue_seconds["forward"] == 0.0 and clock.resolve()["render"] == clock.seconds["render"]
+    longest = clock.issue_max["render"]
+    assert longest == clock.issue_seconds["render"]
+    with clock.device("render"):  # a shorter batch: the longest stays
+        pass
+    assert clock.issue_max["render"] == longest and clock.issue_seconds["render"] > longest
+    clock.reset_span()  # a bench's timed run starts: its own longest batches
+    assert clock.issue_max == {p: 0.0 for p in DEVICE_PHASES}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

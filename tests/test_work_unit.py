@@ -321,3 +321,45 @@ def test_the_device_loop_keeps_two_batches_queued_while_it_files_the_oldest(shar
     for n in (1, 2, 3):  # batch n is filed after batch n + 2 was launched
         assert events.index(("file", n)) > events.index(("launch", n + 2))
     assert LabelStore.open(store).samples["valid"][:5].all()
+
+
+def _warm_up_unit(tmp_path, shard_paths):
+    spec = build_labeler_spec(name="t", model=MODEL, num_classes=10, views=VIEWS, topk=4)
+    store, _ = open_labeler_store(str(tmp_path / "w.zarr"), seed=3, rows_per_chunk=8, spec=spec)
+    store.register_shards([(p, count_samples(p)) for p in shard_paths])
+    teacher = build_teacher(spec, WorkerSettings(checkpoint=None, amp="none"), torch.device("cpu"))
+    teacher.compiled = True  # as on a GPU (the warm-up itself is replaced: compiling here would take minutes)
+    settings = WorkerSettings(checkpoint=None, batch_size=6, amp="none", device="cpu", render_backend="torch",
+                              decode_workers=1)
+    return ShardLabeler(store.path, "t", settings, teacher=teacher)
+
+
+def test_the_device_loop_builds_the_compiled_render_before_start_returns(shards, tmp_path, monkeypatch):
+    import labeler.work_unit as work_unit
+
+    seen = []
+
+    def warm_up(view_spec, views, device, compiled):
+        time.sleep(0.2)  # start(wait=True) must wait for it
+        seen.append((threading.current_thread().name, views, str(device), compiled))
+
+    monkeypatch.setattr(work_unit, "warm_up_render", warm_up)
+    with _warm_up_unit(tmp_path, shards) as work:
+        work.start(wait=True)
+        assert seen == [("stl-device-loop", VIEWS, "cpu", True)]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop thread re-raises
+def test_a_device_loop_that_fails_its_warm_up_is_reported_by_start(shards, tmp_path, monkeypatch):
+    import labeler.work_unit as work_unit
+
+    def warm_up(*args, **kwargs):
+        raise ValueError("no compiler")
+
+    monkeypatch.setattr(work_unit, "warm_up_render", warm_up)
+    work = _warm_up_unit(tmp_path, shards)
+    try:
+        with pytest.raises(RuntimeError, match="device loop stopped: ValueError: no compiler"):
+            work.start(wait=True)
+    finally:
+        work.close()
