@@ -14,10 +14,11 @@ out=${1:-bench_out}; mkdir -p "$out"
 PY=${PY:-python3}; SHARDS=${SHARDS:-28}; PER_SHARD=${PER_SHARD:-143}; VIEWS=${VIEWS:-8}
 TRAIN_SECONDS=${TRAIN_SECONDS:-20}; WORKERS=${WORKERS:-14}; BATCH=${BATCH:-128}; DATA=${DATA:-/tmp/stl-bench}
 TINY=${TINY:-fan_tiny_8_p4_hybrid_token}; SMALL=${SMALL:-fan_small_12_p4_hybrid_token}; LARGE=${LARGE:-fan_large_16_p4_hybrid_token}
-FWD_BATCHES=${FWD_BATCHES:-40}; STEPS=${STEPS:-shards generate_small train_small generate_tiny generate_large jpeg cuda_tests}
-CUDA_TESTS=${CUDA_TESTS:-tests/test_render_batch.py tests/test_photometric_torch.py tests/test_hot_loop_sync.py tests/test_optim.py tests/test_to_device.py tests/test_source_footprint.py::test_cuda_regions_within_the_render_bound_of_whole_images tests/test_work_unit_cuda.py tests/test_cuda_graph.py tests/test_stage_clock.py tests/test_step_timing.py tests/test_flat_images.py tests/test_checkpoint_writer.py tests/test_bench_report.py}
+FWD_BATCHES=${FWD_BATCHES:-40}; STEPS=${STEPS:-shards generate_small depthwise train_small generate_tiny generate_large jpeg cuda_tests}
+CUDA_TESTS=${CUDA_TESTS:-tests/test_render_batch.py tests/test_photometric_torch.py tests/test_hot_loop_sync.py tests/test_optim.py tests/test_to_device.py tests/test_source_footprint.py::test_cuda_regions_within_the_render_bound_of_whole_images tests/test_work_unit_cuda.py tests/test_cuda_graph.py tests/test_stage_clock.py tests/test_step_timing.py tests/test_flat_images.py tests/test_checkpoint_writer.py tests/test_bench_report.py tests/test_fan_models.py}
 EXTRA=${EXTRA:-}   # e.g. "--input-size 64 --device cpu" for a CPU dry run (JPEG_EXTRA="--device cpu --limit 16"
-                   # keeps the jpeg step, a FAN-S forward at 224 px, inside its limit on a 2-core CPU)
+                   # keeps the jpeg step, a FAN-S forward at 224 px, inside its limit on a 2-core CPU; DEPTHWISE_EXTRA
+                   # likewise, e.g. "--device cpu --model fan_test_p4_hybrid_token --input-size 32 --batches 1")
 last=$(printf '%06d' $((SHARDS - 1)))
 all="$DATA/bench-{000000..$last}.tar"
 train_shards=$SHARDS  # fewer shards than workers (or WORKERS=0): all of them
@@ -44,7 +45,8 @@ if [ -f "$DATA/bench-$last.tar" ]; then echo "=== shards: already in $DATA (a se
 else step shards 35 "${labels[@]}" bench shards "$DATA" --shards "$SHARDS" --per-shard "$PER_SHARD"; fi
 gen=(bench generate --shards "$all" --views "$VIEWS" --batch-size 256 --amp bf16 --forward-batches "$FWD_BATCHES")
 step generate_small 150 "${labels[@]}" "${gen[@]}" --model "$SMALL" --keep-store "$DATA/labels.zarr" --profile-batches 3 $EXTRA
-step train_small 260 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 --profile-steps 5 ${TRAIN_EXTRA:-}
+step depthwise 200 "${labels[@]}" bench depthwise --model "$SMALL" --batch-size 256 --train-batch "$BATCH" --batches 20 --amp bf16 ${DEPTHWISE_EXTRA:-}
+step train_small 300 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 --profile-steps 5 ${TRAIN_EXTRA:-}
 step generate_tiny 100 "${labels[@]}" "${gen[@]}" --model "$TINY" $EXTRA
 step generate_large 110 "${labels[@]}" "${gen[@]}" --model "$LARGE" $EXTRA
 step jpeg 30 "${labels[@]}" bench jpeg --shards "$all" --model "$SMALL" --limit 256 ${JPEG_EXTRA:-}
@@ -59,8 +61,10 @@ for g in generate_tiny generate_small generate_large; do
     "graphed $(grep -m1 '^graphed forward' "$f" | awk '{print $5}')" "$(grep -m1 '^pipeline / ' "$f")"
   grep -E -m7 '^(pipeline, steady|render alone|render \+ forward|render ∥ forward|pipeline / device ceiling|device loop:)' "$f" | sed 's/^/                /'
   grep -m1 '^device loop host work' "$f" | sed 's/^/                /'
+  grep -E -m3 '^(torch.compile during|  render |  copy )' "$f" | sed 's/^/                /'
   grep -A 24 -m1 '^profile of' "$f" | grep -E 'Name|^ *[a-zA-Z_].*[0-9]+\.[0-9]+(us|ms|s) ' | head -16  # top kernels
 done
+[ -f "$out/depthwise.txt" ] && grep -A4 -m1 '^FAN depthwise' "$out/depthwise.txt"
 f="$out/train_small.txt"
 if [ -f "$f" ]; then  # the table, or (a run cut by its limit) the figures it printed as it measured them
   if grep -q '^  ratio ' "$f"; then grep -v '^measured:' "$f" | grep -iE "end to end|step only|ratio|loader|timm|bytes|compile|host ms|phase, variant|^  \([abc]\)" | head -34

@@ -169,6 +169,24 @@ def bench_jpeg_cmd(
     typer.echo(report.format())
 
 
+@bench_app.command("depthwise", cls=HelpCommand)
+def bench_depthwise_cmd(
+    model: str = typer.Option("fan_small_12_p4_hybrid_token", "--model", help="FAN architecture (random weights)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Views per forward batch."),
+    train_batch: int = typer.Option(0, "--train-batch", help="Also time a compiled forward + backward of this many images (0 = no)."),
+    batches: int = typer.Option(20, "--batches", help="Timed calls per figure."),
+    input_size: int = typer.Option(224, "--input-size", help="Input side in pixels."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:i]."),
+    amp: str = typer.Option("bf16", "--amp", help="none | bf16 | fp16."),
+) -> None:
+    """The FAN depthwise branch compiled as fused stencils (the default) vs the depthwise convolutions (cuDNN's on a GPU)."""
+    from labeler.bench_depthwise import bench_depthwise
+
+    with exit_2_on_user_error():
+        figures = bench_depthwise(model, batch_size, amp, input_size, device, batches, train_batch)
+    typer.echo(figures.format())
+
+
 # Defaults of GenerateSettings, shown in --help; a flag overrides a --config preset only when typed
 # (tests/test_cli.py checks these against GenerateSettings).
 GENERATE_DEFAULTS = {"views": 32, "topk": 10, "seed": 0, "batch_size": 256, "amp": "bf16"}

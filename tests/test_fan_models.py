@@ -187,3 +187,68 @@ def test_dynamo_traces_without_graph_breaks(model):
     explanations = [torch._dynamo.explain(fn)(torch.randn(1, 3, 64, 64)) for fn in (model, model.forward_tokens)]
     for explanation in explanations:
         assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_stencil_depthwise_conv_is_the_depthwise_convolution(bias):
+    from labeler.models.fan_layers import depthwise_conv3x3
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=bias)
+    x = torch.randn(2, 5, 7, 6)  # (B, H, W, C): non-square, the border included
+    want = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(depthwise_conv3x3(x, conv.weight, conv.bias), want, atol=1e-6, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the weights cast to the activation's dtype, as autocast does
+        assert depthwise_conv3x3(x.bfloat16(), conv.weight, conv.bias).dtype == torch.bfloat16
+
+
+def _graph_ops(fn, *args) -> list[str]:
+    """The aten/torch ops of the graph torch.compile captures for fn(*args) (no compiler: the graph is only read)."""
+    ops: list[str] = []
+
+    def record(gm, inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=record)(*args)
+    return ops
+
+
+@pytest.mark.skipif(NO_DYNAMO, reason="torch._dynamo does not support this platform / Python")
+def test_compiled_depthwise_branches_are_stencils_unless_set_to_conv(model):
+    from labeler.models.fan_layers import set_depthwise_impl
+
+    x = torch.randn(1, 3, 64, 64)
+    convs = lambda ops: sum("conv2d" in op for op in ops)  # noqa: E731
+    stencil = convs(_graph_ops(model.forward_tokens, x))
+    set_depthwise_impl(model, "conv")
+    conv = convs(_graph_ops(model.forward_tokens, x))
+    blocks = len(model.blocks)
+    assert conv - stencil == 2 * blocks  # two depthwise convolutions per FAN block, now stencils
+    with pytest.raises(ValueError, match="depthwise impl must be one of"):
+        set_depthwise_impl(model, "cudnn")
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(NO_DYNAMO or NO_CXX, reason="torch.compile needs dynamo and a C++ compiler on PATH (CPU backend)")
+def test_the_compiled_stencil_branch_trains_like_the_eager_convolutions():
+    from labeler.models.fan_layers import DepthwiseConvBranch
+
+    torch.manual_seed(0)
+    eager = DepthwiseConvBranch(8).train()
+    compiled_branch = DepthwiseConvBranch(8).train()
+    compiled_branch.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 12, 8)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = eager(xa, (3, 4))
+    want.square().sum().backward()
+    torch._dynamo.reset()
+    out = torch.compile(compiled_branch)(xb, (3, 4))
+    out.square().sum().backward()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-4)
+    for (name, a), b in zip(eager.named_parameters(), compiled_branch.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(compiled_branch.bn.running_mean, eager.bn.running_mean)  # batch statistics too
+    torch._dynamo.reset()

@@ -44,8 +44,32 @@ class TokenMixingAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+def depthwise_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The depthwise 3x3 convolution of `nn.Conv2d(C, C, 3, padding=1, groups=C)` on channels-last tokens:
+    x (B, H, W, C), weight (C, 1, 3, 3), bias (C,) -> (B, H, W, C), as nine shifted multiply-adds.
+
+    torch.compile turns this into one stencil kernel and fuses it with the elementwise ops around it (the
+    GELU and BatchNorm of the branch, the residual); cuDNN's depthwise kernels are separate passes, the
+    largest share of a FAN forward's convolution time. Eagerly it is nine passes: eager calls keep cuDNN
+    (`DepthwiseConvBranch`). Weights are cast to x's dtype, as autocast casts a convolution's."""
+    b, h, w, c = x.shape
+    padded = F.pad(x, (0, 0, 1, 1, 1, 1))  # a zero pixel around H and W, as padding=1
+    taps = weight.reshape(c, 9).to(x.dtype)
+    out = padded[:, 0:h, 0:w] * taps[:, 0]
+    for i in range(1, 9):
+        dy, dx = divmod(i, 3)
+        out = out + padded[:, dy:dy + h, dx:dx + w] * taps[:, i]
+    return out if bias is None else out + bias.to(x.dtype)
+
+
 class DepthwiseConvBranch(nn.Module):
-    """Depthwise 3x3 conv -> GELU -> BatchNorm -> depthwise 3x3 conv on the token grid (`dwconv`)."""
+    """Depthwise 3x3 conv -> GELU -> BatchNorm -> depthwise 3x3 conv on the token grid (`dwconv`).
+
+    Under torch.compile the two convolutions are written as stencils (`depthwise_conv3x3`) so the compiler
+    fuses the branch into a few kernels; `stencil_when_compiled = False` keeps the convolutions there too
+    (`set_depthwise_impl`). Same parameters and checkpoints either way."""
+
+    stencil_when_compiled = True
 
     def __init__(self, channels: int):
         super().__init__()
@@ -55,11 +79,35 @@ class DepthwiseConvBranch(nn.Module):
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript skips this block: no stencils there
+            if self.stencil_when_compiled and torch.compiler.is_compiling():
+                return self._stencils(x, hw)
         b, n, c = x.shape
         # (B, N, C) -> (B, C, H, W) as a channels-last view: no copy.
         y = x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
         y = self.conv2(self.bn(self.act(self.conv1(y))))
         return y.flatten(2).transpose(1, 2)
+
+    @torch.jit.unused
+    def _stencils(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        b, n, c = x.shape
+        y = depthwise_conv3x3(x.reshape(b, hw[0], hw[1], c), self.conv1.weight, self.conv1.bias)
+        y = self.bn(self.act(y).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # BatchNorm2d wants (B, C, H, W)
+        return depthwise_conv3x3(y, self.conv2.weight, self.conv2.bias).reshape(b, n, c)
+
+
+def set_depthwise_impl(model: nn.Module, impl: str) -> nn.Module:
+    """How `model`'s FAN depthwise branches run under torch.compile: "stencil" (the default: fused by the
+    compiler) or "conv" (the convolutions, cuDNN on a GPU, as eagerly). Call before compiling; returns `model`."""
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"depthwise impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+    for m in model.modules():
+        if isinstance(m, DepthwiseConvBranch):
+            m.stencil_when_compiled = impl == "stencil"
+    return model
+
+
+DEPTHWISE_IMPLS = ("stencil", "conv")
 
 
 class ConvMlp(nn.Module):
