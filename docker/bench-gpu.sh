@@ -45,7 +45,7 @@ if [ -f "$DATA/bench-$last.tar" ]; then echo "=== shards: already in $DATA (a se
 else step shards 35 "${labels[@]}" bench shards "$DATA" --shards "$SHARDS" --per-shard "$PER_SHARD"; fi
 gen=(bench generate --shards "$all" --views "$VIEWS" --batch-size 256 --amp bf16 --forward-batches "$FWD_BATCHES")
 step generate_small 150 "${labels[@]}" "${gen[@]}" --model "$SMALL" --keep-store "$DATA/labels.zarr" --profile-batches 3 $EXTRA
-step depthwise 200 "${labels[@]}" bench depthwise --model "$SMALL" --batch-size 256 --train-batch "$BATCH" --batches 20 --amp bf16 ${DEPTHWISE_EXTRA:-}
+step depthwise 120 "${labels[@]}" bench depthwise --model "$SMALL" --batch-size 256 --batches 20 --amp bf16 ${DEPTHWISE_EXTRA:-}
 step train_small 300 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 --profile-steps 5 ${TRAIN_EXTRA:-}
 step generate_tiny 100 "${labels[@]}" "${gen[@]}" --model "$TINY" $EXTRA
 step generate_large 110 "${labels[@]}" "${gen[@]}" --model "$LARGE" $EXTRA
@@ -62,6 +62,7 @@ for g in generate_tiny generate_small generate_large; do
   grep -E -m7 '^(pipeline, steady|render alone|render \+ forward|render ∥ forward|pipeline / device ceiling|device loop:)' "$f" | sed 's/^/                /'
   grep -m1 '^device loop host work' "$f" | sed 's/^/                /'
   grep -E -m3 '^(torch.compile during|  render |  copy )' "$f" | sed 's/^/                /'
+  grep -A8 -m1 '^device loop thread, where' "$f" | sed 's/^/                /'
   grep -A 24 -m1 '^profile of' "$f" | grep -E 'Name|^ *[a-zA-Z_].*[0-9]+\.[0-9]+(us|ms|s) ' | head -16  # top kernels
 done
 [ -f "$out/depthwise.txt" ] && grep -A4 -m1 '^FAN depthwise' "$out/depthwise.txt"
@@ -70,6 +71,7 @@ if [ -f "$f" ]; then  # the table, or (a run cut by its limit) the figures it pr
   if grep -q '^  ratio ' "$f"; then grep -v '^measured:' "$f" | grep -iE "end to end|step only|ratio|loader|timm|bytes|compile|host ms|phase, variant|^  \([abc]\)" | head -34
   else grep '^measured:' "$f"; fi
   grep -A 24 -m1 'measured: profile of' "$f" | grep -E 'Name|^ *[a-zA-Z_].*[0-9]+\.[0-9]+(us|ms|s) ' | head -16  # the top kernels
+  grep -A10 -m1 'the loop thread in' "$f"
 fi
 for g in generate_tiny generate_small generate_large; do  # steps cut by their limit: what they measured
   f="$out/$g.txt"; [ -f "$f" ] && ! grep -q '^pipeline ' "$f" && grep '^measured:' "$f" | sed "s/^/$g /"

@@ -26,6 +26,7 @@ from labeler.device import resolve_device
 from labeler.flat_images import upload_flat
 from labeler.kernel_profile import PROFILE_ROWS, profile_calls
 from labeler.render_batch import render_batch, warm_up_render
+from labeler.stack_sampler import StackSampler
 from labeler.stage_clock import COMPUTE_PHASES, DEVICE_PHASES, PHASES
 from labeler.teacher import AMP_DTYPES, Teacher, resolve_compile
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
@@ -36,6 +37,8 @@ from labelstore.shard_format import count_samples, expand_shard_urls
 BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 SXM", 989.0), ("H100 80GB HBM3", 989.0), ("H100 PCIe", 756.0),
                     ("A100", 312.0))
 
+LOOP_SAMPLE_S = 0.005  # the device loop thread's stack, sampled this often during the timed pipeline
+LOOP_STACK_ROWS = 12
 PHASE_NOTES = {
     "read": "tar reading, busy seconds summed over the decode workers",
     "decode": "JPEG decode + view params (+ Pillow render on CPU), summed over the decode workers",
@@ -97,6 +100,8 @@ class BenchReport:
     issue_seconds: dict = field(default_factory=dict)  # host seconds issuing each device phase
     issue_max: dict = field(default_factory=dict)  # ... the longest single batch's issue of each
     pipeline_compiles: int = 0  # graphs torch.compile built while the pipeline was timed (0: all before)
+    loop_stacks: tuple = ()  # the device loop thread's most sampled places during the pipeline (StackSampler.top)
+    loop_samples: int = 0
     batches: int = 0  # forward batches the pipeline ran (padded ones included)
     profile: str | None = None  # torch.profiler's table of `profile_batches` teacher batches (labeler.kernel_profile)
     profile_batches: int = 0
@@ -228,6 +233,11 @@ class BenchReport:
                              f"results), {per * self.loop_cpu:.1f} ms of it on a CPU; "
                              f"{per * max(0.0, self.loop_wall - self.loop_cpu):.1f} ms runnable but not running "
                              f"(the GIL held by another thread, or no free core)")
+        if self.loop_stacks:
+            lines.append(f"device loop thread, where its wall time went ({self.loop_samples} samples of its stack "
+                         f"every {1e3 * LOOP_SAMPLE_S:.0f} ms during the pipeline; innermost line of this repository "
+                         f"→ the call it was in):")
+            lines += [f"  {line}" for line in self.loop_stacks]
         if self.profile:
             what = "render + " if self.render_rate is not None else ""
             lines.append(f"profile of {self.profile_batches} batches ({what}forward + top-k + tail as the pipeline "
@@ -354,9 +364,11 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         loop_before = (clock.loop_wall, clock.loop_cpu)
         clock.reset_span()
         graphs_before = compiled_graphs()
+        sampler = StackSampler(work.device_loop_thread, interval=LOOP_SAMPLE_S).start()
         start = time.perf_counter()
         outcomes = list(work.label_shards(range(len(urls))))
         end = time.perf_counter()
+        sampler.stop()
         pipeline_compiles = compiled_graphs() - graphs_before
         pipeline_seconds = end - start
         ramp = (clock.first_launch - start) if clock.first_launch is not None else 0.0
@@ -428,6 +440,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                        graphed_rate=graphed_rate,
                        flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=phases, issue_seconds=issued,
                        issue_max=dict(work.clock.issue_max), pipeline_compiles=pipeline_compiles,
+                       loop_stacks=tuple(sampler.top(LOOP_STACK_ROWS)), loop_samples=sampler.samples,
                        batches=work.batches - batches_before, profile=profile, profile_batches=profile_batches,
                        decode_rate=decode_rate, render_rate=render_rate, render_eager_rate=render_eager_rate,
                        overlapped_rate=overlapped_rate,

@@ -280,6 +280,13 @@ class ShardLabeler:
                 raise RuntimeError(f"the work unit's device loop stopped: {self._loop_error}")
         return decoder
 
+    @property
+    def device_loop_thread(self) -> threading.Thread:
+        """The thread that issues every batch's device work (started by `start`; a bench samples its stack)."""
+        if self._loop is None:
+            raise RuntimeError("the work unit's device loop has not started: call start() first")
+        return self._loop
+
     def close(self) -> None:
         """Stop the device loop and the decode workers (they are started again by the next call)."""
         with self._lock:

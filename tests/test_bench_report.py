@@ -45,6 +45,11 @@ def test_a_gpu_report_says_the_longest_issue_of_each_device_phase_and_the_compil
     assert "(the host took 0.10 s to issue it, its longest batch 4.0 ms)" in out, out
     assert ("torch.compile during the timed pipeline: 2 graph(s) built (a compile the warm-up missed: its seconds "
             "count in the pipeline)") in out, out
+    assert "device loop thread, where" not in out  # no samples: no section
+    sampled = _report("NVIDIA H200", loop_samples=2000,
+                      loop_stacks=("  55.0 %  labeler/render_batch.py:300 render_batch → __call__ (torch/x.py)",)).format()
+    assert re.search(r"device loop thread, where its wall time went \(2000 samples of its stack every 5 ms during the "
+                     r"pipeline.*\n    55\.0 %  labeler/render_batch\.py:300", sampled), sampled
     clean = _report("NVIDIA H200").format()
     assert "torch.compile during the timed pipeline: 0 graph(s) built\n" in clean, clean
 

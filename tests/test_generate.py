@@ -434,6 +434,10 @@ def test_bench_generate_prints_pipeline_forward_and_phases(data):
     assert not re.search(r"^render \+ forward", out, re.M)  # no device render to add up
     assert "to issue it" not in out  # on CPU the issue time is the phase's own
     assert re.search(r"pipeline / eager \(no compiled figure\) forward = \d+\.\d\d", out)
+    assert "torch.compile during the timed pipeline: 0 graph(s) built" in out  # no compiling here
+    # Where the device loop thread's time went: sampled places, the first a line of this repository.
+    assert re.search(r"device loop thread, where its wall time went \(\d+ samples .*\n +\d+\.\d %  "
+                     r"(labeler|labelstore)/[\w/]+\.py:\d+ ", out), out
     for phase in ("read", "decode", "pin", "decode_wait", "copy", "render", "forward", "result_wait", "file", "write",
                   "device idle"):
         assert re.search(rf"\n  {phase} +\d+\.\d\d s +\d+\.\d %", out), phase

@@ -148,7 +148,8 @@ def test_bench_prints_all_figures_and_ratios(world):
                  "loader wait", "epoch starts", "step only", "(a) no token labels", "(b) stored token labels",
                  "(c) online teacher", "replay loader (ours)", "timm train transform", "ratio b/a end to end",
                  "ratio b/c end to end", "ratio b/a step only", "ratio b end to end / step only", "ratio replay/timm",
-                 "host ms per step", "device behind", "host ms/step: wait"):
+                 "host ms per step", "device behind", "host ms/step: wait",
+                 "the loop thread in (b) stored token labels end to end, where its wall time went"):
         assert text in r.output
     rows = [line.split() for line in r.output.splitlines() if line.strip().startswith(("(a)", "(b)", "(c)"))]
     assert len(rows) == 6 and all(float(row[4]) > 0 for row in rows[:3]), r.output  # end-to-end img/s measured
@@ -159,6 +160,9 @@ def test_bench_prints_all_figures_and_ratios(world):
     assert all(re.search(r" (\d+ × \d+ ms|none) ", line) for line in splits[:3]), r.output
     numbers = [line[43:].split()[:3] for line in splits]  # after the 40-character name: wait, targets, rest
     assert all(float(targets) > 0 and float(rest) > 0 for _, targets, rest in numbers), r.output
+    stacks = r.output.split("where its wall time went")[1].splitlines()[1:4]
+    assert all(re.match(r" +\d+\.\d %  (trainer|labeler|labelstore|pipelines)/[\w/]+\.py:\d+ ", line) for line in stacks), \
+        r.output
 
 
 @pytest.mark.slow

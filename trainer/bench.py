@@ -27,6 +27,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -36,6 +37,7 @@ from labeler.device import prefer_fastest_convolutions
 from labeler.kernel_profile import PROFILE_ROWS, profile_calls
 from labeler.models import TokenForward, create_token_model, token_grid
 from labeler.render_batch import warm_up_render
+from labeler.stack_sampler import StackSampler
 from trainer.checkpoint import StopRequest
 from trainer.config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
 from trainer.data_config import DataConfig, TokenLabelConfig
@@ -52,6 +54,8 @@ from trainer.token_targets import token_targets
 
 VARIANTS = ("a_none", "b_stored", "c_online")
 NAMES = {"a_none": "(a) no token labels", "b_stored": "(b) stored token labels", "c_online": "(c) online teacher"}
+LOOP_SAMPLE_S = 0.005  # the loop thread's stack, sampled this often during (b) end to end
+LOOP_STACK_ROWS = 14
 NO_FULL_BATCH = "bench: the shards yield no full batch in an epoch; lower --batch-size"
 
 
@@ -166,6 +170,8 @@ class BenchFigures:
     step_split: dict = dataclasses.field(default_factory=dict)  # variant -> StepSplit of the step-only run reported
     profile: str | None = None  # torch.profiler's table of `profile_steps` step-only steps of (b)
     profile_steps: int = 0
+    loop_stacks: tuple = ()  # the training loop thread's most sampled places in (b) end to end (StackSampler.top)
+    loop_samples: int = 0
 
     def ratios(self) -> dict:
         s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s
@@ -207,6 +213,11 @@ class BenchFigures:
         lines.append(f"  {'phase, variant':<40} {'loader wait':>11} {'targets':>9} {'model + update':>16}   "
                      f"{'checkpoints':>14}   {'device behind':<22} {allocator}".rstrip())
         lines += [v.row(name) for name, v in splits]
+        if self.loop_stacks:
+            lines.append(f"  the loop thread in {NAMES['b_stored']} end to end, where its wall time went "
+                         f"({self.loop_samples} samples of its stack every {1e3 * LOOP_SAMPLE_S:.0f} ms; innermost "
+                         f"line of this repository → the call it was in):")
+            lines += ["    " + line for line in self.loop_stacks]
         for k, v in self.loader_images_per_s.items():
             label = "replay loader (ours)" if k == "replay" else "timm train transform"
             lines.append(f"  {label:<28} {v:9.1f} images/s  ({self.loader_images} images per run)")
@@ -475,17 +486,22 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                       data=data, tokens=tokens,
                       schedule=ScheduleConfig(epochs=10**6, warmup_epochs=0, cooldown_epochs=0),
                       run=RunConfig(device=str(device), amp=s.amp, tensorboard=False, progress_bar=False))
-    end_to_end = {}
+    end_to_end, loop_sampler = {}, None
     for variant in VARIANTS:
         shared.reset()
         stop = StopRequest()
         timed = TimedBatches(loader_epochs(loader), warmup=s.warmup, seconds=s.seconds, stop=stop, device=device)
-        with tempfile.TemporaryDirectory(prefix="stl-bench-") as out:
+        sampler = StackSampler(interval=LOOP_SAMPLE_S) if variant == "b_stored" else None
+        with tempfile.TemporaryDirectory(prefix="stl-bench-") as out, (sampler or nullcontext()):
             result = train(model=shared.model, arch=s.model, cfg=cfg, out_dir=out, epoch_batches=timed,
                            make_targets=timed.window.targets.wrap(targets_for(variant)),
                            compute_loss=partial(student_loss, beta=1.0), steps_per_epoch=loader.batches_per_epoch(),
                            info=DistInfo(device=device), log=RunLog.disabled(), stop=stop, forward=shared.forward)
         end_to_end[variant] = e2e = timed.figures(result.checkpoint_pauses)
+        loop_sampler = sampler or loop_sampler
+        if sampler is not None:
+            report(f"measured: the loop thread in {NAMES[variant]} end to end, {sampler.samples} samples:\n"
+                   + "\n".join(sampler.top(LOOP_STACK_ROWS)))
         report(f"measured: {NAMES[variant]} end to end {e2e.images_per_s:.1f} img/s, loader wait "
                f"{e2e.loader_wait_s / max(e2e.seconds, 1e-9):.0%} ({e2e.seconds:.1f} s); {e2e.split().describe()}")
 
@@ -509,4 +525,6 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                         loader_images=n_images, augment_on_device=on_device, compile_s=compile_s,
                         compile_mode=s.compile_mode, step_split={v: run[1] for v, run in median.items()},
                         profile=profile, profile_steps=s.profile_steps,
+                        loop_stacks=tuple(loop_sampler.top(LOOP_STACK_ROWS)) if loop_sampler else (),
+                        loop_samples=loop_sampler.samples if loop_sampler else 0,
                         source_kb_per_sample=_source_kb_per_sample(batches))
