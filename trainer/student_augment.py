@@ -19,6 +19,7 @@ from PIL import Image
 from timm.data.random_erasing import RandomErasing  # not exported by timm.data
 
 from labelstore.views import RA_OPS, ViewSpec
+from trainer.batch_erasing import BatchRandomErasing
 from trainer.errors import TrainConfigError
 from trainer.photometric import apply_photometric_pil, draw_photometric
 
@@ -126,7 +127,10 @@ class StudentAugment:
 
 
 def build_random_erasing(probability: float, mode: str, device):
-    """timm's RandomErasing for a normalised (B, 3, H, W) batch on `device`; None when disabled."""
+    """timm's RandomErasing for a normalised (B, 3, H, W) batch on `device`, with timm's boxes: on a GPU
+    applied to the whole batch at once (`BatchRandomErasing`: a few kernels, not a few per image), on a CPU
+    image by image (where a batch-wide noise draw would cost more than the loop); None when disabled."""
     if probability <= 0:
         return None
-    return RandomErasing(probability=probability, mode=mode, max_count=1, num_splits=0, device=str(device))
+    erasing = BatchRandomErasing if torch.device(device).type == "cuda" else RandomErasing
+    return erasing(probability=probability, mode=mode, max_count=1, num_splits=0, device=str(device))
