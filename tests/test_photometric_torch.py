@@ -126,3 +126,18 @@ def test_op_names_are_timms_photometric_inc1_ops_in_timms_order():
 
     geometric = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
     assert OP_NAMES == tuple(op for op in _RAND_INCREASING_TRANSFORMS if op not in geometric)
+
+
+@pytest.mark.parametrize("name", ["Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+                                  "BrightnessIncreasing"])
+def test_host_made_luts_equal_the_device_ops_on_every_level(name):
+    from trainer.photometric_torch import OPS, _apply_lut, _host_levels
+
+    kind = OP_NAMES.index(name)
+    # Every level in every channel, and arguments on and between the rounding and threshold edges.
+    args = np.array([0.0, 0.5, 1.0, 1.5, 2.5, 3.49, 4.0, 7.5, 8.0, 26.0, 127.5, 128.0, 255.9, 256.0, 0.1, 0.55,
+                     1.45, 1.9, 1.0000001, 0.9999999], np.float32)
+    x = torch.arange(256, dtype=torch.uint8).repeat(len(args), 3, 1, 1)  # (n, 3, 1, 256)
+    want = OPS[kind](x, torch.from_numpy(args))
+    lut = torch.from_numpy(_host_levels(kind, args))[:, None].expand(-1, 3, -1)
+    assert torch.equal(_apply_lut(x, lut), want)

@@ -8,7 +8,10 @@ re-does timm's Pillow op (`timm.data.auto_augment`: ImageOps / ImageEnhance) wit
 conventions:
 
 * LUT ops (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd, Brightness, Contrast):
-  a per-sample, per-channel 256-entry table built exactly as Pillow builds it, then one gather;
+  a per-sample, per-channel 256-entry table built exactly as Pillow builds it, then one gather for all
+  the LUT ops of a slot together. The tables that depend on the argument alone (Invert, Posterize,
+  Solarize, SolarizeAdd, Brightness) are made on the host in the same arithmetic and uploaded with the
+  slot: on a GPU every op is a launch issued from Python, and a host-bound step pays for each;
 * blends (Color, Contrast, Brightness, Sharpness): `Image.blend(degenerate, img, f)` =
   trunc(d + f·(x − d)) in float32, clipped to [0, 255], as Pillow's C code;
 * Color's grey is Pillow's RGB→L (R·19595 + G·38470 + B·7471 + 2^15) >> 16; Sharpness's degenerate is
@@ -19,6 +22,8 @@ the mean |Δ| (docs/design.md "The train-time data path").
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,11 +32,20 @@ from labeler.device import to_device
 from trainer.photometric import PHOTOMETRIC_OPS
 
 
+def _table(lut: torch.Tensor) -> torch.Tensor:
+    """A LUT of levels (any integer-valued dtype) → the uint8 table it applies."""
+    return lut.clamp(0, 255).to(torch.uint8)
+
+
+def _apply_table(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x uint8 (n, 3, H, W), table uint8 (n, 3, 256) → uint8 (n, 3, H, W): one gather."""
+    n, c, h, w = x.shape
+    return torch.gather(table, 2, x.reshape(n, c, h * w).long()).view(n, c, h, w)
+
+
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """x uint8 (n, 3, H, W), lut (n, 3, 256) integer → uint8 (n, 3, H, W)."""
-    n, c, h, w = x.shape
-    lut = lut.clamp(0, 255).to(torch.uint8)
-    return torch.gather(lut, 2, x.reshape(n, c, h * w).long()).view(n, c, h, w)
+    return _apply_table(x, _table(lut))
 
 
 def _levels(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -55,26 +69,37 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> t
     return (d + f * (x.to(torch.float32) - d)).clamp_(0, 255).trunc_().to(torch.uint8)
 
 
-def _blend_lut(degenerate: torch.Tensor, factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A blend with a constant degenerate per (sample, channel) as a LUT: (n, 3, 1) degenerate values."""
+def _blend_levels(degenerate: torch.Tensor, factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The LUT of a blend with a constant degenerate per (sample, channel): (n, 3, 1) degenerate values."""
     f = factor.to(torch.float32).view(-1, 1, 1)
     d = degenerate.to(torch.float32)
-    lut = (d + f * (_levels(x) - d)).clamp_(0, 255).trunc_()
-    return _apply_lut(x, lut)
+    return (d + f * (_levels(x) - d)).clamp_(0, 255).trunc_()
 
 
-def auto_contrast(x: torch.Tensor, _arg: torch.Tensor) -> torch.Tensor:
+def _blend_lut(degenerate: torch.Tensor, factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A blend with a constant degenerate per (sample, channel), applied as a LUT."""
+    return _apply_lut(x, _blend_levels(degenerate, factor, x))
+
+
+def auto_contrast(x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+    return _apply_lut(x, auto_contrast_lut(x, arg))
+
+
+def auto_contrast_lut(x: torch.Tensor, _arg: torch.Tensor) -> torch.Tensor:
     # ImageOps.autocontrast(cutoff=0): per channel, scale [lo, hi] to [0, 255] with int() truncation.
     lo = x.amin(dim=(2, 3)).to(torch.float64)[..., None]
     hi = x.amax(dim=(2, 3)).to(torch.float64)[..., None]
     span = (hi - lo).clamp(min=1)
     scale = torch.full_like(span, 255.0) / span  # a true division: `255.0 / t` is a reciprocal product in torch
     lut = (_levels(x, torch.float64) * scale - lo * scale).trunc().clamp(0, 255)
-    lut = torch.where(hi > lo, lut, _levels(x, torch.float64))
-    return _apply_lut(x, lut)
+    return torch.where(hi > lo, lut, _levels(x, torch.float64))
 
 
-def equalize(x: torch.Tensor, _arg: torch.Tensor) -> torch.Tensor:
+def equalize(x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+    return _apply_lut(x, equalize_lut(x, arg))
+
+
+def equalize_lut(x: torch.Tensor, _arg: torch.Tensor) -> torch.Tensor:
     # ImageOps.equalize: step = (count − count of the last used level) // 255; lut[i] = (step//2 + Σ_{j<i} h_j) // step.
     h = _histogram(x)
     levels = torch.arange(256, device=x.device)
@@ -84,8 +109,7 @@ def equalize(x: torch.Tensor, _arg: torch.Tensor) -> torch.Tensor:
     used = (h > 0).sum(dim=2, keepdim=True)
     before = torch.cumsum(h, dim=2) - h
     lut = (step // 2 + before) // step.clamp(min=1)
-    lut = torch.where((used > 1) & (step > 0), lut, levels.expand_as(lut))
-    return _apply_lut(x, lut)
+    return torch.where((used > 1) & (step > 0), lut, levels.expand_as(lut))
 
 
 def invert(x: torch.Tensor, _arg: torch.Tensor) -> torch.Tensor:
@@ -112,9 +136,14 @@ def solarize_add(x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
 
 
 def grey(x: torch.Tensor) -> torch.Tensor:
-    """Pillow's RGB → L (ITU-R 601-2 luma in 16-bit fixed point), (n, 1, H, W) int32."""
-    y = x.to(torch.int32)
-    return (y[:, 0:1] * 19595 + y[:, 1:2] * 38470 + y[:, 2:3] * 7471 + 0x8000) >> 16
+    """Pillow's RGB → L (ITU-R 601-2 luma in 16-bit fixed point), (n, 1, H, W) int64."""
+    weighted = (x.to(torch.int32) * _luma_weights(x.device)).sum(dim=1, keepdim=True)  # exact: integers
+    return (weighted + 0x8000) >> 16
+
+
+@functools.lru_cache(maxsize=None)
+def _luma_weights(device: torch.device) -> torch.Tensor:
+    return to_device(np.array([19595, 38470, 7471], np.int32).reshape(1, 3, 1, 1), device)
 
 
 def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -122,10 +151,14 @@ def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _apply_lut(x, contrast_lut(x, factor))
+
+
+def contrast_lut(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     # ImageEnhance.Contrast: a flat grey image at int(mean(L) + 0.5).
     mean = grey(x).to(torch.float64).mean(dim=(1, 2, 3))
     d = (mean + 0.5).floor().view(-1, 1, 1).expand(-1, 3, 1)
-    return _blend_lut(d, factor, x)
+    return _blend_levels(d, factor, x)
 
 
 def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -135,10 +168,15 @@ def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 _SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
 
 
+@functools.lru_cache(maxsize=None)
+def _smooth_kernel(device: torch.device) -> torch.Tensor:
+    return to_device(_SMOOTH, device)  # once per device, not one upload per call
+
+
 def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     # ImageFilter.SMOOTH, rounded to the nearest level; Pillow leaves the outer ring of pixels unfiltered.
     n, c, h, w = x.shape
-    kernel = to_device(_SMOOTH, x.device).expand(c, 1, 3, 3)
+    kernel = _smooth_kernel(x.device).expand(c, 1, 3, 3)
     smooth = F.conv2d(x.to(torch.float32), kernel, groups=c).add_(0.5).floor_().clamp_(0, 255)
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth.to(torch.uint8)
@@ -146,6 +184,36 @@ def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 OPS = (auto_contrast, equalize, invert, posterize, solarize, solarize_add, color, contrast, brightness, sharpness)
+
+
+def _host_levels(kind: int, args: np.ndarray) -> np.ndarray:
+    """(n, 256) uint8 LUTs of an op whose table depends on its argument alone, made on the host with the
+    device functions' arithmetic (integers; Brightness's float32 product, truncated), so no device op builds them."""
+    levels = np.arange(256, dtype=np.int64)
+    if OPS[kind] is invert:
+        lut = np.broadcast_to(255 - levels, (len(args), 256))
+    elif OPS[kind] is posterize:
+        bits = np.clip(np.round(args), 0, 8).astype(np.int64)  # round half to even, as torch
+        lut = levels[None] & ((0xFF << (8 - bits)) & 0xFF)[:, None]
+    elif OPS[kind] is solarize:
+        lut = np.where(levels[None].astype(np.float32) >= args.astype(np.float32)[:, None], 255 - levels, levels)
+    elif OPS[kind] is solarize_add:
+        add = np.round(args).astype(np.int64)[:, None]
+        lut = np.where(levels[None] < 128, np.clip(levels[None] + add, 0, 255), levels[None])
+    elif OPS[kind] is brightness:  # blend with black: 0 + f · (level − 0) in float32, clipped, truncated
+        lut = np.trunc(np.clip(args.astype(np.float32)[:, None] * levels.astype(np.float32)[None], 0, 255))
+    else:
+        raise ValueError(f"{OPS[kind].__name__} has no host-made LUT")
+    return lut.astype(np.uint8)
+
+
+# How each op of a slot is applied (see apply_photometric): a LUT made on the host, a LUT made on the device from
+# the images' statistics, or the op itself. The slot's rows are sorted in that order, then by op.
+_HOST_LUT = frozenset(OPS.index(op) for op in (invert, posterize, solarize, solarize_add, brightness))
+_DEVICE_LUT = {OPS.index(auto_contrast): auto_contrast_lut, OPS.index(equalize): equalize_lut,
+               OPS.index(contrast): contrast_lut}
+_RANK = np.array([k if k in _HOST_LUT else k + len(OPS) if k in _DEVICE_LUT else k + 2 * len(OPS)
+                  for k in range(len(OPS))])
 
 
 def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tensor:
@@ -171,22 +239,38 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
         return images
     out = images.clone()  # the caller's batch is never changed in place
     device_args = to_device(args, images.device)
+    host_args = args.numpy()
     for slot in range(ops.shape[1]):
         kinds = ops[:, slot]
         rows = np.flatnonzero(kinds >= 0)
         if not len(rows):
             continue
-        # The slot's samples sorted by op: each op's samples are then one contiguous slice of a single gathered
-        # batch (one upload, gather and scatter per slot, not per op: on a GPU every call is a launch).
-        order = rows[np.argsort(kinds[rows], kind="stable")]
-        present, starts = np.unique(kinds[order], return_index=True)
-        bounds = [*starts.tolist(), len(order)]
-        if len(order) == len(ops) and len(present) == 1:  # every sample, one op: no gather needed
-            out = OPS[present[0]](out, device_args[:, slot])
-            continue
-        idx = to_device(order, images.device)
-        picked, picked_args = out[idx], device_args[:, slot][idx]
-        for k, a, b in zip(present.tolist(), bounds[:-1], bounds[1:]):
+        # The slot's samples sorted by how their op applies, then by op: each op's samples are one contiguous
+        # slice of a single gathered batch (one upload, gather and scatter per slot, not per op: on a GPU every
+        # call is a launch), and every LUT op's samples come first, so all of them take one table gather.
+        order = rows[np.argsort(_RANK[kinds[rows]], kind="stable")]
+        sorted_kinds = kinds[order]
+        cuts = np.flatnonzero(np.diff(sorted_kinds)) + 1
+        groups = list(zip(sorted_kinds[np.r_[0, cuts]].tolist(), np.r_[0, cuts].tolist(),
+                          np.r_[cuts, len(order)].tolist()))
+        in_place = np.array_equal(order, np.arange(len(ops)))  # every sample, already in order: no gather
+        if in_place:
+            picked, picked_args = out, device_args[:, slot]
+        else:
+            idx = to_device(order, images.device)
+            picked, picked_args = out[idx], device_args[:, slot][idx]
+        host_end = int(np.isin(sorted_kinds, list(_HOST_LUT)).sum())
+        tables = []
+        if host_end:  # one upload for every host-made LUT of the slot
+            made = np.concatenate([_host_levels(k, host_args[order[a:b], slot]) for k, a, b in groups if b <= host_end])
+            tables.append(to_device(made, images.device)[:, None].expand(-1, 3, -1))
+        tables += [_table(_DEVICE_LUT[k](picked[a:b], picked_args[a:b])) for k, a, b in groups if k in _DEVICE_LUT]
+        lut_groups = [(k, a, b) for k, a, b in groups if k in _HOST_LUT or k in _DEVICE_LUT]  # the first ones
+        if lut_groups:
+            end = lut_groups[-1][2]
+            picked[:end] = _apply_table(picked[:end], tables[0] if len(tables) == 1 else torch.cat(tables))
+        for k, a, b in groups[len(lut_groups):]:
             picked[a:b] = OPS[k](picked[a:b], picked_args[a:b])
-        out[idx] = picked
+        if not in_place:
+            out[idx] = picked
     return out
