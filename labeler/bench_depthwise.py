@@ -2,9 +2,10 @@
 
 "stencil" (the default) writes the branch's two depthwise 3x3 convolutions as shifted multiply-adds that
 torch.compile fuses with the GELU, BatchNorm and residual around them; "conv" keeps the depthwise
-convolutions (cuDNN's on a GPU), separate kernels (`labeler.models.fan_layers.set_depthwise_impl`). The bench prints, for each,
-the compiled forward's views/s (the labeling teacher's call, eval mode) and, with a training batch, the
-compiled forward + backward's images/s (a student step without the optimizer), and how long each compiled.
+convolutions (cuDNN's on a GPU), separate kernels (`labeler.models.fan_layers.set_depthwise_impl`). The
+bench prints, for each, the compiled forward's views/s (the labeling teacher's call, eval mode) and, with a
+training batch, the compiled forward + backward's images/s (a student step without the optimizer), and how
+long each compiled.
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def bench_depthwise(model: str, batch_size: int = 256, amp: str = "bf16", input_
     forward, train, compile_s = {}, {}, {}
     for impl in DEPTHWISE_IMPLS:
         torch.manual_seed(0)
-        net = create_token_model(model, num_classes=1000, pretrained=False, drop_path_rate=0.0).to(dev, memory_format=memory_format)
+        net = create_token_model(model, num_classes=1000, pretrained=False, drop_path_rate=0.0)
+        net = net.to(dev, memory_format=memory_format)
         set_depthwise_impl(net, impl)
         step = torch.compile(net.forward_tokens)  # a fresh model per impl: its own compiled code
         x = torch.randn(batch_size, 3, input_size, input_size, device=dev).contiguous(memory_format=memory_format)

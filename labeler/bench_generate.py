@@ -26,7 +26,7 @@ from labeler.device import resolve_device
 from labeler.flat_images import upload_flat
 from labeler.kernel_profile import PROFILE_ROWS, profile_calls
 from labeler.render_batch import render_batch, warm_up_render
-from labeler.stack_sampler import StackSampler
+from labeler.stack_sampler import SAMPLE_INTERVAL_S, StackSampler
 from labeler.stage_clock import COMPUTE_PHASES, DEVICE_PHASES, PHASES
 from labeler.teacher import AMP_DTYPES, Teacher, resolve_compile
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
@@ -37,7 +37,6 @@ from labelstore.shard_format import count_samples, expand_shard_urls
 BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 SXM", 989.0), ("H100 80GB HBM3", 989.0), ("H100 PCIe", 756.0),
                     ("A100", 312.0))
 
-LOOP_SAMPLE_S = 0.005  # the device loop thread's stack, sampled this often during the timed pipeline
 LOOP_STACK_ROWS = 12
 PHASE_NOTES = {
     "read": "tar reading, busy seconds summed over the decode workers",
@@ -235,7 +234,7 @@ class BenchReport:
                              f"(the GIL held by another thread, or no free core)")
         if self.loop_stacks:
             lines.append(f"device loop thread, where its wall time went ({self.loop_samples} samples of its stack "
-                         f"every {1e3 * LOOP_SAMPLE_S:.0f} ms during the pipeline; innermost line of this repository "
+                         f"every {1e3 * SAMPLE_INTERVAL_S:.0f} ms during the pipeline; innermost line of this repository "
                          f"→ the call it was in):")
             lines += [f"  {line}" for line in self.loop_stacks]
         if self.profile:
@@ -364,7 +363,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         loop_before = (clock.loop_wall, clock.loop_cpu)
         clock.reset_span()
         graphs_before = compiled_graphs()
-        sampler = StackSampler(work.device_loop_thread, interval=LOOP_SAMPLE_S).start()
+        sampler = StackSampler(work.device_loop_thread, interval=SAMPLE_INTERVAL_S).start()
         start = time.perf_counter()
         outcomes = list(work.label_shards(range(len(urls))))
         end = time.perf_counter()

@@ -37,7 +37,7 @@ from labeler.device import prefer_fastest_convolutions
 from labeler.kernel_profile import PROFILE_ROWS, profile_calls
 from labeler.models import TokenForward, create_token_model, token_grid
 from labeler.render_batch import warm_up_render
-from labeler.stack_sampler import StackSampler
+from labeler.stack_sampler import SAMPLE_INTERVAL_S, StackSampler
 from trainer.checkpoint import StopRequest
 from trainer.config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
 from trainer.data_config import DataConfig, TokenLabelConfig
@@ -54,7 +54,6 @@ from trainer.token_targets import token_targets
 
 VARIANTS = ("a_none", "b_stored", "c_online")
 NAMES = {"a_none": "(a) no token labels", "b_stored": "(b) stored token labels", "c_online": "(c) online teacher"}
-LOOP_SAMPLE_S = 0.005  # the loop thread's stack, sampled this often during (b) end to end
 LOOP_STACK_ROWS = 14
 NO_FULL_BATCH = "bench: the shards yield no full batch in an epoch; lower --batch-size"
 
@@ -215,7 +214,7 @@ class BenchFigures:
         lines += [v.row(name) for name, v in splits]
         if self.loop_stacks:
             lines.append(f"  the loop thread in {NAMES['b_stored']} end to end, where its wall time went "
-                         f"({self.loop_samples} samples of its stack every {1e3 * LOOP_SAMPLE_S:.0f} ms; innermost "
+                         f"({self.loop_samples} samples of its stack every {1e3 * SAMPLE_INTERVAL_S:.0f} ms; innermost "
                          f"line of this repository → the call it was in):")
             lines += ["    " + line for line in self.loop_stacks]
         for k, v in self.loader_images_per_s.items():
@@ -491,7 +490,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         shared.reset()
         stop = StopRequest()
         timed = TimedBatches(loader_epochs(loader), warmup=s.warmup, seconds=s.seconds, stop=stop, device=device)
-        sampler = StackSampler(interval=LOOP_SAMPLE_S) if variant == "b_stored" else None
+        sampler = StackSampler(interval=SAMPLE_INTERVAL_S) if variant == "b_stored" else None
         with tempfile.TemporaryDirectory(prefix="stl-bench-") as out, (sampler or nullcontext()):
             result = train(model=shared.model, arch=s.model, cfg=cfg, out_dir=out, epoch_batches=timed,
                            make_targets=timed.window.targets.wrap(targets_for(variant)),
