@@ -69,3 +69,17 @@ def test_one_process_sums_and_flags_are_its_own():
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     assert sum_over_ranks(info, 4, 0) == [4, 0]
     assert any_rank(info, True, False) == [True, False]
+
+
+def test_seed_step_reseeds_torchs_generator_without_formatting_stacks(monkeypatch):
+    import traceback
+
+    from trainer.distributed import seed_step
+
+    seed_step(5, 0, 7)
+    first = torch.rand(4)
+    seed_step(5, 0, 8)
+    assert not torch.equal(torch.rand(4), first)  # another step, other numbers
+    monkeypatch.setattr(traceback, "format_stack", lambda *a, **k: pytest.fail("a stack was formatted"))
+    seed_step(5, 0, 7)
+    assert torch.equal(torch.rand(4), first)  # the same step, the same numbers

@@ -87,8 +87,15 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
-    """Reseed torch's CPU and CUDA generators for (seed, rank, step): a host-side call, no device sync."""
-    torch.manual_seed(step_seed(seed, rank, step))
+    """Reseed torch's CPU and CUDA generators for (seed, rank, step): a host-side call, no device sync.
+
+    Not `torch.manual_seed`, which also seeds every other backend torch knows; one not started (XPU, MTIA,
+    CUDA on a CPU run) queues the seed with a formatted stack trace of the caller, at every step. CUDA is
+    started before the first step of a GPU run (the model is on it)."""
+    value = step_seed(seed, rank, step)
+    torch.default_generator.manual_seed(value)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(value)
 
 
 def any_rank(info: DistInfo, *flags: bool) -> list[bool]:
