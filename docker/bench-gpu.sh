@@ -44,7 +44,7 @@ nvidia-smi -L 2>/dev/null; $PY -c 'import torch; print("torch", torch.__version_
 if [ -f "$DATA/bench-$last.tar" ]; then echo "=== shards: already in $DATA (a second call on the same machine)"
 else step shards 35 "${labels[@]}" bench shards "$DATA" --shards "$SHARDS" --per-shard "$PER_SHARD"; fi
 gen=(bench generate --shards "$all" --views "$VIEWS" --batch-size 256 --amp bf16 --forward-batches "$FWD_BATCHES")
-step generate_small 150 "${labels[@]}" "${gen[@]}" --model "$SMALL" --keep-store "$DATA/labels.zarr" --profile-batches 3 $EXTRA
+step generate_small 180 "${labels[@]}" "${gen[@]}" --model "$SMALL" --keep-store "$DATA/labels.zarr" --profile-batches 3 $EXTRA
 step depthwise 120 "${labels[@]}" bench depthwise --model "$SMALL" --batch-size 256 --batches 20 --amp bf16 ${DEPTHWISE_EXTRA:-}
 step train_small 300 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 --profile-steps 5 ${TRAIN_EXTRA:-}
 step generate_tiny 100 "${labels[@]}" "${gen[@]}" --model "$TINY" $EXTRA
