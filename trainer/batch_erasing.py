@@ -1,7 +1,7 @@
 """timm's random erasing for a whole batch on a GPU: the same boxes, a few kernels instead of a loop.
 
 timm's `RandomErasing` erases a batch image by image: per erased image a slice, a random fill and a slice
-assignment, each its own kernel launch from Python (about 290 calls for a batch of 128 at the paper's
+assignment, each its own kernel launch from Python (260–300 calls for a batch of 128 at the paper's
 probability 0.25). A training step that is host-bound spends that time issuing them. `BatchRandomErasing`
 keeps timm's settings and its box draws (the same `random` calls in the same order, so a seeded run
 erases the same boxes as timm's loop) and applies every box of the batch at once: one upload of the boxes,
