@@ -259,10 +259,10 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
         else:
             idx = to_device(order, images.device)
             picked, picked_args = out[idx], device_args[:, slot][idx]
-        host_end = int(np.isin(sorted_kinds, list(_HOST_LUT)).sum())
+        host_groups = [(k, a, b) for k, a, b in groups if k in _HOST_LUT]
         tables = []
-        if host_end:  # one upload for every host-made LUT of the slot
-            made = np.concatenate([_host_levels(k, host_args[order[a:b], slot]) for k, a, b in groups if b <= host_end])
+        if host_groups:  # one upload for every host-made LUT of the slot
+            made = np.concatenate([_host_levels(k, host_args[order[a:b], slot]) for k, a, b in host_groups])
             tables.append(to_device(made, images.device)[:, None].expand(-1, 3, -1))
         tables += [_table(_DEVICE_LUT[k](picked[a:b], picked_args[a:b])) for k, a, b in groups if k in _DEVICE_LUT]
         lut_groups = [(k, a, b) for k, a, b in groups if k in _HOST_LUT or k in _DEVICE_LUT]  # the first ones
