@@ -34,10 +34,12 @@ class DepthwiseFigures:
     compile_seconds: dict = field(default_factory=dict)  # impl -> seconds of the warm-up calls (the compiles)
 
     def format(self) -> str:
+        train_head = (f"forward + backward img/s (batch {self.train_batch})" if self.train_batch
+                      else "forward + backward (--train-batch)")
         lines = [f"FAN depthwise branch under torch.compile: model {self.model}, device {self.device}, amp {self.amp}, "
                  f"input {self.input_size} px",
                  f"  {'impl':8s} {f'forward views/s (batch {self.batch_size})':>32s} "
-                 f"{f'forward + backward img/s (batch {self.train_batch})':>40s} {'compile s':>10s}"]
+                 f"{train_head:>40s} {'compile s':>10s}"]
         for impl in DEPTHWISE_IMPLS:
             train = f"{self.train[impl]:.1f}" if impl in self.train else "n/a"
             lines.append(f"  {impl:8s} {self.forward[impl]:32.1f} {train:>40s} {self.compile_seconds[impl]:10.1f}")
