@@ -10,6 +10,7 @@
 # Shards are the unit of work of the student loader's workers: the training step reads the largest multiple of
 # WORKERS shards (all 28 = 2 per worker by default), so every worker is busy until the epoch ends together.
 set -uo pipefail
+export TORCH_LOGS=${TORCH_LOGS-recompiles}  # why torch.compile compiled again, if it does, in each step's output
 out=${1:-bench_out}; mkdir -p "$out"
 PY=${PY:-python3}; SHARDS=${SHARDS:-28}; PER_SHARD=${PER_SHARD:-143}; VIEWS=${VIEWS:-8}
 TRAIN_SECONDS=${TRAIN_SECONDS:-20}; WORKERS=${WORKERS:-14}; BATCH=${BATCH:-128}; DATA=${DATA:-/tmp/stl-bench}
