@@ -123,3 +123,33 @@ def test_a_nan_stop_is_reported_even_when_the_last_write_failed(tmp_path, monkey
     with pytest.raises(NonFiniteLoss, match="epoch 1"):  # the NaN is what stops the run, not the failed write
         run(tmp_path, config(epochs=3), ToySource(), targets=poisoned)
     assert records(tmp_path, "stop")
+
+
+def test_device_tensors_share_one_buffer_per_part_and_dtype(monkeypatch, tmp_path):
+    monkeypatch.setattr(checkpoint_writer, "GROUPED_DEVICES", ("cpu",))  # the GPU path, run on host tensors
+    conv = torch.randn(64, 32, 3, 3).to(memory_format=torch.channels_last)
+    tied = torch.arange(6.0)
+    live = {"state_dict": {"conv": conv, "bias": torch.zeros(64), "count": torch.tensor(7), "tied": tied,
+                           "tied_again": tied, "empty": torch.empty(0), "strided": torch.arange(10.0)[::2]},
+            "optimizer": {"state": {0: {"exp_avg": torch.ones(5), "step": torch.tensor(3.0)}}}, "epoch": 3}
+    copy = host_copy(live)
+    weights = copy["state_dict"]
+    for name, value in live["state_dict"].items():
+        assert torch.equal(weights[name], value) and weights[name].dtype == value.dtype, name
+    assert weights["conv"].stride() == conv.stride() and weights["tied"] is weights["tied_again"]
+    conv.add_(1)  # training goes on: the copy keeps the values of its moment
+    assert not torch.equal(weights["conv"], conv)
+
+    def storage(t):
+        return t.untyped_storage().data_ptr()
+
+    assert storage(weights["conv"]) == storage(weights["bias"]) == storage(weights["tied"])  # one float32 buffer
+    assert storage(weights["count"]) != storage(weights["bias"])  # int64: its own
+    assert storage(weights["strided"]) != storage(weights["bias"])  # a strided view: copied on its own
+    assert storage(copy["optimizer"]["state"][0]["exp_avg"]) != storage(weights["bias"])  # another part
+    # A part saved alone (as export_for_labeling keeps the weights only) holds its own bytes, not the others'.
+    torch.save(copy["optimizer"], tmp_path / "optimizer.pth")
+    assert (tmp_path / "optimizer.pth").stat().st_size < 64 * 32 * 9 * 4 // 4
+    atomic_save(copy, tmp_path / "all.pth")
+    loaded = torch.load(tmp_path / "all.pth", weights_only=True)
+    assert torch.equal(loaded["state_dict"]["conv"], weights["conv"]) and loaded["epoch"] == 3

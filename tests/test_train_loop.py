@@ -53,7 +53,10 @@ def test_loss_decreases_on_a_learnable_task(tmp_path):
     assert set(export["state_dict"]) == set(export["state_dict_ema"])  # what `generate --checkpoint` loads
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, grouped):
+    if grouped:  # checkpoints copied as on a GPU: one buffer per part and dtype, its tensors views of it
+        monkeypatch.setattr("trainer.checkpoint_writer.GROUPED_DEVICES", ("cpu",))
     cfg = config(epochs=3, **{"optim.clip_grad": 1.0})
     full = run(tmp_path / "full", cfg, ToySource())
     # Interrupt in the middle of epoch 1 (after update 6 of 12 (3 epochs, warmup included), at a shard boundary) by a stop request.

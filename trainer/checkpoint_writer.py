@@ -28,19 +28,82 @@ from trainer.errors import TrainCheckpointError
 
 def host_copy(obj: Any, devices: set | None = None) -> Any:
     """A copy of a checkpoint dict that later training cannot change: every dict, list and tuple rebuilt,
-    host tensors cloned, device tensors copied into page-locked host memory without waiting (their devices are
-    added to `devices`: wait for them before reading the copies); other values as they are."""
-    if isinstance(obj, torch.Tensor):
-        if devices is not None and obj.device.type != "cpu":
-            devices.add(obj.device)
-        return to_host_async(obj)
+    tensors copied to the host (device tensors into page-locked memory without waiting; their devices are
+    added to `devices`: wait for them before reading the copies); other values as they are.
+
+    A checkpoint holds thousands of tensors (FAN-S with its EMA and AdamW state: about 2,000). Copied one by
+    one, each is a page-locked allocation and a copy issued from Python, and the training loop waits for them
+    all. Here the device tensors of each top-level entry of a dict (model, EMA, optimizer, ...) that share a
+    device and dtype are copied into one page-locked buffer, as views of it, by one `torch._foreach_copy_`. A
+    part saved alone later (`export_for_labeling` keeps only the weights) holds only its own buffers."""
     if isinstance(obj, dict):
-        return {k: host_copy(v, devices) for k, v in obj.items()}
+        return {k: _copy_part(v, devices) for k, v in obj.items()}
+    return _copy_part(obj, devices)
+
+
+def _copy_part(obj: Any, devices: set | None) -> Any:
+    tensors: dict[int, torch.Tensor] = {}
+    _collect(obj, tensors)
+    copies = _copy_tensors(list(tensors.values()), devices)
+    return _rebuild(obj, copies)
+
+
+def _collect(obj: Any, into: dict) -> None:
+    if isinstance(obj, torch.Tensor):
+        into.setdefault(id(obj), obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _collect(v, into)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect(v, into)
+
+
+def _rebuild(obj: Any, copies: dict) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return copies[id(obj)]
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, copies) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [host_copy(v, devices) for v in obj]
+        return [_rebuild(v, copies) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(host_copy(v, devices) for v in obj)
+        return tuple(_rebuild(v, copies) for v in obj)
     return obj
+
+
+# Device tensors are copied into shared page-locked buffers, which torch's host allocator keeps and reuses from
+# one checkpoint to the next. Host tensors are cloned one by one: a fresh buffer of hundreds of MB would be new
+# pages on every checkpoint (4x slower than the clones, measured on a CPU).
+GROUPED_DEVICES = ("cuda",)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Its elements fill exactly `numel` consecutive slots (any dimension order): a view of a buffer can hold it."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def _copy_tensors(tensors: list[torch.Tensor], devices: set | None) -> dict[int, torch.Tensor]:
+    """id(t) → t's host copy; dense tensors grouped by (device, dtype) into one buffer each."""
+    copies: dict[int, torch.Tensor] = {}
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if devices is not None and t.device.type != "cpu":
+            devices.add(t.device)
+        if t.device.type in GROUPED_DEVICES and _dense(t):
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        else:  # a host tensor (cloned), or a strided view: copied on its own
+            copies[id(t)] = to_host_async(t)
+    for (device, dtype), group in groups.items():
+        buffer = torch.empty(sum(t.numel() for t in group), dtype=dtype, pin_memory=device.type == "cuda")
+        views, offset = [], 0
+        for t in group:
+            views.append(buffer.as_strided(t.size(), t.stride(), offset))
+            offset += t.numel()
+        # Queued on the current stream, as each copy_ would be: before any later step changes the tensors.
+        torch._foreach_copy_(views, [t.detach() for t in group], non_blocking=device.type == "cuda")
+        copies.update((id(t), v) for t, v in zip(group, views))
+    return copies
 
 
 class CheckpointWriter:
