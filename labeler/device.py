@@ -52,6 +52,12 @@ def to_device(host, device: torch.device | str) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Its elements fill exactly `numel` consecutive slots in some dimension order (contiguous or channels-last):
+    a copy with the same strides, or a view of a flat buffer, can hold it."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
 def to_host_async(t: torch.Tensor) -> torch.Tensor:
     """A host copy of `t` that later device work cannot change: a device tensor copied into page-locked memory
     without waiting (queued on the current stream: wait for the device, e.g. an event recorded after it, before
@@ -59,7 +65,6 @@ def to_host_async(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if t.device.type == "cpu":
         return t.clone()
-    dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-    out = (torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, pin_memory=True) if dense
+    out = (torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, pin_memory=True) if is_dense(t)
            else torch.empty(t.size(), dtype=t.dtype, pin_memory=True))
     return out.copy_(t, non_blocking=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from labeler.device import to_host_async
+from labeler.device import is_dense, to_host_async
 from trainer.checkpoint import atomic_save
 from trainer.errors import TrainCheckpointError
 
@@ -77,11 +77,6 @@ def _rebuild(obj: Any, copies: dict) -> Any:
 GROUPED_DEVICES = ("cuda",)
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Its elements fill exactly `numel` consecutive slots (any dimension order): a view of a buffer can hold it."""
-    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-
-
 @torch.no_grad()
 def _copy_tensors(tensors: list[torch.Tensor], devices: set | None) -> dict[int, torch.Tensor]:
     """id(t) → t's host copy; dense tensors grouped by (device, dtype) into one buffer each."""
@@ -90,7 +85,7 @@ def _copy_tensors(tensors: list[torch.Tensor], devices: set | None) -> dict[int,
     for t in tensors:
         if devices is not None and t.device.type != "cpu":
             devices.add(t.device)
-        if t.device.type in GROUPED_DEVICES and _dense(t):
+        if t.device.type in GROUPED_DEVICES and is_dense(t):
             groups.setdefault((t.device, t.dtype), []).append(t)
         else:  # a host tensor (cloned), or a strided view: copied on its own
             copies[id(t)] = to_host_async(t)

@@ -76,11 +76,6 @@ def _blend_levels(degenerate: torch.Tensor, factor: torch.Tensor, x: torch.Tenso
     return (d + f * (_levels(x) - d)).clamp_(0, 255).trunc_()
 
 
-def _blend_lut(degenerate: torch.Tensor, factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A blend with a constant degenerate per (sample, channel), applied as a LUT."""
-    return _apply_lut(x, _blend_levels(degenerate, factor, x))
-
-
 def auto_contrast(x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
     return _apply_lut(x, auto_contrast_lut(x, arg))
 
@@ -162,7 +157,7 @@ def contrast_lut(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend_lut(torch.zeros((x.shape[0], 3, 1), device=x.device), factor, x)
+    return _apply_lut(x, _blend_levels(torch.zeros((x.shape[0], 3, 1), device=x.device), factor, x))
 
 
 _SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
