@@ -16,7 +16,7 @@ PY=${PY:-python3}; SHARDS=${SHARDS:-28}; PER_SHARD=${PER_SHARD:-143}; VIEWS=${VI
 TRAIN_SECONDS=${TRAIN_SECONDS:-20}; WORKERS=${WORKERS:-14}; BATCH=${BATCH:-128}; DATA=${DATA:-/tmp/stl-bench}
 TINY=${TINY:-fan_tiny_8_p4_hybrid_token}; SMALL=${SMALL:-fan_small_12_p4_hybrid_token}; LARGE=${LARGE:-fan_large_16_p4_hybrid_token}
 FWD_BATCHES=${FWD_BATCHES:-40}; STEPS=${STEPS:-shards generate_small depthwise train_small generate_tiny generate_large jpeg cuda_tests}
-CUDA_TESTS=${CUDA_TESTS:-tests/test_render_batch.py tests/test_photometric_torch.py tests/test_hot_loop_sync.py tests/test_optim.py tests/test_to_device.py tests/test_source_footprint.py::test_cuda_regions_within_the_render_bound_of_whole_images tests/test_work_unit_cuda.py tests/test_cuda_graph.py tests/test_stage_clock.py tests/test_step_timing.py tests/test_flat_images.py tests/test_checkpoint_writer.py tests/test_bench_report.py tests/test_fan_models.py}
+CUDA_TESTS=${CUDA_TESTS:-tests/test_render_batch.py tests/test_photometric_torch.py tests/test_photometric_graph.py tests/test_hot_loop_sync.py tests/test_optim.py tests/test_to_device.py tests/test_source_footprint.py::test_cuda_regions_within_the_render_bound_of_whole_images tests/test_work_unit_cuda.py tests/test_cuda_graph.py tests/test_stage_clock.py tests/test_step_timing.py tests/test_flat_images.py tests/test_checkpoint_writer.py tests/test_bench_report.py tests/test_fan_models.py}
 EXTRA=${EXTRA:-}   # e.g. "--input-size 64 --device cpu" for a CPU dry run (JPEG_EXTRA="--device cpu --limit 16"
                    # keeps the jpeg step, a FAN-S forward at 224 px, inside its limit on a 2-core CPU; DEPTHWISE_EXTRA
                    # likewise, e.g. "--device cpu --model fan_test_p4_hybrid_token --input-size 32 --batches 1")

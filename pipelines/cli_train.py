@@ -196,6 +196,9 @@ def bench_cmd(
     compile_mode: str = typer.Option("default", "--compile-mode", help="torch.compile mode with --compile: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs."),
     augment_device: str = typer.Option("auto", "--augment-device",
                                        help="auto | cpu | cuda: where views are rendered and augmented."),
+    photometric_graph: bool = typer.Option(True, "--photometric-graph/--no-photometric-graph",
+                                           help="On a GPU, each batch's photometric ops as one CUDA graph "
+                                                "(data.photometric_graph)."),
     repeats: int = typer.Option(3, "--repeats", help="Interleaved step-only/loader repeats; the median is printed."),
     profile_steps: int = typer.Option(0, "--profile-steps", help="Also profile this many step-only steps of (b) and print the top kernels (torch.profiler)."),
 ) -> None:
@@ -208,8 +211,8 @@ def bench_cmd(
                                           seconds=seconds, steps=steps, warmup=warmup, batch_size=batch_size,
                                           workers=workers, device=device, amp=amp, compile=compile_step,
                                           compile_mode=compile_mode,
-                                          augment_device=augment_device, repeats=repeats,
-                                          profile_steps=profile_steps),
+                                          augment_device=augment_device, photometric_graph=photometric_graph,
+                                          repeats=repeats, profile_steps=profile_steps),
                             report=lambda line: typer.echo(line, err=True))
     typer.echo(figures.table())
 

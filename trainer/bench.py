@@ -74,6 +74,7 @@ class BenchSettings:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode (trainer.config.COMPILE_MODES)
     augment_device: str = "auto"
+    photometric_graph: bool = True  # data.photometric_graph
     seed: int = 0
     repeats: int = 3  # step-only and loader runs interleaved this many times; the median is reported
     profile_steps: int = 0  # > 0: also profile this many step-only steps of (b) and print the top kernels
@@ -171,6 +172,7 @@ class BenchFigures:
     profile_steps: int = 0
     loop_stacks: tuple = ()  # the training loop thread's most sampled places in (b) end to end (StackSampler.top)
     loop_samples: int = 0
+    photometric: str = ""  # how the device path applied the photometric ops (`_describe_photometric`)
 
     def ratios(self) -> dict:
         s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s
@@ -192,6 +194,8 @@ class BenchFigures:
                 f"{k} {v:.1f} s" for k, v in self.compile_s.items()))
         else:
             lines.append("  eager (no torch.compile)")
+        if self.photometric:
+            lines.append(f"  photometric ops: {self.photometric}")
         if self.source_kb_per_sample is not None:
             lines.append(f"  decoded image bytes to the device: {self.source_kb_per_sample:.1f} kB/sample "
                          f"(each view's source footprint)")
@@ -388,7 +392,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     prefer_fastest_convolutions(device)  # as the training loop does
     # The default RandAugment (the paper's m9 mstd0.5) for both loaders, so they run the same colour ops.
     data = DataConfig(shards=s.shards, batch_size=s.batch_size, workers=s.workers, seed=s.seed, drop_last=True,
-                      augment_device=s.augment_device)
+                      augment_device=s.augment_device, photometric_graph=s.photometric_graph)
     tokens = TokenLabelConfig()
     on_device = data.augment_on_device(device)
     loader = build_student_loader(data, labels=s.labels, labeler=s.labeler, rank=0, world_size=1,
@@ -398,10 +402,14 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     shared = SharedStudent(s, num_classes, device, memory_format)
     teacher_grid = token_grid(shared.teacher, hw)
 
+    builders: list[TargetBuilder] = []
+
     def builder_for(variant: str) -> TargetBuilder:
-        return TargetBuilder(num_classes=num_classes, data=data, tokens=tokens if variant == "b_stored" else None,
-                             store_grid=loader.store_grid, student_grid=token_grid(shared.model, hw), device=device,
-                             view_spec=loader.view_spec)
+        builders.append(TargetBuilder(num_classes=num_classes, data=data,
+                                      tokens=tokens if variant == "b_stored" else None, store_grid=loader.store_grid,
+                                      student_grid=token_grid(shared.model, hw), device=device,
+                                      view_spec=loader.view_spec))
+        return builders[-1]
 
     def targets_for(variant: str):
         return _variant_targets(variant, builder_for(variant), shared.teacher_forward, teacher_grid, tokens,
@@ -526,4 +534,19 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                         profile=profile, profile_steps=s.profile_steps,
                         loop_stacks=tuple(loop_sampler.top(LOOP_STACK_ROWS)) if loop_sampler else (),
                         loop_samples=loop_sampler.samples if loop_sampler else 0,
-                        source_kb_per_sample=_source_kb_per_sample(batches))
+                        source_kb_per_sample=_source_kb_per_sample(batches),
+                        photometric=_describe_photometric(builders, on_device))
+
+
+def _describe_photometric(builders: list[TargetBuilder], on_device: bool) -> str:
+    """One line: how the device path applied the photometric ops in all the bench's runs."""
+    if not on_device:
+        return ""
+    graphs = [b.photometric for b in builders]
+    failed = next((g.failed for g in graphs if g.failed), None)
+    if failed:
+        return f"CUDA graph capture failed, the fixed-shape ops ran op by op ({failed})"
+    if not any(g.captured for g in graphs):
+        return "grouped by op, launched op by op (no CUDA graph)"
+    return (f"one CUDA graph per batch (trainer/photometric_graph.py); {sum(g.fallbacks for g in graphs)} "
+            f"batch(es) took the grouped ops")

@@ -67,6 +67,9 @@ class DataConfig:
     # only decode, the GPU renders and augments (docs/design.md "The train-time data path"); auto = cuda
     # when the model is on a GPU.
     augment_device: str = "auto"
+    # On a GPU, a batch's photometric ops as one captured CUDA graph (trainer/photometric_graph.py): one launch
+    # instead of a few hundred from Python; false: the grouped ops, launched one by one. Same pixels either way.
+    photometric_graph: bool = True
     prefetch_factor: int = 4  # batches each data worker keeps ready
     # Start the next epoch's workers (a second DataLoader with its own persistent workers) before this epoch
     # ends, so the step does not wait at the boundary (docs/design.md "The train-time data path").

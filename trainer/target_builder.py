@@ -2,7 +2,7 @@
 
 On the training device: for a device-path batch (decoded sources + stored view params), the replay
 render (`labeler.render_batch`, the labeler's one definition) and the drawn photometric slots
-(`trainer.photometric_torch`); then uint8 → float normalised, random erasing, token targets from the
+(`trainer.photometric_graph`: one captured CUDA graph per batch on a GPU); then uint8 → float normalised, random erasing, token targets from the
 stored logits (Gumbel/softmax/argmax, grid resampling, smoothing), then Mixup/CutMix of images, class
 targets and (token_mix=follow) token targets. All randomness comes from (seed, rank, step): ranks draw
 differently, and a resumed run draws what the uninterrupted one drew.
@@ -17,7 +17,7 @@ from labeler.flat_images import upload_flat
 from labeler.render_batch import render_batch
 from trainer.data_config import DataConfig, TokenLabelConfig
 from trainer.mixing import MixParams, draw_mix, mix_class_targets, mix_images, mix_token_targets
-from trainer.photometric_torch import apply_photometric
+from trainer.photometric_graph import PhotometricGraph
 from trainer.student_augment import build_random_erasing, seeded_global_random
 from trainer.token_targets import token_targets
 
@@ -61,6 +61,7 @@ class TargetBuilder:
         self.erase = (build_random_erasing(data.reprob, data.remode, self.device)
                       if train and data.student_augs else None)
         self.last_mix = MixParams()
+        self.photometric = PhotometricGraph(graphed=data.photometric_graph)
         self._mean, self._std = (_channel_constant(v, self.device) for v in (data.mean, data.std))
 
     def _seeds(self, step: int) -> tuple[int, int, int]:
@@ -78,7 +79,8 @@ class TargetBuilder:
         n = len(sources.hw)
         images = render_batch(sources, np.arange(n), batch["params"].numpy(), self.view_spec)
         if "photo_ops" in batch:
-            images = apply_photometric(images, batch["photo_ops"], batch["photo_args"])
+            images = self.photometric(images, batch["photo_ops"], batch["photo_args"])  # the graph's buffer: used
+            # (normalised into a new tensor) before the next call overwrites it
         return images
 
     def __call__(self, batch: dict, step: int):

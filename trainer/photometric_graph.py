@@ -1,0 +1,135 @@
+"""The photometric slots of a batch as one fixed-shape device function, replayed as one CUDA graph.
+
+`apply_photometric` (trainer/photometric_torch.py) groups each slot's samples by op on the host: little
+device work, but a few hundred torch calls per batch, each a launch issued from Python, and the student's
+end-to-end step is host-bound. Here every call issues the same kernels on tensors of the same shapes, with
+no host data in their arguments, so the whole thing is captured once (`labeler.cuda_graph.GraphedFunction`)
+and each batch costs one upload of its slot arrays and one graph launch:
+
+* point ops (Invert, Posterize, Solarize, SolarizeAdd, Brightness): their tables are the ops applied to a
+  0..255 ramp for every sample (exact: they act on each level alone; B × 3 × 256 values, cheap), each sample
+  keeping its own op's table;
+* ops that read the image (AutoContrast, Equalize, Contrast tables; Color, Sharpness): run on a fixed number
+  of rows per op (`capacity`), picked by host-made row lists padded with a spare row, so their device work is
+  about the samples that drew them, not the whole batch per op;
+* then each slot's tables are applied by one gather, as in `apply_photometric`.
+
+The maths are trainer/photometric_torch.py's own functions, so the pixels are `apply_photometric`'s
+(tests/test_photometric_graph.py compares both on every op). A batch whose draws need more rows than the
+capacity for one op (rare: an op is drawn by about B/30 samples per slot with timm's settings) takes the
+grouped ops instead.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from labeler.cuda_graph import GraphedFunction
+from trainer.photometric_torch import (
+    OPS, _apply_table, _table, apply_photometric, auto_contrast, auto_contrast_lut, brightness, color, contrast,
+    contrast_lut, equalize, equalize_lut, invert, posterize, sharpness, solarize, solarize_add,
+)
+
+POINT_OPS = (invert, posterize, solarize, solarize_add, brightness)  # table = the op on the level ramp
+STAT_LUTS = ((auto_contrast, auto_contrast_lut), (equalize, equalize_lut), (contrast, contrast_lut))
+IMAGE_OPS = (color, sharpness)  # read neighbouring pixels or channels: no table
+ROW_OPS = tuple(op for op, _ in STAT_LUTS) + IMAGE_OPS  # the ops run on picked rows, in `rows`' order
+_ROW_KIND = np.array([OPS.index(op) for op in ROW_OPS])
+
+
+def default_capacity(batch: int) -> int:
+    """Rows per op and slot: a quarter of the batch, at least 8 (and at most the batch). With timm's
+    RandAugment an op is drawn by about batch/30 samples of a slot, so a batch rarely needs more."""
+    return min(batch, max(8, -(-batch // 4)))
+
+
+def pack_slots(photo_ops, photo_args) -> torch.Tensor:
+    """The batch's slot arrays (B, S) each → one float32 (2, B, S) host tensor [op index, argument]: one
+    upload per batch. Op indices are small integers, exact in float32."""
+    ops = np.asarray(photo_ops.cpu() if torch.is_tensor(photo_ops) else photo_ops, dtype=np.float32)
+    args = np.asarray(photo_args.cpu() if torch.is_tensor(photo_args) else photo_args, dtype=np.float32)
+    if ops.ndim != 2 or args.shape != ops.shape:
+        raise ValueError(f"photo_ops {ops.shape} and photo_args {args.shape} must both be (B, S)")
+    if ops.size and (ops.min() < -1 or ops.max() >= len(OPS)):
+        raise ValueError(f"photo_ops must lie in [-1, {len(OPS) - 1}], got {ops.min():.0f}..{ops.max():.0f}")
+    return torch.from_numpy(np.stack([ops, args]))
+
+
+def slot_rows(photo_ops, capacity: int) -> torch.Tensor | None:
+    """int64 (S, len(ROW_OPS), capacity): per slot and row op, the samples that drew it, padded with B (the
+    spare row); None when some op was drawn by more than `capacity` samples of a slot."""
+    ops = np.asarray(photo_ops.cpu() if torch.is_tensor(photo_ops) else photo_ops).astype(np.int64)
+    n, slots = ops.shape
+    hit = ops.T[:, None, :] == _ROW_KIND[None, :, None]  # (S, K, B)
+    if hit.sum(axis=2).max(initial=0) > capacity:
+        return None
+    # Stable sort puts each op's samples first, in sample order; the rest become the spare row B.
+    order = np.argsort(~hit, axis=2, kind="stable")[:, :, :capacity]
+    taken = np.take_along_axis(hit, order, axis=2)
+    return torch.from_numpy(np.where(taken, order, n))
+
+
+def apply_photometric_fixed(images: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """images uint8 (B, 3, H, W), slots float32 (2, B, S) (`pack_slots`), rows int64 (S, K, capacity)
+    (`slot_rows`), all on one device → uint8 (B, 3, H, W), slot order as `apply_photometric`.
+
+    No host reads, no data-dependent shapes: capturable as a CUDA graph."""
+    n = images.shape[0]
+    spare = lambda t, fill: torch.cat([t, torch.full_like(t[:1], fill)])  # noqa: E731 - row B, for padding
+    out = spare(images, 0)  # (B + 1, 3, H, W): padded picks read and write the spare row
+    kinds, args = spare(slots[0].round().to(torch.int64), -1), spare(slots[1], 0)  # (B + 1, S)
+    ramp = torch.arange(256, device=images.device, dtype=torch.uint8).view(1, 1, 1, 256).expand(n + 1, 3, 1, 256)
+    for s in range(slots.shape[2]):
+        kind, arg = kinds[:, s], args[:, s]
+        table = ramp[:, :, 0].clone()  # identity: samples with no table op in this slot
+        for op in POINT_OPS:
+            table = torch.where((kind == OPS.index(op)).view(-1, 1, 1), op(ramp, arg)[:, :, 0], table)
+        for j, (_, lut) in enumerate(STAT_LUTS):
+            r = rows[s, j]
+            table.index_copy_(0, r, _table(lut(out.index_select(0, r), arg.index_select(0, r))))
+        out = _apply_table(out, table)
+        for j, op in enumerate(IMAGE_OPS, start=len(STAT_LUTS)):
+            r = rows[s, j]
+            out.index_copy_(0, r, op(out.index_select(0, r), arg.index_select(0, r)))
+    return out[:n]
+
+
+class PhotometricGraph:
+    """`apply_photometric` for a training device: on CUDA the batch shape seen first runs as one captured
+    graph of `apply_photometric_fixed`; CPUs, other shapes (a last partial batch) and a batch that needs
+    more rows than `capacity` for one op take the grouped ops (`fallbacks` counts the batches that did).
+
+    The returned tensor of a graphed call is the graph's output buffer, overwritten by the next call: the
+    caller uses it (the normalisation makes a new tensor) before calling again, on the same stream."""
+
+    def __init__(self, graphed: bool = True, capacity: int | None = None):
+        self.graphed, self.capacity = bool(graphed), capacity
+        self._graph = GraphedFunction(lambda images, slots, rows: (apply_photometric_fixed(images, slots, rows),))
+        self._shape: tuple | None = None  # (images, slots, rows) shapes of the captured graph
+        self.fallbacks = 0
+
+    @property
+    def failed(self) -> str | None:
+        """Why the capture failed (every call then runs the fixed-shape ops directly), or None."""
+        return self._graph.failed
+
+    @property
+    def captured(self) -> bool:
+        return self._graph.captured
+
+    def __call__(self, images: torch.Tensor, photo_ops, photo_args) -> torch.Tensor:
+        if not self.graphed or images.device.type != "cuda":
+            return apply_photometric(images, photo_ops, photo_args)
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"photometric ops need uint8 (B, 3, H, W) images, got {tuple(images.shape)} {images.dtype}")
+        slots = pack_slots(photo_ops, photo_args)
+        if slots.shape[1] != images.shape[0]:
+            raise ValueError(f"photo_ops has {slots.shape[1]} rows for {images.shape[0]} images")
+        rows = slot_rows(photo_ops, self.capacity or default_capacity(images.shape[0]))
+        shape = (tuple(images.shape), tuple(slots.shape), None if rows is None else tuple(rows.shape))
+        if self._shape is None and rows is not None:
+            self._shape = shape
+        if rows is None or shape != self._shape:
+            self.fallbacks += 1
+            return apply_photometric(images, photo_ops, photo_args)
+        return self._graph(images, slots, rows)[0]
