@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.utils import ModelEmaV3, dispatch_clip_grad
+from timm.utils import dispatch_clip_grad
 
 from labeler.device import prefer_fastest_convolutions
 from labeler.models import TokenForward
@@ -32,6 +32,7 @@ from trainer.checkpoint import (
 from trainer.checkpoint_writer import CheckpointWriter
 from trainer.config import TrainConfig
 from trainer.distributed import DistInfo, all_reduce_sum, any_rank, barrier, seed_step, sum_over_ranks, wrap_ddp
+from trainer.ema import ModelEma
 from trainer.errors import NonFiniteLoss, TrainCheckpointError
 from trainer.losses import LossTerms
 from trainer.optim import create_optimizer, create_scheduler
@@ -160,7 +161,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     global_batch = cfg.data.batch_size * info.world_size * accum
     optimizer = create_optimizer(model, cfg.optim, lr=cfg.optim.scaled_lr(global_batch))
     scheduler = create_scheduler(optimizer, cfg.schedule, updates_per_epoch)
-    ema = (ModelEmaV3(model, decay=cfg.run.ema_decay, use_warmup=cfg.run.ema_warmup)
+    ema = (ModelEma(model, decay=cfg.run.ema_decay, use_warmup=cfg.run.ema_warmup)
            if cfg.run.ema_decay is not None else None)
     scaler = torch.amp.GradScaler(device.type) if cfg.run.amp == "fp16" else None  # bf16 needs no scaling
     state = TrainState()
