@@ -10,7 +10,9 @@
 # Shards are the unit of work of the student loader's workers: the training step reads the largest multiple of
 # WORKERS shards (all 28 = 2 per worker by default), so every worker is busy until the epoch ends together.
 set -uo pipefail
-export TORCH_LOGS=${TORCH_LOGS-recompiles}  # why torch.compile compiled again, if it does, in each step's output
+# Why torch.compile compiled again, if it does, and what its CUDA graph trees recorded, re-recorded or skipped
+# (and why), in each step's output.
+export TORCH_LOGS=${TORCH_LOGS-recompiles,cudagraphs}
 out=${1:-bench_out}; mkdir -p "$out"
 PY=${PY:-python3}; SHARDS=${SHARDS:-28}; PER_SHARD=${PER_SHARD:-143}; VIEWS=${VIEWS:-8}
 TRAIN_SECONDS=${TRAIN_SECONDS:-20}; WORKERS=${WORKERS:-14}; BATCH=${BATCH:-128}; DATA=${DATA:-/tmp/stl-bench}
@@ -69,7 +71,7 @@ done
 [ -f "$out/depthwise.txt" ] && grep -A4 -m1 '^FAN depthwise' "$out/depthwise.txt"
 f="$out/train_small.txt"
 if [ -f "$f" ]; then  # the table, or (a run cut by its limit) the figures it printed as it measured them
-  if grep -q '^  ratio ' "$f"; then grep -v '^measured:' "$f" | grep -iE "end to end|step only|ratio|loader|timm|bytes|compile|host ms|phase, variant|^  \([abc]\)" | head -34
+  if grep -q '^  ratio ' "$f"; then grep -v '^measured:' "$f" | grep -iE "end to end|step only|ratio|loader|timm|bytes|compile|photometric ops|host ms|phase, variant|^  \([abc]\)" | head -40
   else grep '^measured:' "$f"; fi
   grep -A 24 -m1 'measured: profile of' "$f" | grep -E 'Name|^ *[a-zA-Z_].*[0-9]+\.[0-9]+(us|ms|s) ' | head -16  # the top kernels
   grep -A10 -m1 'the loop thread in' "$f"

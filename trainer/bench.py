@@ -173,6 +173,9 @@ class BenchFigures:
     loop_stacks: tuple = ()  # the training loop thread's most sampled places in (b) end to end (StackSampler.top)
     loop_samples: int = 0
     photometric: str = ""  # how the device path applied the photometric ops (`_describe_photometric`)
+    # torch.compile's CUDA-graph counters over the bench (CUDA graph trees): graphs it declined to capture
+    # ("cudagraph_skips") and the inputs its recorded graphs copy in at every replay (non-static inputs)
+    cudagraph_counters: dict = dataclasses.field(default_factory=dict)
 
     def ratios(self) -> dict:
         s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s
@@ -196,6 +199,9 @@ class BenchFigures:
             lines.append("  eager (no torch.compile)")
         if self.photometric:
             lines.append(f"  photometric ops: {self.photometric}")
+        if self.cudagraph_counters:
+            lines.append("  torch.compile's CUDA graphs: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(self.cudagraph_counters.items())) + " (TORCH_LOGS=cudagraphs says why)")
         if self.source_kb_per_sample is not None:
             lines.append(f"  decoded image bytes to the device: {self.source_kb_per_sample:.1f} kB/sample "
                          f"(each view's source footprint)")
@@ -390,6 +396,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     run cut short by a time limit still leaves what it measured."""
     device = resolve_device(s.device)
     prefer_fastest_convolutions(device)  # as the training loop does
+    counters_before = _cudagraph_counters()
     # The default RandAugment (the paper's m9 mstd0.5) for both loaders, so they run the same colour ops.
     data = DataConfig(shards=s.shards, batch_size=s.batch_size, workers=s.workers, seed=s.seed, drop_last=True,
                       augment_device=s.augment_device, photometric_graph=s.photometric_graph)
@@ -535,7 +542,22 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                         loop_stacks=tuple(loop_sampler.top(LOOP_STACK_ROWS)) if loop_sampler else (),
                         loop_samples=loop_sampler.samples if loop_sampler else 0,
                         source_kb_per_sample=_source_kb_per_sample(batches),
-                        photometric=_describe_photometric(builders, on_device))
+                        photometric=_describe_photometric(builders, on_device),
+                        cudagraph_counters=_cudagraph_counters(since=counters_before)
+                        if s.compile and s.compile_mode == "reduce-overhead" else {})
+
+
+_CUDAGRAPH_COUNTERS = ("cudagraph_skips", "cudagraph_recorded_non_static_inputs")  # always printed, 0 included
+
+
+def _cudagraph_counters(since: dict | None = None) -> dict:
+    """torch.compile's CUDA-graph counters (process-wide), or their change since `since`."""
+    from torch._dynamo.utils import counters
+
+    now = {k: int(v) for k, v in counters["inductor"].items() if k.startswith("cudagraph")}
+    if since is None:
+        return now
+    return {k: now.get(k, 0) - since.get(k, 0) for k in sorted({*now, *_CUDAGRAPH_COUNTERS})}
 
 
 def _describe_photometric(builders: list[TargetBuilder], on_device: bool) -> str:
