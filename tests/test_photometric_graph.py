@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from trainer.photometric_graph import (
-    IMAGE_OPS, POINT_OPS, ROW_OPS, STAT_LUTS, PhotometricGraph, apply_photometric_fixed, default_capacity, pack_slots,
-    slot_rows,
+    GROW_AFTER, IMAGE_OPS, POINT_OPS, ROW_OPS, STAT_LUTS, PhotometricGraph, RowCapacity, apply_photometric_fixed,
+    default_capacity, pack_slots, slot_rows,
 )
 from trainer.photometric_torch import OPS, apply_photometric
 
@@ -82,7 +82,8 @@ def test_slot_rows_list_each_ops_samples_padded_with_the_spare_row():
     assert rows[0, 0].tolist() == [0, 2] and rows[1, -1].tolist() == [1, 2]
     assert (rows[0, 1:] == 3).all() and (rows[1, :-1] == 3).all()  # nobody drew them: all spare
     assert slot_rows(ops, capacity=1) is None  # two samples drew the same op in slot 0
-    assert default_capacity(128) == 32 and default_capacity(6) == 6 and default_capacity(20) == 8
+    assert default_capacity(128) == 16 and default_capacity(256) == 32
+    assert default_capacity(6) == 6 and default_capacity(20) == 8
 
 
 def test_the_fixed_ops_read_nothing_back_from_the_device():
@@ -92,6 +93,25 @@ def test_the_fixed_ops_read_nothing_back_from_the_device():
     images = torch.empty(16, 3, 40, 48, dtype=torch.uint8, device="meta")
     out = apply_photometric_fixed(images, pack_slots(ops, args).to("meta"), slot_rows(ops, 8).to("meta"))
     assert out.shape == images.shape and out.dtype == torch.uint8
+
+
+def test_the_row_capacity_doubles_when_batches_keep_overflowing_it():
+    sharp = OPS.index(ROW_OPS[-1])
+    calm = np.full((64, 2), -1)
+    calm[:3, 0] = sharp  # 3 rows: fits the starting capacity (8)
+    busy = calm.copy()
+    busy[:12, 0] = sharp  # 12 rows: overflows it
+    cap = RowCapacity()
+    for i in range(GROW_AFTER - 1):  # 1 in 19 overflows: not enough to grow
+        assert (cap.rows(busy if i == 0 else calm, 64) is None) == (i == 0) and not cap.grew
+    assert cap.capacity == 8
+    assert cap.rows(busy, 64) is None and cap.grew and cap.capacity == 16  # 2 in 20 > 5 %: doubled
+    rows = cap.rows(busy, 64)
+    assert not cap.grew and rows is not None and rows.shape == (2, len(ROW_OPS), 16)
+    small = RowCapacity(capacity=4)
+    for _ in range(GROW_AFTER):
+        small.rows(busy[:6], 6)
+    assert small.capacity == 6  # never more rows than the batch
 
 
 def test_pack_slots_refuses_bad_arrays():

@@ -10,14 +10,14 @@ and each batch costs one upload of its slot arrays and one graph launch:
   0..255 ramp for every sample (exact: they act on each level alone; B × 3 × 256 values, cheap), each sample
   keeping its own op's table;
 * ops that read the image (AutoContrast, Equalize, Contrast tables; Color, Sharpness): run on a fixed number
-  of rows per op (`capacity`), picked by host-made row lists padded with a spare row, so their device work is
-  about the samples that drew them, not the whole batch per op;
+  of rows per op (`capacity`, an eighth of the batch to start with), picked by host-made row lists padded with
+  a spare row, so their device work is a few times the samples that drew them, not the whole batch per op;
 * then each slot's tables are applied by one gather, as in `apply_photometric`.
 
 The maths are trainer/photometric_torch.py's own functions, so the pixels are `apply_photometric`'s
 (tests/test_photometric_graph.py compares both on every op). A batch whose draws need more rows than the
-capacity for one op (rare: an op is drawn by about B/30 samples per slot with timm's settings) takes the
-grouped ops instead.
+capacity for one op (rare: an op is drawn by about B/30 samples per slot with the paper's settings) takes
+the grouped ops instead.
 """
 from __future__ import annotations
 
@@ -38,9 +38,10 @@ _ROW_KIND = np.array([OPS.index(op) for op in ROW_OPS])
 
 
 def default_capacity(batch: int) -> int:
-    """Rows per op and slot: a quarter of the batch, at least 8 (and at most the batch). With timm's
-    RandAugment an op is drawn by about batch/30 samples of a slot, so a batch rarely needs more."""
-    return min(batch, max(8, -(-batch // 4)))
+    """Rows per op and slot to start with: an eighth of the batch, at least 8 (at most the batch). With the
+    paper's RandAugment an op is drawn by about batch/30 samples of a slot (binomial: for a batch of 128,
+    mean 4.3, more than 16 about once in 700,000 slots); `RowCapacity` doubles it if batches overflow."""
+    return min(batch, max(8, -(-batch // 8)))
 
 
 def pack_slots(photo_ops, photo_args) -> torch.Tensor:
@@ -94,19 +95,52 @@ def apply_photometric_fixed(images: torch.Tensor, slots: torch.Tensor, rows: tor
     return out[:n]
 
 
+GROW_AFTER = 20  # batches seen before the capacity is judged
+GROW_WHEN = 0.05  # share of those batches that overflowed it: then it doubles
+
+
+class RowCapacity:
+    """Rows per op and slot of the fixed-shape ops: `default_capacity` of the batch at first, doubled (up to
+    the batch) when more than GROW_WHEN of GROW_AFTER or more batches overflowed it (a RandAugment that
+    applies more ops than the paper's); `grew` says the last `rows` call changed it (a new capture)."""
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity, self.grew = capacity, False
+        self._seen = self._overflowed = 0
+
+    def rows(self, photo_ops, batch: int) -> torch.Tensor | None:
+        """`slot_rows` at the current capacity; None (and counted) when the batch overflows it."""
+        self.capacity = self.capacity or default_capacity(batch)
+        rows = slot_rows(photo_ops, self.capacity)
+        self._seen += 1
+        self._overflowed += rows is None
+        self.grew = (self._seen >= GROW_AFTER and self._overflowed > GROW_WHEN * self._seen
+                     and self.capacity < batch)
+        if self.grew:
+            self.capacity = min(batch, 2 * self.capacity)
+            self._seen = self._overflowed = 0
+        return rows
+
+
 class PhotometricGraph:
     """`apply_photometric` for a training device: on CUDA the batch shape seen first runs as one captured
     graph of `apply_photometric_fixed`; CPUs, other shapes (a last partial batch) and a batch that needs
-    more rows than `capacity` for one op take the grouped ops (`fallbacks` counts the batches that did).
+    more rows than its `RowCapacity` for one op take the grouped ops (`fallbacks` counts the batches that
+    did; a capacity that grows is captured again).
 
     The returned tensor of a graphed call is the graph's output buffer, overwritten by the next call: the
     caller uses it (the normalisation makes a new tensor) before calling again, on the same stream."""
 
     def __init__(self, graphed: bool = True, capacity: int | None = None):
-        self.graphed, self.capacity = bool(graphed), capacity
-        self._graph = GraphedFunction(lambda images, slots, rows: (apply_photometric_fixed(images, slots, rows),))
-        self._shape: tuple | None = None  # (images, slots, rows) shapes of the captured graph
+        self.graphed = bool(graphed)
+        self.rows = RowCapacity(capacity)
         self.fallbacks = 0
+        self._graph = self._new_graph()
+        self._shape: tuple | None = None  # (images, slots) shapes the graph is for
+
+    @staticmethod
+    def _new_graph() -> GraphedFunction:
+        return GraphedFunction(lambda images, slots, rows: (apply_photometric_fixed(images, slots, rows),))
 
     @property
     def failed(self) -> str | None:
@@ -125,11 +159,14 @@ class PhotometricGraph:
         slots = pack_slots(photo_ops, photo_args)
         if slots.shape[1] != images.shape[0]:
             raise ValueError(f"photo_ops has {slots.shape[1]} rows for {images.shape[0]} images")
-        rows = slot_rows(photo_ops, self.capacity or default_capacity(images.shape[0]))
-        shape = (tuple(images.shape), tuple(slots.shape), None if rows is None else tuple(rows.shape))
-        if self._shape is None and rows is not None:
-            self._shape = shape
-        if rows is None or shape != self._shape:
+        self._shape = self._shape or (tuple(images.shape), tuple(slots.shape))
+        if (tuple(images.shape), tuple(slots.shape)) != self._shape:  # the graph is for the first batch shape
+            self.fallbacks += 1
+            return apply_photometric(images, photo_ops, photo_args)
+        rows = self.rows.rows(photo_ops, images.shape[0])
+        if self.rows.grew:
+            self._graph = self._new_graph()  # the old graph and its memory go with the last reference
+        if rows is None:
             self.fallbacks += 1
             return apply_photometric(images, photo_ops, photo_args)
         return self._graph(images, slots, rows)[0]
