@@ -153,6 +153,7 @@ def test_bench_prints_all_figures_and_ratios(world):
         assert text in r.output
     rows = [line.split() for line in r.output.splitlines() if line.strip().startswith(("(a)", "(b)", "(c)"))]
     assert len(rows) == 6 and all(float(row[4]) > 0 for row in rows[:3]), r.output  # end-to-end img/s measured
+    assert "img/s without its" in r.output  # the epoch-end checkpoints of these short epochs, taken out
     # Where each step's host time went: one row per phase and variant, with numbers, the lag n/a on a CPU.
     splits = [line for line in r.output.splitlines() if line.strip().startswith(("end to end, (", "step only, ("))]
     assert len(splits) == 6 and all(line.rstrip().endswith("n/a (CPU)") for line in splits), r.output

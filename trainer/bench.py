@@ -7,7 +7,9 @@ the configured augment device), targets, compile, AMP and EMA, run for `seconds`
   (c) online teacher (the reference method): + a same-size teacher forward (eval, no grad) every step, its
       dense token logits turned into Gumbel token targets by the same sampler.
 The time is split into loader wait (the loop blocked on the next batch) and the rest (the step); the part of
-the wait spent on epochs' first batches is printed too (the next epoch is started ahead: data.overlap_epochs).
+the wait spent on epochs' first batches is printed too (the next epoch is started ahead: data.overlap_epochs),
+and so are the checkpoint pauses of its epoch ends, with the rate between them (the bench's epochs are a few
+dozen steps; a real one is thousands).
 Step only: the same three variants on batches already in memory (only the step is timed).
 Both phases also print the host milliseconds per step (loader wait, issuing the targets, the rest) and how
 many steps the device still had queued as each step began (`trainer.step_timing`): near 0 the device waited
@@ -112,10 +114,17 @@ class EndToEnd:
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
+    @property
+    def images_per_s_between_checkpoints(self) -> float:
+        """The rate with the checkpoint pauses taken out: the bench's epochs are a few dozen steps, each ending
+        in a checkpoint, where an ImageNet epoch is thousands of steps."""
+        return self.images / max(self.seconds - sum(self.checkpoint_pauses), 1e-9)
+
     def split(self) -> "StepSplit":
         n = max(self.steps, 1)
         return StepSplit(wait_ms=1e3 * self.loader_wait_s / n, targets_ms=1e3 * self.targets_s / n,
-                         rest_ms=1e3 * (self.seconds - self.loader_wait_s - self.targets_s) / n,
+                         rest_ms=1e3 * (self.seconds - self.loader_wait_s - self.targets_s
+                                        - sum(self.checkpoint_pauses)) / n,
                          device_lag=self.device_lag, allocator=self.allocator,
                          checkpoint_ms=tuple(1e3 * p for p in self.checkpoint_pauses))
 
@@ -123,8 +132,8 @@ class EndToEnd:
 @dataclass(frozen=True)
 class StepSplit:
     """Host milliseconds per step: waiting for the loader, issuing the targets (render, augment, token targets),
-    and the rest (model forward + backward, optimizer, EMA, the loop, epoch-end checkpoints); how far the device
-    lagged; and the loop's pause for each checkpoint in the window (end to end: one per epoch end)."""
+    and the rest (model forward + backward, optimizer, EMA, the loop; not the checkpoint pauses); how far the
+    device lagged; and the loop's pause for each checkpoint in the window (end to end: one per epoch end)."""
 
     wait_ms: float | None
     targets_ms: float
@@ -211,7 +220,9 @@ class BenchFigures:
             wait = v.loader_wait_s / max(v.seconds, 1e-9)
             starts = v.epoch_start_wait_s / max(v.seconds, 1e-9)
             lines.append(f"  {NAMES[k]:<28} {v.images_per_s:9.1f} {v.seconds:8.1f} {wait:11.0%} {1 - wait:7.0%}"
-                         f"  {starts:.0%} ({v.epochs_started} epoch(s) began in the window)")
+                         f"  {starts:.0%} ({v.epochs_started} epoch(s) began in the window)"
+                         + (f"; {v.images_per_s_between_checkpoints:.1f} img/s without its {len(v.checkpoint_pauses)} "
+                            f"checkpoint pause(s)" if v.checkpoint_pauses else ""))
         lines.append(f"  step only (batches in memory, median of {self.repeats})")
         for k, v in self.steps_per_s.items():
             lines.append(f"  {NAMES[k]:<28} {v * self.batch_size:9.1f} img/s  ({v:.2f} steps/s)")
