@@ -48,6 +48,8 @@ def test_writes_in_the_background_one_at_a_time(tmp_path, monkeypatch):
     assert time.perf_counter() - t0 >= 0.3
     writer.wait()
     assert not writer.busy and int(torch.load(tmp_path / "ck.pth", weights_only=True)["v"]) == 2
+    (s1, d1), (s2, d2) = writer.writes  # when each write ran, for a bench to read against its window
+    assert d1 >= 0.3 and d2 >= 0.3 and s2 >= s1 + d1 - 1e-3
 
 
 def test_the_file_holds_the_state_at_submit_time(tmp_path, monkeypatch):
@@ -95,6 +97,7 @@ def test_training_returns_only_with_its_last_checkpoint_on_disk(tmp_path, monkey
     assert result.status == "finished"
     ck = load_checkpoint_file(tmp_path / LAST)  # complete: the loop waited for the background write
     assert ck["epoch"] == 2 and ck["global_update"] == result.global_update
+    assert len(result.checkpoint_writes) == 2 and all(seconds >= 0.4 for _, seconds in result.checkpoint_writes)
 
 
 def test_training_reports_a_failed_background_write(tmp_path, monkeypatch):

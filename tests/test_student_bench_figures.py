@@ -15,3 +15,18 @@ def test_the_checkpoint_pauses_are_not_model_time_and_the_rate_between_them_is_g
     assert run.images_per_s == pytest.approx(1280.0)
     assert run.images_per_s_between_checkpoints == pytest.approx(1280 / 0.8)
     assert EndToEnd(images=10, seconds=2.0, loader_wait_s=0.0).images_per_s_between_checkpoints == pytest.approx(5.0)
+
+
+def test_the_background_writes_are_measured_against_the_window():
+    import torch
+
+    from trainer.bench import TimedBatches
+    from trainer.checkpoint import StopRequest
+
+    timed = TimedBatches(lambda epoch, position: iter(()), warmup=0, seconds=1.0, stop=StopRequest(),
+                         device=torch.device("cpu"))
+    timed.start, timed.end = 10.0, 12.0
+    run = timed.figures(checkpoint_pauses=((9.5, 0.1), (10.5, 0.2)),
+                        checkpoint_writes=((9.0, 1.5), (11.5, 0.2), (11.9, 0.5)))
+    assert run.checkpoint_pauses == (0.2,)  # the pause that began inside the window
+    assert run.checkpoint_writing_s == pytest.approx(0.5 + 0.2 + 0.1)  # each write's overlap with it

@@ -109,6 +109,7 @@ class EndToEnd:
     device_lag: float | None = None  # steps the device still had queued as each step began (trainer.step_timing)
     allocator: dict | None = None  # CUDA allocator calls in the window (trainer.step_timing.AllocatorCounts)
     checkpoint_pauses: tuple[float, ...] = ()  # seconds the loop paused for each checkpoint inside the window
+    checkpoint_writing_s: float = 0.0  # seconds of the window during which a checkpoint was written in the background
 
     @property
     def images_per_s(self) -> float:
@@ -222,7 +223,8 @@ class BenchFigures:
             lines.append(f"  {NAMES[k]:<28} {v.images_per_s:9.1f} {v.seconds:8.1f} {wait:11.0%} {1 - wait:7.0%}"
                          f"  {starts:.0%} ({v.epochs_started} epoch(s) began in the window)"
                          + (f"; {v.images_per_s_between_checkpoints:.1f} img/s without its {len(v.checkpoint_pauses)} "
-                            f"checkpoint pause(s)" if v.checkpoint_pauses else ""))
+                            f"checkpoint pause(s), written in the background during "
+                            f"{v.checkpoint_writing_s / max(v.seconds, 1e-9):.0%} of it" if v.checkpoint_pauses else ""))
         lines.append(f"  step only (batches in memory, median of {self.repeats})")
         for k, v in self.steps_per_s.items():
             lines.append(f"  {NAMES[k]:<28} {v * self.batch_size:9.1f} img/s  ({v:.2f} steps/s)")
@@ -320,16 +322,19 @@ class TimedBatches:
             first = False
             yield item
 
-    def figures(self, checkpoint_pauses=()) -> EndToEnd:
-        """The window's figures; `checkpoint_pauses`: the run's `TrainResult.checkpoint_pauses` (those that began
-        inside the window are kept)."""
+    def figures(self, checkpoint_pauses=(), checkpoint_writes=()) -> EndToEnd:
+        """The window's figures; `checkpoint_pauses` / `checkpoint_writes`: the run's `TrainResult` fields, as
+        (start, seconds) (the pauses that began inside the window are kept; the writes' overlap with it)."""
         if self.end is None:
             raise RuntimeError("bench: the timed window never closed (the run ended first)")
+        writing = sum(max(0.0, min(start + seconds, self.end) - max(start, self.start))
+                      for start, seconds in checkpoint_writes)
         return EndToEnd(images=self.images, seconds=self.end - self.start, loader_wait_s=self.wait,
                         epoch_start_wait_s=self.epoch_start_wait, epochs_started=self.epochs_started,
                         steps=self.steps, targets_s=self.window.targets_s, device_lag=self.window.device_lag,
                         allocator=self.window.allocator, checkpoint_pauses=tuple(
-                            seconds for start, seconds in checkpoint_pauses if self.start <= start < self.end))
+                            seconds for start, seconds in checkpoint_pauses if self.start <= start < self.end),
+                        checkpoint_writing_s=writing)
 
 
 def _variant_targets(variant: str, builder: TargetBuilder, teacher_forward, teacher_grid, tokens: TokenLabelConfig,
@@ -522,7 +527,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                            make_targets=timed.window.targets.wrap(targets_for(variant)),
                            compute_loss=partial(student_loss, beta=1.0), steps_per_epoch=loader.batches_per_epoch(),
                            info=DistInfo(device=device), log=RunLog.disabled(), stop=stop, forward=shared.forward)
-        end_to_end[variant] = e2e = timed.figures(result.checkpoint_pauses)
+        end_to_end[variant] = e2e = timed.figures(result.checkpoint_pauses, result.checkpoint_writes)
         loop_sampler = sampler or loop_sampler
         if sampler is not None:
             report(f"measured: the loop thread in {NAMES[variant]} end to end, {sampler.samples} samples:\n"

@@ -16,6 +16,7 @@ raised at the next checkpoint or at `wait()`, naming the file; the previous chec
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,9 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._path: Path | None = None
+        # (time.perf_counter() at its start, seconds) of each background write: the time a second thread of the
+        # training process was busy serialising (a bench reads it against its timed window)
+        self.writes: list[tuple[float, float]] = []
 
     def submit(self, obj: Any, path: str | Path) -> None:
         """Write the state in `obj` as it is now to `path` atomically, in the background (the previous write
@@ -126,12 +130,15 @@ class CheckpointWriter:
         self._thread.start()
 
     def _write(self, obj: Any, path: Path, ready: list) -> None:
+        start = time.perf_counter()
         try:
             for event in ready:
                 event.synchronize()
             atomic_save(obj, path)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = e
+        finally:
+            self.writes.append((start, time.perf_counter() - start))
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is on disk; raise its error, naming the file."""

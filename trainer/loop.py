@@ -56,6 +56,8 @@ class TrainResult:
     # (time.perf_counter() at its start, seconds) of each checkpoint: how long the loop paused for it (queueing
     # the copy, and waiting for a previous write still in flight); the file itself is written in the background.
     checkpoint_pauses: tuple[tuple[float, float], ...] = ()
+    # (time.perf_counter() at its start, seconds) of each checkpoint's background write
+    checkpoint_writes: tuple[tuple[float, float], ...] = ()
 
 
 def split_outputs(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -320,7 +322,7 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
                                     f"continue with --resume {last_ckpt}")
                         log.close()
                         return TrainResult("stopped", state.epoch, state.global_update, last_ckpt, None, last_loss,
-                                           tuple(pauses))
+                                           tuple(pauses), tuple(writer.writes))
                 if pending:  # the epoch's last micro-batches still update (no sample's gradient is dropped)
                     optimizer_update(synced=accum == 1)
                 health.check()
@@ -346,4 +348,5 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     barrier(info)
     log.message(f"done: {state.epoch} epochs, {state.global_update} updates; checkpoint {last_ckpt}, export {export}")
     log.close()
-    return TrainResult("finished", state.epoch, state.global_update, last_ckpt, export, last_loss, tuple(pauses))
+    return TrainResult("finished", state.epoch, state.global_update, last_ckpt, export, last_loss, tuple(pauses),
+                       tuple(writer.writes))
