@@ -42,12 +42,15 @@ from labeler.render_batch import warm_up_render
 from labeler.stack_sampler import SAMPLE_INTERVAL_S, StackSampler
 from trainer.checkpoint import StopRequest
 from trainer.config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
+from trainer.bench_calls import time_calls
 from trainer.data_config import DataConfig, TokenLabelConfig
 from trainer.distributed import DistInfo, resolve_device
 from trainer.loader import build_labeler_loader, build_student_loader
 from trainer.loop import amp_context, begin_step, compile_fixed_shapes, split_outputs, train
 from trainer.losses import student_loss
 from trainer.optim import create_optimizer
+from trainer.photometric_graph import PhotometricGraph
+from trainer.photometric_torch import apply_photometric
 from trainer.run_log import RunLog
 from trainer.run_stage import loader_epochs
 from trainer.step_timing import HostTimer, StepWindow, describe_allocator, describe_lag
@@ -186,6 +189,7 @@ class BenchFigures:
     # torch.compile's CUDA-graph counters over the bench (CUDA graph trees): graphs it declined to capture
     # ("cudagraph_skips") and the inputs its recorded graphs copy in at every replay (non-static inputs)
     cudagraph_counters: dict = dataclasses.field(default_factory=dict)
+    photometric_ms: dict = dataclasses.field(default_factory=dict)  # way → (host, wall) ms per batch, alone
 
     def ratios(self) -> dict:
         s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s
@@ -209,6 +213,8 @@ class BenchFigures:
             lines.append("  eager (no torch.compile)")
         if self.photometric:
             lines.append(f"  photometric ops: {self.photometric}")
+        if self.photometric_ms:
+            lines.append("  " + _describe_calls("photometric ops alone", self.photometric_ms, self.batch_size))
         if self.cudagraph_counters:
             lines.append("  torch.compile's CUDA graphs: " + ", ".join(
                 f"{k} {v}" for k, v in sorted(self.cudagraph_counters.items())) + " (TORCH_LOGS=cudagraphs says why)")
@@ -455,6 +461,10 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         compile_s["renderer (sample_views)"] = time.perf_counter() - t0
     if compile_s:
         report("measured: torch.compile " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
+    photometric_ms = _time_photometric(builder_for("b_stored"), batches[0], device) \
+        if on_device and device.type == "cuda" and "photo_ops" in batches[0] else {}
+    if photometric_ms:
+        report("measured: " + _describe_calls("photometric ops alone", photometric_ms, s.batch_size))
 
     # ---- step only, first (the figure end to end is read against): the variants on batches in memory ----
     def step_fn(variant: str, targets: HostTimer) -> Callable[[int], None]:
@@ -560,7 +570,22 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                         source_kb_per_sample=_source_kb_per_sample(batches),
                         photometric=_describe_photometric(builders, on_device),
                         cudagraph_counters=_cudagraph_counters(since=counters_before)
-                        if s.compile and s.compile_mode == "reduce-overhead" else {})
+                        if s.compile and s.compile_mode == "reduce-overhead" else {},
+                        photometric_ms=photometric_ms)
+
+
+def _time_photometric(builder: TargetBuilder, batch: dict, device: torch.device) -> dict:
+    """The batch's photometric slots alone on its rendered views, grouped by op and as one CUDA graph."""
+    views = builder.render_views(batch)
+    ops, args = batch["photo_ops"], batch["photo_args"]
+    graph = PhotometricGraph()
+    return time_calls({"grouped by op": lambda: apply_photometric(views, ops, args),
+                       "one CUDA graph": lambda: graph(views, ops, args)}, device)
+
+
+def _describe_calls(what: str, timings: dict, batch: int) -> str:
+    return f"{what}, batch of {batch}: " + "; ".join(
+        f"{name} host {host:.2f} ms, wall {wall:.2f} ms" for name, (host, wall) in timings.items())
 
 
 _CUDAGRAPH_COUNTERS = ("cudagraph_skips", "cudagraph_recorded_non_static_inputs")  # always printed, 0 included

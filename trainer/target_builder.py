@@ -72,16 +72,19 @@ class TargetBuilder:
         """The batch's student views as uint8 (B, 3, h, w) on the device (rendered here for a device-path batch)."""
         if "image" in batch:
             return batch["image"].to(self.device, non_blocking=True)
-        if self.view_spec is None:
-            raise ValueError("TargetBuilder got a device-path batch (source + params) but no view_spec to render it")
-        sources = upload_flat(batch["source"], self.device, image_hw=batch["source_hw"].numpy(),
-                              origins=batch["source_origin"].numpy())
-        n = len(sources.hw)
-        images = render_batch(sources, np.arange(n), batch["params"].numpy(), self.view_spec)
+        images = self.render_views(batch)
         if "photo_ops" in batch:
             images = self.photometric(images, batch["photo_ops"], batch["photo_args"])  # the graph's buffer: used
             # (normalised into a new tensor) before the next call overwrites it
         return images
+
+    def render_views(self, batch: dict) -> torch.Tensor:
+        """A device-path batch's stored views replayed, uint8 (B, 3, h, w), before the photometric slots."""
+        if self.view_spec is None:
+            raise ValueError("TargetBuilder got a device-path batch (source + params) but no view_spec to render it")
+        sources = upload_flat(batch["source"], self.device, image_hw=batch["source_hw"].numpy(),
+                              origins=batch["source_origin"].numpy())
+        return render_batch(sources, np.arange(len(sources.hw)), batch["params"].numpy(), self.view_spec)
 
     def __call__(self, batch: dict, step: int):
         gen_seed, mix_seed, erase_seed = self._seeds(step)
