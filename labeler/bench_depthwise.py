@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from labeler.bench_calls import synchronize, time_calls
 from labeler.device import resolve_device
 from labeler.models.fan_layers import DEPTHWISE_IMPLS, set_depthwise_impl
 from labeler.models.token_model_factory import create_token_model
@@ -50,21 +51,9 @@ class DepthwiseFigures:
         return "\n".join(lines)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(call, calls: int, device: torch.device) -> float:
     """Seconds per call, after two untimed calls (compile, autotune, allocator)."""
-    for _ in range(2):
-        call()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    _sync(device)
-    return (time.perf_counter() - start) / calls
+    return time_calls({"call": call}, device, repeats=calls, warmup=2)["call"][1] / 1e3
 
 
 def bench_depthwise(model: str, batch_size: int = 256, amp: str = "bf16", input_size: int = 224,
@@ -94,7 +83,7 @@ def bench_depthwise(model: str, batch_size: int = 256, amp: str = "bf16", input_
         net.eval()
         start = time.perf_counter()
         infer()
-        _sync(dev)
+        synchronize(dev)
         compile_s[impl] = time.perf_counter() - start
         forward[impl] = batch_size / _timed(infer, batches, dev)
         if train_batch:
@@ -109,7 +98,7 @@ def bench_depthwise(model: str, batch_size: int = 256, amp: str = "bf16", input_
 
             start = time.perf_counter()
             learn()
-            _sync(dev)
+            synchronize(dev)
             compile_s[impl] += time.perf_counter() - start
             train[impl] = train_batch / _timed(learn, batches, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from labeler.bench_calls import time_calls
 from labeler.decode_chunks import DecodedChunk
 from labeler.device import resolve_device
 from labeler.flat_images import upload_flat
@@ -28,7 +29,7 @@ from labeler.kernel_profile import PROFILE_ROWS, profile_calls
 from labeler.render_batch import render_batch, warm_up_render
 from labeler.stack_sampler import SAMPLE_INTERVAL_S, StackSampler
 from labeler.stage_clock import COMPUTE_PHASES, DEVICE_PHASES, PHASES
-from labeler.teacher import AMP_DTYPES, Teacher, resolve_compile
+from labeler.teacher import Teacher, resolve_compile
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
 from labeler.work_unit import ShardLabeler, WorkerSettings
 from labelstore.shard_format import count_samples, expand_shard_urls
@@ -252,15 +253,10 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _rate(call: Callable[[torch.Tensor], object], views: torch.Tensor, batches: int, sync) -> float:
+def _rate(call: Callable[[torch.Tensor], object], views: torch.Tensor, batches: int) -> float:
     """Views/s of `call` on device-resident views: one untimed call first (compile, capture, autotune, allocator)."""
-    call(views)
-    sync()
-    start = time.perf_counter()
-    for _ in range(batches):
-        call(views)
-    sync()
-    return batches * views.shape[0] / (time.perf_counter() - start)
+    _, wall_ms = time_calls({"call": lambda: call(views)}, views.device, repeats=batches, warmup=1)["call"]
+    return views.shape[0] / (wall_ms / 1e3)
 
 
 def _decode_alone(work: ShardLabeler, decoder, num_shards: int) -> tuple[int, float, DecodedChunk | None]:
@@ -312,7 +308,7 @@ def _overlapped_rate(render: Callable[[], torch.Tensor], teacher_call: Callable[
         rendered.record_stream(compute)
         return teacher_call(rendered)
 
-    return _rate(one, views, batches, torch.cuda.synchronize)
+    return _rate(one, views, batches)
 
 
 def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, views: int, topk: int = 10,
@@ -351,7 +347,6 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         report(f"measured: decode workers alone {decode_rate:.1f} views/s")
         teacher = work.teacher
         h, w = spec.input_size
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         fixed = torch.randint(0, 256, (work.views_per_batch, 3, h, w), dtype=torch.uint8, device=dev)
         for copy in teacher.encode_views_async(fixed):  # warm-up of the pipeline's teacher: compile (and capture)
             copy.wait()
@@ -387,29 +382,29 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
         n_batches = forward_batches or max(3, round(pipeline_views / work.views_per_batch))
         graphed_rate = None
         if teacher.graphed is not None and teacher.graphed.captured:
-            graphed_rate = _rate(teacher.encode_views_async, fixed, n_batches, sync)
+            graphed_rate = _rate(teacher.encode_views_async, fixed, n_batches)
             report(f"measured: graphed forward + top-k {graphed_rate:.1f} views/s")
         elif teacher.graphed is not None:
             report(f"CUDA graph not captured: {teacher.graphed.failed}")
         layout = dict(channels_last=teacher.channels_last)  # the pipeline teacher's: the model (and layout) is shared
         eager = teacher if not teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp,
                                                              **layout)
-        eager_rate = _rate(eager.forward, fixed, n_batches, sync)
+        eager_rate = _rate(eager.forward, fixed, n_batches)
         report(f"measured: bare forward eager {eager_rate:.1f} views/s")
         want_compiled = resolve_compile(compile, dev)
         compiled_rate = None
         if want_compiled:
             compiled = teacher if teacher.compiled else Teacher(teacher.model, spec.mean, spec.std, spec.topk, dev, amp,
                                                                 compile=True, **layout)
-            compiled_rate = _rate(compiled.forward, fixed, n_batches, sync)
+            compiled_rate = _rate(compiled.forward, fixed, n_batches)
             report(f"measured: bare forward compiled {compiled_rate:.1f} views/s")
         render = _render_call(work, first_chunk)
         render_rate = render_eager_rate = overlapped_rate = None
         if render is not None:
-            render_rate = _rate(lambda _: render(teacher.compiled), fixed, n_batches, sync)
+            render_rate = _rate(lambda _: render(teacher.compiled), fixed, n_batches)
             report(f"measured: render alone {render_rate:.1f} views/s")
             if teacher.compiled:  # the same render uncompiled: what compiling it gains
-                render_eager_rate = _rate(lambda _: render(False), fixed, n_batches, sync)
+                render_eager_rate = _rate(lambda _: render(False), fixed, n_batches)
                 report(f"measured: render alone, eager {render_eager_rate:.1f} views/s")
             if dev.type == "cuda":
                 overlapped_rate = _overlapped_rate(lambda: render(teacher.compiled), teacher.encode_views_async,

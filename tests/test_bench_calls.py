@@ -1,4 +1,4 @@
-"""trainer.bench_calls.time_calls: host and wall milliseconds per call, every callable warmed up first."""
+"""labeler.bench_calls.time_calls: host and wall milliseconds per call, every callable warmed up first."""
 from __future__ import annotations
 
 import time
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer.bench import _describe_calls
-from trainer.bench_calls import time_calls
+from labeler.bench_calls import time_calls
 
 
 def test_each_call_is_warmed_up_then_timed_per_call():

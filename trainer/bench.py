@@ -35,6 +35,7 @@ from functools import partial
 
 import torch
 
+from labeler.bench_calls import synchronize, time_calls
 from labeler.device import prefer_fastest_convolutions
 from labeler.kernel_profile import PROFILE_ROWS, profile_calls
 from labeler.models import TokenForward, create_token_model, token_grid
@@ -42,7 +43,6 @@ from labeler.render_batch import warm_up_render
 from labeler.stack_sampler import SAMPLE_INTERVAL_S, StackSampler
 from trainer.checkpoint import StopRequest
 from trainer.config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
-from trainer.bench_calls import time_calls
 from trainer.data_config import DataConfig, TokenLabelConfig
 from trainer.distributed import DistInfo, resolve_device
 from trainer.loader import build_labeler_loader, build_student_loader
@@ -279,11 +279,6 @@ def _time_loader(loader, max_images: int) -> tuple[float, int]:
     return n / max(time.perf_counter() - start, 1e-9), n
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class TimedBatches:
     """Wraps the loop's `epoch_batches`: times every wait for the next batch, opens the timed window at the
     request of batch `warmup + 1` and closes it at the first request `seconds` later, then asks the loop to
@@ -301,7 +296,7 @@ class TimedBatches:
         while True:
             t0 = time.perf_counter()
             if self.requested == self.warmup:
-                _sync(self.device)  # the warm-up's queued device work is not in the window
+                synchronize(self.device)  # the warm-up's queued device work is not in the window
                 self.window.open()
                 t0 = self.start = time.perf_counter()
             if self.start is not None and self.end is None:
@@ -315,7 +310,7 @@ class TimedBatches:
             self.requested += 1
             if self.start is not None and self.end is None:
                 if t0 - self.start >= self.seconds and self.requested > self.warmup + 1:
-                    self.window.close(lambda: _sync(self.device))
+                    self.window.close(lambda: synchronize(self.device))
                     self.end = time.perf_counter()
                     self.stop.requested = True
                 else:
@@ -388,19 +383,19 @@ def _compile_seconds(shared: SharedStudent, builder: TargetBuilder, batch, devic
     out = {}
     images, cls_target, token_target = builder(batch, 0)
     images = images.contiguous(memory_format=memory_format)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     begin_step(shared.mode)
     with amp_context(device, amp):
         cls_logits, token_logits = split_outputs(shared.forward(images))
     student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0).total.backward()
-    _sync(device)
+    synchronize(device)
     out["student (forward + backward)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     begin_step(shared.mode)
     with torch.no_grad(), amp_context(device, amp):
         shared.teacher_forward(images)
-    _sync(device)
+    synchronize(device)
     out["teacher (forward)"] = time.perf_counter() - t0
     shared.reset()
     return out
@@ -457,7 +452,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     if on_device and device.type == "cuda":  # the device renderer is compiled (labeler.render_batch): not in a timed run
         t0 = time.perf_counter()
         warm_up_render(loader.view_spec, 1, device)
-        _sync(device)
+        synchronize(device)
         compile_s["renderer (sample_views)"] = time.perf_counter() - t0
     if compile_s:
         report("measured: torch.compile " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
@@ -490,13 +485,13 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         start = 0.0
         for i in range(len(batches)):
             if i == s.warmup:
-                _sync(device)
+                synchronize(device)
                 window.open()
                 start = time.perf_counter()
             if i >= s.warmup:
                 window.mark()
             step(i)
-        window.close(lambda: _sync(device))
+        window.close(lambda: synchronize(device))
         wall = time.perf_counter() - start
         split = StepSplit(wait_ms=None, targets_ms=1e3 * window.targets_s / s.steps,
                           rest_ms=1e3 * (wall - window.targets_s) / s.steps, device_lag=window.device_lag,
