@@ -2,7 +2,6 @@
 name, concurrent drivers (store lock + shard leases) label every shard exactly once."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
