@@ -152,11 +152,11 @@ def test_the_bench_says_how_the_photometric_ops_ran():
 
     from trainer.bench import _describe_photometric
 
-    def builder(captured=False, fallbacks=0, failed=None):
-        return NS(photometric=NS(captured=captured, fallbacks=fallbacks, failed=failed))
+    def graph(captured=False, fallbacks=0, failed=None):
+        return NS(captured=captured, fallbacks=fallbacks, failed=failed, rows=NS(capacity=16))
 
-    assert _describe_photometric([builder()], on_device=False) == ""
-    assert "launched op by op (no CUDA graph)" in _describe_photometric([builder()], on_device=True)
-    assert "one CUDA graph per batch" in _describe_photometric([builder(True, 1), builder(True, 2)], True)
-    assert "3 batch(es) took the grouped ops" in _describe_photometric([builder(True, 1), builder(True, 2)], True)
-    assert "capture failed" in _describe_photometric([builder(True), builder(failed="RuntimeError: x")], True)
+    assert _describe_photometric(graph(), on_device=False) == ""
+    assert "launched op by op (no CUDA graph)" in _describe_photometric(graph(), on_device=True)
+    line = _describe_photometric(graph(True, 3), True)
+    assert "one CUDA graph per batch" in line and "16 rows per op and slot); 3 batch(es) took the grouped ops" in line
+    assert "capture failed" in _describe_photometric(graph(True, failed="RuntimeError: x"), True)

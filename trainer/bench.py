@@ -426,14 +426,12 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     shared = SharedStudent(s, num_classes, device, memory_format)
     teacher_grid = token_grid(shared.teacher, hw)
 
-    builders: list[TargetBuilder] = []
+    photometric = PhotometricGraph(graphed=data.photometric_graph)  # one capture for every variant and phase
 
     def builder_for(variant: str) -> TargetBuilder:
-        builders.append(TargetBuilder(num_classes=num_classes, data=data,
-                                      tokens=tokens if variant == "b_stored" else None, store_grid=loader.store_grid,
-                                      student_grid=token_grid(shared.model, hw), device=device,
-                                      view_spec=loader.view_spec))
-        return builders[-1]
+        return TargetBuilder(num_classes=num_classes, data=data, tokens=tokens if variant == "b_stored" else None,
+                             store_grid=loader.store_grid, student_grid=token_grid(shared.model, hw), device=device,
+                             view_spec=loader.view_spec, photometric=photometric)
 
     def targets_for(variant: str):
         return _variant_targets(variant, builder_for(variant), shared.teacher_forward, teacher_grid, tokens,
@@ -563,7 +561,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                         loop_stacks=tuple(loop_sampler.top(LOOP_STACK_ROWS)) if loop_sampler else (),
                         loop_samples=loop_sampler.samples if loop_sampler else 0,
                         source_kb_per_sample=_source_kb_per_sample(batches),
-                        photometric=_describe_photometric(builders, on_device),
+                        photometric=_describe_photometric(photometric, on_device),
                         cudagraph_counters=_cudagraph_counters(since=counters_before)
                         if s.compile and s.compile_mode == "reduce-overhead" else {},
                         photometric_ms=photometric_ms)
@@ -596,15 +594,13 @@ def _cudagraph_counters(since: dict | None = None) -> dict:
     return {k: now.get(k, 0) - since.get(k, 0) for k in sorted({*now, *_CUDAGRAPH_COUNTERS})}
 
 
-def _describe_photometric(builders: list[TargetBuilder], on_device: bool) -> str:
+def _describe_photometric(graph: PhotometricGraph, on_device: bool) -> str:
     """One line: how the device path applied the photometric ops in all the bench's runs."""
     if not on_device:
         return ""
-    graphs = [b.photometric for b in builders]
-    failed = next((g.failed for g in graphs if g.failed), None)
-    if failed:
-        return f"CUDA graph capture failed, the fixed-shape ops ran op by op ({failed})"
-    if not any(g.captured for g in graphs):
+    if graph.failed:
+        return f"CUDA graph capture failed, the fixed-shape ops ran op by op ({graph.failed})"
+    if not graph.captured:
         return "grouped by op, launched op by op (no CUDA graph)"
-    return (f"one CUDA graph per batch (trainer/photometric_graph.py); {sum(g.fallbacks for g in graphs)} "
-            f"batch(es) took the grouped ops")
+    return (f"one CUDA graph per batch (trainer/photometric_graph.py, {graph.rows.capacity} rows per op and slot); "
+            f"{graph.fallbacks} batch(es) took the grouped ops")

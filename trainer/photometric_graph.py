@@ -26,8 +26,8 @@ import torch
 
 from labeler.cuda_graph import GraphedFunction
 from trainer.photometric_torch import (
-    OPS, _apply_table, _table, apply_photometric, auto_contrast, auto_contrast_lut, brightness, color, contrast,
-    contrast_lut, equalize, equalize_lut, invert, posterize, sharpness, solarize, solarize_add,
+    OPS, apply_photometric, apply_table, auto_contrast, auto_contrast_lut, brightness, color, contrast, contrast_lut,
+    equalize, equalize_lut, invert, posterize, sharpness, solarize, solarize_add, to_table,
 )
 
 POINT_OPS = (invert, posterize, solarize, solarize_add, brightness)  # table = the op on the level ramp
@@ -76,9 +76,8 @@ def apply_photometric_fixed(images: torch.Tensor, slots: torch.Tensor, rows: tor
 
     No host reads, no data-dependent shapes: capturable as a CUDA graph."""
     n = images.shape[0]
-    spare = lambda t, fill: torch.cat([t, torch.full_like(t[:1], fill)])  # noqa: E731 - row B, for padding
-    out = spare(images, 0)  # (B + 1, 3, H, W): padded picks read and write the spare row
-    kinds, args = spare(slots[0].round().to(torch.int64), -1), spare(slots[1], 0)  # (B + 1, S)
+    out = _with_spare_row(images, 0)  # (B + 1, 3, H, W): padded picks read and write the spare row
+    kinds, args = _with_spare_row(slots[0].round().to(torch.int64), -1), _with_spare_row(slots[1], 0)  # (B + 1, S)
     ramp = torch.arange(256, device=images.device, dtype=torch.uint8).view(1, 1, 1, 256).expand(n + 1, 3, 1, 256)
     for s in range(slots.shape[2]):
         kind, arg = kinds[:, s], args[:, s]
@@ -87,12 +86,17 @@ def apply_photometric_fixed(images: torch.Tensor, slots: torch.Tensor, rows: tor
             table = torch.where((kind == OPS.index(op)).view(-1, 1, 1), op(ramp, arg)[:, :, 0], table)
         for j, (_, lut) in enumerate(STAT_LUTS):
             r = rows[s, j]
-            table.index_copy_(0, r, _table(lut(out.index_select(0, r), arg.index_select(0, r))))
-        out = _apply_table(out, table)
+            table.index_copy_(0, r, to_table(lut(out.index_select(0, r), arg.index_select(0, r))))
+        out = apply_table(out, table)
         for j, op in enumerate(IMAGE_OPS, start=len(STAT_LUTS)):
             r = rows[s, j]
             out.index_copy_(0, r, op(out.index_select(0, r), arg.index_select(0, r)))
     return out[:n]
+
+
+def _with_spare_row(t: torch.Tensor, fill) -> torch.Tensor:
+    """`t` with one more row (index B) filled with `fill`: where the row lists' padding points."""
+    return torch.cat([t, torch.full_like(t[:1], fill)])
 
 
 GROW_AFTER = 20  # batches seen before the capacity is judged

@@ -32,12 +32,12 @@ from labeler.device import to_device
 from trainer.photometric import PHOTOMETRIC_OPS
 
 
-def _table(lut: torch.Tensor) -> torch.Tensor:
+def to_table(lut: torch.Tensor) -> torch.Tensor:
     """A LUT of levels (any integer-valued dtype) → the uint8 table it applies."""
     return lut.clamp(0, 255).to(torch.uint8)
 
 
-def _apply_table(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def apply_table(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """x uint8 (n, 3, H, W), table uint8 (n, 3, 256) → uint8 (n, 3, H, W): one gather."""
     n, c, h, w = x.shape
     return torch.gather(table, 2, x.reshape(n, c, h * w).long()).view(n, c, h, w)
@@ -45,7 +45,7 @@ def _apply_table(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """x uint8 (n, 3, H, W), lut (n, 3, 256) integer → uint8 (n, 3, H, W)."""
-    return _apply_table(x, _table(lut))
+    return apply_table(x, to_table(lut))
 
 
 def _levels(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -259,11 +259,11 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
         if host_groups:  # one upload for every host-made LUT of the slot
             made = np.concatenate([_host_levels(k, host_args[order[a:b], slot]) for k, a, b in host_groups])
             tables.append(to_device(made, images.device)[:, None].expand(-1, 3, -1))
-        tables += [_table(_DEVICE_LUT[k](picked[a:b], picked_args[a:b])) for k, a, b in groups if k in _DEVICE_LUT]
+        tables += [to_table(_DEVICE_LUT[k](picked[a:b], picked_args[a:b])) for k, a, b in groups if k in _DEVICE_LUT]
         lut_groups = [(k, a, b) for k, a, b in groups if k in _HOST_LUT or k in _DEVICE_LUT]  # the first ones
         if lut_groups:
             end = lut_groups[-1][2]
-            picked[:end] = _apply_table(picked[:end], tables[0] if len(tables) == 1 else torch.cat(tables))
+            picked[:end] = apply_table(picked[:end], tables[0] if len(tables) == 1 else torch.cat(tables))
         for k, a, b in groups[len(lut_groups):]:
             picked[a:b] = OPS[k](picked[a:b], picked_args[a:b])
         if not in_place:

@@ -46,12 +46,13 @@ class TargetBuilder:
     train=False: no erasing, no mixing, class target = one-hot (no smoothing).
     view_spec: the store's ViewSpec, needed for device-path batches (`source` + `params`, see
     `trainer.loader.StudentLoader`). rank: this process's rank; every draw is seeded by (seed, rank, step).
+    photometric: the device path's photometric ops, to share one (and its CUDA graph) between builders.
     """
 
     def __init__(self, *, num_classes: int, data: DataConfig, tokens: TokenLabelConfig | None = None,
                  store_grid: tuple[int, int] | None = None, student_grid: tuple[int, int] | None = None,
                  device: torch.device | str = "cpu", seed: int | None = None, train: bool = True,
-                 view_spec=None, rank: int = 0):
+                 view_spec=None, rank: int = 0, photometric: PhotometricGraph | None = None):
         self.num_classes, self.data, self.tokens, self.train = int(num_classes), data, tokens, train
         self.view_spec, self.rank = view_spec, int(rank)
         self.store_grid = tuple(store_grid) if store_grid is not None else None
@@ -61,7 +62,7 @@ class TargetBuilder:
         self.erase = (build_random_erasing(data.reprob, data.remode, self.device)
                       if train and data.student_augs else None)
         self.last_mix = MixParams()
-        self.photometric = PhotometricGraph(graphed=data.photometric_graph)
+        self.photometric = photometric or PhotometricGraph(graphed=data.photometric_graph)
         self._mean, self._std = (_channel_constant(v, self.device) for v in (data.mean, data.std))
 
     def _seeds(self, step: int) -> tuple[int, int, int]:
