@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from trainer.bench import _describe_calls
+from trainer.bench_figures import describe_calls
 from labeler.bench_calls import time_calls
 
 
@@ -29,6 +29,6 @@ def test_each_call_is_warmed_up_then_timed_per_call():
 
 
 def test_the_line_names_each_way():
-    line = _describe_calls("photometric ops alone", {"grouped by op": (9.1, 9.3), "one CUDA graph": (0.2, 1.1)}, 128)
+    line = describe_calls("photometric ops alone", {"grouped by op": (9.1, 9.3), "one CUDA graph": (0.2, 1.1)}, 128)
     assert line == ("photometric ops alone, batch of 128: grouped by op host 9.10 ms, wall 9.30 ms; "
                     "one CUDA graph host 0.20 ms, wall 1.10 ms")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.bench import EndToEnd
+from trainer.bench_figures import EndToEnd
 
 
 def test_the_checkpoint_pauses_are_not_model_time_and_the_rate_between_them_is_given():

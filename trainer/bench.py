@@ -37,7 +37,7 @@ import torch
 
 from labeler.bench_calls import synchronize, time_calls
 from labeler.device import prefer_fastest_convolutions
-from labeler.kernel_profile import PROFILE_ROWS, profile_calls
+from labeler.kernel_profile import profile_calls
 from labeler.models import TokenForward, create_token_model, token_grid
 from labeler.render_batch import warm_up_render
 from labeler.stack_sampler import SAMPLE_INTERVAL_S, StackSampler
@@ -53,12 +53,11 @@ from trainer.photometric_graph import PhotometricGraph
 from trainer.photometric_torch import apply_photometric
 from trainer.run_log import RunLog
 from trainer.run_stage import loader_epochs
-from trainer.step_timing import HostTimer, StepWindow, describe_allocator, describe_lag
+from trainer.bench_figures import NAMES, VARIANTS, BenchFigures, EndToEnd, StepSplit, describe_calls
+from trainer.step_timing import HostTimer, StepWindow
 from trainer.target_builder import TargetBuilder
 from trainer.token_targets import token_targets
 
-VARIANTS = ("a_none", "b_stored", "c_online")
-NAMES = {"a_none": "(a) no token labels", "b_stored": "(b) stored token labels", "c_online": "(c) online teacher"}
 LOOP_STACK_ROWS = 14
 NO_FULL_BATCH = "bench: the shards yield no full batch in an epoch; lower --batch-size"
 
@@ -96,166 +95,6 @@ class BenchSettings:
             raise ValueError(f"bench: --seconds must be > 0, got {self.seconds}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"bench: amp must be none, bf16 or fp16, got {self.amp!r}")
-
-
-@dataclass(frozen=True)
-class EndToEnd:
-    """One variant's timed window of the real loop."""
-
-    images: int
-    seconds: float
-    loader_wait_s: float
-    epoch_start_wait_s: float = 0.0  # the part of loader_wait_s spent on the first batch of an epoch
-    epochs_started: int = 0  # epochs whose first batch came inside the window
-    steps: int = 0  # batches handed to the loop inside the window
-    targets_s: float = 0.0  # host seconds in make_targets (render, augment, targets: issuing them)
-    device_lag: float | None = None  # steps the device still had queued as each step began (trainer.step_timing)
-    allocator: dict | None = None  # CUDA allocator calls in the window (trainer.step_timing.AllocatorCounts)
-    checkpoint_pauses: tuple[float, ...] = ()  # seconds the loop paused for each checkpoint inside the window
-    checkpoint_writing_s: float = 0.0  # seconds of the window during which a checkpoint was written in the background
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / max(self.seconds, 1e-9)
-
-    @property
-    def images_per_s_between_checkpoints(self) -> float:
-        """The rate with the checkpoint pauses taken out: the bench's epochs are a few dozen steps, each ending
-        in a checkpoint, where an ImageNet epoch is thousands of steps."""
-        return self.images / max(self.seconds - sum(self.checkpoint_pauses), 1e-9)
-
-    def split(self) -> "StepSplit":
-        n = max(self.steps, 1)
-        return StepSplit(wait_ms=1e3 * self.loader_wait_s / n, targets_ms=1e3 * self.targets_s / n,
-                         rest_ms=1e3 * (self.seconds - self.loader_wait_s - self.targets_s
-                                        - sum(self.checkpoint_pauses)) / n,
-                         device_lag=self.device_lag, allocator=self.allocator,
-                         checkpoint_ms=tuple(1e3 * p for p in self.checkpoint_pauses))
-
-
-@dataclass(frozen=True)
-class StepSplit:
-    """Host milliseconds per step: waiting for the loader, issuing the targets (render, augment, token targets),
-    and the rest (model forward + backward, optimizer, EMA, the loop; not the checkpoint pauses); how far the
-    device lagged; and the loop's pause for each checkpoint in the window (end to end: one per epoch end)."""
-
-    wait_ms: float | None
-    targets_ms: float
-    rest_ms: float
-    device_lag: float | None
-    allocator: dict | None = None
-    checkpoint_ms: tuple[float, ...] | None = None  # None: no checkpoints in this phase (step only)
-
-    def _checkpoints(self) -> str:
-        if self.checkpoint_ms is None:
-            return "-"
-        if not self.checkpoint_ms:
-            return "none"
-        return f"{len(self.checkpoint_ms)} × {sum(self.checkpoint_ms) / len(self.checkpoint_ms):.0f} ms"
-
-    def describe(self) -> str:
-        wait = "" if self.wait_ms is None else f"wait {self.wait_ms:.1f}, "
-        alloc = describe_allocator(self.allocator)
-        checkpoints = "" if self.checkpoint_ms is None else f"; checkpoint pauses {self._checkpoints()}"
-        return (f"host ms/step: {wait}targets {self.targets_ms:.1f}, model + update {self.rest_ms:.1f}; "
-                f"device behind {describe_lag(self.device_lag)}{checkpoints}" + (f"; allocator: {alloc}" if alloc else ""))
-
-    def row(self, name: str) -> str:
-        wait = "-" if self.wait_ms is None else f"{self.wait_ms:.1f}"
-        return (f"  {name:<40} {wait:>11} {self.targets_ms:9.1f} {self.rest_ms:16.1f}   {self._checkpoints():>14}   "
-                f"{describe_lag(self.device_lag):<22} {describe_allocator(self.allocator)}").rstrip()
-
-
-@dataclass(frozen=True)
-class BenchFigures:
-    device: str
-    model: str
-    batch_size: int
-    repeats: int
-    steps_per_s: dict  # variant -> steps/s, step only
-    end_to_end: dict  # variant -> EndToEnd
-    loader_images_per_s: dict  # "replay" / "timm" -> images/s
-    loader_images: int
-    augment_on_device: bool
-    compile_s: dict = dataclasses.field(default_factory=dict)  # what -> seconds of its first (compiling) call
-    source_kb_per_sample: float | None = None  # device path: decoded bytes handed to the device per sample
-    compile_mode: str = "default"
-    step_split: dict = dataclasses.field(default_factory=dict)  # variant -> StepSplit of the step-only run reported
-    profile: str | None = None  # torch.profiler's table of `profile_steps` step-only steps of (b)
-    profile_steps: int = 0
-    loop_stacks: tuple = ()  # the training loop thread's most sampled places in (b) end to end (StackSampler.top)
-    loop_samples: int = 0
-    photometric: str = ""  # how the device path applied the photometric ops (`_describe_photometric`)
-    # torch.compile's CUDA-graph counters over the bench (CUDA graph trees): graphs it declined to capture
-    # ("cudagraph_skips") and the inputs its recorded graphs copy in at every replay (non-static inputs)
-    cudagraph_counters: dict = dataclasses.field(default_factory=dict)
-    photometric_ms: dict = dataclasses.field(default_factory=dict)  # way → (host, wall) ms per batch, alone
-
-    def ratios(self) -> dict:
-        s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s
-        out = {"b/a end to end (stored vs none)": e["b_stored"] / e["a_none"],
-               "b/c end to end (stored vs online teacher)": e["b_stored"] / e["c_online"],
-               "b/a step only": s["b_stored"] / s["a_none"],
-               "b/c step only": s["b_stored"] / s["c_online"]}
-        for v in VARIANTS:
-            out[f"{v[0]} end to end / step only"] = e[v] / (s[v] * self.batch_size)
-        out["replay/timm (loader)"] = l["replay"] / l["timm"]
-        return out
-
-    def table(self) -> str:
-        where = "device (workers decode)" if self.augment_on_device else "data workers"
-        lines = [f"stl-train bench: {self.model}, batch {self.batch_size}, device {self.device}, "
-                 f"render + photometric ops in the {where}"]
-        if self.compile_s:
-            lines.append(f"  torch.compile (mode {self.compile_mode}), once for every variant and phase: " + ", ".join(
-                f"{k} {v:.1f} s" for k, v in self.compile_s.items()))
-        else:
-            lines.append("  eager (no torch.compile)")
-        if self.photometric:
-            lines.append(f"  photometric ops: {self.photometric}")
-        if self.photometric_ms:
-            lines.append("  " + _describe_calls("photometric ops alone", self.photometric_ms, self.batch_size))
-        if self.cudagraph_counters:
-            lines.append("  torch.compile's CUDA graphs: " + ", ".join(
-                f"{k} {v}" for k, v in sorted(self.cudagraph_counters.items())) + " (TORCH_LOGS=cudagraphs says why)")
-        if self.source_kb_per_sample is not None:
-            lines.append(f"  decoded image bytes to the device: {self.source_kb_per_sample:.1f} kB/sample "
-                         f"(each view's source footprint)")
-        lines.append(f"  {'end to end (real loop)':<28} {'img/s':>9} {'timed s':>8} {'loader wait':>12} {'step':>7}"
-                     f"  {'of the wait: epoch starts'}")
-        for k, v in self.end_to_end.items():
-            wait = v.loader_wait_s / max(v.seconds, 1e-9)
-            starts = v.epoch_start_wait_s / max(v.seconds, 1e-9)
-            lines.append(f"  {NAMES[k]:<28} {v.images_per_s:9.1f} {v.seconds:8.1f} {wait:11.0%} {1 - wait:7.0%}"
-                         f"  {starts:.0%} ({v.epochs_started} epoch(s) began in the window)"
-                         + (f"; {v.images_per_s_between_checkpoints:.1f} img/s without its {len(v.checkpoint_pauses)} "
-                            f"checkpoint pause(s), written in the background during "
-                            f"{v.checkpoint_writing_s / max(v.seconds, 1e-9):.0%} of it" if v.checkpoint_pauses else ""))
-        lines.append(f"  step only (batches in memory, median of {self.repeats})")
-        for k, v in self.steps_per_s.items():
-            lines.append(f"  {NAMES[k]:<28} {v * self.batch_size:9.1f} img/s  ({v:.2f} steps/s)")
-        lines.append("  host ms per step, and the steps the device still had queued as each step began")
-        splits = [(f"end to end, {NAMES[k]}", v.split()) for k, v in self.end_to_end.items()]
-        splits += [(f"step only, {NAMES[k]}", v) for k, v in self.step_split.items()]
-        allocator = "allocator calls in the window" if any(v.allocator is not None for _, v in splits) else ""
-        lines.append(f"  {'phase, variant':<40} {'loader wait':>11} {'targets':>9} {'model + update':>16}   "
-                     f"{'checkpoints':>14}   {'device behind':<22} {allocator}".rstrip())
-        lines += [v.row(name) for name, v in splits]
-        if self.loop_stacks:
-            lines.append(f"  the loop thread in {NAMES['b_stored']} end to end, where its wall time went "
-                         f"({self.loop_samples} samples of its stack every {1e3 * SAMPLE_INTERVAL_S:.0f} ms; innermost "
-                         f"line of this repository → the call it was in):")
-            lines += ["    " + line for line in self.loop_stacks]
-        for k, v in self.loader_images_per_s.items():
-            label = "replay loader (ours)" if k == "replay" else "timm train transform"
-            lines.append(f"  {label:<28} {v:9.1f} images/s  ({self.loader_images} images per run)")
-        for k, v in self.ratios().items():
-            lines.append(f"  ratio {k:<42} {v:6.3f}")
-        if self.profile:
-            lines.append(f"  profile of {self.profile_steps} step-only steps, {NAMES['b_stored']} "
-                         f"(torch.profiler, top {PROFILE_ROWS} by self time on the device):")
-            lines += ["  " + line for line in self.profile.splitlines()]
-        return "\n".join(lines)
 
 
 def _time_loader(loader, max_images: int) -> tuple[float, int]:
@@ -457,7 +296,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     photometric_ms = _time_photometric(builder_for("b_stored"), batches[0], device) \
         if on_device and device.type == "cuda" and "photo_ops" in batches[0] else {}
     if photometric_ms:
-        report("measured: " + _describe_calls("photometric ops alone", photometric_ms, s.batch_size))
+        report("measured: " + describe_calls("photometric ops alone", photometric_ms, s.batch_size))
 
     # ---- step only, first (the figure end to end is read against): the variants on batches in memory ----
     def step_fn(variant: str, targets: HostTimer) -> Callable[[int], None]:
@@ -574,11 +413,6 @@ def _time_photometric(builder: TargetBuilder, batch: dict, device: torch.device)
     graph = PhotometricGraph()
     return time_calls({"grouped by op": lambda: apply_photometric(views, ops, args),
                        "one CUDA graph": lambda: graph(views, ops, args)}, device)
-
-
-def _describe_calls(what: str, timings: dict, batch: int) -> str:
-    return f"{what}, batch of {batch}: " + "; ".join(
-        f"{name} host {host:.2f} ms, wall {wall:.2f} ms" for name, (host, wall) in timings.items())
 
 
 _CUDAGRAPH_COUNTERS = ("cudagraph_skips", "cudagraph_recorded_non_static_inputs")  # always printed, 0 included
