@@ -160,3 +160,23 @@ def test_the_bench_says_how_the_photometric_ops_ran():
     line = _describe_photometric(graph(True, 3), True)
     assert "one CUDA graph per batch" in line and "16 rows per op and slot); 3 batch(es) took the grouped ops" in line
     assert "capture failed" in _describe_photometric(graph(True, failed="RuntimeError: x"), True)
+
+
+@cuda
+def test_the_training_targets_are_the_same_with_and_without_the_graph():
+    """TargetBuilder on a real device-path batch: the graphed and the grouped photometric ops give the same
+    normalised images (within one grey level: cuDNN may pick another Sharpness convolution per batch size)."""
+    from test_hot_loop_sync import _batch, _builder  # tests/ is on the path (pytest prepend mode)
+
+    batch, spec = _batch(pin=True)
+    graphed, grouped = _builder(spec, "cuda"), _builder(spec, "cuda")
+    grouped.photometric.graphed = False
+    for step in range(3):
+        torch.manual_seed(step)  # the erasing's noise comes from the global generator (the loop seeds it per step)
+        a, cls_a, tok_a = graphed(batch, step=step)
+        torch.manual_seed(step)
+        b, cls_b, tok_b = grouped(batch, step=step)
+        torch.testing.assert_close(a, b, atol=1.1 / 255 / 0.224, rtol=0)
+        torch.testing.assert_close(cls_a, cls_b)
+        torch.testing.assert_close(tok_a, tok_b)
+    assert graphed.photometric.captured and not grouped.photometric.captured
