@@ -27,7 +27,7 @@ import torch
 from labeler.cuda_graph import GraphedFunction
 from trainer.photometric_torch import (
     OPS, apply_photometric, apply_table, auto_contrast, auto_contrast_lut, brightness, color, contrast, contrast_lut,
-    equalize, equalize_lut, invert, posterize, sharpness, solarize, solarize_add, to_table,
+    check_images, equalize, equalize_lut, invert, posterize, sharpness, solarize, solarize_add, to_table,
 )
 
 POINT_OPS = (invert, posterize, solarize, solarize_add, brightness)  # table = the op on the level ramp
@@ -158,8 +158,7 @@ class PhotometricGraph:
     def __call__(self, images: torch.Tensor, photo_ops, photo_args) -> torch.Tensor:
         if not self.graphed or images.device.type != "cuda":
             return apply_photometric(images, photo_ops, photo_args)
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"photometric ops need uint8 (B, 3, H, W) images, got {tuple(images.shape)} {images.dtype}")
+        check_images(images)
         slots = pack_slots(photo_ops, photo_args)
         if slots.shape[1] != images.shape[0]:
             raise ValueError(f"photo_ops has {slots.shape[1]} rows for {images.shape[0]} images")

@@ -211,6 +211,13 @@ _RANK = np.array([k if k in _HOST_LUT else k + len(OPS) if k in _DEVICE_LUT else
                   for k in range(len(OPS))])
 
 
+def check_images(images: torch.Tensor) -> None:
+    """The photometric ops take uint8 (B, 3, H, W) batches; anything else is a clear error."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"the photometric ops need uint8 (B, 3, H, W) images, got {tuple(images.shape)} "
+                         f"{images.dtype}")
+
+
 def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tensor:
     """Apply each sample's photometric slots in slot order → uint8 (B, 3, H, W) on the images' device.
 
@@ -219,8 +226,7 @@ def apply_photometric(images: torch.Tensor, photo_ops, photo_args) -> torch.Tens
     threshold, solarize-add amount; ignored by AutoContrast / Equalize / Invert). The slot arrays
     should be on the host (they come from the collate): grouping them needs no device sync then.
     """
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"apply_photometric needs uint8 (B, 3, H, W) images, got {tuple(images.shape)} {images.dtype}")
+    check_images(images)
     ops = np.asarray(photo_ops.cpu() if torch.is_tensor(photo_ops) else photo_ops).astype(np.int64)
     args = (photo_args.cpu().float() if torch.is_tensor(photo_args)
             else torch.as_tensor(np.asarray(photo_args, dtype=np.float32)))

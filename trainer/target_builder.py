@@ -2,8 +2,8 @@
 
 On the training device: for a device-path batch (decoded sources + stored view params), the replay
 render (`labeler.render_batch`, the labeler's one definition) and the drawn photometric slots
-(`trainer.photometric_graph`: one captured CUDA graph per batch on a GPU); then uint8 → float normalised, random erasing, token targets from the
-stored logits (Gumbel/softmax/argmax, grid resampling, smoothing), then Mixup/CutMix of images, class
+(`trainer.photometric_graph`: one captured CUDA graph per batch on a GPU); then uint8 → float normalised,
+random erasing, token targets from the stored logits (Gumbel/softmax/argmax, grid resampling, smoothing), then Mixup/CutMix of images, class
 targets and (token_mix=follow) token targets. All randomness comes from (seed, rank, step): ranks draw
 differently, and a resumed run draws what the uninterrupted one drew.
 """
