@@ -144,11 +144,13 @@ class BenchFigures:
         for k, v in self.end_to_end.items():
             wait = v.loader_wait_s / max(v.seconds, 1e-9)
             starts = v.epoch_start_wait_s / max(v.seconds, 1e-9)
+            between = ""
+            if v.checkpoint_pauses:
+                writing = v.checkpoint_writing_s / max(v.seconds, 1e-9)
+                between = (f"; {v.images_per_s_between_checkpoints:.1f} img/s without its {len(v.checkpoint_pauses)} "
+                           f"checkpoint pause(s), written in the background during {writing:.0%} of it")
             lines.append(f"  {NAMES[k]:<28} {v.images_per_s:9.1f} {v.seconds:8.1f} {wait:11.0%} {1 - wait:7.0%}"
-                         f"  {starts:.0%} ({v.epochs_started} epoch(s) began in the window)"
-                         + (f"; {v.images_per_s_between_checkpoints:.1f} img/s without its {len(v.checkpoint_pauses)} "
-                            f"checkpoint pause(s), written in the background during "
-                            f"{v.checkpoint_writing_s / max(v.seconds, 1e-9):.0%} of it" if v.checkpoint_pauses else ""))
+                         f"  {starts:.0%} ({v.epochs_started} epoch(s) began in the window){between}")
         lines.append(f"  step only (batches in memory, median of {self.repeats})")
         for k, v in self.steps_per_s.items():
             lines.append(f"  {NAMES[k]:<28} {v * self.batch_size:9.1f} img/s  ({v:.2f} steps/s)")
