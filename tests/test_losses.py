@@ -72,3 +72,54 @@ def test_student_loss_without_token_target_is_class_only_and_backpropagates():
 def test_student_loss_needs_token_logits_when_given_token_target():
     with pytest.raises(ValueError, match="token logits"):
         student_loss(torch.zeros(1, 2), None, torch.ones(1, 2) / 2, torch.ones(1, 3, 2) / 2)
+
+
+def _loss_inputs(seed: int, token_target: bool):
+    g = torch.Generator().manual_seed(seed)
+    b, t, c = 3, 5, 7
+    cls_logits = torch.randn(b, c, generator=g).bfloat16().requires_grad_()
+    token_logits = torch.randn(b, t, c, generator=g).bfloat16().requires_grad_()
+    cls_target = torch.softmax(torch.randn(b, c, generator=g), -1)
+    tokens = torch.softmax(3 * torch.randn(b, t, c, generator=g), -1) if token_target else None
+    return cls_logits, token_logits, cls_target, tokens
+
+
+@pytest.mark.parametrize("stage, token_target", [("student", True), ("student", False), ("labeler", False)])
+def test_the_compiled_loss_equals_the_eager_one_in_value_and_gradient(stage, token_target):
+    """model.compile compiles the loss too (trainer.loop.compile_loss): same terms, same gradients."""
+    from functools import partial
+
+    from trainer.loop import compile_loss
+
+    fn = partial(student_loss, beta=0.5) if stage == "student" else \
+        (lambda c, t, y, _tokens: labeler_loss(c, t, y, alpha=0.5))
+    results = []
+    for loss_fn in (fn, compile_loss(fn)):
+        inputs = _loss_inputs(0, token_target)
+        terms = loss_fn(*inputs)
+        terms.total.backward()
+        results.append((terms, inputs[0].grad, inputs[1].grad))
+    (eager, eager_cls_grad, eager_tok_grad), (comp, comp_cls_grad, comp_tok_grad) = results
+    for a, b in ((eager.total, comp.total), (eager.cls, comp.cls), (eager.token, comp.token)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a, b)
+    assert torch.allclose(eager_cls_grad.float(), comp_cls_grad.float(), rtol=1e-2, atol=1e-4)
+    if stage == "student" and not token_target:
+        assert comp_tok_grad is None and eager_tok_grad is None
+    else:
+        assert torch.allclose(eager_tok_grad.float(), comp_tok_grad.float(), rtol=1e-2, atol=1e-4)
+
+
+def test_loss_wrappers_share_one_compile():
+    """The bench's step-only loss and the loop's are separate compile_loss wrappers of one function: the second
+    must reuse the first's graph, or a compile would land inside a timed run."""
+    from functools import partial
+
+    from torch._dynamo.utils import counters
+
+    from trainer.loop import compile_loss
+
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        compile_loss(partial(student_loss, beta=1.0))(*_loss_inputs(1, True)).total.backward()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

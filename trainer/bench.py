@@ -46,7 +46,7 @@ from trainer.config import ModelConfig, OptimConfig, RunConfig, ScheduleConfig, 
 from trainer.data_config import DataConfig, TokenLabelConfig
 from trainer.distributed import DistInfo, resolve_device
 from trainer.loader import build_labeler_loader, build_student_loader
-from trainer.loop import amp_context, begin_step, compile_fixed_shapes, split_outputs, train
+from trainer.loop import amp_context, begin_step, compile_fixed_shapes, compile_loss, split_outputs, train
 from trainer.losses import student_loss
 from trainer.optim import create_optimizer
 from trainer.photometric_graph import PhotometricGraph
@@ -195,8 +195,8 @@ def _variant_targets(variant: str, builder: TargetBuilder, teacher_forward, teac
 
 class SharedStudent:
     """One student (and one same-size online teacher) for every variant and both phases of the bench: with
-    `compile`, their forwards are compiled once (fixed shapes) and reused, never recompiled per variant;
-    `reset()` puts the initial weights back (each run builds its own optimizer)."""
+    `compile`, their forwards and the student's loss are compiled once (fixed shapes) and reused by every run
+    (the loss has a second graph for (a), which has no token target); `reset()` puts the initial weights back (each run builds its own optimizer)."""
 
     def __init__(self, s: BenchSettings, num_classes: int, device: torch.device, memory_format):
         torch.manual_seed(s.seed)
@@ -204,9 +204,11 @@ class SharedStudent:
         self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.teacher = create_token_model(s.model, num_classes=num_classes).to(device, memory_format=memory_format).eval()
         self.forward, self.teacher_forward = TokenForward(self.model), TokenForward(self.teacher)
+        self.loss = partial(student_loss, beta=1.0)  # the loop compiles it too; torch.compile shares the graphs
         if s.compile:
             self.forward = compile_fixed_shapes(self.forward, s.compile_mode)
             self.teacher_forward = compile_fixed_shapes(self.teacher_forward, s.compile_mode)
+            self.loss = compile_loss(self.loss)
         self.mode = s.compile_mode if s.compile else "default"
         self.seed = s.seed
 
@@ -227,7 +229,7 @@ def _compile_seconds(shared: SharedStudent, builder: TargetBuilder, batch, devic
     begin_step(shared.mode)
     with amp_context(device, amp):
         cls_logits, token_logits = split_outputs(shared.forward(images))
-    student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0).total.backward()
+    shared.loss(cls_logits, token_logits, cls_target, token_target).total.backward()
     synchronize(device)
     out["student (forward + backward)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -310,7 +312,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
             images, cls_target, token_target = make_targets(batches[i], device, i)
             with amp_context(device, s.amp):
                 cls_logits, token_logits = split_outputs(shared.forward(images.contiguous(memory_format=memory_format)))
-            loss = student_loss(cls_logits, token_logits, cls_target, token_target, beta=1.0).total
+            loss = shared.loss(cls_logits, token_logits, cls_target, token_target).total
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -79,6 +79,15 @@ def compile_fixed_shapes(module: Any, mode: str = "default") -> Any:
     return torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
 
 
+def compile_loss(compute_loss: Any) -> Any:
+    """`compute_loss` compiled for fixed shapes: the soft-target cross-entropy over the dense (B, T, C) token
+    targets becomes a few fused kernels (forward and backward) instead of about ten eager passes over float32
+    copies of the logits, their log-probabilities and products. Always torch.compile's default mode, never CUDA
+    graphs: the token target is a fresh tensor each step, which a graph would copy into its own buffer at every
+    replay. torch.compile keeps its graphs on the loss function's code, so several wrappers share one compile."""
+    return torch.compile(compute_loss, dynamic=False)
+
+
 def begin_step(mode: str) -> None:
     """Before a step's first compiled call: with CUDA graphs (reduce-overhead) the previous step's graph outputs
     may be overwritten from here on. torch infers this itself when each step runs one backward; saying it
@@ -186,6 +195,8 @@ def train(*, model: torch.nn.Module, arch: str, cfg: TrainConfig, out_dir: str |
     if cfg.model.compile and forward is None:
         # Fixed shapes (the runners set data.drop_last with model.compile): one graph, no recompiles.
         train_model = compile_fixed_shapes(train_model, cfg.model.compile_mode)
+    if cfg.model.compile:
+        compute_loss = compile_loss(compute_loss)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     stop = stop or StopRequest()
