@@ -31,7 +31,8 @@ from labeler.stack_sampler import SAMPLE_INTERVAL_S, StackSampler
 from labeler.stage_clock import COMPUTE_PHASES, DEVICE_PHASES, PHASES
 from labeler.teacher import Teacher, resolve_compile
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
-from labeler.work_unit import ShardLabeler, WorkerSettings
+from labeler.work_unit import ShardLabeler
+from labeler.worker_settings import WorkerSettings
 from labelstore.shard_format import count_samples, expand_shard_urls
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendor's data sheets; matched on the name.

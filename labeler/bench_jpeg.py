@@ -18,7 +18,8 @@ from labeler.flat_images import pack_flat, upload_flat
 from labeler.render_batch import render_batch
 from labeler.teacher_spec import build_labeler_spec
 from labeler.decode_chunks import gpu_decodable_jpeg
-from labeler.work_unit import WorkerSettings, build_teacher
+from labeler.work_unit import build_teacher
+from labeler.worker_settings import WorkerSettings
 from labelstore import decode_image, draw_views
 from labelstore.shard_format import expand_shard_urls, iter_shard
 

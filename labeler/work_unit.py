@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import queue
-import signal
 import threading
 import time
 from collections import deque
@@ -41,121 +39,22 @@ import numpy as np
 import torch
 
 from labeler.decode_chunks import DecodedChunk, DecodeJob
-from labeler.decode_workers import (DECODE_POOLS, DecodeFailed, DecodeWorkers, resolve_decode_pool,
-                                    resolve_decode_workers)
+from labeler.decode_workers import DecodeFailed, DecodeWorkers, resolve_decode_pool, resolve_decode_workers
 from labeler.device import resolve_device, to_device
+from labeler.fault_injection import FaultInjection
 from labeler.flat_images import FlatImages, pad_images, upload_flat
 from labeler.models import create_token_model
 from labeler.models.checkpoint import load_checkpoint
 from labeler.render_batch import SourceBatch, render_batch, warm_up_render
+from labeler.shard_outcome import ShardOutcome
 from labeler.shard_results import ResultBuffers, ShardRows
-from labeler.stage_clock import PHASES, StageClock
+from labeler.stage_clock import StageClock
 from labeler.store_writers import StoreWriters
-from labeler.teacher import HostCopy, Teacher, resolve_channels_last, resolve_compile, resolve_cuda_graph
+from labeler.teacher import HostCopy, Teacher
+from labeler.worker_settings import WorkerSettings, resolve_shards_in_flight, resolve_store_writers
 from labelstore import EncodedLogits, ImageDecodeError, LabelStore, decode_image
 
-RENDER_BACKENDS = ("auto", "torch", "pillow")
-DECODE_DEVICES = ("cpu", "cuda")
-__all__ = ["PHASES", "RENDER_BACKENDS", "DECODE_DEVICES", "DECODE_POOLS", "WorkerSettings", "FaultInjection",
-           "ShardOutcome", "ShardLabeler", "build_teacher", "resolve_shards_in_flight"]
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """How a worker runs the teacher; what it computes comes from the labeler's spec in the store."""
-
-    checkpoint: str | None
-    batch_size: int = 256  # views per forward pass (rounded down to whole images: S views each)
-    amp: str = "bf16"
-    compile: bool | str = "auto"  # auto = torch.compile on CUDA, eager on CPU
-    cuda_graph: bool | str = "auto"  # auto = on CUDA: a batch's forward + top-k is one captured graph launch
-    channels_last: bool | str = "auto"  # auto = on CUDA: the teacher's weights and input in channels-last memory
-    device: str = "auto"  # auto = cuda if available, else cpu
-    render_backend: str = "auto"  # auto = batched torch on cuda, Pillow (the reference renderer) on cpu
-    decode_workers: int = 0  # 0 = one per CPU this worker may use
-    decode_pool: str = "auto"  # auto = processes on cuda, threads on cpu (see labeler.decode_workers)
-    shards_in_flight: int = 0  # 0 = decode processes + 2 (process pool) or 1 (thread pool)
-    decode_device: str = "cpu"  # cuda = decode baseline JPEGs with nvJPEG (torchvision); others stay on Pillow
-    store_writers: int = -1  # shard writes in this many processes; -1 = 4 with decode processes, else 0 (in-thread)
-    dump_views_dir: str | None = None  # debug hook: save every rendered view of a shard (tests)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.render_backend not in RENDER_BACKENDS:
-            raise ValueError(f"render_backend must be one of {RENDER_BACKENDS}, got {self.render_backend!r}")
-        resolve_decode_workers(self.decode_workers)  # the resolvers' own checks: one message per setting
-        resolve_decode_pool(self.decode_pool, "cpu")
-        resolve_compile(self.compile, torch.device("cpu"))
-        resolve_cuda_graph(self.cuda_graph, torch.device("cuda"))  # the value; "true" on CPU fails at build time
-        resolve_channels_last(self.channels_last, torch.device("cpu"))
-        if self.shards_in_flight < 0:
-            raise ValueError(f"shards_in_flight must be >= 0 (0 = automatic), got {self.shards_in_flight}")
-        if self.store_writers < -1:
-            raise ValueError(f"store_writers must be >= 0, or -1 for automatic, got {self.store_writers}")
-        if self.decode_device not in DECODE_DEVICES:
-            raise ValueError(f"decode_device must be one of {DECODE_DEVICES}, got {self.decode_device!r}")
-
-
-@dataclass(frozen=True)
-class FaultInjection:
-    """Test switch: kill this worker process (SIGKILL) once, after `kill_after` samples, unless `marker` exists."""
-
-    kill_after: int
-    marker: str
-
-    @classmethod
-    def from_env(cls) -> "FaultInjection | None":
-        """`STL_FAULT_KILL_AFTER=<n samples>` and `STL_FAULT_MARKER=<file>` (the marker makes it fire once)."""
-        after = os.environ.get("STL_FAULT_KILL_AFTER")
-        if not after:
-            return None
-        marker = os.environ.get("STL_FAULT_MARKER")
-        if not marker:
-            raise ValueError("STL_FAULT_KILL_AFTER needs STL_FAULT_MARKER=<file> so the kill happens only once")
-        return cls(int(after), marker)
-
-    def tick(self, samples_done: int) -> None:
-        if samples_done >= self.kill_after and not os.path.exists(self.marker):
-            Path(self.marker).write_text(f"killed pid {os.getpid()} after {samples_done} samples\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass
-class ShardOutcome:
-    """What happened to one shard (returned by workers, summarised by the job)."""
-
-    shard_index: int
-    url: str
-    ok: bool
-    num_samples: int = 0
-    num_invalid: int = 0
-    views: int = 0
-    seconds: float = 0.0
-    bytes_written: int = 0
-    error: str | None = None
-
-
-AUTO_STORE_WRITERS = 4  # a 143-image FAN-S shard is ~0.25 CPU-s to write: 4 keep up with 8 shards/s, twice over
-
-
-def resolve_store_writers(settings: WorkerSettings, device_type: str) -> int:
-    """Store writer processes of a work unit: with decode processes (GPU nodes) `AUTO_STORE_WRITERS`, so the
-    writes leave the device loop's process; with decode threads none (the caller thread writes)."""
-    if settings.store_writers >= 0:
-        return settings.store_writers
-    return AUTO_STORE_WRITERS if resolve_decode_pool(settings.decode_pool, device_type) == "process" else 0
-
-
-def resolve_shards_in_flight(settings: WorkerSettings, device_type: str) -> int:
-    """How many shards one work unit labels at once: with decode processes, one per process and two more
-    (a process never waits for its next shard while finished shards are being written); with decode
-    threads, one (its threads already share the CPUs)."""
-    if settings.shards_in_flight:
-        return settings.shards_in_flight
-    if resolve_decode_pool(settings.decode_pool, device_type) == "process":
-        return resolve_decode_workers(settings.decode_workers) + 2
-    return 1
+__all__ = ["ShardLabeler", "build_teacher"]
 
 
 class _ShardRun:

@@ -24,8 +24,10 @@ from typing import Any, Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from labeler.fault_injection import FaultInjection
+from labeler.shard_outcome import ShardOutcome
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
-from labeler.work_unit import FaultInjection, ShardOutcome, WorkerSettings, resolve_store_writers
+from labeler.worker_settings import WorkerSettings, resolve_store_writers
 from labelstore import LabelerSpec, LabelerStore, LabelStore, SchemaMismatch, ViewSpec
 from labelstore.leases import DEFAULT_TTL_S, ShardLeases
 from labelstore.shard_format import absolute_url, expand_shard_urls

@@ -19,7 +19,10 @@ from typing import Callable, Iterator, Sequence
 
 import ray
 
-from labeler.work_unit import FaultInjection, ShardLabeler, ShardOutcome, WorkerSettings, resolve_shards_in_flight
+from labeler.fault_injection import FaultInjection
+from labeler.shard_outcome import ShardOutcome
+from labeler.work_unit import ShardLabeler
+from labeler.worker_settings import WorkerSettings, resolve_shards_in_flight
 from labelstore.shard_format import ShardReadError, shard_identity
 
 WORKER_RESTARTS = 3  # per actor: process deaths survived (and in-flight shards retried)

@@ -83,7 +83,7 @@ def test_one_device_resolver():
 
 
 def test_gpu_workers_say_which_settings_they_replace():
-    from labeler.work_unit import WorkerSettings
+    from labeler.worker_settings import WorkerSettings
     from pipelines.ray_jobs import ClusterPlan, worker_settings_for
 
     mine = WorkerSettings(checkpoint=None, device="cpu", decode_workers=2)

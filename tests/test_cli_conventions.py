@@ -158,7 +158,7 @@ def test_a_failed_run_folder_is_set_aside_and_a_real_one_is_kept(tmp_path):
 
 
 def test_generate_summary_uses_one_clock_and_singular_nouns():
-    from labeler.work_unit import ShardOutcome
+    from labeler.shard_outcome import ShardOutcome
     from pipelines.generate import GenerateResult
 
     fields = {f.name for f in dataclasses.fields(ShardOutcome)}

@@ -9,7 +9,7 @@ import torch
 from labeler.cuda_graph import GraphedFunction
 from labeler.models import create_token_model
 from labeler.teacher import Teacher, resolve_cuda_graph
-from labeler.work_unit import WorkerSettings
+from labeler.worker_settings import WorkerSettings
 from labelstore import topk_log_probs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

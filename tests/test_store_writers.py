@@ -10,7 +10,7 @@ import pytest
 
 from labeler.bench_shards import make_bench_shards
 from labeler.store_writers import StoreWriteFailed, StoreWriters
-from labeler.work_unit import WorkerSettings, resolve_store_writers
+from labeler.worker_settings import WorkerSettings, resolve_store_writers
 from labelstore import InvalidLabels, LabelStore, ShardConflict
 
 from test_work_unit import labelled, read_labels

@@ -16,7 +16,8 @@ from labeler.decode_workers import (DecodeFailed, DecodeWorkers, default_decode_
                                     resolve_decode_workers)
 from labeler.ordered_prefetch import ordered_prefetch
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
-from labeler.work_unit import ShardLabeler, WorkerSettings, build_teacher, resolve_shards_in_flight
+from labeler.work_unit import ShardLabeler, build_teacher
+from labeler.worker_settings import WorkerSettings, resolve_shards_in_flight
 from labelstore import LabelStore, ShardCapacityError, ShardConflict, decode_image, draw_views
 from labelstore.shard_format import count_samples, iter_shard
 

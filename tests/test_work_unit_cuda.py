@@ -8,7 +8,8 @@ import torch
 
 from labeler.bench_shards import make_bench_shards
 from labeler.teacher_spec import build_labeler_spec, open_labeler_store
-from labeler.work_unit import ShardLabeler, WorkerSettings, build_teacher
+from labeler.work_unit import ShardLabeler, build_teacher
+from labeler.worker_settings import WorkerSettings
 from labelstore import LabelStore
 from labelstore.shard_format import count_samples
 

@@ -21,7 +21,8 @@ from PIL import Image
 
 from labeler.models import create_token_model, load_efficientnet_lite0_weights, token_grid
 from labeler.teacher import Teacher
-from labeler.work_unit import ShardLabeler, WorkerSettings
+from labeler.work_unit import ShardLabeler
+from labeler.worker_settings import WorkerSettings
 from labelstore import LabelerSpec, LabelStore, ViewSpec
 from pipelines.report import ReportConfig, build_report
 
