@@ -60,6 +60,9 @@ from trainer.token_targets import token_targets
 
 LOOP_STACK_ROWS = 14
 NO_FULL_BATCH = "bench: the shards yield no full batch in an epoch; lower --batch-size"
+# Paper Eq. 5 with β = 1, every variant and phase. Compiled by the loop (model.compile) and by SharedStudent for
+# the step-only runs: torch.compile keeps the graphs on the function's code, so the two share one compile.
+BENCH_LOSS = partial(student_loss, beta=1.0)
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,7 @@ class SharedStudent:
         self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.teacher = create_token_model(s.model, num_classes=num_classes).to(device, memory_format=memory_format).eval()
         self.forward, self.teacher_forward = TokenForward(self.model), TokenForward(self.teacher)
-        self.loss = partial(student_loss, beta=1.0)  # the loop compiles it too; torch.compile shares the graphs
+        self.loss = BENCH_LOSS
         if s.compile:
             self.forward = compile_fixed_shapes(self.forward, s.compile_mode)
             self.teacher_forward = compile_fixed_shapes(self.teacher_forward, s.compile_mode)
@@ -369,7 +372,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         with tempfile.TemporaryDirectory(prefix="stl-bench-") as out, (sampler or nullcontext()):
             result = train(model=shared.model, arch=s.model, cfg=cfg, out_dir=out, epoch_batches=timed,
                            make_targets=timed.window.targets.wrap(targets_for(variant)),
-                           compute_loss=partial(student_loss, beta=1.0), steps_per_epoch=loader.batches_per_epoch(),
+                           compute_loss=BENCH_LOSS, steps_per_epoch=loader.batches_per_epoch(),
                            info=DistInfo(device=device), log=RunLog.disabled(), stop=stop, forward=shared.forward)
         end_to_end[variant] = e2e = timed.figures(result.checkpoint_pauses, result.checkpoint_writes)
         loop_sampler = sampler or loop_sampler
