@@ -115,6 +115,7 @@ def bench_generate_cmd(
     store_writers: int = typer.Option(-1, "--store-writers", help="Processes writing the shards (-1 = 4 with decode processes, 0 = in the shard's thread)."),
     forward_batches: int = typer.Option(0, "--forward-batches", help="Batches per bare-forward figure (0 = as many as the pipeline ran)."),
     profile_batches: int = typer.Option(0, "--profile-batches", help="Also print torch.profiler's top kernels of this many teacher batches."),
+    passes: int = typer.Option(2, "--passes", help="Label the shards this many times; the last pass is measured, earlier ones (one-off costs: compiles, page-locked buffers) get a line each."),
 ) -> None:
     """Views/s of the labeling pipeline vs the bare forward (eager, compiled), TFLOP/s, and where the time went."""
     from labeler.bench_generate import bench_generate
@@ -127,7 +128,7 @@ def bench_generate_cmd(
                                 decode_device=decode_device, decode_pool=decode_pool,
                                 shards_in_flight=shards_in_flight, keep_store=keep_store,
                                 forward_batches=forward_batches or None, store_writers=store_writers,
-                                profile_batches=profile_batches,
+                                profile_batches=profile_batches, passes=passes,
                                 report=lambda line: typer.echo(line, err=True))
     typer.echo(report.format())
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from labeler.bench_generate import BenchReport, _overlapped_rate
+from labeler.bench_generate import BenchReport, PassFigures, _overlapped_rate
 
 
 def _report(device: str, **figures) -> BenchReport:
@@ -52,6 +52,27 @@ def test_a_gpu_report_says_the_longest_issue_of_each_device_phase_and_the_compil
                      r"pipeline.*\n    55\.0 %  labeler/render_batch\.py:300", sampled), sampled
     clean = _report("NVIDIA H200").format()
     assert "torch.compile during the timed pipeline: 0 graph(s) built\n" in clean, clean
+
+
+def test_an_earlier_pass_is_summarised_beside_the_timed_one_with_what_it_paid_once():
+    """The timed pipeline is the last pass over the shards; each earlier one gets its rate, compiles, host issue
+    times, pin seconds and most sampled places, so a one-off cost (a compile, fresh page-locked buffers) stands
+    apart from a per-batch one."""
+    first = PassFigures(views=25600, seconds=8.0, phase_seconds={"pin": 6.5}, issue_seconds={"copy": 1.3, "render": 6.9,
+                        "forward": 0.1}, issue_max={"copy": 0.05, "render": 3.6, "forward": 0.002}, compiles=1,
+                        batches=100, loop_wall=6.0, loop_cpu=5.0, ramp_seconds=0.2, drain_seconds=0.3,
+                        loop_stacks=("  40.0 %  labeler/render_batch.py:300 render_batch → __call__ (torch/x.py)",),
+                        loop_samples=1600)
+    out = _report("NVIDIA H200", earlier_passes=(first,)).format()
+    assert "(25600 views in 3.00 s, teacher compiled; pass 2 of 2: the shards labelled again, warm)" in out, out
+    assert re.search(r"pipeline, pass 1 of 2 +3200\.0 views/s +\(25600 views in 8\.00 s; torch\.compile built 1 "
+                     r"graph\(s\)\) / compiled forward = 0\.32\n", out), out
+    assert ("  its host side: issuing copy 1.30 s (longest 50.0 ms), render 6.90 s (longest 3600.0 ms), forward "
+            "0.10 s (longest 2.0 ms); pin 6.50 s; device loop host work 60.0 ms per batch, 50.0 ms of it on a CPU") in out
+    assert re.search(r"its device loop thread's most sampled places \(1600 samples\):\n    40\.0 %  "
+                     r"labeler/render_batch\.py:300", out), out
+    single = _report("NVIDIA H200").format()
+    assert "pass 1 of" not in single and "pass 2 of 2" not in single
 
 
 def test_on_a_cpu_render_and_forward_run_one_after_the_other():

@@ -424,6 +424,10 @@ def test_bench_generate_prints_pipeline_forward_and_phases(data):
     assert "batch 4 views" in out and "2 decode threads" in out and "render pillow, teacher memory contiguous" in out
     assert re.search(r"forward FLOPs \d+\.\d+ GFLOP/view", out)
     assert re.search(r"pipeline +\d+\.\d views/s +\d+\.\d+ TFLOP/s +unknown of peak +\(6 views in", out)  # 3 × 2
+    # Two passes by default: the timed one is the second; the first (one-off costs) gets its own line.
+    assert re.search(r"\(6 views in \d+\.\d\d s, teacher eager; pass 2 of 2: the shards labelled again, warm\)", out), out
+    assert re.search(r"pipeline, pass 1 of 2 +\d+\.\d views/s +\(6 views in \d+\.\d\d s; torch\.compile built 0 "
+                     r"graph\(s\)\) / eager \(no compiled figure\) forward = \d+\.\d\d", out), out
     assert re.search(r"bare forward eager +\d+\.\d views/s +\d+\.\d+ TFLOP/s", out)
     assert re.search(r"bare forward compiled +n/a views/s", out)  # CPU: not compiled unless asked
     assert "graphed forward" not in out  # CUDA graphs are for CUDA only
@@ -453,9 +457,11 @@ def test_bench_generate_times_the_batched_render_alone_and_the_device_ceiling(da
     result = CliRunner().invoke(app, ["bench", "generate", "--shards", paths[2], "--model", MODEL, "--batch-size", "4",
                                       "--amp", "none", "--views", "2", "--num-classes", "10", "--topk", "3",
                                       "--device", "cpu", "--decode-workers", "1", "--forward-batches", "2",
-                                      "--render-backend", "torch", "--profile-batches", "1", "--compile", "false"])
+                                      "--render-backend", "torch", "--profile-batches", "1", "--compile", "false",
+                                      "--passes", "1"])
     assert result.exit_code == 0, result.output
     out = result.stdout
+    assert "pass 1 of" not in out and "pass 2 of" not in out  # one pass: it is the timed one
     render = re.search(r"render alone +(\d+\.\d) views/s +\((\d+\.\d\d) ms per batch", out)
     eager = re.search(r"bare forward eager +(\d+\.\d) views/s", out)
     ceiling = re.search(r"render \+ forward +(\d+\.\d) views/s .*forward = (\d+\.\d\d)", out)
@@ -465,6 +471,9 @@ def test_bench_generate_times_the_batched_render_alone_and_the_device_ceiling(da
     assert c == pytest.approx(1 / (1 / r + 1 / f), rel=0.01) and c < min(r, f)
     assert "profile of 1 batches (render + forward" in out and "aten::grid_sampler_2d" in out
     assert "render alone, eager" not in out  # measured only next to a compiled render
+    none = CliRunner().invoke(app, ["bench", "generate", "--shards", paths[2], "--model", MODEL, "--device", "cpu",
+                                    "--passes", "0"])
+    assert none.exit_code == 2 and "--passes must be >= 1, got 0" in none.output
 
 
 @pytest.mark.timeout(60)

@@ -170,10 +170,10 @@ DRIVER = Path(__file__)
 def run_driver(store_path: str, log_path: str, rank: int) -> None:
     """One driver: create-or-open the store, register the shards, claim and label until nothing is left."""
     import labelstore as L
-    from conftest import TINY_CLASSES  # noqa: F401  (same tiny spec as the fixtures)
+    from conftest import TINY_CLASSES  # the same tiny spec as the fixtures
     from labelstore.leases import ShardLeases
 
-    spec = L.LabelerSpec(name="tiny", arch="fan_test_p4_hybrid_token", num_classes=20, input_size=(32, 32),
+    spec = L.LabelerSpec(name="tiny", arch="fan_test_p4_hybrid_token", num_classes=TINY_CLASSES, input_size=(32, 32),
                          grid=(4, 4), mean=(0.5,) * 3, std=(0.5,) * 3, view_spec=L.ViewSpec(size=(32, 32)), views=3,
                          topk=4)
     store = L.LabelStore.create(store_path, seed=7, rows_per_chunk=8, exist_ok=True)
