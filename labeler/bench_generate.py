@@ -4,11 +4,12 @@ On one device, batch shape and precision, without Ray: first the whole work unit
 tar → decode → pack; the device loop copies → renders S views → forward → top-k → copies back; shard
 writes) over the given shards into a scratch store, several shards in flight as in a job, twice by default
 (the second pass is the one measured: the first pays the one-off costs a long job pays once), then the
-teacher's forward alone on device-resident uint8 views of the same shape, eager and `torch.compile`d. FLOPs per view come from `torch.utils.flop_counter` on one batch
-(matmuls, convolutions, attention); TFLOP/s is FLOPs × views/s, set against the device's dense bf16
-peak where the table below knows the card. The breakdown says where the pipeline's wall time went:
-device phases from CUDA events, host phases from timers (decode runs on a pool, so its busy seconds
-can exceed the wall time), and how long the device sat idle. Nothing is asserted.
+teacher's forward alone on device-resident uint8 views of the same shape, eager and `torch.compile`d.
+FLOPs per view come from `torch.utils.flop_counter` on one batch (matmuls, convolutions, attention);
+TFLOP/s is FLOPs × views/s, set against the device's dense bf16 peak where the table below knows the card.
+The breakdown says where the pipeline's wall time went: device phases from CUDA events, host phases from
+timers (decode runs on a pool, so its busy seconds can exceed the wall time), and how long the device sat
+idle. Nothing is asserted.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -86,13 +87,13 @@ class PassFigures:
     phase_seconds: dict  # every phase of PHASES (device phases from CUDA events on a GPU)
     issue_seconds: dict  # host seconds spent issuing each device phase
     issue_max: dict  # ... the longest single batch's issue of each
-    compiles: int  # graphs torch.compile built during the pass
-    batches: int
-    loop_wall: float
-    loop_cpu: float
-    ramp_seconds: float
-    drain_seconds: float
-    loop_stacks: tuple = ()
+    compiles: int  # graphs torch.compile built during the pass (0: all before it)
+    batches: int  # forward batches (padded ones included)
+    loop_wall: float  # the device loop's host work (issue + filing), wall seconds
+    loop_cpu: float  # ... of which its thread ran on a CPU
+    ramp_seconds: float  # from the start to the first batch launched (the first decoded chunk)
+    drain_seconds: float  # from the last batch filed to the end (the last shards' store writes)
+    loop_stacks: tuple = ()  # the device loop thread's most sampled places (StackSampler.top)
     loop_samples: int = 0
 
     @property
@@ -130,43 +131,32 @@ class BenchReport:
     render_backend: str
     pipeline_compiled: bool
     channels_last: bool
-    pipeline_views: int
-    pipeline_seconds: float
+    pipeline: PassFigures  # the timed pass (the last)
     eager_rate: float
     compiled_rate: float | None  # None: not measured (CPU without --compile true)
     graphed_rate: float | None  # the pipeline's own teacher call (forward + top-k, one CUDA graph); None: not graphed
     flops_per_view: float
     peak_tflops: float | None
     decode_rate: float = 0.0  # views/s the decode workers alone deliver (images/s × S)
-    phase_seconds: dict = field(default_factory=dict)
-    issue_seconds: dict = field(default_factory=dict)  # host seconds issuing each device phase
-    issue_max: dict = field(default_factory=dict)  # ... the longest single batch's issue of each
-    pipeline_compiles: int = 0  # graphs torch.compile built while the pipeline was timed (0: all before)
-    loop_stacks: tuple = ()  # the device loop thread's most sampled places during the pipeline (StackSampler.top)
-    loop_samples: int = 0
-    batches: int = 0  # forward batches the pipeline ran (padded ones included)
     profile: str | None = None  # torch.profiler's table of `profile_batches` teacher batches (labeler.kernel_profile)
     profile_batches: int = 0
     render_rate: float | None = None  # the batched render alone on device-resident real images; None: not torch
     render_eager_rate: float | None = None  # the same render uncompiled (measured when the pipeline's is compiled)
     overlapped_rate: float | None = None  # render ∥ teacher call as a GPU pipeline queues them; None: not measured
-    loop_wall: float = 0.0  # the device loop's host work (issue + filing), wall seconds
-    loop_cpu: float = 0.0  # ... of which its thread ran on a CPU
-    ramp_seconds: float = 0.0  # from the start to the first batch launched (the first decoded chunk)
-    drain_seconds: float = 0.0  # from the last batch filed to the end (the last shards' store writes)
-    # Earlier passes over the same shards, untimed warm-ups of the one above (page-locked buffers, compiled
-    # graphs, cuDNN's choices): what a job pays once, apart from what it pays per batch.
-    earlier_passes: tuple = ()
+    # Earlier passes over the same shards, warm-ups of the timed one (page-locked buffers, compiled graphs,
+    # cuDNN's choices): what a job pays once, apart from what it pays per batch.
+    earlier_passes: tuple[PassFigures, ...] = ()
 
     @property
     def pipeline_rate(self) -> float:
-        return self.pipeline_views / self.pipeline_seconds
+        return self.pipeline.rate
 
     @property
     def steady_rate(self) -> float:
         """Views/s between the first batch launched and the last one filed: what a long job runs at once its
         first chunk is decoded, before its last shards are written."""
-        return self.pipeline_views / max(self.pipeline_seconds - self.ramp_seconds - self.drain_seconds, 1e-9)
+        p = self.pipeline
+        return p.views / max(p.seconds - p.ramp_seconds - p.drain_seconds, 1e-9)
 
     @property
     def serial_ceiling(self) -> float | None:
@@ -215,10 +205,10 @@ class BenchReport:
         return f"; pass {n} of {n}: the shards labelled again, warm" if n > 1 else ""
 
     def format(self) -> str:
-        wall = self.pipeline_seconds
+        wall = self.pipeline.seconds
         reference = self.compiled_rate if self.compiled_rate is not None else self.eager_rate
         ref_name = "compiled" if self.compiled_rate is not None else "eager (no compiled figure)"
-        busy = sum(self.phase_seconds.get(p, 0.0) for p in self.busy_phases)
+        busy = sum(self.pipeline.phase_seconds.get(p, 0.0) for p in self.busy_phases)
         busy_name = " + ".join(self.busy_phases)
         serial_note = "" if self.overlapped_rate is not None else ": the pipeline's device ceiling"
         peak = f"{self.peak_tflops:g} TFLOP/s dense bf16" if self.peak_tflops else "unknown"
@@ -230,7 +220,7 @@ class BenchReport:
             f"render {self.render_backend}, teacher memory {'channels_last' if self.channels_last else 'contiguous'}",
             f"forward FLOPs {self.flops_per_view / 1e9:.2f} GFLOP/view (torch.utils.flop_counter)",
             self._rate_line("pipeline", self.pipeline_rate,
-                            f"({self.pipeline_views} views in {wall:.2f} s, teacher "
+                            f"({self.pipeline.views} views in {wall:.2f} s, teacher "
                             f"{'compiled' if self.pipeline_compiled else 'eager'}{self._pass_note()})"),
             f"{'decode workers alone':24s} {self.decode_rate:10.1f} views/s  (the CPU side's ceiling, no device work)",
             self._rate_line("bare forward eager", self.eager_rate),
@@ -241,7 +231,7 @@ class BenchReport:
               if self.graphed_rate is not None else []),
             f"pipeline / {ref_name} forward = {self.pipeline_rate / reference:.2f}",
             f"{'pipeline, steady':24s} {self.steady_rate:10.1f} views/s  (first batch launched → last filed; "
-            f"{self.ramp_seconds:.2f} s before it: the first decoded chunk, {self.drain_seconds:.2f} s after: the "
+            f"{self.pipeline.ramp_seconds:.2f} s before it: the first decoded chunk, {self.pipeline.drain_seconds:.2f} s after: the "
             f"last shards' writes) / {ref_name} forward = {self.steady_rate / reference:.2f}",
             *[line for i, p in enumerate(self.earlier_passes)
               for line in p.summary(f"pipeline, pass {i + 1} of {len(self.earlier_passes) + 1}", reference, ref_name,
@@ -259,37 +249,37 @@ class BenchReport:
               if self.overlapped_rate is not None else []),
             *([f"pipeline / device ceiling = {self.pipeline_rate / self.device_ceiling:.2f} (the rest: the device "
                f"waited for the host side)"] if self.device_ceiling else []),
-            f"torch.compile during the timed pipeline: {self.pipeline_compiles} graph(s) built"
-            + (" (a compile the warm-up missed: its seconds count in the pipeline)" if self.pipeline_compiles else ""),
+            f"torch.compile during the timed pipeline: {self.pipeline.compiles} graph(s) built"
+            + (" (a compile the warm-up missed: its seconds count in the pipeline)" if self.pipeline.compiles else ""),
             f"wall-time breakdown of the pipeline ({wall:.2f} s):",
         ]
         for phase in PHASES:
-            sec = self.phase_seconds.get(phase, 0.0)
-            longest = (f", its longest batch {1e3 * self.issue_max[phase]:.1f} ms" if phase in self.issue_max else "")
-            issued = (f" (the host took {self.issue_seconds[phase]:.2f} s to issue it{longest})"
-                      if phase in self.issue_seconds and not self.on_cpu else "")
+            sec = self.pipeline.phase_seconds.get(phase, 0.0)
+            longest = (f", its longest batch {1e3 * self.pipeline.issue_max[phase]:.1f} ms" if phase in self.pipeline.issue_max else "")
+            issued = (f" (the host took {self.pipeline.issue_seconds[phase]:.2f} s to issue it{longest})"
+                      if phase in self.pipeline.issue_seconds and not self.on_cpu else "")
             lines.append(f"  {phase:12s} {sec:8.2f} s  {100 * sec / wall:6.1f} %  {PHASE_NOTES[phase]}{issued}")
         idle = max(0.0, wall - busy)
         waited = "decoded batches or copies" if self.on_cpu else "decoded batches, copies or renders"
         lines.append(f"  {'device idle':12s} {idle:8.2f} s  {100 * idle / wall:6.1f} %  wall − ({busy_name}): "
                      f"the device's compute waited for {waited} (see decode_wait)")
-        if self.batches:
-            per = 1e3 / self.batches
-            lines.append(f"device loop: {self.batches} batches, {per * wall:.1f} ms of wall and "
+        if self.pipeline.batches:
+            per = 1e3 / self.pipeline.batches
+            lines.append(f"device loop: {self.pipeline.batches} batches, {per * wall:.1f} ms of wall and "
                          f"{per * busy:.1f} ms of {busy_name} on the device per batch")
             if self.on_cpu:  # the loop computes each batch itself, partly on torch's threads
-                lines.append(f"device loop host work: {per * self.loop_wall:.1f} ms per batch (on a CPU: the batch's "
+                lines.append(f"device loop host work: {per * self.pipeline.loop_wall:.1f} ms per batch (on a CPU: the batch's "
                              f"render and forward themselves, and filing its results)")
             else:
-                lines.append(f"device loop host work: {per * self.loop_wall:.1f} ms per batch (issuing it, filing its "
-                             f"results), {per * self.loop_cpu:.1f} ms of it on a CPU; "
-                             f"{per * max(0.0, self.loop_wall - self.loop_cpu):.1f} ms runnable but not running "
+                lines.append(f"device loop host work: {per * self.pipeline.loop_wall:.1f} ms per batch (issuing it, filing its "
+                             f"results), {per * self.pipeline.loop_cpu:.1f} ms of it on a CPU; "
+                             f"{per * max(0.0, self.pipeline.loop_wall - self.pipeline.loop_cpu):.1f} ms runnable but not running "
                              f"(the GIL held by another thread, or no free core)")
-        if self.loop_stacks:
-            lines.append(f"device loop thread, where its wall time went ({self.loop_samples} samples of its stack "
+        if self.pipeline.loop_stacks:
+            lines.append(f"device loop thread, where its wall time went ({self.pipeline.loop_samples} samples of its stack "
                          f"every {1e3 * SAMPLE_INTERVAL_S:.0f} ms during the pipeline; innermost line of this repository "
                          f"→ the call it was in):")
-            lines += [f"  {line}" for line in self.loop_stacks]
+            lines += [f"  {line}" for line in self.pipeline.loop_stacks]
         if self.profile:
             what = "render + " if self.render_rate is not None else ""
             lines.append(f"profile of {self.profile_batches} batches ({what}forward + top-k + tail as the pipeline "
@@ -445,11 +435,10 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
 
         runs = [_pipeline_pass(work, len(urls)) for _ in range(passes)]
         timed = runs[-1]
-        pipeline_views, pipeline_seconds = timed.views, timed.seconds
-        report(f"measured: pipeline {timed.rate:.1f} views/s ({pipeline_views} views in {pipeline_seconds:.2f} s"
+        report(f"measured: pipeline {timed.rate:.1f} views/s ({timed.views} views in {timed.seconds:.2f} s"
                + (f"; pass {passes} of {passes}, pass 1: {runs[0].rate:.1f} views/s)" if passes > 1 else ")"))
 
-        n_batches = forward_batches or max(3, round(pipeline_views / work.views_per_batch))
+        n_batches = forward_batches or max(3, round(timed.views / work.views_per_batch))
         graphed_rate = None
         if teacher.graphed is not None and teacher.graphed.captured:
             graphed_rate = _rate(teacher.encode_views_async, fixed, n_batches)
@@ -498,15 +487,9 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
                        decode_workers=work.decode_workers, decode_pool=work.decode_pool,
                        shards_in_flight=work.shards_in_flight, store_writers=work.writers.processes,
                        render_backend=work.render_backend,
-                       pipeline_compiled=teacher.compiled, channels_last=teacher.channels_last,
-                       pipeline_views=pipeline_views,
-                       pipeline_seconds=pipeline_seconds, eager_rate=eager_rate, compiled_rate=compiled_rate,
-                       graphed_rate=graphed_rate,
-                       flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), phase_seconds=timed.phase_seconds,
-                       issue_seconds=timed.issue_seconds, issue_max=timed.issue_max, pipeline_compiles=timed.compiles,
-                       loop_stacks=timed.loop_stacks, loop_samples=timed.loop_samples,
-                       batches=timed.batches, profile=profile, profile_batches=profile_batches,
-                       decode_rate=decode_rate, render_rate=render_rate, render_eager_rate=render_eager_rate,
-                       overlapped_rate=overlapped_rate,
-                       loop_wall=timed.loop_wall, loop_cpu=timed.loop_cpu, ramp_seconds=timed.ramp_seconds,
-                       drain_seconds=timed.drain_seconds, earlier_passes=tuple(runs[:-1]))
+                       pipeline_compiled=teacher.compiled, channels_last=teacher.channels_last, pipeline=runs[-1],
+                       eager_rate=eager_rate, compiled_rate=compiled_rate, graphed_rate=graphed_rate,
+                       flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), profile=profile,
+                       profile_batches=profile_batches, decode_rate=decode_rate, render_rate=render_rate,
+                       render_eager_rate=render_eager_rate, overlapped_rate=overlapped_rate,
+                       earlier_passes=tuple(runs[:-1]))

@@ -10,13 +10,18 @@ import torch
 from labeler.bench_generate import BenchReport, PassFigures, _overlapped_rate
 
 
-def _report(device: str, **figures) -> BenchReport:
+def _pass(**figures) -> PassFigures:
+    base = dict(views=25600, seconds=3.0, phase_seconds={"copy": 0.4, "render": 0.3, "forward": 2.7}, issue_seconds={},
+                issue_max={}, compiles=0, batches=100, loop_wall=0.0, loop_cpu=0.0, ramp_seconds=0.0, drain_seconds=0.0)
+    return PassFigures(**{**base, **figures})
+
+
+def _report(device: str, pipeline: PassFigures | None = None, **figures) -> BenchReport:
     base = dict(device=device, model="m", batch_views=256, amp="bf16", views_per_sample=8, decode_workers=16,
                 decode_pool="process", shards_in_flight=18, store_writers=4, render_backend="torch",
-                pipeline_compiled=True, channels_last=True, pipeline_views=25600, pipeline_seconds=3.0,
+                pipeline_compiled=True, channels_last=True, pipeline=pipeline or _pass(),
                 eager_rate=4000.0, compiled_rate=10000.0, graphed_rate=9600.0, flops_per_view=14e9, peak_tflops=989.0,
-                render_rate=96000.0, batches=100,
-                phase_seconds={"copy": 0.4, "render": 0.3, "forward": 2.7}, issue_seconds={})
+                render_rate=96000.0)
     return BenchReport(**{**base, **figures})
 
 
@@ -38,16 +43,16 @@ def test_on_a_gpu_only_the_forward_keeps_the_compute_stream_busy_and_the_measure
 
 
 def test_a_gpu_report_says_the_longest_issue_of_each_device_phase_and_the_compiles_inside_the_timed_run():
-    report = _report("NVIDIA H200", issue_seconds={"copy": 1.33, "render": 7.0, "forward": 0.1},
-                     issue_max={"copy": 0.02, "render": 6.1, "forward": 0.004}, pipeline_compiles=2)
+    report = _report("NVIDIA H200", _pass(issue_seconds={"copy": 1.33, "render": 7.0, "forward": 0.1},
+                                          issue_max={"copy": 0.02, "render": 6.1, "forward": 0.004}, compiles=2))
     out = report.format()
     assert "(the host took 7.00 s to issue it, its longest batch 6100.0 ms)" in out, out
     assert "(the host took 0.10 s to issue it, its longest batch 4.0 ms)" in out, out
     assert ("torch.compile during the timed pipeline: 2 graph(s) built (a compile the warm-up missed: its seconds "
             "count in the pipeline)") in out, out
     assert "device loop thread, where" not in out  # no samples: no section
-    sampled = _report("NVIDIA H200", loop_samples=2000,
-                      loop_stacks=("  55.0 %  labeler/render_batch.py:300 render_batch → __call__ (torch/x.py)",)).format()
+    sampled = _report("NVIDIA H200", _pass(loop_samples=2000, loop_stacks=(
+        "  55.0 %  labeler/render_batch.py:300 render_batch → __call__ (torch/x.py)",))).format()
     assert re.search(r"device loop thread, where its wall time went \(2000 samples of its stack every 5 ms during the "
                      r"pipeline.*\n    55\.0 %  labeler/render_batch\.py:300", sampled), sampled
     clean = _report("NVIDIA H200").format()
@@ -58,17 +63,17 @@ def test_an_earlier_pass_is_summarised_beside_the_timed_one_with_what_it_paid_on
     """The timed pipeline is the last pass over the shards; each earlier one gets its rate, compiles, host issue
     times, pin seconds and most sampled places, so a one-off cost (a compile, fresh page-locked buffers) stands
     apart from a per-batch one."""
-    first = PassFigures(views=25600, seconds=8.0, phase_seconds={"pin": 6.5}, issue_seconds={"copy": 1.3, "render": 6.9,
-                        "forward": 0.1}, issue_max={"copy": 0.05, "render": 3.6, "forward": 0.002}, compiles=1,
-                        batches=100, loop_wall=6.0, loop_cpu=5.0, ramp_seconds=0.2, drain_seconds=0.3,
-                        loop_stacks=("  40.0 %  labeler/render_batch.py:300 render_batch → __call__ (torch/x.py)",),
-                        loop_samples=1600)
+    first = _pass(seconds=8.0, phase_seconds={"pin": 6.5}, issue_seconds={"copy": 1.3, "render": 6.9, "forward": 0.1},
+                  issue_max={"copy": 0.05, "render": 3.6, "forward": 0.002}, compiles=1, loop_wall=6.0, loop_cpu=5.0,
+                  loop_stacks=("  40.0 %  labeler/render_batch.py:300 render_batch → __call__ (torch/x.py)",),
+                  loop_samples=1600)
     out = _report("NVIDIA H200", earlier_passes=(first,)).format()
     assert "(25600 views in 3.00 s, teacher compiled; pass 2 of 2: the shards labelled again, warm)" in out, out
     assert re.search(r"pipeline, pass 1 of 2 +3200\.0 views/s +\(25600 views in 8\.00 s; torch\.compile built 1 "
                      r"graph\(s\)\) / compiled forward = 0\.32\n", out), out
     assert ("  its host side: issuing copy 1.30 s (longest 50.0 ms), render 6.90 s (longest 3600.0 ms), forward "
-            "0.10 s (longest 2.0 ms); pin 6.50 s; device loop host work 60.0 ms per batch, 50.0 ms of it on a CPU") in out
+            "0.10 s (longest 2.0 ms); pin 6.50 s; device loop host work 60.0 ms per batch, 50.0 ms of it on a "
+            "CPU") in out
     assert re.search(r"its device loop thread's most sampled places \(1600 samples\):\n    40\.0 %  "
                      r"labeler/render_batch\.py:300", out), out
     single = _report("NVIDIA H200").format()
