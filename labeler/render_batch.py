@@ -29,7 +29,7 @@ import torch.fx.experimental._config  # noqa: F401 - the duck-sizing switch (see
 import torch.nn.functional as F
 
 from labeler.device import to_device
-from labelstore.views import NUM_PARAMS, ViewSpec, view_geometry
+from labelstore.views import NUM_PARAMS, ViewSpec, crop_boxes, view_geometry
 
 # Pillow truncates its bilinear result; a small epsilon absorbs float error on exact integers (without
 # it, hflip + integer crops came out one level low in about a third of the pixels). float32 needs a
@@ -83,15 +83,16 @@ class SourceBatch:
 FOOTPRINT_MARGIN = 1
 
 
-def source_footprint(params: np.ndarray, src_hw: np.ndarray, spec: ViewSpec) -> np.ndarray:
+def source_footprint(params: np.ndarray, src_hw: np.ndarray) -> np.ndarray:
     """(N, 4) int64 (y0, x0, y1, x1): the part of each source image `render_batch` reads for view params (N, P)
     of images of sizes (N, 2) or (2,): the crop box plus `FOOTPRINT_MARGIN`, clipped to the image.
 
     A data worker that knows the view it replays sends only this region (with its origin): about half the
     bytes at RandomResizedCrop's mean area fraction, and the render is bit-identical to the whole image's.
+    Only the crop boxes are computed (`crop_boxes`), not the views' matrices: a worker calls this per sample.
     """
     params = np.asarray(params, np.float32).reshape(-1, np.asarray(params).shape[-1])
-    return _footprint(view_geometry(params, src_hw, spec).boxes, src_hw)
+    return _footprint(crop_boxes(params, src_hw), src_hw)
 
 
 def _footprint(boxes: np.ndarray, src_hw: np.ndarray) -> np.ndarray:

@@ -334,19 +334,19 @@ class ViewGeometry:
     matrices: np.ndarray
 
 
-def view_geometry(params: Any, src_hw: Any, spec: ViewSpec) -> ViewGeometry:
-    """`crop_box` + `reduce_factor` + `view_matrix` for params (N, P) and source sizes (N, 2) or (2,).
-
-    The single definition: the per-view functions are its N = 1 case, so the Pillow reference and
-    the batched torch renderer get bit-identical geometry.
-    """
+def _checked_params(params: Any) -> np.ndarray:
+    """Params (N, P) as float64, from the float32 record as stored (writer and reader agree), all finite."""
     p32 = np.asarray(params, dtype=np.float32)
     if p32.ndim != 2 or p32.shape[1] != NUM_PARAMS:
         raise ViewSpecError(f"view params must have shape (N, {NUM_PARAMS}) {PARAM_FIELDS}, got {p32.shape}")
     finite = np.isfinite(p32).all(1)
     if not finite.all():
         raise ViewSpecError(f"view params contain NaN/inf in view(s) {np.flatnonzero(~finite)[:10].tolist()}")
-    p = p32.astype(np.float64)  # always from the float32 record as stored: writer and reader agree
+    return p32.astype(np.float64)
+
+
+def _boxes(p: np.ndarray, src_hw: Any) -> np.ndarray:
+    """(N, 4) int64 crop boxes (x0, y0, x1, y1) of checked params (N, P), each checked to fit its source."""
     hw = np.broadcast_to(np.asarray(src_hw, dtype=np.int64).reshape(-1, 2), (p.shape[0], 2))
     xywh = np.round(p[:, 0:4]).astype(np.int64)  # half to even, as Python's round()
     x0, y0 = xywh[:, 0], xywh[:, 1]
@@ -356,11 +356,30 @@ def view_geometry(params: Any, src_hw: Any, spec: ViewSpec) -> ViewGeometry:
         i = int(np.flatnonzero(bad)[0])
         raise ViewSpecError(f"crop box {(int(x0[i]), int(y0[i]), int(x1[i]), int(y1[i]))} does not fit in the "
                             f"source image (h, w) = {(int(hw[i, 0]), int(hw[i, 1]))}")
+    return np.stack([x0, y0, x1, y1], 1)
+
+
+def crop_boxes(params: Any, src_hw: Any) -> np.ndarray:
+    """The crop boxes of `view_geometry` alone, (N, 4) int64 (x0, y0, x1, y1), for params (N, P) and source
+    sizes (N, 2) or (2,): what a data worker needs to cut out the part of an image a view reads, without the
+    view's matrices (about ten times the work)."""
+    return _boxes(_checked_params(params), src_hw)
+
+
+def view_geometry(params: Any, src_hw: Any, spec: ViewSpec) -> ViewGeometry:
+    """`crop_box` + `reduce_factor` + `view_matrix` for params (N, P) and source sizes (N, 2) or (2,).
+
+    The single definition: the per-view functions are its N = 1 case, so the Pillow reference and
+    the batched torch renderer get bit-identical geometry.
+    """
+    p = _checked_params(params)
+    boxes = _boxes(p, src_hw)
+    x0, y0, x1, y1 = (boxes[:, i] for i in range(4))
     out_h, out_w = spec.size
     k = np.maximum(1, np.floor(np.minimum((x1 - x0) / out_w, (y1 - y0) / out_h))).astype(np.int64)
     reduced_hw = np.stack([-(-(y1 - y0) // k), -(-(x1 - x0) // k)], 1)
     matrices = _matrices(p, spec, k.astype(np.float64))[:, :2].copy()
-    return ViewGeometry(np.stack([x0, y0, x1, y1], 1), k, reduced_hw, matrices)
+    return ViewGeometry(boxes, k, reduced_hw, matrices)
 
 
 def view_matrix(params: Any, src_hw: tuple[int, int], spec: ViewSpec) -> np.ndarray:

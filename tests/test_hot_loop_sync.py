@@ -25,7 +25,7 @@ def _batch(pin: bool) -> dict:
               for _ in range(B)]
     params = np.stack([draw_views(spec, 3, i, 1, im.shape[:2])[0] for i, im in enumerate(images)])
     hw = np.array([im.shape[:2] for im in images])
-    foot = source_footprint(params, hw, spec)
+    foot = source_footprint(params, hw)
     flat = pack_flat([im[y0:y1, x0:x1] for im, (y0, x0, y1, x1) in zip(images, foot)])
     ops = np.stack([np.arange(B) % len(PHOTOMETRIC_OPS), (np.arange(B) + 3) % len(PHOTOMETRIC_OPS)], 1)
     args = np.tile(np.array([[1.5, 4.0]], np.float32), (B, 1))

@@ -2,6 +2,8 @@
 rendering from the whole image: the geometry stays the whole image's, only the pixel offsets move."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 import labeler.render_batch as rb
 from labeler.flat_images import pack_flat, upload_flat
 from labeler.render_batch import SourceBatch, render_batch, source_footprint
-from labelstore.views import NUM_PARAMS, PARAM_FIELDS, ViewSpec, draw_views, view_geometry
+from labelstore.views import NUM_PARAMS, PARAM_FIELDS, ViewSpec, ViewSpecError, crop_boxes, draw_views, view_geometry
 
 SIZES = [(8, 8), (120, 160), (37, 129), (700, 500), (300, 290), (451, 470), (640, 427), (64, 640)]
 SPECS = {
@@ -53,7 +55,7 @@ def _views(spec: ViewSpec, images, per_image: int, seed: int) -> tuple[np.ndarra
 
 def _regions(images, index, params, spec):
     """One region per view: its footprint cut out of its image, as a worker sends it."""
-    foot = source_footprint(params, np.array([images[i].shape[:2] for i in index]), spec)
+    foot = source_footprint(params, np.array([images[i].shape[:2] for i in index]))
     crops = [images[i][y0:y1, x0:x1] for i, (y0, x0, y1, x1) in zip(index, foot)]
     return crops, foot
 
@@ -81,7 +83,7 @@ def test_shared_region_with_uneven_views_per_image_is_bit_identical():
     keep = np.flatnonzero(index != 2)[:-3]  # image 2 has none, the last image fewer: not grouped
     index, params = index[keep], params[keep]
     whole = render_batch(upload_flat(pack_flat(images), "cpu"), index, params, spec)
-    foot = source_footprint(params, np.array([images[i].shape[:2] for i in index]), spec)
+    foot = source_footprint(params, np.array([images[i].shape[:2] for i in index]))
     used = np.unique(index)
     union = np.array([np.r_[foot[index == i, :2].min(0), foot[index == i, 2:].max(0)] for i in used])
     crops = [images[i][y0:y1, x0:x1] for i, (y0, x0, y1, x1) in zip(used, union)]
@@ -105,12 +107,29 @@ def test_float32_regions_stay_within_the_render_bound(monkeypatch):
     assert d.max() <= 1 and d.float().mean() <= 0.01
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_crop_boxes_are_the_view_geometry_boxes_and_refuse_what_it_refuses(name):
+    """A worker's footprint comes from `crop_boxes` alone (no matrices): the same boxes as the full geometry."""
+    spec = SPECS[name]
+    images = _images(5)
+    index, params = _views(spec, images, 4, seed=9)
+    hw = np.array([images[i].shape[:2] for i in index])
+    assert np.array_equal(crop_boxes(params, hw), view_geometry(params, hw, spec).boxes)
+    outside = params[:1].copy()
+    outside[0, CROP[0]] = hw[0, 1]  # starts at the right edge: an empty crop inside the image
+    with pytest.raises(ViewSpecError, match=r"does not fit in the source image") as got:
+        crop_boxes(outside, hw[:1])
+    with pytest.raises(ViewSpecError, match=re.escape(str(got.value))):
+        view_geometry(outside, hw[:1], spec)
+    with pytest.raises(ViewSpecError, match="NaN/inf"):
+        crop_boxes(np.full((1, NUM_PARAMS), np.nan, np.float32), (10, 10))
+
+
 def test_footprint_is_the_crop_box_plus_margin_clipped():
-    spec = ViewSpec(size=(16, 16))
     p = np.zeros((2, NUM_PARAMS), np.float32)
     p[0, CROP] = (0, 0, 10, 12)  # touches the top-left corner
     p[1, CROP] = (5, 3, 15, 17)  # touches the bottom-right corner of a 20 × 20 image
-    foot = source_footprint(p, (20, 20), spec)
+    foot = source_footprint(p, (20, 20))
     assert foot.tolist() == [[0, 0, 13, 11], [2, 4, 20, 20]]
 
 
@@ -118,7 +137,7 @@ def test_a_region_missing_part_of_the_footprint_is_refused():
     spec = ViewSpec(size=(16, 16))
     img = _images(6)[1]
     params = draw_views(spec, 0, 0, 1, img.shape[:2])
-    y0, x0, y1, x1 = source_footprint(params, img.shape[:2], spec)[0]
+    y0, x0, y1, x1 = source_footprint(params, img.shape[:2])[0]
     short = img[y0:y1 - 1, x0:x1]
     src = upload_flat(pack_flat([short]), "cpu", image_hw=np.array([img.shape[:2]]), origins=np.array([[y0, x0]]))
     with pytest.raises(ValueError, match="holds only"):

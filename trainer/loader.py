@@ -328,7 +328,7 @@ class StudentPipeline:
         s = skip_consumed(s, ledger)  # exact resume: the order is fixed from here on
         check = SourceCheck(self.index)
         if self.render_on_device:  # the device renders and augments (trainer.target_builder)
-            s = attach_photometric(decode_views(s, ledger, check, self.view_spec), self.aug, cfg.seed, epoch)
+            s = attach_photometric(decode_views(s, ledger, check), self.aug, cfg.seed, epoch)
             return batch_samples(s, cfg.batch_size, ledger, collate_sources, cfg.drop_last)
         s = replay_views(s, self.view_spec, ledger, check)
         s = augment_views(s, self.aug, cfg.seed, epoch)

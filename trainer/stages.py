@@ -176,13 +176,13 @@ def replay_views(samples: Iterable[dict], spec, ledger: EpochLedger, check=None)
         yield out
 
 
-def decode_views(samples: Iterable[dict], ledger: EpochLedger, check, spec) -> Iterator[dict]:
+def decode_views(samples: Iterable[dict], ledger: EpochLedger, check) -> Iterator[dict]:
     """Device path: decode only (the device renders later). `image` is only the part of the decoded source that
-    the sample's stored view reads under the store's ViewSpec `spec` (`labeler.render_batch.source_footprint`,
-    about half the pixels on average), with `origin` (y0, x0) in the source and `image_hw` the source's size."""
+    the sample's stored view reads (its crop box and a margin: `labeler.render_batch.source_footprint`, about
+    half the pixels on average), with `origin` (y0, x0) in the source and `image_hw` the source's size."""
     for out, img in _decoded(samples, ledger, check):
         hw = (img.height, img.width)
-        y0, x0, y1, x1 = (int(v) for v in source_footprint(out["params"], hw, spec)[0])
+        y0, x0, y1, x1 = (int(v) for v in source_footprint(out["params"], hw)[0])
         out["image"] = np.asarray(img.crop((x0, y0, x1, y1)))  # Pillow copies just the region
         out["origin"], out["image_hw"] = (y0, x0), hw
         yield out
