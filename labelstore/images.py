@@ -77,9 +77,11 @@ def decode_image(data: bytes, name: str = "", fill: tuple[int, int, int] = DEFAU
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageDecodeError(f"{label}: expected encoded image bytes, got {type(data).__name__}")
     try:
-        with Image.open(io.BytesIO(bytes(data))) as img:
-            img.load()
-            return to_rgb(img, fill).copy() if img.mode == "RGB" else to_rgb(img, fill)
+        # Not `with Image.open(...)`: closing an image frees its pixels, so an RGB one (most JPEGs) would need a
+        # copy of every pixel to outlive the block. Loaded, it no longer reads the in-memory file.
+        img = Image.open(io.BytesIO(bytes(data)))
+        img.load()
+        return to_rgb(img, fill)
     except ImageDecodeError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, TypeError) as e:
