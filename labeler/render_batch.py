@@ -91,8 +91,8 @@ def source_footprint(params: np.ndarray, src_hw: np.ndarray) -> np.ndarray:
     bytes at RandomResizedCrop's mean area fraction, and the render is bit-identical to the whole image's.
     Only the crop boxes are computed (`crop_boxes`), not the views' matrices: a worker calls this per sample.
     """
-    params = np.asarray(params, np.float32).reshape(-1, np.asarray(params).shape[-1])
-    return _footprint(crop_boxes(params, src_hw), src_hw)
+    params = np.asarray(params, np.float32)
+    return _footprint(crop_boxes(params.reshape(-1, params.shape[-1]), src_hw), src_hw)
 
 
 def _footprint(boxes: np.ndarray, src_hw: np.ndarray) -> np.ndarray:
