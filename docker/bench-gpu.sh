@@ -64,8 +64,8 @@ for g in generate_tiny generate_small generate_large; do
     "compiled $(grep -m1 '^bare forward compiled' "$f" | awk '{print $4}')" \
     "graphed $(grep -m1 '^graphed forward' "$f" | awk '{print $5}')" "$(grep -m1 '^pipeline / ' "$f")"
   grep -E -m7 '^(pipeline, steady|render alone|render \+ forward|render ∥ forward|pipeline / device ceiling|device loop:)' "$f" | sed 's/^/                /'
-  grep -A6 -m1 '^pipeline, pass 1 of' "$f" | sed 's/^/                /'  # the first (cold) pass: its one-off costs
-  grep -m1 '^device loop host work' "$f" | sed 's/^/                /'
+  grep -A7 -m1 '^pipeline, pass 1 of' "$f" | sed 's/^/                /'  # the first (cold) pass: its one-off costs
+  grep -E -m2 '^(device loop host work|allocator calls during)' "$f" | sed 's/^/                /'
   grep -E -m3 '^(torch.compile during|  render |  copy )' "$f" | sed 's/^/                /'
   grep -A8 -m1 '^device loop thread, where' "$f" | sed 's/^/                /'
   grep -A 24 -m1 '^profile of' "$f" | grep -E 'Name|^ *[a-zA-Z_].*[0-9]+\.[0-9]+(us|ms|s) ' | head -16  # top kernels

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from labeler.allocator_counts import AllocatorCounts, describe_allocator
 from labeler.bench_calls import time_calls
 from labeler.decode_chunks import DecodedChunk
 from labeler.device import resolve_device
@@ -95,6 +96,7 @@ class PassFigures:
     drain_seconds: float  # from the last batch filed to the end (the last shards' store writes)
     loop_stacks: tuple = ()  # the device loop thread's most sampled places (StackSampler.top)
     loop_samples: int = 0
+    allocator: dict | None = None  # the CUDA allocators' calls during the pass (AllocatorCounts); None on a CPU
 
     @property
     def rate(self) -> float:
@@ -111,6 +113,8 @@ class PassFigures:
             lines.append(f"  its host side: issuing {issued}; pin {self.phase_seconds.get('pin', 0.0):.2f} s; "
                          f"device loop host work {per * self.loop_wall:.1f} ms per batch, {per * self.loop_cpu:.1f} ms "
                          f"of it on a CPU")
+        if self.allocator is not None:
+            lines.append(f"  its allocator calls: {describe_allocator(self.allocator)}")
         if self.loop_stacks:
             lines.append(f"  its device loop thread's most sampled places ({self.loop_samples} samples):")
             lines += [f"  {line}" for line in self.loop_stacks[:PASS_STACK_ROWS]]
@@ -275,6 +279,9 @@ class BenchReport:
                              f"results), {per * self.pipeline.loop_cpu:.1f} ms of it on a CPU; "
                              f"{per * max(0.0, self.pipeline.loop_wall - self.pipeline.loop_cpu):.1f} ms runnable but not running "
                              f"(the GIL held by another thread, or no free core)")
+        if self.pipeline.allocator is not None:
+            lines.append(f"allocator calls during the pipeline: {describe_allocator(self.pipeline.allocator)} (steady "
+                         f"work makes none: a cudaMalloc or page-locked allocation can stall the device's streams)")
         if self.pipeline.loop_stacks:
             lines.append(f"device loop thread, where its wall time went ({self.pipeline.loop_samples} samples of its stack "
                          f"every {1e3 * SAMPLE_INTERVAL_S:.0f} ms during the pipeline; innermost line of this repository "
@@ -363,9 +370,12 @@ def _pipeline_pass(work: ShardLabeler, num_shards: int) -> PassFigures:
     clock.reset_span()
     graphs_before = compiled_graphs()
     sampler = StackSampler(work.device_loop_thread, interval=SAMPLE_INTERVAL_S).start()
+    allocator = AllocatorCounts(work.device)
+    allocator.start()
     start = time.perf_counter()
     outcomes = list(work.label_shards(range(num_shards)))
     end = time.perf_counter()
+    allocations = allocator.delta()
     sampler.stop()
     compiles = compiled_graphs() - graphs_before
     ramp = (clock.first_launch - start) if clock.first_launch is not None else 0.0
@@ -382,7 +392,7 @@ def _pipeline_pass(work: ShardLabeler, num_shards: int) -> PassFigures:
                        issue_max=issue_max, compiles=compiles, batches=work.batches - batches_before,
                        loop_wall=clock.loop_wall - loop_before[0], loop_cpu=clock.loop_cpu - loop_before[1],
                        ramp_seconds=ramp, drain_seconds=drain, loop_stacks=tuple(sampler.top(LOOP_STACK_ROWS)),
-                       loop_samples=sampler.samples)
+                       loop_samples=sampler.samples, allocator=allocations)
 
 
 def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, views: int, topk: int = 10,

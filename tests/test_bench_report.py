@@ -66,18 +66,23 @@ def test_an_earlier_pass_is_summarised_beside_the_timed_one_with_what_it_paid_on
     first = _pass(seconds=8.0, phase_seconds={"pin": 6.5}, issue_seconds={"copy": 1.3, "render": 6.9, "forward": 0.1},
                   issue_max={"copy": 0.05, "render": 3.6, "forward": 0.002}, compiles=1, loop_wall=6.0, loop_cpu=5.0,
                   loop_stacks=("  40.0 %  labeler/render_batch.py:300 render_batch → __call__ (torch/x.py)",),
-                  loop_samples=1600)
-    out = _report("NVIDIA H200", earlier_passes=(first,)).format()
+                  loop_samples=1600, allocator={"mallocs": 40, "frees": 0, "retries": 0, "page-locked allocs": 130,
+                                                "page-locked alloc us": 5_900_000})
+    timed = _pass(allocator={"mallocs": 0, "frees": 0, "retries": 0, "page-locked allocs": 0, "page-locked alloc us": 0})
+    out = _report("NVIDIA H200", timed, earlier_passes=(first,)).format()
     assert "(25600 views in 3.00 s, teacher compiled; pass 2 of 2: the shards labelled again, warm)" in out, out
     assert re.search(r"pipeline, pass 1 of 2 +3200\.0 views/s +\(25600 views in 8\.00 s; torch\.compile built 1 "
                      r"graph\(s\)\) / compiled forward = 0\.32\n", out), out
     assert ("  its host side: issuing copy 1.30 s (longest 50.0 ms), render 6.90 s (longest 3600.0 ms), forward "
             "0.10 s (longest 2.0 ms); pin 6.50 s; device loop host work 60.0 ms per batch, 50.0 ms of it on a "
-            "CPU") in out
+            "CPU\n  its allocator calls: 40 mallocs 0 frees 0 retries; 130 page-locked allocs in 5900.0 ms\n") in out, out
+    assert ("allocator calls during the pipeline: 0 mallocs 0 frees 0 retries; 0 page-locked allocs in 0.0 ms (steady "
+            "work makes none") in out, out
     assert re.search(r"its device loop thread's most sampled places \(1600 samples\):\n    40\.0 %  "
                      r"labeler/render_batch\.py:300", out), out
     single = _report("NVIDIA H200").format()
     assert "pass 1 of" not in single and "pass 2 of 2" not in single
+    assert "allocator calls" not in single  # not measured (a CPU): no line
 
 
 def test_on_a_cpu_render_and_forward_run_one_after_the_other():

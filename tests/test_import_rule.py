@@ -46,11 +46,11 @@ def test_static_import_rule():
     assert offenders(modules_of("labeler"), lambda p, n: top(n) == "trainer") == []
     # trainer may use labeler.models, the one device resolver and the one batched renderer with its flat image
     # transfer (the student replays its views on the device with the labeler's definition), the one data-worker
-    # priority rule, the one kernel-profile table, host-stack sampler and call timer of the benches, the one
+    # priority rule, the one kernel-profile table, host-stack sampler, call timer and allocator counts of the benches, the one
     # CUDA-graph wrapper (the student's photometric ops), never teacher inference
     allowed = ("labeler.models", "labeler.device", "labeler.render_batch", "labeler.flat_images",
                "labeler.worker_priority", "labeler.kernel_profile", "labeler.stack_sampler", "labeler.cuda_graph",
-               "labeler.bench_calls")
+               "labeler.bench_calls", "labeler.allocator_counts")
     assert offenders(modules_of("trainer"), lambda p, n: top(n) == "labeler" and not any(
         n == a or n.startswith(a + ".") for a in allowed)) == []
     assert offenders(modules_of("trainer"), lambda p, n: n.startswith(("labeler.teacher", "labeler.work_unit"))) == []

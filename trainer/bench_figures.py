@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from labeler.allocator_counts import describe_allocator
 from labeler.kernel_profile import PROFILE_ROWS
 from labeler.stack_sampler import SAMPLE_INTERVAL_S
-from trainer.step_timing import describe_allocator, describe_lag
+from trainer.step_timing import describe_lag
 
 VARIANTS = ("a_none", "b_stored", "c_online")
 NAMES = {"a_none": "(a) no token labels", "b_stored": "(b) stored token labels", "c_online": "(c) online teacher"}
@@ -28,7 +29,7 @@ class EndToEnd:
     steps: int = 0  # batches handed to the loop inside the window
     targets_s: float = 0.0  # host seconds in make_targets (render, augment, targets: issuing them)
     device_lag: float | None = None  # steps the device still had queued as each step began (trainer.step_timing)
-    allocator: dict | None = None  # CUDA allocator calls in the window (trainer.step_timing.AllocatorCounts)
+    allocator: dict | None = None  # CUDA allocator calls in the window (labeler.allocator_counts.AllocatorCounts)
     checkpoint_pauses: tuple[float, ...] = ()  # seconds the loop paused for each checkpoint inside the window
     checkpoint_writing_s: float = 0.0  # seconds of the window during which a checkpoint was written in the background
 

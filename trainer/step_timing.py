@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from labeler.allocator_counts import AllocatorCounts
+
 
 class HostTimer:
     """Host seconds spent inside the calls it wraps (`wrap(fn)`), summed; `reset()` starts a new window."""
@@ -71,34 +73,6 @@ class DeviceLag:
         return self.behind / self.marks
 
 
-class AllocatorCounts:
-    """The CUDA caching allocator's device calls inside a window (`start()` … `delta()`): new cudaMalloc
-    segments and frees (a cudaFree waits for the whole device) and failed mallocs retried after emptying the
-    cache. In steady training all three stay at 0; batches of ever-new shapes can keep them climbing.
-    None on a CPU."""
-
-    KEYS = (("num_device_alloc", "mallocs"), ("num_device_free", "frees"), ("num_alloc_retries", "retries"))
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self._start: dict | None = None
-
-    def _read(self) -> dict | None:
-        if self.device.type != "cuda":
-            return None
-        stats = torch.cuda.memory_stats(self.device)
-        return {name: int(stats.get(key, 0)) for key, name in self.KEYS}
-
-    def start(self) -> None:
-        self._start = self._read()
-
-    def delta(self) -> dict | None:
-        now = self._read()
-        if now is None or self._start is None:
-            return None
-        return {k: now[k] - self._start[k] for k in now}
-
-
 class StepWindow:
     """The per-step figures of one timed window, together: host seconds in the call `targets` wraps (the
     targets), the device's lag, the allocator's calls. `open()` at the window's start, `mark()` at each step
@@ -127,12 +101,6 @@ class StepWindow:
     @property
     def device_lag(self) -> float | None:
         return self.lag.mean
-
-
-def describe_allocator(counts: dict | None) -> str:
-    if counts is None:
-        return ""
-    return " ".join(f"{v} {k}" for k, v in counts.items())
 
 
 def describe_lag(lag: float | None) -> str:
