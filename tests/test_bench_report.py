@@ -1,4 +1,4 @@
-"""labeler.bench_generate's report: which phases count as the device's compute, and the two device ceilings
+"""labeler.bench_generate_report: which phases count as the device's compute, and the two device ceilings
 (render then forward on one stream; render ∥ forward as the GPU work unit queues them)."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from labeler.bench_generate import BenchReport, PassFigures, _overlapped_rate
+from labeler.bench_generate import _overlapped_rate
+from labeler.bench_generate_report import BenchReport, PassFigures
 
 
 def _pass(**figures) -> PassFigures:
