@@ -22,6 +22,9 @@ def _host_stats() -> dict:
 
 
 class AllocatorCounts:
+    """The counts of the window from `start()` to `delta()`: a dict (mallocs, frees, retries and, where torch
+    reports them, page-locked allocs and their microseconds), or None on a CPU."""
+
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self._start: dict | None = None

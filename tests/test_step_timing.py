@@ -69,11 +69,10 @@ def test_allocator_counts_are_none_on_a_cpu():
 def test_allocator_counts_read_both_allocators_statistics(monkeypatch):
     """The keys torch reports (device: memory_stats, host: host_memory_stats, times in µs) become the window's
     counts, and the description says them in ms."""
-    device = {"num_device_alloc": 5, "num_device_free": 1, "num_alloc_retries": 0, "allocated_bytes.all.current": 9}
-    host = {"num_host_alloc": 2, "host_alloc_time.total": 1500, "host_alloc_time.max": 1000}
+    device_stats = {"num_device_alloc": 5, "num_device_free": 1, "num_alloc_retries": 0, "allocated_bytes.all.current": 9}
+    host_stats = {"num_host_alloc": 2, "host_alloc_time.total": 1500, "host_alloc_time.max": 1000}
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: dict(device_stats))
     monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: dict(host_stats))
-    device_stats, host_stats = dict(device), dict(host)
     counts = AllocatorCounts("cuda")
     counts.start()
     device_stats.update(num_device_alloc=8, num_alloc_retries=1)
