@@ -49,7 +49,7 @@ else step shards 35 "${labels[@]}" bench shards "$DATA" --shards "$SHARDS" --per
 gen=(bench generate --shards "$all" --views "$VIEWS" --batch-size 256 --amp bf16 --forward-batches "$FWD_BATCHES")
 # Two passes per labeling bench (the default): the second is measured, the first pays the one-off costs.
 step generate_small 210 "${labels[@]}" "${gen[@]}" --model "$SMALL" --keep-store "$DATA/labels.zarr" --profile-batches 3 $EXTRA
-step train_small 300 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 --profile-steps 5 ${TRAIN_EXTRA:-}
+step train_small 320 "${train[@]}" bench --shards "$train_all" --labels "$DATA/labels.zarr" --labeler bench --model "$SMALL" --batch-size "$BATCH" --amp bf16 ${COMPILE---compile} --workers "$WORKERS" --seconds "$TRAIN_SECONDS" --warmup 10 --steps 20 --repeats 1 --profile-steps 5 ${TRAIN_EXTRA:-}
 step cuda_tests 200 $PY -m pytest -q -s -p no:cacheprovider $CUDA_TESTS
 step generate_tiny 130 "${labels[@]}" "${gen[@]}" --model "$TINY" $EXTRA
 step depthwise 120 "${labels[@]}" bench depthwise --model "$SMALL" --batch-size 256 --batches 20 --amp bf16 ${DEPTHWISE_EXTRA:-}

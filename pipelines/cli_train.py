@@ -200,6 +200,7 @@ def bench_cmd(
                                            help="On a GPU, each batch's photometric ops as one CUDA graph "
                                                 "(data.photometric_graph)."),
     repeats: int = typer.Option(3, "--repeats", help="Interleaved step-only/loader repeats; the median is printed."),
+    loader_seconds: float = typer.Option(10.0, "--loader-seconds", help="Each loader-alone run reads at least this long (several epochs: the workers' bursts of batches average out)."),
     profile_steps: int = typer.Option(0, "--profile-steps", help="Also profile this many step-only steps of (b) and print the top kernels (torch.profiler)."),
 ) -> None:
     """Student img/s end to end (real loop) and step only: (a) no token labels, (b) stored labels, (c) online
@@ -212,7 +213,8 @@ def bench_cmd(
                                           workers=workers, device=device, amp=amp, compile=compile_step,
                                           compile_mode=compile_mode,
                                           augment_device=augment_device, photometric_graph=photometric_graph,
-                                          repeats=repeats, profile_steps=profile_steps),
+                                          repeats=repeats, profile_steps=profile_steps,
+                                          loader_seconds=loader_seconds),
                             report=lambda line: typer.echo(line, err=True))
     typer.echo(figures.table())
 

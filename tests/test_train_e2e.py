@@ -141,8 +141,11 @@ def test_bench_prints_all_figures_and_ratios(world):
     shard_args = [a for s in world["train"] for a in ("--shards", s)]
     r = runner.invoke(app, ["bench", *shard_args, "--labels", str(world["root"] / "labels.zarr"), "--labeler", "tl",
                             "--steps", "1", "--repeats", "1", "--batch-size", "8", "--seconds", "1", "--warmup", "1",
-                            "--workers", "1", "--profile-steps", "2"])
+                            "--workers", "1", "--profile-steps", "2", "--loader-seconds", "0.5"])
     assert r.exit_code == 0, r.output
+    # Each loader alone reads for at least --loader-seconds (epoch after epoch), and says how many images.
+    spans = re.findall(r"images/s  \((\d+) images in (\d+\.\d) s per run, 1 worker, [\d.]+ per worker\)", r.output)
+    assert len(spans) == 2 and all(int(n) >= 32 and float(s) >= 0.5 for n, s in spans), r.output
     for text in ("measured: (b) stored token labels end to end", "profile of 2 step-only steps, (b) stored",
                  "Self CPU time total", "measured: step only", "end to end (real loop)",
                  "loader wait", "epoch starts", "step only", "(a) no token labels", "(b) stored token labels",
@@ -191,7 +194,7 @@ def test_compiled_bench_compiles_once_and_prints_every_row(world):
         r = runner.invoke(app, ["bench", *shard_args, "--labels", str(world["root"] / "labels.zarr"), "--labeler", "tl",
                                 "--steps", "1", "--repeats", "1", "--batch-size", "8", "--seconds", "1", "--warmup", "1",
                                 "--workers", "1", "--compile", "--compile-mode", "reduce-overhead",
-                                "--device", "cpu"])
+                                "--device", "cpu", "--loader-seconds", "0"])
     finally:
         logging.getLogger("torch._dynamo").removeHandler(handler)
         torch._logging.set_logs()

@@ -16,7 +16,7 @@ many steps the device still had queued as each step began (`trainer.step_timing`
 for the host, near 1 or more the device was the limit. `profile_steps` adds torch.profiler's top kernels of
 that many step-only steps of (b) (`labeler.kernel_profile`).
 Data-loader images/s on the same shards: the student's loader vs timm's standard train transform, each read
-epoch after epoch as training reads it, timed from its first batch.
+epoch after epoch as training reads it, timed from its first batch for at least `loader_seconds`.
 One student and one teacher module serve every variant and both phases (weights reset between runs), so with
 `--compile` each is compiled once, before anything is timed; the compile times are printed.
 Nothing is asserted; the figures are printed with their ratios (goals on a GPU: b/a >= 0.95, b/c >= 1.25,
@@ -84,6 +84,7 @@ class BenchSettings:
     photometric_graph: bool = True  # data.photometric_graph
     seed: int = 0
     repeats: int = 3  # step-only and loader runs interleaved this many times; the median is reported
+    loader_seconds: float = 10.0  # each loader-alone run reads for at least this long (several epochs)
     profile_steps: int = 0  # > 0: also profile this many step-only steps of (b) and print the top kernels
 
     def __post_init__(self) -> None:
@@ -96,16 +97,27 @@ class BenchSettings:
         ModelConfig(name=self.model, compile=self.compile, compile_mode=self.compile_mode)  # the config's own checks
         if not self.seconds > 0:
             raise ValueError(f"bench: --seconds must be > 0, got {self.seconds}")
+        if not self.loader_seconds >= 0:
+            raise ValueError(f"bench: --loader-seconds must be >= 0, got {self.loader_seconds}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"bench: amp must be none, bf16 or fp16, got {self.amp!r}")
 
 
-def _time_loader(loader, max_images: int) -> tuple[float, int]:
-    """Images/s of the loader alone, read as training reads it (epoch after epoch, the next one started
-    ahead); the clock starts at the first batch, so starting the workers is not in the figure."""
+def _time_loader(loader, min_images: int, min_seconds: float = 0.0) -> tuple[float, int, float]:
+    """(images/s, images, seconds) of the loader alone, read as training reads it (epoch after epoch, the next
+    one started ahead) until both `min_images` and `min_seconds` are reached; the clock starts at the first
+    batch, so starting the workers is not in the figure.
+
+    Each worker hands over whole batches of its own shards, and at an epoch's start they all begin together, so
+    batches arrive in bursts of about one per worker. A window of one or two bursts measures mostly where it
+    happens to end; `min_seconds` spanning several epochs measures the rate the workers keep up."""
     epochs = loader_epochs(loader)
     n, start, epoch = 0, None, 0
-    while n < max_images:
+
+    def done() -> bool:
+        return n >= min_images and time.perf_counter() - start >= min_seconds
+
+    while start is None or not done():
         got = False
         for batch, _ in epochs(epoch, {}):
             got = True
@@ -113,12 +125,13 @@ def _time_loader(loader, max_images: int) -> tuple[float, int]:
                 start = time.perf_counter()
                 continue
             n += len(batch["label"])
-            if n >= max_images:
+            if done():
                 break
         if not got:
             raise ValueError(NO_FULL_BATCH)
         epoch += 1
-    return n / max(time.perf_counter() - start, 1e-9), n
+    seconds = time.perf_counter() - start
+    return n / max(seconds, 1e-9), n, seconds
 
 
 class TimedBatches:
@@ -387,11 +400,12 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     timm_loader = build_labeler_loader(dataclasses.replace(data, input_size=hw), rank=0, world_size=1)
     _time_loader(timm_loader, s.batch_size)  # start its workers; the student loader's are warm
     loader_runs = {"replay": [], "timm": []}
-    n_images = 0
+    loader_span = {"replay": (0, 0.0), "timm": (0, 0.0)}  # images, seconds of the last run of each
     for _ in range(s.repeats):
         for name, ld in (("replay", loader), ("timm", timm_loader)):
-            rate, n_images = _time_loader(ld, want)
+            rate, n_read, seconds = _time_loader(ld, want, s.loader_seconds)
             loader_runs[name].append(rate)
+            loader_span[name] = (n_read, seconds)
     replay_rate, timm_rate = (sorted(r)[len(r) // 2] for r in loader_runs.values())
     report(f"measured: loaders alone, replay {replay_rate:.1f} vs timm {timm_rate:.1f} images/s")
 
@@ -399,7 +413,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         torch.cuda.get_device_name(device)
     return BenchFigures(device=where, model=s.model, batch_size=s.batch_size, repeats=s.repeats, steps_per_s=rates,
                         end_to_end=end_to_end, loader_images_per_s={"replay": replay_rate, "timm": timm_rate},
-                        loader_images=n_images, augment_on_device=on_device, compile_s=compile_s,
+                        loader_span=loader_span, loader_workers=s.workers, augment_on_device=on_device, compile_s=compile_s,
                         compile_mode=s.compile_mode, step_split={v: run[1] for v, run in median.items()},
                         profile=profile, profile_steps=s.profile_steps,
                         loop_stacks=tuple(loop_sampler.top(LOOP_STACK_ROWS)) if loop_sampler else (),

@@ -94,7 +94,7 @@ class BenchFigures:
     steps_per_s: dict  # variant -> steps/s, step only
     end_to_end: dict  # variant -> EndToEnd
     loader_images_per_s: dict  # "replay" / "timm" -> images/s
-    loader_images: int
+    loader_span: dict  # "replay" / "timm" -> (images, seconds) of a loader-alone run
     augment_on_device: bool
     compile_s: dict = dataclasses.field(default_factory=dict)  # what -> seconds of its first (compiling) call
     source_kb_per_sample: float | None = None  # device path: decoded bytes handed to the device per sample
@@ -109,6 +109,7 @@ class BenchFigures:
     # ("cudagraph_skips") and the inputs its recorded graphs copy in at every replay (non-static inputs)
     cudagraph_counters: dict = dataclasses.field(default_factory=dict)
     photometric_ms: dict = dataclasses.field(default_factory=dict)  # way → (host, wall) ms per batch, alone
+    loader_workers: int = 0  # the loaders' worker processes (0: read in the main process)
 
     def ratios(self) -> dict:
         s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s
@@ -169,7 +170,10 @@ class BenchFigures:
             lines += ["    " + line for line in self.loop_stacks]
         for k, v in self.loader_images_per_s.items():
             label = "replay loader (ours)" if k == "replay" else "timm train transform"
-            lines.append(f"  {label:<28} {v:9.1f} images/s  ({self.loader_images} images per run)")
+            n, seconds = self.loader_span.get(k, (0, 0.0))
+            w = self.loader_workers
+            workers = f"{w} worker{'s' if w > 1 else ''}, {v / w:.1f} per worker" if w else "no workers"
+            lines.append(f"  {label:<28} {v:9.1f} images/s  ({n} images in {seconds:.1f} s per run, {workers})")
         for k, v in self.ratios().items():
             lines.append(f"  ratio {k:<42} {v:6.3f}")
         if self.profile:
