@@ -5,7 +5,7 @@ Command bodies stay short and import torch inside the command so `--help` is fas
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import typer
 
@@ -43,10 +43,18 @@ class TrainCommand(HelpCommand):
     set_keys = TIMM_FLAG_KEYS
 
 
-_EPOCHS_HELP = "Epochs (schedule.epochs)."
-_BATCH_HELP = "Images per step on each process (data.batch_size)."
-_LR_HELP = "Learning rate at a global batch of optim.lr_base_batch, scaled linearly with the real one (optim.lr)."
 _FROM_CONFIG = "--config's, else the built-in"
+# The options both training stages take, declared once (typer reads the Annotated metadata).
+Shards = Annotated[list[str], typer.Option("--shards", help=_SHARDS_HELP)]
+Epochs = Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (schedule.epochs).",
+                                               show_default=_FROM_CONFIG)]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", min=1, show_default=_FROM_CONFIG,
+                                                  help="Images per step on each process (data.batch_size).")]
+Lr = Annotated[float | None, typer.Option("--lr", show_default=_FROM_CONFIG, help=(
+    "Learning rate at a global batch of optim.lr_base_batch, scaled linearly with the real one (optim.lr)."))]
+Config = Annotated[str | None, typer.Option("--config", help="YAML preset, e.g. pipelines/presets/paper_small.yaml.")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)]
+Resume = Annotated[str | None, typer.Option("--resume", help="Continue exactly from a checkpoint (e.g. RUN/last.pth).")]
 
 
 def _train_config(config: str | None, sets: list[str] | None, **extra):
@@ -97,24 +105,26 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _stage_config(config: str | None, sets: list[str] | None, model: str | None, shards: list[str],
+                  epochs: int | None, batch_size: int | None, lr: float | None):
+    """A training stage's config (`_train_config`): preset, then the flags given (None: not given), then --set."""
+    return _train_config(config, sets, model__name=model, data__shards=shards, schedule__epochs=epochs,
+                         data__batch_size=batch_size, optim__lr=lr)
+
+
 @app.command("student", cls=TrainCommand)
 def student_cmd(
-    shards: list[str] = typer.Option(..., "--shards", help=_SHARDS_HELP),
+    shards: Shards,
     labels: str = typer.Option(..., "--labels", help="Label store (from `stl-labels generate`)."),
     labeler: str = typer.Option(..., "--labeler", help="Labeler name inside the store, e.g. fan_tl_s."),
     model: str = typer.Option(None, "--model", help="Student, e.g. fan_small_12_p4_hybrid_token."),
     out: str = typer.Option(..., "--out", help="Run folder: config.yaml, metrics, last.pth, model_ema.pth."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help=_EPOCHS_HELP, show_default=_FROM_CONFIG),
-    batch_size: int = typer.Option(None, "--batch-size", min=1, help=_BATCH_HELP, show_default=_FROM_CONFIG),
-    lr: float = typer.Option(None, "--lr", help=_LR_HELP, show_default=_FROM_CONFIG),
-    config: str = typer.Option(None, "--config", help="YAML preset, e.g. pipelines/presets/paper_small.yaml."),
-    sets: list[str] = typer.Option(None, "--set", help=_SET_HELP),
-    resume: str = typer.Option(None, "--resume", help="Continue exactly from a checkpoint (e.g. RUN/last.pth)."),
+    epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
+    config: Config = None, sets: Sets = None, resume: Resume = None,
 ) -> None:
     """Stage 2 (paper Eq. 5): CE(cls, mixed target) + beta * mean token CE on the stored token labels."""
     with exit_2_on_user_error():
-        cfg = _train_config(config, sets, model__name=model, data__shards=shards, schedule__epochs=epochs,
-                            data__batch_size=batch_size, optim__lr=lr)
+        cfg = _stage_config(config, sets, model, shards, epochs, batch_size, lr)
         from trainer.run_stage import run_student
 
         with _failed_run_set_aside(out):  # the run's own log ends with its one end-of-run line
@@ -124,20 +134,15 @@ def student_cmd(
 
 @app.command("labeler", cls=TrainCommand)
 def labeler_cmd(
-    shards: list[str] = typer.Option(..., "--shards", help=_SHARDS_HELP),
+    shards: Shards,
     model: str = typer.Option(None, "--model", help="Token-labeler, e.g. fan_small_12_p4_hybrid_token."),
     out: str = typer.Option(..., "--out", help="Run folder; its model_ema.pth is what `stl-labels generate --checkpoint` takes."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help=_EPOCHS_HELP, show_default=_FROM_CONFIG),
-    batch_size: int = typer.Option(None, "--batch-size", min=1, help=_BATCH_HELP, show_default=_FROM_CONFIG),
-    lr: float = typer.Option(None, "--lr", help=_LR_HELP, show_default=_FROM_CONFIG),
-    config: str = typer.Option(None, "--config", help="YAML preset, e.g. pipelines/presets/paper_small.yaml."),
-    sets: list[str] = typer.Option(None, "--set", help=_SET_HELP),
-    resume: str = typer.Option(None, "--resume", help="Continue exactly from a checkpoint (e.g. RUN/last.pth)."),
+    epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
+    config: Config = None, sets: Sets = None, resume: Resume = None,
 ) -> None:
     """Stage 1 (paper Eq. 2): CE(cls) + alpha * CE(mean over tokens of the token logits), full augmentation."""
     with exit_2_on_user_error():
-        cfg = _train_config(config, sets, model__name=model, data__shards=shards, schedule__epochs=epochs,
-                            data__batch_size=batch_size, optim__lr=lr)
+        cfg = _stage_config(config, sets, model, shards, epochs, batch_size, lr)
         from trainer.run_stage import run_labeler
 
         with _failed_run_set_aside(out):
