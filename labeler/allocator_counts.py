@@ -34,9 +34,9 @@ class AllocatorCounts:
             return None
         stats = torch.cuda.memory_stats(self.device)
         counts = {name: int(stats.get(key, 0)) for key, name in DEVICE_KEYS}
+        # Only the host statistics this torch reports: a missing key must not read as "0 allocations".
         host = _host_stats()
-        if host:
-            counts.update({name: int(host.get(key, 0)) for key, name in HOST_KEYS})
+        counts.update({name: int(host[key]) for key, name in HOST_KEYS if key in host})
         return counts
 
     def start(self) -> None:
@@ -55,6 +55,7 @@ def describe_allocator(counts: dict | None) -> str:
         return ""
     text = " ".join(f"{counts[name]} {name}" for _, name in DEVICE_KEYS if name in counts)
     if "page-locked allocs" in counts:
-        text += (f"; {counts['page-locked allocs']} page-locked allocs in "
-                 f"{counts.get('page-locked alloc us', 0) / 1e3:.1f} ms")
+        text += f"; {counts['page-locked allocs']} page-locked allocs"
+        if "page-locked alloc us" in counts:
+            text += f" in {counts['page-locked alloc us'] / 1e3:.1f} ms"
     return text

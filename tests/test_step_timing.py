@@ -80,6 +80,9 @@ def test_allocator_counts_read_both_allocators_statistics(monkeypatch):
     delta = counts.delta()
     assert delta == {"mallocs": 3, "frees": 0, "retries": 1, "page-locked allocs": 12, "page-locked alloc us": 42_200}
     assert describe_allocator(delta) == "3 mallocs 0 frees 1 retries; 12 page-locked allocs in 42.2 ms"
+    del host_stats["host_alloc_time.total"]  # a torch without the time: the count alone, no "0.0 ms"
+    counts.start()
+    assert describe_allocator(counts.delta()) == "0 mallocs 0 frees 0 retries; 0 page-locked allocs"
     monkeypatch.delattr(torch.cuda, "host_memory_stats")  # an older torch: the device's counts only
     counts.start()
     assert describe_allocator(counts.delta()) == "0 mallocs 0 frees 0 retries"
