@@ -399,21 +399,19 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
     want = max(s.batch_size * (s.steps + s.warmup), 4 * s.batch_size)
     timm_loader = build_labeler_loader(dataclasses.replace(data, input_size=hw), rank=0, world_size=1)
     _time_loader(timm_loader, s.batch_size)  # start its workers; the student loader's are warm
-    loader_runs = {"replay": [], "timm": []}
-    loader_span = {"replay": (0, 0.0), "timm": (0, 0.0)}  # images, seconds of the last run of each
+    loader_runs = {"replay": [], "timm": []}  # (images/s, images, seconds) of each run
     for _ in range(s.repeats):
         for name, ld in (("replay", loader), ("timm", timm_loader)):
-            rate, n_read, seconds = _time_loader(ld, want, s.loader_seconds)
-            loader_runs[name].append(rate)
-            loader_span[name] = (n_read, seconds)
-    replay_rate, timm_rate = (sorted(r)[len(r) // 2] for r in loader_runs.values())
+            loader_runs[name].append(_time_loader(ld, want, s.loader_seconds))
+    median_run = {name: sorted(runs)[len(runs) // 2] for name, runs in loader_runs.items()}  # by images/s
+    replay_rate, timm_rate = median_run["replay"][0], median_run["timm"][0]
     report(f"measured: loaders alone, replay {replay_rate:.1f} vs timm {timm_rate:.1f} images/s")
 
     where = f"{device} ({platform.processor() or platform.machine()})" if device.type == "cpu" else \
         torch.cuda.get_device_name(device)
     return BenchFigures(device=where, model=s.model, batch_size=s.batch_size, repeats=s.repeats, steps_per_s=rates,
                         end_to_end=end_to_end, loader_images_per_s={"replay": replay_rate, "timm": timm_rate},
-                        loader_span=loader_span, loader_workers=s.workers, augment_on_device=on_device, compile_s=compile_s,
+                        loader_span={name: run[1:] for name, run in median_run.items()}, loader_workers=s.workers, augment_on_device=on_device, compile_s=compile_s,
                         compile_mode=s.compile_mode, step_split={v: run[1] for v, run in median.items()},
                         profile=profile, profile_steps=s.profile_steps,
                         loop_stacks=tuple(loop_sampler.top(LOOP_STACK_ROWS)) if loop_sampler else (),

@@ -94,7 +94,7 @@ class BenchFigures:
     steps_per_s: dict  # variant -> steps/s, step only
     end_to_end: dict  # variant -> EndToEnd
     loader_images_per_s: dict  # "replay" / "timm" -> images/s
-    loader_span: dict  # "replay" / "timm" -> (images, seconds) of a loader-alone run
+    loader_span: dict  # "replay" / "timm" -> (images, seconds) of the loader-alone run reported (the median)
     augment_on_device: bool
     compile_s: dict = dataclasses.field(default_factory=dict)  # what -> seconds of its first (compiling) call
     source_kb_per_sample: float | None = None  # device path: decoded bytes handed to the device per sample
