@@ -40,9 +40,10 @@ import torch
 
 from labeler.decode_chunks import DecodedChunk, DecodeJob
 from labeler.decode_workers import DecodeFailed, DecodeWorkers, resolve_decode_pool, resolve_decode_workers
-from labeler.device import resolve_device, to_device
+from labeler.device import resolve_device
+from labeler.device_jpeg import chunk_images, decode_on_device
 from labeler.fault_injection import FaultInjection
-from labeler.flat_images import FlatImages, pad_images, upload_flat
+from labeler.flat_images import FlatImages, upload_flat
 from labeler.models import create_token_model
 from labeler.models.checkpoint import load_checkpoint
 from labeler.render_batch import SourceBatch, render_batch, warm_up_render
@@ -52,7 +53,7 @@ from labeler.stage_clock import StageClock
 from labeler.store_writers import StoreWriters
 from labeler.teacher import HostCopy, Teacher
 from labeler.worker_settings import WorkerSettings, resolve_shards_in_flight, resolve_store_writers
-from labelstore import EncodedLogits, ImageDecodeError, LabelStore, decode_image
+from labelstore import EncodedLogits, LabelStore
 
 __all__ = ["ShardLabeler", "build_teacher"]
 
@@ -412,48 +413,17 @@ class ShardLabeler:
         return self._decode_on_device(pieces)
 
     def _decode_on_device(self, pieces: list[_Piece]) -> SourceBatch:
-        """nvJPEG decode of the batch's baseline JPEGs in one call (`decode_device: cuda`); the other images
-        came decoded. A JPEG nvJPEG refuses (or decodes to another size than its header) is decoded by Pillow
-        instead; one Pillow cannot decode either becomes an invalid row of its shard, with the reason."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        slots: list[tuple[_Piece, int, bytes | None, np.ndarray | None]] = []  # (piece, row j, jpeg, pixels)
+        """The batch's JPEGs decoded by nvJPEG in one call (`labeler.device_jpeg`); a row neither nvJPEG nor
+        Pillow can decode becomes an invalid row of its shard, with Pillow's reason."""
+        images, owners = [], []
         for p in pieces:
-            mask = p.chunk.jpeg_rows
-            jpeg_at, pixel_at = np.cumsum(mask) - 1, np.cumsum(~mask) - 1
-            for j in range(p.a, p.b):
-                slots.append((p, j, p.chunk.jpegs[jpeg_at[j]], None) if mask[j]
-                             else (p, j, None, p.chunk.pixels.image(int(pixel_at[j]))))
-        jpegs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, _, data, _ in slots if data is not None]
-        try:
-            decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device) if jpegs else [])
-        except RuntimeError:  # some JPEG of the batch: decode each on its own (None = refused, Pillow below)
-            decoded = iter([_decode_one(decode_jpeg, data, ImageReadMode.RGB, self.device) for data in jpegs])
-        images: list[torch.Tensor] = []  # (h, w, 3) uint8 on the device, in batch order
-        for p, j, data, pixels in slots:
-            want = tuple(int(v) for v in p.chunk.valid_hw[j])
-            if data is None:
-                # No host copy first: to_device page-locks (copies) on CUDA, and pad_images copies at once.
-                images.append(to_device(pixels, self.device))
-                continue
-            image = next(decoded)
-            if image is None or tuple(image.shape[1:]) != want:
-                images.append(self._pillow_fallback(p, j, data, want))
-            else:
-                images.append(image.permute(1, 2, 0))
-        images += [images[-1]] * (self.images_per_batch - len(images))
-        return SourceBatch(pad_images(images), np.array([im.shape[:2] for im in images], np.int64))
-
-    def _pillow_fallback(self, piece: _Piece, j: int, data: bytes, hw: tuple[int, int]) -> torch.Tensor:
-        """Valid row j of `piece`'s chunk decoded by Pillow (the decode the trainer replays); if Pillow cannot
-        either, the row becomes invalid and a blank image of its header's size keeps the batch's shape."""
-        row = int(np.flatnonzero(piece.chunk.valid_mask)[j])
-        try:
-            image = np.asarray(decode_image(data, f"{piece.run.shard.url}:{piece.chunk.names[row]}"))
-        except ImageDecodeError as e:
-            piece.run.invalidate(int(piece.chunk.positions[row]), str(e))
-            return torch.zeros((*hw, 3), dtype=torch.uint8, device=self.device)
-        return to_device(image, self.device)  # read-only pixels: to_device copies them once
+            images += chunk_images(p.chunk, p.a, p.b, p.run.shard.url)
+            owners += [(p.run, int(pos)) for pos in p.positions]
+        sources, failed = decode_on_device(images, self.device, self.images_per_batch)
+        for i, reason in failed:
+            run, pos = owners[i]
+            run.invalidate(pos, reason)
+        return sources
 
     def _launch(self, pieces: list[_Piece]) -> _InFlight:
         """Queue copy → render → teacher (forward, top-k: one CUDA graph on a GPU) → copy back for one batch;
@@ -517,13 +487,6 @@ class ShardLabeler:
         path = Path(self.settings.dump_views_dir) / f"shard-{shard.index:06d}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, views)
-
-
-def _decode_one(decode_jpeg, data: torch.Tensor, mode, device: torch.device) -> torch.Tensor | None:
-    try:
-        return decode_jpeg(data, mode=mode, device=device)
-    except RuntimeError:
-        return None
 
 
 def _any_ended(pending: Iterable[_Piece]) -> bool:

@@ -235,7 +235,7 @@ def test_bench_jpeg_compares_decoders_on_cpu(shards):
 
 
 @pytest.mark.timeout(300)
-def test_jpeg_mode_keeps_rows_in_place_among_pillow_decoded_images(tmp_path):
+def test_jpeg_mode_keeps_rows_in_place_among_pillow_decoded_images(tmp_path, monkeypatch):
     """`decode_device: cuda` sends baseline JPEG bytes and decodes the rest (PNG, CMYK) with Pillow; a batch mixes
     both. Run here with torchvision's CPU JPEG decoder (libjpeg, as Pillow's) in place of nvJPEG: every row must
     come out exactly where the all-Pillow run puts it."""
@@ -244,6 +244,7 @@ def test_jpeg_mode_keeps_rows_in_place_among_pillow_decoded_images(tmp_path):
 
     from PIL import Image
 
+    from labeler import device_jpeg
     from labelstore.shard_writer import write_tar_sample
 
     rng = np.random.default_rng(0)
@@ -277,10 +278,10 @@ def test_jpeg_mode_keeps_rows_in_place_among_pillow_decoded_images(tmp_path):
         work.settings = dataclasses.replace(settings, decode_device="cuda")  # the jpeg path, on this CPU
         assert work.chunk_mode == "jpeg"
         fallbacks = []
-        fallback = work._pillow_fallback
-        work._pillow_fallback = lambda *a: (fallbacks.append(a[1]), fallback(*a))[1]
+        fallback = device_jpeg.pillow_decode
+        monkeypatch.setattr(device_jpeg, "pillow_decode", lambda im, dev: (fallbacks.append(im.name), fallback(im, dev))[1])
         assert work(0).ok
-    assert len(fallbacks) == 1  # the broken JPEG went to the device decoder, which refused it
+    assert fallbacks == [f"{shard}:k07.jpg"]  # the broken JPEG went to the device decoder, which refused it
     got, want = read_labels(store.path), read_labels(pixels)
     assert not LabelStore.open(store.path).samples["valid"][7]  # the broken JPEG: invalid, with Pillow's reason
     for name in got:
