@@ -7,7 +7,7 @@ import torch
 import webdataset as wds
 
 from trainer.epoch_lanes import EpochLanes
-from trainer.loader import ShardStream, StreamLoader
+from trainer.shard_stream import ShardStream, StreamLoader
 from trainer.run_stage import loader_epochs
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import IterableDataset
 
 from labeler.decode_workers import DecodeWorkers
 from labeler.worker_priority import WORKER_NICENESS
-from trainer.loader import _data_loader
+from trainer.shard_stream import _data_loader
 
 REPO = Path(__file__).resolve().parents[1]
 

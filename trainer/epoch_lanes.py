@@ -21,7 +21,7 @@ import torch
 
 @dataclass
 class Lane:
-    stream: object  # a trainer.loader.ShardStream: this lane's copy (its own shared epoch state)
+    stream: object  # a trainer.shard_stream.ShardStream: this lane's copy (its own shared epoch state)
     loader: object = None  # its DataLoader, built on first use
     iterator: object = None  # the DataLoader's (persistent) iterator of the pass started last
     started: bool = False  # a pass was started for `key` and nobody has read it yet
