@@ -90,9 +90,16 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
+def member_mtime() -> int:
+    """The time stamped on tar members: whole seconds. A fractional one does not fit the ustar header, so
+    tarfile (and webdataset's writers, given no `mtime`) add a pax header block pair to every member: about
+    2 kB more per sample and a slower read (docs/benchmarks.md)."""
+    return int(time.time())
+
+
 def write_tar_sample(tar: tarfile.TarFile, key: str, fields: dict[str, bytes]) -> None:
     """Append one sample: a member `<key>.<ext>` per field, in the given order (readable by webdataset)."""
-    now = time.time()
+    now = member_mtime()
     for ext, data in fields.items():
         info = tarfile.TarInfo(f"{key}.{ext}")
         info.size, info.mtime, info.mode = len(data), now, 0o444

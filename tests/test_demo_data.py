@@ -69,6 +69,8 @@ def test_written_shards_hold_jpg_cls_and_a_png_mask(tmp_path):
     paths, n = ds.corrupt["pixelate"][5]
     corrupted = _members(paths[0])
     assert n == 3 and sorted(corrupted) == sorted(f"val-{i:06d}.{e}" for i in range(3) for e in ("cls", "jpg"))
+    with tarfile.open(ds.shards("val")[0]) as tar:  # whole-second times: no pax header before each member
+        assert all(m.pax_headers == {} for m in tar.getmembers())
     with pytest.raises(FileExistsError, match="dataset.json"):
         write_demo_data(tmp_path, SMALL)
 

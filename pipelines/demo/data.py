@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from labelstore.masks import MASK_DISTRACTOR, MASK_OBJECT, encode_mask
+from labelstore.shard_writer import member_mtime
 from pipelines.demo.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from pipelines.demo.shapes import CLASS_NAMES, SHAPES
 
@@ -266,7 +267,8 @@ def _write_shards(records: Iterator[dict], count: int, directory: Path, prefix: 
     if count == 0:
         return []
     directory.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(directory / f"{prefix}-%06d.tar"), maxcount=per_shard, verbose=0) as writer:
+    with wds.ShardWriter(str(directory / f"{prefix}-%06d.tar"), maxcount=per_shard, verbose=0,
+                         mtime=member_mtime()) as writer:
         for rec in records:
             writer.write(rec)
     # Named from the count, not globbed, so leftovers of an unfinished earlier write are never listed.

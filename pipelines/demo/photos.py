@@ -24,6 +24,7 @@ from labeler.teacher import Teacher
 from labeler.work_unit import ShardLabeler
 from labeler.worker_settings import WorkerSettings
 from labelstore import LabelerSpec, LabelStore, ViewSpec
+from labelstore.shard_writer import member_mtime
 from pipelines.report import ReportConfig, build_report
 
 ARCH = "tf_efficientnet_lite0"
@@ -63,7 +64,7 @@ def write_photo_shard(path: Path, photos: tuple[str, ...]) -> int:
     import skimage.data  # optional (the demo extra)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(path)) as sink:
+    with wds.TarWriter(str(path), mtime=member_mtime()) as sink:
         for name in photos:
             buf = io.BytesIO()
             Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB").save(buf, "JPEG", quality=95)
