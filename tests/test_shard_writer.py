@@ -59,6 +59,7 @@ def test_members_carry_no_pax_header(folder, tmp_path):
     assert members and all(m.pax_headers == {} for m in members)
     assert all(isinstance(m.mtime, int) and m.mtime > 0 for m in members)
 
+
 def test_shuffled_keys_are_stable(folder, tmp_path):
     a = shard_dataset(str(folder), str(tmp_path / "a-%03d.tar"), 10, shuffle_seed=3)
     b = shard_dataset(str(folder), str(tmp_path / "b-%03d.tar"), 10, shuffle_seed=3)
