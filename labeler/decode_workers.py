@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 from labeler.decode_chunks import DecodeJob, DecodedChunk, decode_chunks
 from labeler.errors import LabelerError
 from labeler.parent_watch import exit_with_parent
+from labeler.jpeg_decode import fast_jpeg_decoder_in_use
 from labeler.worker_priority import lower_worker_priority
 
 DECODE_POOLS = ("auto", "process", "thread")
@@ -75,6 +76,7 @@ def _process_main(worker: int, conn, credits) -> None:
     torch.set_num_threads(1)  # pixels are packed with numpy; torch threads would only contend
     lower_worker_priority()  # the device loop's launches come first when the cores are all busy
     exit_with_parent()  # blocked on a credit or a job, a process of a killed work unit would wait forever
+    fast_jpeg_decoder_in_use()  # the JPEG decoder's import and probe now, not inside the first shard
     conn.send(("ready", None))  # imports done: `wait_ready` returns once every process got here
     while True:
         try:

@@ -40,6 +40,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from labeler.jpeg_decode import fast_jpeg_decoder_in_use
 from labeler.worker_priority import lower_worker_priority
 from labelstore import StoreError
 from trainer.epoch_lanes import EpochLanes
@@ -166,6 +167,7 @@ class ShardStream(IterableDataset):
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decode/render workers: one thread each, the cores go to the workers
     lower_worker_priority()  # the training process's launching thread comes first when the cores are all busy
+    fast_jpeg_decoder_in_use()  # the decoder's probe at start-up, not inside the first batch
 
 
 def _data_loader(stream: ShardStream, *, workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
