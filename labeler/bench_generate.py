@@ -28,6 +28,7 @@ from labeler.bench_generate_report import LOOP_STACK_ROWS, BenchReport, PassFigu
 from labeler.decode_chunks import DecodedChunk
 from labeler.device import resolve_device
 from labeler.flat_images import upload_flat
+from labeler.jpeg_decode import jpeg_decoder_name
 from labeler.kernel_profile import profile_calls
 from labeler.render_batch import render_batch, warm_up_render
 from labeler.stack_sampler import SAMPLE_INTERVAL_S, StackSampler
@@ -115,6 +116,12 @@ def _overlapped_rate(render: Callable[[], torch.Tensor], teacher_call: Callable[
         return teacher_call(rendered)
 
     return _rate(one, views, batches)
+
+
+def _jpeg_decoder(chunk_mode: str) -> str:
+    if chunk_mode == "jpeg":
+        return "nvJPEG on the device (Pillow for what it refuses)"
+    return "Pillow" if chunk_mode == "views" else jpeg_decoder_name()  # views: Pillow renders from Pillow's image
 
 
 def _pipeline_pass(work: ShardLabeler, num_shards: int) -> PassFigures:
@@ -253,7 +260,7 @@ def bench_generate(shards: list[str], model: str, batch_size: int, amp: str, vie
     return BenchReport(device=name, model=model, batch_views=work.views_per_batch, amp=amp, views_per_sample=views,
                        decode_workers=work.decode_workers, decode_pool=work.decode_pool,
                        shards_in_flight=work.shards_in_flight, store_writers=work.writers.processes,
-                       render_backend=work.render_backend,
+                       render_backend=work.render_backend, jpeg_decoder=_jpeg_decoder(work.chunk_mode),
                        pipeline_compiled=teacher.compiled, channels_last=teacher.channels_last, pipeline=runs[-1],
                        eager_rate=eager_rate, compiled_rate=compiled_rate, graphed_rate=graphed_rate,
                        flops_per_view=fpv, peak_tflops=bf16_peak_tflops(name), profile=profile,

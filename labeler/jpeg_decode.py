@@ -53,6 +53,11 @@ def fast_jpeg_decoder_in_use() -> bool:
     return _fast_decoder() is not None
 
 
+def jpeg_decoder_name() -> str:
+    """What `decode_rgb` decodes plain JPEGs with in this process (the benches print it with their figures)."""
+    return "torchvision (Pillow's pixels)" if fast_jpeg_decoder_in_use() else "Pillow"
+
+
 def _is_plain_jpeg(data: bytes) -> bool:
     # Pillow's open reads the header only (and applies its decompression-bomb limit, as decode_image does).
     try:

@@ -20,6 +20,7 @@ def _pass(**figures) -> PassFigures:
 def _report(device: str, pipeline: PassFigures | None = None, **figures) -> BenchReport:
     base = dict(device=device, model="m", batch_views=256, amp="bf16", views_per_sample=8, decode_workers=16,
                 decode_pool="process", shards_in_flight=18, store_writers=4, render_backend="torch",
+                jpeg_decoder="torchvision (Pillow's pixels)",
                 pipeline_compiled=True, channels_last=True, pipeline=pipeline or _pass(),
                 eager_rate=4000.0, compiled_rate=10000.0, graphed_rate=9600.0, flops_per_view=14e9, peak_tflops=989.0,
                 render_rate=96000.0)

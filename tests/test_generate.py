@@ -421,7 +421,7 @@ def test_bench_generate_prints_pipeline_forward_and_phases(data):
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "profile of 2 batches (forward + top-k" in out and "Self CPU time total" in out and "aten::" in out
-    assert "batch 4 views" in out and "2 decode threads" in out and "render pillow, teacher memory contiguous" in out
+    assert "batch 4 views" in out and "2 decode threads" in out and "JPEG decode Pillow, render pillow, teacher memory contiguous" in out
     assert re.search(r"forward FLOPs \d+\.\d+ GFLOP/view", out)
     assert re.search(r"pipeline +\d+\.\d views/s +\d+\.\d+ TFLOP/s +unknown of peak +\(6 views in", out)  # 3 × 2
     # Two passes by default: the timed one is the second; the first (one-off costs) gets its own line.
@@ -462,6 +462,7 @@ def test_bench_generate_times_the_batched_render_alone_and_the_device_ceiling(da
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "pass 1 of" not in out and "pass 2 of" not in out  # one pass: it is the timed one
+    assert "JPEG decode torchvision (Pillow's pixels), render torch" in out  # decoded pixels for the device render
     render = re.search(r"render alone +(\d+\.\d) views/s +\((\d+\.\d\d) ms per batch", out)
     eager = re.search(r"bare forward eager +(\d+\.\d) views/s", out)
     ceiling = re.search(r"render \+ forward +(\d+\.\d) views/s .*forward = (\d+\.\d\d)", out)

@@ -37,6 +37,7 @@ import torch
 
 from labeler.bench_calls import synchronize, time_calls
 from labeler.device import prefer_fastest_convolutions
+from labeler.jpeg_decode import jpeg_decoder_name
 from labeler.kernel_profile import profile_calls
 from labeler.models import TokenForward, create_token_model, token_grid
 from labeler.render_batch import warm_up_render
@@ -420,7 +421,7 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                         photometric=_describe_photometric(photometric, on_device),
                         cudagraph_counters=_cudagraph_counters(since=counters_before)
                         if s.compile and s.compile_mode == "reduce-overhead" else {},
-                        photometric_ms=photometric_ms)
+                        photometric_ms=photometric_ms, jpeg_decoder=jpeg_decoder_name())
 
 
 def _time_photometric(builder: TargetBuilder, batch: dict, device: torch.device) -> dict:

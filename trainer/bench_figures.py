@@ -110,6 +110,7 @@ class BenchFigures:
     cudagraph_counters: dict = dataclasses.field(default_factory=dict)
     photometric_ms: dict = dataclasses.field(default_factory=dict)  # way → (host, wall) ms per batch, alone
     loader_workers: int = 0  # the loaders' worker processes (0: read in the main process)
+    jpeg_decoder: str = ""  # what the replay loader decodes JPEGs with
 
     def ratios(self) -> dict:
         s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s
@@ -124,8 +125,9 @@ class BenchFigures:
 
     def table(self) -> str:
         where = "device (workers decode)" if self.augment_on_device else "data workers"
+        decoder = f", JPEG decode {self.jpeg_decoder}" if self.jpeg_decoder else ""
         lines = [f"stl-train bench: {self.model}, batch {self.batch_size}, device {self.device}, "
-                 f"render + photometric ops in the {where}"]
+                 f"render + photometric ops in the {where}{decoder}"]
         if self.compile_s:
             lines.append(f"  torch.compile (mode {self.compile_mode}), once for every variant and phase: " + ", ".join(
                 f"{k} {v:.1f} s" for k, v in self.compile_s.items()))
