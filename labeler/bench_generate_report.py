@@ -185,7 +185,8 @@ class BenchReport:
             f"{self.views_per_sample} views/sample, {self.decode_workers} decode "
             f"{'processes' if self.decode_pool == 'process' else 'threads'}, "
             f"{self.shards_in_flight} shard(s) in flight, {self.store_writers or 'no'} store writer process(es), "
-            f"JPEG decode {self.jpeg_decoder}, render {self.render_backend}, teacher memory {'channels_last' if self.channels_last else 'contiguous'}",
+            f"JPEG decode {self.jpeg_decoder}, render {self.render_backend}, "
+            f"teacher memory {'channels_last' if self.channels_last else 'contiguous'}",
             f"forward FLOPs {self.flops_per_view / 1e9:.2f} GFLOP/view (torch.utils.flop_counter)",
             self._rate_line("pipeline", self.pipeline_rate,
                             f"({self.pipeline.views} views in {wall:.2f} s, teacher "

@@ -32,8 +32,8 @@ import torch.multiprocessing as mp
 
 from labeler.decode_chunks import DecodeJob, DecodedChunk, decode_chunks
 from labeler.errors import LabelerError
-from labeler.parent_watch import exit_with_parent
 from labeler.jpeg_decode import fast_jpeg_decoder_in_use
+from labeler.parent_watch import exit_with_parent
 from labeler.worker_priority import lower_worker_priority
 
 DECODE_POOLS = ("auto", "process", "thread")

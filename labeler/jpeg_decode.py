@@ -1,4 +1,4 @@
-"""Encoded image bytes → the RGB pixels of `labelstore.decode_image`, about a third faster for JPEGs.
+"""Encoded image bytes → the RGB pixels of `labelstore.decode_image`, in about a fifth less time for JPEGs.
 
 Pillow and torchvision both decode JPEGs with libjpeg-turbo (integer IDCT, smooth chroma upsampling), but
 torchvision writes RGB straight into the output array, where Pillow unpacks every row into its own
