@@ -15,9 +15,9 @@ import torch
 
 from labeler.device import resolve_device
 from labeler.flat_images import pack_flat, upload_flat
+from labeler.jpeg_decode import plain_jpeg_hw
 from labeler.render_batch import render_batch
 from labeler.teacher_spec import build_labeler_spec
-from labeler.decode_chunks import gpu_decodable_jpeg
 from labeler.work_unit import build_teacher
 from labeler.worker_settings import WorkerSettings
 from labelstore import decode_image, draw_views
@@ -75,7 +75,7 @@ def bench_jpeg(shards: list[str], model: str, num_classes: int | None = None, ch
         for sample in iter_shard(url):
             if seen >= limit:
                 break
-            if sample.error is not None or gpu_decodable_jpeg(sample.image) is None:
+            if sample.error is not None or plain_jpeg_hw(sample.image) is None:
                 skipped += 1
                 continue
             ref = np.asarray(decode_image(sample.image, sample.image_name))

@@ -14,18 +14,16 @@ compute (nothing of it gets written); one that shrank fails at its end.
 """
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
 from labeler.ordered_prefetch import ordered_prefetch
 from labeler.flat_images import FlatImages, pack_flat
-from labeler.jpeg_decode import decode_rgb
+from labeler.jpeg_decode import decode_rgb, plain_jpeg_hw
 from labelstore import ImageDecodeError, ShardCapacityError, ShardConflict, decode_image, draw_views, render
 from labelstore.shard_format import ShardSample, image_fingerprint, iter_shard
 from labelstore.views import ViewSpec
@@ -107,17 +105,6 @@ class _Prepared:
     seconds: float = 0.0
 
 
-def gpu_decodable_jpeg(data: bytes) -> tuple[int, int] | None:
-    """(h, w) of a JPEG that nvJPEG decodes like Pillow would (RGB or grey), read from the header only."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format == "JPEG" and img.mode in ("RGB", "L"):
-                return img.height, img.width
-    except Exception:  # noqa: BLE001 - not decodable: the Pillow path reports it
-        return None
-    return None
-
-
 def _prepare(job: DecodeJob, item: tuple[int, ShardSample]) -> _Prepared:
     pos, sample = item
     start = time.perf_counter()
@@ -128,7 +115,7 @@ def _prepare(job: DecodeJob, item: tuple[int, ShardSample]) -> _Prepared:
         out.error = sample.error
         return out
     row = job.first_row + pos
-    hw = gpu_decodable_jpeg(sample.image) if job.mode == "jpeg" else None
+    hw = plain_jpeg_hw(sample.image) if job.mode == "jpeg" else None  # nvJPEG decodes it; others go to Pillow
     if hw is not None:
         out.hw, out.jpeg = hw, bytes(sample.image)
     else:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
-_FAST_MODES = ("RGB", "L")  # JPEG colour spaces whose RGB output both decoders define the same way
+_PLAIN_MODES = ("RGB", "L")  # JPEG colour spaces whose RGB output both decoders define the same way
 
 
 def decode_rgb(data: bytes, name: str = "", fill: tuple[int, int, int] = DEFAULT_FILL) -> np.ndarray:
@@ -40,7 +40,7 @@ def decode_rgb(data: bytes, name: str = "", fill: tuple[int, int, int] = DEFAULT
 
     Raises `labelstore.ImageDecodeError` naming `name` for anything that cannot be decoded."""
     fast = _fast_decoder()
-    if fast is not None and _is_plain_jpeg(data):
+    if fast is not None and plain_jpeg_hw(data) is not None:
         try:
             return fast(data)
         except RuntimeError:  # torchvision refuses it (truncated, corrupt): Pillow decides, and names the file
@@ -58,13 +58,16 @@ def jpeg_decoder_name() -> str:
     return "torchvision (Pillow's pixels)" if fast_jpeg_decoder_in_use() else "Pillow"
 
 
-def _is_plain_jpeg(data: bytes) -> bool:
-    # Pillow's open reads the header only (and applies its decompression-bomb limit, as decode_image does).
+def plain_jpeg_hw(data: bytes) -> tuple[int, int] | None:
+    """(h, w) of an RGB or grey JPEG, which libjpeg-based decoders (torchvision's, nvJPEG) turn into RGB as
+    Pillow does; None for anything else. Reads the header only, with Pillow's decompression-bomb limit."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.format == "JPEG" and img.mode in _FAST_MODES
+            if img.format == "JPEG" and img.mode in _PLAIN_MODES:
+                return img.height, img.width
     except Exception:  # noqa: BLE001 - unreadable header: decode_image reports it with the file's name
-        return False
+        return None
+    return None
 
 
 @cache

@@ -105,3 +105,12 @@ def test_the_probes_cover_every_layout():
     for label, data in jd.probe_jpegs():
         with Image.open(io.BytesIO(data)) as img:
             assert img.format == "JPEG" and img.mode == ("L" if label.endswith("grey") else "RGB")
+
+
+def test_plain_jpeg_hw_reads_the_size_of_rgb_and_grey_jpegs_only():
+    photo = skdata.coffee()[:101, :203].copy()
+    assert jd.plain_jpeg_hw(_encode(Image.fromarray(photo), quality=90)) == (101, 203)
+    assert jd.plain_jpeg_hw(_encode(Image.fromarray(photo[:, :, 0]), quality=90)) == (101, 203)
+    for other in (_encode(Image.fromarray(photo).convert("CMYK"), quality=90), _encode(Image.fromarray(photo), "PNG"),
+                  b"\xff\xd8 not a jpeg", b""):
+        assert jd.plain_jpeg_hw(other) is None
