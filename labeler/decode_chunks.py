@@ -1,13 +1,13 @@
 """One shard → decoded chunks: the CPU half of the labeling work unit, run in a decode process or thread.
 
 A `DecodeJob` names a shard and everything needed to prepare its samples for the device without
-the store or torch's device: the tar is read, each image decoded once (`labeler.jpeg_decode.decode_rgb`;
-for the Pillow renderer `labelstore.decode_image`: the same pixels, the ones the trainer replays), its S
-view params drawn from (store seed, row), its bytes fingerprinted, and the samples handed on in chunks of
-`chunk_images` valid images. A chunk's pixels are one `FlatImages` (the images' own bytes, no padding; in
-shared memory when the chunk crosses a process boundary) or, for the Pillow backend, the S views of each
-image rendered here. Invalid samples (undecodable image, no label, a duplicate key) travel in the chunk
-as rows with an error, so every row of the shard is accounted for.
+the store or torch's device: the tar is read, each image decoded once (`labeler.jpeg_decode.decode_rgb`:
+the pixels of `labelstore.decode_image`, which the trainer replays), its S view params drawn from (store
+seed, row), its bytes fingerprinted, and the samples handed on in chunks of `chunk_images` valid images.
+A chunk's pixels are one `FlatImages` (the images' own bytes, no padding; in shared memory when the chunk
+crosses a process boundary) or, for the Pillow backend, the S views of each image rendered here. Invalid
+samples (undecodable image, no label, a duplicate key) travel in the chunk as rows with an error, so every
+row of the shard is accounted for.
 
 The registered row count is checked while reading: a shard that outgrew its rows stops before any
 compute (nothing of it gets written); one that shrank fails at its end.
@@ -20,11 +20,12 @@ from functools import cached_property
 from typing import Iterator
 
 import numpy as np
+from PIL import Image
 
 from labeler.ordered_prefetch import ordered_prefetch
 from labeler.flat_images import FlatImages, pack_flat
 from labeler.jpeg_decode import decode_rgb, plain_jpeg_hw
-from labelstore import ImageDecodeError, ShardCapacityError, ShardConflict, decode_image, draw_views, render
+from labelstore import ImageDecodeError, ShardCapacityError, ShardConflict, draw_views, render
 from labelstore.shard_format import ShardSample, image_fingerprint, iter_shard
 from labelstore.views import ViewSpec
 
@@ -119,17 +120,15 @@ def _prepare(job: DecodeJob, item: tuple[int, ShardSample]) -> _Prepared:
     if hw is not None:
         out.hw, out.jpeg = hw, bytes(sample.image)
     else:
-        name = f"{job.url}:{sample.image_name}"
         try:
-            # Rendered here with Pillow (views), or handed on as pixels: the same pixels either way.
-            image = decode_image(sample.image, name) if job.mode == "views" else decode_rgb(sample.image, name)
+            out.pixels = decode_rgb(sample.image, f"{job.url}:{sample.image_name}")
         except ImageDecodeError as e:
             out.error = str(e)
             return out
-        out.hw = (image.height, image.width) if job.mode == "views" else image.shape[:2]
-        out.pixels = None if job.mode == "views" else image
+        out.hw = out.pixels.shape[:2]
     out.params = draw_views(job.view_spec, job.store_seed, row, job.views, out.hw)
-    if job.mode == "views":
+    if job.mode == "views":  # the Pillow renderer: the S views from one Pillow image of the decoded pixels
+        image = Image.fromarray(out.pixels)
         out.pixels = np.stack([render(image, p, job.view_spec) for p in out.params])
     out.seconds = time.perf_counter() - start
     return out
