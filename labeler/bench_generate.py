@@ -119,7 +119,9 @@ def _overlapped_rate(render: Callable[[], torch.Tensor], teacher_call: Callable[
 
 
 def _jpeg_decoder(chunk_mode: str) -> str:
-    return "nvJPEG on the device (Pillow for what it refuses)" if chunk_mode == "jpeg" else jpeg_decoder_name()
+    if chunk_mode == "jpeg":
+        return "nvJPEG on the device (Pillow for what it refuses)"
+    return "Pillow" if chunk_mode == "views" else jpeg_decoder_name()  # views: Pillow renders from Pillow's image
 
 
 def _pipeline_pass(work: ShardLabeler, num_shards: int) -> PassFigures:

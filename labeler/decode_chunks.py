@@ -1,9 +1,10 @@
 """One shard → decoded chunks: the CPU half of the labeling work unit, run in a decode process or thread.
 
 A `DecodeJob` names a shard and everything needed to prepare its samples for the device without
-the store or torch's device: the tar is read, each image decoded once (`labeler.jpeg_decode.decode_rgb`:
-the pixels of `labelstore.decode_image`, which the trainer replays), its S view params drawn from (store
-seed, row), its bytes fingerprinted, and the samples handed on in chunks of `chunk_images` valid images.
+the store or torch's device: the tar is read, each image decoded once (the pixels of
+`labelstore.decode_image`, which the trainer replays: as a Pillow image for the Pillow renderer, as an array
+by `labeler.jpeg_decode.decode_rgb` otherwise), its S view params drawn from (store seed, row), its bytes
+fingerprinted, and the samples handed on in chunks of `chunk_images` valid images.
 A chunk's pixels are one `FlatImages` (the images' own bytes, no padding; in shared memory when the chunk
 crosses a process boundary) or, for the Pillow backend, the S views of each image rendered here. Invalid
 samples (undecodable image, no label, a duplicate key) travel in the chunk as rows with an error, so every
@@ -20,12 +21,11 @@ from functools import cached_property
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
 from labeler.ordered_prefetch import ordered_prefetch
 from labeler.flat_images import FlatImages, pack_flat
 from labeler.jpeg_decode import decode_rgb, plain_jpeg_hw
-from labelstore import ImageDecodeError, ShardCapacityError, ShardConflict, draw_views, render
+from labelstore import ImageDecodeError, ShardCapacityError, ShardConflict, decode_image, draw_views, render
 from labelstore.shard_format import ShardSample, image_fingerprint, iter_shard
 from labelstore.views import ViewSpec
 
@@ -120,15 +120,19 @@ def _prepare(job: DecodeJob, item: tuple[int, ShardSample]) -> _Prepared:
     if hw is not None:
         out.hw, out.jpeg = hw, bytes(sample.image)
     else:
+        name = f"{job.url}:{sample.image_name}"
         try:
-            out.pixels = decode_rgb(sample.image, f"{job.url}:{sample.image_name}")
+            if job.mode == "views":  # the Pillow renderer renders from Pillow's image: no array in between
+                image = decode_image(sample.image, name)
+                out.hw = (image.height, image.width)
+            else:
+                out.pixels = decode_rgb(sample.image, name)
+                out.hw = out.pixels.shape[:2]
         except ImageDecodeError as e:
             out.error = str(e)
             return out
-        out.hw = out.pixels.shape[:2]
     out.params = draw_views(job.view_spec, job.store_seed, row, job.views, out.hw)
-    if job.mode == "views":  # the Pillow renderer: the S views from one Pillow image of the decoded pixels
-        image = Image.fromarray(out.pixels)
+    if job.mode == "views":
         out.pixels = np.stack([render(image, p, job.view_spec) for p in out.params])
     out.seconds = time.perf_counter() - start
     return out

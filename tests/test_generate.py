@@ -421,7 +421,7 @@ def test_bench_generate_prints_pipeline_forward_and_phases(data):
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "profile of 2 batches (forward + top-k" in out and "Self CPU time total" in out and "aten::" in out
-    assert "batch 4 views" in out and "2 decode threads" in out and "JPEG decode torchvision (Pillow's pixels), render pillow, teacher memory contiguous" in out
+    assert "batch 4 views" in out and "2 decode threads" in out and "JPEG decode Pillow, render pillow, teacher memory contiguous" in out
     assert re.search(r"forward FLOPs \d+\.\d+ GFLOP/view", out)
     assert re.search(r"pipeline +\d+\.\d views/s +\d+\.\d+ TFLOP/s +unknown of peak +\(6 views in", out)  # 3 × 2
     # Two passes by default: the timed one is the second; the first (one-off costs) gets its own line.

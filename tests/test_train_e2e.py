@@ -146,7 +146,7 @@ def test_bench_prints_all_figures_and_ratios(world):
     # Each loader alone reads for at least --loader-seconds (epoch after epoch), and says how many images.
     spans = re.findall(r"images/s  \((\d+) images in (\d+\.\d) s per run, 1 worker, [\d.]+ per worker\)", r.output)
     assert len(spans) == 2 and all(int(n) >= 32 and float(s) >= 0.5 for n, s in spans), r.output
-    for text in ("JPEG decode torchvision (Pillow's pixels)",  # the decoder the workers use, with the figures
+    for text in ("in the data workers, JPEG decode Pillow",  # the CPU path's workers decode for Pillow's render
                  "measured: (b) stored token labels end to end", "profile of 2 step-only steps, (b) stored",
                  "Self CPU time total", "measured: step only", "end to end (real loop)",
                  "loader wait", "epoch starts", "step only", "(a) no token labels", "(b) stored token labels",

@@ -421,7 +421,8 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
                         photometric=_describe_photometric(photometric, on_device),
                         cudagraph_counters=_cudagraph_counters(since=counters_before)
                         if s.compile and s.compile_mode == "reduce-overhead" else {},
-                        photometric_ms=photometric_ms, jpeg_decoder=jpeg_decoder_name())
+                        photometric_ms=photometric_ms,
+                        jpeg_decoder=jpeg_decoder_name() if on_device else "Pillow")  # CPU path: Pillow renders
 
 
 def _time_photometric(builder: TargetBuilder, batch: dict, device: torch.device) -> dict:

@@ -110,7 +110,7 @@ class BenchFigures:
     cudagraph_counters: dict = dataclasses.field(default_factory=dict)
     photometric_ms: dict = dataclasses.field(default_factory=dict)  # way → (host, wall) ms per batch, alone
     loader_workers: int = 0  # the loaders' worker processes (0: read in the main process)
-    jpeg_decoder: str = ""  # what the replay loader decodes JPEGs with
+    jpeg_decoder: str = ""  # what the replay loader's workers decode JPEGs with
 
     def ratios(self) -> dict:
         s, e, l = self.steps_per_s, {k: v.images_per_s for k, v in self.end_to_end.items()}, self.loader_images_per_s

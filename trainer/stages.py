@@ -28,7 +28,7 @@ from torch.utils.data import get_worker_info
 from labeler.flat_images import pack_flat
 from labeler.render_batch import source_footprint
 from labeler.jpeg_decode import decode_rgb
-from labelstore import ImageDecodeError, StoreError, render
+from labelstore import ImageDecodeError, StoreError, decode_image, render
 from labelstore.shard_format import IMAGE_EXTS, image_field, parse_label
 from trainer.epoch_ledger import EpochLedger
 from trainer.errors import TrainDataError
@@ -147,9 +147,10 @@ def join_labels(samples: Iterable[dict], join: LabelJoin, index) -> Iterator[dic
         yield {**s, **join(s["__row__"], rows.first_row, rows.stop, rows.url)}
 
 
-def _decoded(samples: Iterable[dict], ledger: EpochLedger, check=None) -> Iterator[tuple[dict, np.ndarray]]:
-    """(sample without its encoded fields, decoded (H, W, 3) RGB pixels): labelstore's one decode path
-    (`labeler.jpeg_decode.decode_rgb`: the same pixels, faster for JPEGs).
+def _decoded(samples: Iterable[dict], ledger: EpochLedger, check, decode: Callable) -> Iterator[tuple[dict, object]]:
+    """(sample without its encoded fields, decoded RGB image): labelstore's one decode path, as `decode` gives it
+    (`labelstore.decode_image`: a Pillow image; `labeler.jpeg_decode.decode_rgb`: the same pixels as an array,
+    faster for large JPEGs).
 
     A corrupt or missing image is skipped and recorded, not a crash; so is one that differs from the image
     labelled (`check`: a `trainer.source_check.SourceCheck`).
@@ -160,11 +161,12 @@ def _decoded(samples: Iterable[dict], ledger: EpochLedger, check=None) -> Iterat
             ledger.skip(s["__pos__"], s["__url__"], s["__key__"], f"no image field ({'/'.join(IMAGE_EXTS)})")
             continue
         try:
-            img = decode_rgb(s[ext], name=f"{s['__url__']}:{s['__key__']}.{ext}")
+            img = decode(s[ext], name=f"{s['__url__']}:{s['__key__']}.{ext}")
         except ImageDecodeError as e:
             ledger.skip(s["__pos__"], s["__url__"], s["__key__"], str(e))
             continue
-        reason = check(s, s[ext], img.shape[:2]) if check is not None else None
+        hw = (img.height, img.width) if isinstance(img, Image.Image) else img.shape[:2]
+        reason = check(s, s[ext], hw) if check is not None else None
         if reason is not None:
             ledger.skip(s["__pos__"], s["__url__"], s["__key__"], reason)
             continue
@@ -172,8 +174,9 @@ def _decoded(samples: Iterable[dict], ledger: EpochLedger, check=None) -> Iterat
 
 
 def replay_views(samples: Iterable[dict], spec, ledger: EpochLedger, check=None) -> Iterator[dict]:
-    """CPU path: decode and render the STORED view params (never re-sampled); the encoded fields are dropped."""
-    for out, img in _decoded(samples, ledger, check):
+    """CPU path: decode and render the STORED view params (never re-sampled); the encoded fields are dropped.
+    Decoded by Pillow, which renders from its own image (an array in between would only cost a conversion)."""
+    for out, img in _decoded(samples, ledger, check, decode_image):
         out["image"] = render(img, out["params"], spec)
         yield out
 
@@ -182,7 +185,7 @@ def decode_views(samples: Iterable[dict], ledger: EpochLedger, check) -> Iterato
     """Device path: decode only (the device renders later). `image` is only the part of the decoded source that
     the sample's stored view reads (its crop box and a margin: `labeler.render_batch.source_footprint`, about
     half the pixels on average), with `origin` (y0, x0) in the source and `image_hw` the source's size."""
-    for out, img in _decoded(samples, ledger, check):
+    for out, img in _decoded(samples, ledger, check, decode_rgb):
         hw = img.shape[:2]
         y0, x0, y1, x1 = (int(v) for v in source_footprint(out["params"], hw)[0])
         out["image"] = np.ascontiguousarray(img[y0:y1, x0:x1])  # a copy, so the whole decoded image is freed here
