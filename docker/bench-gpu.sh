@@ -73,7 +73,7 @@ done
 [ -f "$out/depthwise.txt" ] && grep -A4 -m1 '^FAN depthwise' "$out/depthwise.txt"
 f="$out/train_small.txt"
 if [ -f "$f" ]; then  # the table, or (a run cut by its limit) the figures it printed as it measured them
-  if grep -q '^  ratio ' "$f"; then grep -v '^measured:' "$f" | grep -iE "end to end|step only|ratio|loader|timm|bytes|compile|photometric ops|host ms|phase, variant|^  \([abc]\)" | head -40
+  if grep -q '^  ratio ' "$f"; then grep -v '^measured:' "$f" | grep -iE "end to end|step only|ratio|loader|timm|bytes|compile|photometric ops|host ms|phase, variant|^  \([abc]\)" | head -56
   else grep '^measured:' "$f"; fi
   grep -A 24 -m1 'measured: profile of' "$f" | grep -E 'Name|^ *[a-zA-Z_].*[0-9]+\.[0-9]+(us|ms|s) ' | head -16  # the top kernels
   grep -A10 -m1 'the loop thread in' "$f"

@@ -130,7 +130,7 @@ def _pipeline_pass(work: ShardLabeler, num_shards: int) -> PassFigures:
     work.start(wait=True)
     clock = work.clock
     before, issued_before, batches_before = dict(clock.seconds), dict(clock.issue_seconds), work.batches
-    loop_before = (clock.loop_wall, clock.loop_cpu)
+    loop_before = clock.loop
     clock.reset_span()
     graphs_before = compiled_graphs()
     sampler = StackSampler(work.device_loop_thread, interval=SAMPLE_INTERVAL_S).start()
@@ -154,7 +154,7 @@ def _pipeline_pass(work: ShardLabeler, num_shards: int) -> PassFigures:
                        phase_seconds={p: clock.seconds[p] - before[p] for p in PHASES},
                        issue_seconds={p: clock.issue_seconds[p] - issued_before[p] for p in DEVICE_PHASES},
                        issue_max=issue_max, compiles=compiles, batches=work.batches - batches_before,
-                       loop_wall=clock.loop_wall - loop_before[0], loop_cpu=clock.loop_cpu - loop_before[1],
+                       loop=clock.loop.since(loop_before),
                        ramp_seconds=ramp, drain_seconds=drain, loop_stacks=tuple(sampler.top(LOOP_STACK_ROWS)),
                        loop_samples=sampler.samples, allocator=allocations)
 

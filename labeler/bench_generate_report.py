@@ -13,6 +13,7 @@ from labeler.allocator_counts import describe_allocator
 from labeler.kernel_profile import PROFILE_ROWS
 from labeler.stack_sampler import SAMPLE_INTERVAL_S
 from labeler.stage_clock import COMPUTE_PHASES, DEVICE_PHASES, PHASES
+from labeler.thread_clock import ThreadTimes, describe_not_running
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendor's data sheets; matched on the name.
 BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 SXM", 989.0), ("H100 80GB HBM3", 989.0), ("H100 PCIe", 756.0),
@@ -53,8 +54,7 @@ class PassFigures:
     issue_max: dict  # ... the longest single batch's issue of each
     compiles: int  # graphs torch.compile built during the pass (0: all before it)
     batches: int  # forward batches (padded ones included)
-    loop_wall: float  # the device loop's host work (issue + filing), wall seconds
-    loop_cpu: float  # ... of which its thread ran on a CPU
+    loop: ThreadTimes  # the device loop's host work (issue + filing): its thread's wall, CPU, run-queue seconds
     ramp_seconds: float  # from the start to the first batch launched (the first decoded chunk)
     drain_seconds: float  # from the last batch filed to the end (the last shards' store writes)
     loop_stacks: tuple = ()  # the device loop thread's most sampled places (StackSampler.top)
@@ -74,8 +74,8 @@ class PassFigures:
                  f"built {self.compiles} graph(s)) / {ref_name} forward = {self.rate / reference:.2f}"]
         if not on_cpu:
             lines.append(f"  its host side: issuing {issued}; pin {self.phase_seconds.get('pin', 0.0):.2f} s; "
-                         f"device loop host work {per * self.loop_wall:.1f} ms per batch, {per * self.loop_cpu:.1f} ms "
-                         f"of it on a CPU")
+                         f"device loop host work {per * self.loop.wall:.1f} ms per batch, {per * self.loop.cpu:.1f} ms "
+                         f"of it on a CPU, {describe_not_running(self.loop, per)}")
         if self.allocator is not None:
             lines.append(f"  its allocator calls: {describe_allocator(self.allocator)}")
         if self.loop_stacks:
@@ -237,13 +237,13 @@ class BenchReport:
             lines.append(f"device loop: {self.pipeline.batches} batches, {per * wall:.1f} ms of wall and "
                          f"{per * busy:.1f} ms of {busy_name} on the device per batch")
             if self.on_cpu:  # the loop computes each batch itself, partly on torch's threads
-                lines.append(f"device loop host work: {per * self.pipeline.loop_wall:.1f} ms per batch (on a CPU: the batch's "
+                lines.append(f"device loop host work: {per * self.pipeline.loop.wall:.1f} ms per batch (on a CPU: the batch's "
                              f"render and forward themselves, and filing its results)")
             else:
-                lines.append(f"device loop host work: {per * self.pipeline.loop_wall:.1f} ms per batch (issuing it, filing its "
-                             f"results), {per * self.pipeline.loop_cpu:.1f} ms of it on a CPU; "
-                             f"{per * max(0.0, self.pipeline.loop_wall - self.pipeline.loop_cpu):.1f} ms runnable but not running "
-                             f"(the GIL held by another thread, or no free core)")
+                loop = self.pipeline.loop
+                lines.append(f"device loop host work: {per * loop.wall:.1f} ms per batch (issuing it, filing its "
+                             f"results), {per * loop.cpu:.1f} ms of it on a CPU; {describe_not_running(loop, per)}; "
+                             f"meanwhile the process's other threads used {per * loop.other_threads_cpu:.1f} ms of CPU (summed over them)")
         if self.pipeline.allocator is not None:
             lines.append(f"allocator calls during the pipeline: {describe_allocator(self.pipeline.allocator)} (steady "
                          f"work makes none: a cudaMalloc or page-locked allocation can stall the device's streams)")

@@ -15,6 +15,8 @@ from typing import Iterator
 
 import torch
 
+from labeler.thread_clock import ZERO, thread_times
+
 PHASES = ("read", "decode", "pin", "decode_wait", "copy", "render", "forward", "result_wait", "file", "write")
 SIDE_PHASES = ("copy", "render")  # on a GPU: the side stream, beside the previous batch's forward
 COMPUTE_PHASES = ("forward",)  # on a GPU: the compute stream (on a CPU all three run one after the other)
@@ -31,11 +33,10 @@ class StageClock:
         self.issue_seconds = {p: 0.0 for p in DEVICE_PHASES}
         # The longest single issue of each: a one-off (a compile in the first batch) or a steady cost per batch.
         self.issue_max = {p: 0.0 for p in DEVICE_PHASES}
-        # The device loop's own host work (issuing each batch, filing its results; its waits left out): wall
-        # seconds and the loop thread's CPU seconds. Wall well above CPU means the thread was runnable but not
-        # running: waiting for the GIL (held by another thread of the process) or for a free core.
-        self.loop_wall = 0.0
-        self.loop_cpu = 0.0
+        # The device loop's own host work (issuing each batch, filing its results; its waits left out): the
+        # loop thread's wall, CPU and run-queue seconds (labeler/thread_clock.py). Wall well above CPU means the
+        # thread was not running: waiting for a free core, or asleep on the GIL held by another thread.
+        self.loop = ZERO
         # When the first batch of a run was launched and its last batch filed (perf_counter; `reset_span`).
         self.first_launch: float | None = None
         self.last_filed: float | None = None
@@ -57,14 +58,14 @@ class StageClock:
 
     @contextlib.contextmanager
     def loop_work(self) -> Iterator[None]:
-        """Count the block as the device loop's host work (wall and this thread's CPU time)."""
-        wall, cpu = time.perf_counter(), time.thread_time()
+        """Count the block as the device loop's host work (this thread's wall, CPU and run-queue time)."""
+        start = thread_times()
         try:
             yield
         finally:
+            took = thread_times().since(start)
             with self._lock:
-                self.loop_wall += time.perf_counter() - wall
-                self.loop_cpu += time.thread_time() - cpu
+                self.loop = self.loop + took
 
     def batch_launched(self) -> None:
         if self.first_launch is None:

@@ -9,11 +9,12 @@ import torch
 
 from labeler.bench_generate import _overlapped_rate
 from labeler.bench_generate_report import BenchReport, PassFigures
+from labeler.thread_clock import ZERO, ThreadTimes
 
 
 def _pass(**figures) -> PassFigures:
     base = dict(views=25600, seconds=3.0, phase_seconds={"copy": 0.4, "render": 0.3, "forward": 2.7}, issue_seconds={},
-                issue_max={}, compiles=0, batches=100, loop_wall=0.0, loop_cpu=0.0, ramp_seconds=0.0, drain_seconds=0.0)
+                issue_max={}, compiles=0, batches=100, loop=ZERO, ramp_seconds=0.0, drain_seconds=0.0)
     return PassFigures(**{**base, **figures})
 
 
@@ -66,7 +67,8 @@ def test_an_earlier_pass_is_summarised_beside_the_timed_one_with_what_it_paid_on
     times, pin seconds and most sampled places, so a one-off cost (a compile, fresh page-locked buffers) stands
     apart from a per-batch one."""
     first = _pass(seconds=8.0, phase_seconds={"pin": 6.5}, issue_seconds={"copy": 1.3, "render": 6.9, "forward": 0.1},
-                  issue_max={"copy": 0.05, "render": 3.6, "forward": 0.002}, compiles=1, loop_wall=6.0, loop_cpu=5.0,
+                  issue_max={"copy": 0.05, "render": 3.6, "forward": 0.002}, compiles=1,
+                  loop=ThreadTimes(wall=6.0, cpu=5.0, run_queue=0.4, process_cpu=9.0),
                   loop_stacks=("  40.0 %  labeler/render_batch.py:300 render_batch → __call__ (torch/x.py)",),
                   loop_samples=1600, allocator={"mallocs": 40, "frees": 0, "retries": 0, "page-locked allocs": 130,
                                                 "page-locked alloc us": 5_900_000})
@@ -77,7 +79,8 @@ def test_an_earlier_pass_is_summarised_beside_the_timed_one_with_what_it_paid_on
                      r"graph\(s\)\) / compiled forward = 0\.32\n", out), out
     assert ("  its host side: issuing copy 1.30 s (longest 50.0 ms), render 6.90 s (longest 3600.0 ms), forward "
             "0.10 s (longest 2.0 ms); pin 6.50 s; device loop host work 60.0 ms per batch, 50.0 ms of it on a "
-            "CPU\n  its allocator calls: 40 mallocs 0 frees 0 retries; 130 page-locked allocs in 5900.0 ms\n") in out, out
+            "CPU, 10.0 ms not running: 4.0 ms waiting for a free core, 6.0 ms asleep (the GIL held by another thread "
+            "of the process, or a lock, queue or sync)\n  its allocator calls: 40 mallocs 0 frees 0 retries; 130 page-locked allocs in 5900.0 ms\n") in out, out
     assert ("allocator calls during the pipeline: 0 mallocs 0 frees 0 retries; 0 page-locked allocs in 0.0 ms (steady "
             "work makes none") in out, out
     assert re.search(r"its device loop thread's most sampled places \(1600 samples\):\n    40\.0 %  "
@@ -85,6 +88,20 @@ def test_an_earlier_pass_is_summarised_beside_the_timed_one_with_what_it_paid_on
     single = _report("NVIDIA H200").format()
     assert "pass 1 of" not in single and "pass 2 of 2" not in single
     assert "allocator calls" not in single  # not measured (a CPU): no line
+
+
+def test_a_gpu_report_splits_the_loops_time_not_running_into_waiting_for_a_core_and_asleep():
+    """Wall − CPU of the device loop's host work, split by the run-queue delay where the kernel gives it; the CPU
+    the process's other threads (shard threads: pinning, filing) used meanwhile, for a GIL it would take."""
+    loop = ThreadTimes(wall=7.0, cpu=5.0, run_queue=0.5, process_cpu=11.0)
+    out = _report("NVIDIA H200", _pass(loop=loop)).format()
+    assert ("device loop host work: 70.0 ms per batch (issuing it, filing its results), 50.0 ms of it on a CPU; "
+            "20.0 ms not running: 5.0 ms waiting for a free core, 15.0 ms asleep (the GIL held by another thread of "
+            "the process, or a lock, queue or sync); meanwhile the process's other threads used 60.0 ms of CPU "
+            "(summed over them)") in out, out
+    no_stats = _report("NVIDIA H200", _pass(loop=ThreadTimes(7.0, 5.0, None, 11.0))).format()
+    assert ("20.0 ms not running (the GIL held by another thread, or no free core; this kernel keeps no run-queue "
+            "figures)") in no_stats, no_stats
 
 
 def test_on_a_cpu_render_and_forward_run_one_after_the_other():

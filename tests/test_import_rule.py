@@ -47,11 +47,12 @@ def test_static_import_rule():
     # trainer may use labeler.models, the one device resolver and the one batched renderer with its flat image
     # transfer (the student replays its views on the device with the labeler's definition), the one fast JPEG
     # decode (the teacher's pixels), the one data-worker
-    # priority rule, the one kernel-profile table, host-stack sampler, call timer and allocator counts of the benches, the one
+    # priority rule, the one kernel-profile table, host-stack sampler, thread clock, call timer and allocator counts of the
+    # benches, the one
     # CUDA-graph wrapper (the student's photometric ops), never teacher inference
     allowed = ("labeler.models", "labeler.device", "labeler.render_batch", "labeler.flat_images", "labeler.jpeg_decode",
                "labeler.worker_priority", "labeler.kernel_profile", "labeler.stack_sampler", "labeler.cuda_graph",
-               "labeler.bench_calls", "labeler.allocator_counts")
+               "labeler.bench_calls", "labeler.allocator_counts", "labeler.thread_clock")
     assert offenders(modules_of("trainer"), lambda p, n: top(n) == "labeler" and not any(
         n == a or n.startswith(a + ".") for a in allowed)) == []
     assert offenders(modules_of("trainer"), lambda p, n: n.startswith(("labeler.teacher", "labeler.work_unit"))) == []

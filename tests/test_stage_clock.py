@@ -45,13 +45,16 @@ def test_loop_work_separates_the_threads_cpu_time_from_its_wall_time_and_marks_t
     clock = StageClock(torch.device("cpu"))
     with clock.loop_work():
         time.sleep(0.05)  # not running: wall, no CPU (as a wait for the GIL)
-    slept_wall, slept_cpu = clock.loop_wall, clock.loop_cpu
-    assert slept_wall >= 0.05 and slept_cpu < 0.02
+    slept = clock.loop
+    assert slept.wall >= 0.05 and slept.cpu < 0.02 and slept.not_running >= 0.03
+    if slept.run_queue is not None:  # asleep, not waiting for a core (this thread was not runnable)
+        assert slept.asleep >= 0.03
     with clock.loop_work():
         end = time.thread_time() + 0.03
         while time.thread_time() < end:  # running: CPU and wall alike
             pass
-    assert clock.loop_cpu - slept_cpu >= 0.03 and clock.loop_wall - slept_wall >= clock.loop_cpu - slept_cpu - 1e-3
+    ran = clock.loop.since(slept)
+    assert ran.cpu >= 0.03 and ran.wall >= ran.cpu - 1e-3
     assert clock.first_launch is None and clock.last_filed is None
     clock.batch_launched()
     first = clock.first_launch

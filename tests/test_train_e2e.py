@@ -152,15 +152,23 @@ def test_bench_prints_all_figures_and_ratios(world):
                  "loader wait", "epoch starts", "step only", "(a) no token labels", "(b) stored token labels",
                  "(c) online teacher", "replay loader (ours)", "timm train transform", "ratio b/a end to end",
                  "ratio b/c end to end", "ratio b/a step only", "ratio b end to end / step only", "ratio replay/timm",
-                 "host ms per step", "device behind", "host ms/step: wait",
+                 "host ms per step", "device behind", "host ms/step: wait", "ms/step on a CPU",
                  "the loop thread in (b) stored token labels end to end, where its wall time went"):
         assert text in r.output
     rows = [line.split() for line in r.output.splitlines() if line.strip().startswith(("(a)", "(b)", "(c)"))]
     assert len(rows) == 6 and all(float(row[4]) > 0 for row in rows[:3]), r.output  # end-to-end img/s measured
     assert "img/s without its" in r.output  # the epoch-end checkpoints of these short epochs, taken out
     # Where each step's host time went: one row per phase and variant, with numbers, the lag n/a on a CPU.
-    splits = [line for line in r.output.splitlines() if line.strip().startswith(("end to end, (", "step only, ("))]
-    assert len(splits) == 6 and all(line.rstrip().endswith("n/a (CPU)") for line in splits), r.output
+    rows = [line for line in r.output.splitlines() if line.strip().startswith(("end to end, (", "step only, ("))]
+    assert len(rows) == 12, r.output  # the host split, then the loop thread's split
+    splits, threads = rows[:6], rows[6:]
+    assert all(line.rstrip().endswith("n/a (CPU)") for line in splits), r.output
+    # The loop thread's wall per step: on a CPU (part of the wall), waiting for a core, asleep, other threads.
+    assert "the loop thread's wall ms per step: on a CPU, runnable but waiting for a free core" in r.output
+    for line in threads:
+        wall, cpu, queue, asleep, others = line[43:].split()
+        assert float(wall) > 0 and 0 < float(cpu) <= float(wall) + 0.1 and float(others) >= 0, r.output
+        assert queue == "-" or float(queue) >= 0, r.output
     # End to end counts the loop's pause for each epoch-end checkpoint in its window (2 epochs began in it).
     assert all(re.search(r" (\d+ × \d+ ms|none) ", line) for line in splits[:3]), r.output
     numbers = [line[43:].split()[:3] for line in splits]  # after the 40-character name: wait, targets, rest

@@ -191,7 +191,7 @@ class TimedBatches:
                         steps=self.steps, targets_s=self.window.targets_s, device_lag=self.window.device_lag,
                         allocator=self.window.allocator, checkpoint_pauses=tuple(
                             seconds for start, seconds in checkpoint_pauses if self.start <= start < self.end),
-                        checkpoint_writing_s=writing)
+                        checkpoint_writing_s=writing, loop=self.window.loop)
 
 
 def _variant_targets(variant: str, builder: TargetBuilder, teacher_forward, teacher_grid, tokens: TokenLabelConfig,
@@ -351,7 +351,8 @@ def run_bench(s: BenchSettings, report: Callable[[str], None] = lambda line: Non
         wall = time.perf_counter() - start
         split = StepSplit(wait_ms=None, targets_ms=1e3 * window.targets_s / s.steps,
                           rest_ms=1e3 * (wall - window.targets_s) / s.steps, device_lag=window.device_lag,
-                          allocator=window.allocator)
+                          allocator=window.allocator,
+                          loop=None if window.loop is None else window.loop.scaled(1e3 / s.steps))
         return s.steps / wall, split
 
     runs = {v: [] for v in VARIANTS}

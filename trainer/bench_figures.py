@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from labeler.allocator_counts import describe_allocator
 from labeler.kernel_profile import PROFILE_ROWS
 from labeler.stack_sampler import SAMPLE_INTERVAL_S
+from labeler.thread_clock import ThreadTimes, describe_not_running
 from trainer.step_timing import describe_lag
 
 VARIANTS = ("a_none", "b_stored", "c_online")
@@ -32,6 +33,7 @@ class EndToEnd:
     allocator: dict | None = None  # CUDA allocator calls in the window (labeler.allocator_counts.AllocatorCounts)
     checkpoint_pauses: tuple[float, ...] = ()  # seconds the loop paused for each checkpoint inside the window
     checkpoint_writing_s: float = 0.0  # seconds of the window during which a checkpoint was written in the background
+    loop: ThreadTimes | None = None  # the loop thread's wall, CPU and run-queue seconds in the window
 
     @property
     def images_per_s(self) -> float:
@@ -49,7 +51,8 @@ class EndToEnd:
                          rest_ms=1e3 * (self.seconds - self.loader_wait_s - self.targets_s
                                         - sum(self.checkpoint_pauses)) / n,
                          device_lag=self.device_lag, allocator=self.allocator,
-                         checkpoint_ms=tuple(1e3 * p for p in self.checkpoint_pauses))
+                         checkpoint_ms=tuple(1e3 * p for p in self.checkpoint_pauses),
+                         loop=None if self.loop is None else self.loop.scaled(1e3 / n))
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class StepSplit:
     device_lag: float | None
     allocator: dict | None = None
     checkpoint_ms: tuple[float, ...] | None = None  # None: no checkpoints in this phase (step only)
+    loop: ThreadTimes | None = None  # the loop thread's ms per step: wall, on a CPU, waiting for a core
 
     def _checkpoints(self) -> str:
         if self.checkpoint_ms is None:
@@ -76,8 +80,19 @@ class StepSplit:
         wait = "" if self.wait_ms is None else f"wait {self.wait_ms:.1f}, "
         alloc = describe_allocator(self.allocator)
         checkpoints = "" if self.checkpoint_ms is None else f"; checkpoint pauses {self._checkpoints()}"
+        loop = "" if self.loop is None else (
+            f"; loop thread {self.loop.cpu:.1f} ms/step on a CPU, {describe_not_running(self.loop, 1.0)}, the "
+            f"process's other threads {self.loop.other_threads_cpu:.1f} ms of CPU")
         return (f"host ms/step: {wait}targets {self.targets_ms:.1f}, model + update {self.rest_ms:.1f}; "
-                f"device behind {describe_lag(self.device_lag)}{checkpoints}" + (f"; allocator: {alloc}" if alloc else ""))
+                f"device behind {describe_lag(self.device_lag)}{checkpoints}" + (f"; allocator: {alloc}" if alloc else "")
+                + loop)
+
+    def thread_row(self, name: str) -> str:
+        """The loop thread's wall per step, split: on a CPU, waiting for a free core, asleep; other threads' CPU."""
+        t = self.loop
+        queue = "-" if t.run_queue is None else f"{t.run_queue:.1f}"
+        asleep = f"{t.not_running:.1f}" if t.asleep is None else f"{t.asleep:.1f}"
+        return f"  {name:<40} {t.wall:9.1f} {t.cpu:10.1f} {queue:>18} {asleep:>9} {t.other_threads_cpu:20.1f}"
 
     def row(self, name: str) -> str:
         wait = "-" if self.wait_ms is None else f"{self.wait_ms:.1f}"
@@ -165,6 +180,16 @@ class BenchFigures:
         lines.append(f"  {'phase, variant':<40} {'loader wait':>11} {'targets':>9} {'model + update':>16}   "
                      f"{'checkpoints':>14}   {'device behind':<22} {allocator}".rstrip())
         lines += [v.row(name) for name, v in splits]
+        timed = [(name, v) for name, v in splits if v.loop is not None]
+        if timed:
+            stats = all(v.loop.run_queue is not None for _, v in timed)
+            lines.append("  the loop thread's wall ms per step: on a CPU, runnable but waiting for a free core, and "
+                         + ("asleep (the loader wait, the GIL held by another thread, a device sync)" if stats else
+                            "not running (this kernel keeps no run-queue figures: asleep and waiting for a core "
+                            "together)") + "; the process's other threads' CPU ms per step (summed over them)")
+            lines.append(f"  {'phase, variant':<40} {'wall':>9} {'on a CPU':>10} {'waiting for a core':>18} "
+                         f"{'asleep' if stats else 'not run':>9} {'other threads CPU':>20}")
+            lines += [v.thread_row(name) for name, v in timed]
         if self.loop_stacks:
             lines.append(f"  the loop thread in {NAMES['b_stored']} end to end, where its wall time went "
                          f"({self.loop_samples} samples of its stack every {1e3 * SAMPLE_INTERVAL_S:.0f} ms; innermost "

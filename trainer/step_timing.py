@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from labeler.allocator_counts import AllocatorCounts
+from labeler.thread_clock import ThreadTimes, thread_times
 
 
 class HostTimer:
@@ -75,8 +76,10 @@ class DeviceLag:
 
 class StepWindow:
     """The per-step figures of one timed window, together: host seconds in the call `targets` wraps (the
-    targets), the device's lag, the allocator's calls. `open()` at the window's start, `mark()` at each step
-    boundary in it, `close(sync)` at its end (`sync` waits for the device before the allocator is read)."""
+    targets), the device's lag, the allocator's calls, and the loop thread's wall, CPU and run-queue seconds
+    (`labeler.thread_clock`: was a host-bound loop working, waiting for a core, or asleep on the GIL?).
+    `open()` at the window's start, `mark()` at each step boundary in it, `close(sync)` at its end, all from
+    the loop's thread (`sync` waits for the device after the thread's times are read, before the allocator)."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.targets = HostTimer()
@@ -84,17 +87,22 @@ class StepWindow:
         self.memory = AllocatorCounts(device)
         self.targets_s = 0.0
         self.allocator: dict | None = None
+        self.loop: ThreadTimes | None = None  # the window's, once closed
+        self._opened: ThreadTimes | None = None
 
     def open(self) -> None:
         self.targets.reset()
         self.lag.reset()
         self.memory.start()
+        self._opened = thread_times()
 
     def mark(self) -> None:
         self.lag.mark()
 
     def close(self, sync: Callable[[], None]) -> None:
         self.targets_s = self.targets.seconds  # every targets call of the window has been issued
+        if self._opened is not None:
+            self.loop = thread_times().since(self._opened)
         sync()
         self.allocator = self.memory.delta()
 
