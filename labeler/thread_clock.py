@@ -77,7 +77,7 @@ def thread_times() -> ThreadTimes:
 
 
 def describe_not_running(times: ThreadTimes, scale: float, unit: str = "ms") -> str:
-    """'X ms runnable but not running: Y waiting for a free core, Z asleep (...)' with every figure × `scale`."""
+    """'X ms not running: Y ms waiting for a free core, Z ms asleep (...)', every figure × `scale`."""
     text = f"{scale * times.not_running:.1f} {unit} not running"
     if times.run_queue is None:
         return text + " (the GIL held by another thread, or no free core; this kernel keeps no run-queue figures)"
