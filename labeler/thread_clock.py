@@ -76,10 +76,12 @@ def thread_times() -> ThreadTimes:
     return ThreadTimes(time.perf_counter(), time.thread_time(), _run_queue_seconds(), time.process_time())
 
 
-def describe_not_running(times: ThreadTimes, scale: float, unit: str = "ms") -> str:
-    """'X ms not running: Y ms waiting for a free core, Z ms asleep (...)', every figure × `scale`."""
-    text = f"{scale * times.not_running:.1f} {unit} not running"
+def describe_not_running(times: ThreadTimes, ms_per_second: float) -> str:
+    """'X ms not running: Y ms waiting for a free core, Z ms asleep (...)', every figure in seconds × `ms_per_second`
+    (1e3 / batches for ms per batch; 1.0 for figures already in ms)."""
+    text = f"{ms_per_second * times.not_running:.1f} ms not running"
     if times.run_queue is None:
         return text + " (the GIL held by another thread, or no free core; this kernel keeps no run-queue figures)"
-    return (f"{text}: {scale * times.run_queue:.1f} {unit} waiting for a free core, {scale * times.asleep:.1f} {unit} "
-            f"asleep (the GIL held by another thread of the process, or a lock, queue or sync)")
+    return (f"{text}: {ms_per_second * times.run_queue:.1f} ms waiting for a free core, "
+            f"{ms_per_second * times.asleep:.1f} ms asleep (the GIL held by another thread of the process, or a "
+            f"lock, queue or sync)")
